@@ -1,0 +1,96 @@
+// THE contract of the fused LSTM kernels: notation, layouts, every pointer's shape and direction,
+// aliasing, and what the caller must provide. Every adapter (pybind11 module, TensorFlow op, a
+// future CUDA build) is written against this header alone.
+//
+// Notation: T time steps, N batch rows, C input features, H hidden units. Gates are ordered
+// i, f, c, o (Keras order) in blocks of H columns: z = x_t·W + h_{t-1}·R + b, shape [N, 4H];
+//   i = sigmoid(z_i), f = sigmoid(z_f), g = tanh(z_c), o = sigmoid(z_o),
+//   c_t = f ⊙ c_{t-1} + i ⊙ g,   h_t = o ⊙ tanh(c_t).
+// Lengths: row n is valid at steps t < lengths[n] (0 <= lengths[n] <= T, right padding). At a
+// padded step the row's state (h, c) is carried unchanged and its output is zero; h_n and c_n
+// are each row's state after its last valid step (h0, c0 for length 0).
+//
+// All arrays are dense, row-major (C order) and unaligned-safe. Kernels never allocate: the
+// caller passes a workspace and, for training, a cache, sized by the functions below. The cache's
+// internal layout is the kernel's own business; callers treat it as opaque bytes of Scalar.
+#ifndef FUSEDLSTM_LSTM_H_
+#define FUSEDLSTM_LSTM_H_
+
+#include <cstdint>
+
+#include "fusedlstm/device.h"
+
+namespace fusedlstm {
+
+struct LstmShape {
+  int64_t T = 0;  // time steps
+  int64_t N = 0;  // batch rows
+  int64_t C = 0;  // input features
+  int64_t H = 0;  // hidden units
+};
+
+// Elements of Scalar the forward pass needs as scratch (valid for both modes; contents undefined
+// on entry and exit).
+int64_t ForwardWorkspaceSize(const LstmShape& s, bool training);
+// Elements of Scalar the training cache holds (what backward reads). 0 is never returned for a
+// shape with N*T > 0.
+int64_t CacheSize(const LstmShape& s);
+// Elements of Scalar the backward pass needs as scratch.
+int64_t BackwardWorkspaceSize(const LstmShape& s);
+
+template <typename Scalar>
+struct ForwardArgs {
+  // Inputs (read only).
+  const Scalar* x = nullptr;                 // [N, T, C]
+  const Scalar* kernel = nullptr;            // [C, 4H]
+  const Scalar* recurrent_kernel = nullptr;  // [H, 4H]
+  const Scalar* bias = nullptr;              // [4H], or nullptr for zeros
+  const Scalar* h0 = nullptr;                // [N, H], or nullptr for zeros
+  const Scalar* c0 = nullptr;                // [N, H], or nullptr for zeros
+  const int32_t* lengths = nullptr;          // [N] in [0, T], or nullptr for all T
+  // Outputs (fully written).
+  Scalar* outputs = nullptr;                 // [N, T, H]; zero at padded steps
+  Scalar* h_n = nullptr;                     // [N, H]
+  Scalar* c_n = nullptr;                     // [N, H]
+  // Scratch: ForwardWorkspaceSize(shape, training) elements.
+  Scalar* workspace = nullptr;
+  // Training only: CacheSize(shape) elements, fully written; must outlive the matching backward.
+  // It keeps its own copies of x, kernel and recurrent_kernel, so the caller may modify or free
+  // those after forward returns. nullptr means inference: nothing is stored.
+  Scalar* cache = nullptr;
+};
+
+template <typename Scalar>
+struct BackwardArgs {
+  // The cache written by a training forward with the same shape and lengths. Backward consumes
+  // it: its contents are overwritten (the gate cache becomes the gate gradients), so a cache can
+  // be used for exactly one backward.
+  Scalar* cache = nullptr;
+  const int32_t* lengths = nullptr;          // the same lengths the forward saw, or nullptr
+  // Upstream gradients (read only); nullptr means zeros. d_outputs at padded steps is ignored.
+  const Scalar* d_outputs = nullptr;         // [N, T, H]
+  const Scalar* d_h_n = nullptr;             // [N, H]
+  const Scalar* d_c_n = nullptr;             // [N, H]
+  // Gradients (fully written, never accumulated into).
+  Scalar* dx = nullptr;                      // [N, T, C]
+  Scalar* d_kernel = nullptr;                // [C, 4H]
+  Scalar* d_recurrent_kernel = nullptr;      // [H, 4H]
+  Scalar* d_bias = nullptr;                  // [4H]
+  Scalar* d_h0 = nullptr;                    // [N, H]
+  Scalar* d_c0 = nullptr;                    // [N, H]
+  // Scratch: BackwardWorkspaceSize(shape) elements.
+  Scalar* workspace = nullptr;
+};
+
+// No output may alias an input or another output. The arguments are trusted: adapters validate
+// shapes, lengths and pointers before calling.
+template <typename Scalar>
+void LstmForward(const CpuDevice& device, const LstmShape& shape, const ForwardArgs<Scalar>& args);
+
+template <typename Scalar>
+void LstmBackward(const CpuDevice& device, const LstmShape& shape,
+                  const BackwardArgs<Scalar>& args);
+
+}  // namespace fusedlstm
+
+#endif  // FUSEDLSTM_LSTM_H_

@@ -1,0 +1,227 @@
+// pybind11 glue for the fused kernels: check every array (dtype, rank, shape, contiguity), turn
+// them into raw pointers, allocate outputs and the opaque cache, release the GIL, call the
+// kernel. The friendly argument handling (conversion, defaults, messages naming user arguments)
+// lives in python/fusedlstm/lstm.py; these checks are the last line that keeps a direct _core
+// call from ever reaching the kernel with a bad pointer.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <Eigen/Core>
+#include <atomic>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "fusedlstm/device.h"
+#include "fusedlstm/lstm.h"
+
+namespace py = pybind11;
+
+namespace fusedlstm {
+namespace {
+
+std::atomic<int> g_num_threads{0};  // 0: not set yet, use OpenMP's default
+
+int NumThreads() {
+  const int n = g_num_threads.load();
+  return n > 0 ? n : OpenMpDefaultThreads();
+}
+
+std::string ShapeStr(const std::vector<int64_t>& dims) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
+  if (dims.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+std::vector<int64_t> Dims(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+// Checks an array argument: exact dtype, C-contiguous, exact shape. Rank first, then dimensions.
+template <typename S>
+const S* CheckedPtr(const py::handle& obj, const char* name, const std::vector<int64_t>& shape) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + ": expected a numpy array");
+  }
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!py::isinstance<py::array_t<S>>(a) || !a.dtype().is(py::dtype::of<S>())) {
+    throw py::type_error(std::string(name) + ": expected dtype " +
+                         std::string(py::str(py::dtype::of<S>())) + ", got " +
+                         std::string(py::str(a.dtype())));
+  }
+  if (a.ndim() != static_cast<py::ssize_t>(shape.size())) {
+    throw py::value_error(std::string(name) + ": expected " + std::to_string(shape.size()) +
+                          "-d array of shape " + ShapeStr(shape) + ", got shape " +
+                          ShapeStr(Dims(a)));
+  }
+  if (Dims(a) != shape) {
+    throw py::value_error(std::string(name) + ": expected shape " + ShapeStr(shape) + ", got " +
+                          ShapeStr(Dims(a)));
+  }
+  if (!(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(name) + ": array must be C-contiguous");
+  }
+  return static_cast<const S*>(a.data());
+}
+
+template <typename S>
+const S* OptionalPtr(const py::object& obj, const char* name, const std::vector<int64_t>& shape) {
+  return obj.is_none() ? nullptr : CheckedPtr<S>(obj, name, shape);
+}
+
+const int32_t* CheckedLengths(const py::object& obj, int64_t N, int64_t T) {
+  if (obj.is_none()) return nullptr;
+  const int32_t* p = CheckedPtr<int32_t>(obj, "lengths", {N});
+  for (int64_t n = 0; n < N; ++n) {
+    if (p[n] < 0 || p[n] > T) {
+      throw py::value_error("lengths[" + std::to_string(n) + "] = " + std::to_string(p[n]) +
+                            " is outside [0, T=" + std::to_string(T) + "]");
+    }
+  }
+  return p;
+}
+
+template <typename S>
+S* MutablePtr(py::array_t<S>& a) {
+  return a.mutable_data();
+}
+
+template <typename S>
+py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& rkernel,
+                  const py::object& bias, const py::object& h0, const py::object& c0,
+                  const py::object& lengths, bool training) {
+  if (x.ndim() != 3) throw py::value_error("x: expected a 3-d array [B, T, E], got shape " + ShapeStr(Dims(x)));
+  if (rkernel.ndim() != 2) throw py::value_error("recurrent_kernel: expected a 2-d array [H, 4H], got shape " + ShapeStr(Dims(rkernel)));
+  LstmShape s;
+  s.N = x.shape(0);
+  s.T = x.shape(1);
+  s.C = x.shape(2);
+  s.H = rkernel.shape(0);
+  const int64_t G = 4 * s.H;
+  ForwardArgs<S> args;
+  args.x = CheckedPtr<S>(x, "x", {s.N, s.T, s.C});
+  args.kernel = CheckedPtr<S>(kernel, "kernel", {s.C, G});
+  args.recurrent_kernel = CheckedPtr<S>(rkernel, "recurrent_kernel", {s.H, G});
+  args.bias = OptionalPtr<S>(bias, "bias", {G});
+  args.h0 = OptionalPtr<S>(h0, "h0", {s.N, s.H});
+  args.c0 = OptionalPtr<S>(c0, "c0", {s.N, s.H});
+  args.lengths = CheckedLengths(lengths, s.N, s.T);
+
+  py::array_t<S> outputs({s.N, s.T, s.H}), h_n({s.N, s.H}), c_n({s.N, s.H});
+  py::array_t<S> workspace(std::vector<int64_t>{ForwardWorkspaceSize(s, training)});
+  py::object cache = py::none();
+  args.outputs = MutablePtr(outputs);
+  args.h_n = MutablePtr(h_n);
+  args.c_n = MutablePtr(c_n);
+  args.workspace = MutablePtr(workspace);
+  if (training) {
+    py::array_t<S> c(std::vector<int64_t>{CacheSize(s)});
+    args.cache = MutablePtr(c);
+    cache = c;
+  }
+  {
+    py::gil_scoped_release release;
+    LstmForward<S>(OpenMpDevice(NumThreads()), s, args);
+  }
+  return py::make_tuple(outputs, h_n, c_n, cache);
+}
+
+template <typename S>
+py::tuple Backward(const py::array& cache, const std::vector<int64_t>& shape_tnch,
+                   const py::object& lengths, const py::object& d_outputs,
+                   const py::object& d_h_n, const py::object& d_c_n) {
+  if (shape_tnch.size() != 4) throw py::value_error("shape: expected (T, N, C, H)");
+  LstmShape s;
+  s.T = shape_tnch[0];
+  s.N = shape_tnch[1];
+  s.C = shape_tnch[2];
+  s.H = shape_tnch[3];
+  if (s.T < 0 || s.N < 0 || s.C < 0 || s.H < 0) throw py::value_error("shape: negative dimension");
+  const int64_t G = 4 * s.H;
+  BackwardArgs<S> args;
+  if (!cache.writeable()) throw py::value_error("cache: must be writeable");
+  args.cache = const_cast<S*>(CheckedPtr<S>(cache, "cache", {CacheSize(s)}));
+  args.lengths = CheckedLengths(lengths, s.N, s.T);
+  args.d_outputs = OptionalPtr<S>(d_outputs, "d_outputs", {s.N, s.T, s.H});
+  args.d_h_n = OptionalPtr<S>(d_h_n, "d_h_n", {s.N, s.H});
+  args.d_c_n = OptionalPtr<S>(d_c_n, "d_c_n", {s.N, s.H});
+  py::array_t<S> dx({s.N, s.T, s.C}), dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}),
+      dh0({s.N, s.H}), dc0({s.N, s.H});
+  py::array_t<S> workspace(std::vector<int64_t>{BackwardWorkspaceSize(s)});
+  args.dx = MutablePtr(dx);
+  args.d_kernel = MutablePtr(dk);
+  args.d_recurrent_kernel = MutablePtr(dr);
+  args.d_bias = MutablePtr(db);
+  args.d_h0 = MutablePtr(dh0);
+  args.d_c0 = MutablePtr(dc0);
+  args.workspace = MutablePtr(workspace);
+  {
+    py::gil_scoped_release release;
+    LstmBackward<S>(OpenMpDevice(NumThreads()), s, args);
+  }
+  return py::make_tuple(dx, dk, dr, db, dh0, dc0);
+}
+
+bool IsDtype(const py::array& a, const py::dtype& d) { return a.dtype().is(d); }
+
+}  // namespace
+}  // namespace fusedlstm
+
+PYBIND11_MODULE(_core, m) {
+  using namespace fusedlstm;
+  m.doc() = "Compiled fused LSTM kernels (use the fusedlstm package, not this module).";
+  m.def(
+      "forward",
+      [](const py::array& x, const py::array& kernel, const py::array& rkernel,
+         const py::object& bias, const py::object& h0, const py::object& c0,
+         const py::object& lengths, bool training) {
+        if (IsDtype(x, py::dtype::of<float>()))
+          return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+        if (IsDtype(x, py::dtype::of<double>()))
+          return Forward<double>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+        throw py::type_error("x: dtype must be float32 or float64, got " +
+                             std::string(py::str(x.dtype())));
+      },
+      py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"),
+      py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"));
+  m.def(
+      "backward",
+      [](const py::array& cache, const std::vector<int64_t>& shape, const py::object& lengths,
+         const py::object& d_outputs, const py::object& d_h_n, const py::object& d_c_n) {
+        if (IsDtype(cache, py::dtype::of<float>()))
+          return Backward<float>(cache, shape, lengths, d_outputs, d_h_n, d_c_n);
+        if (IsDtype(cache, py::dtype::of<double>()))
+          return Backward<double>(cache, shape, lengths, d_outputs, d_h_n, d_c_n);
+        throw py::type_error("cache: dtype must be float32 or float64");
+      },
+      py::arg("cache"), py::arg("shape"), py::arg("lengths"), py::arg("d_outputs"),
+      py::arg("d_h_n"), py::arg("d_c_n"));
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
+    g_num_threads.store(n);
+  });
+  m.def("get_num_threads", []() { return NumThreads(); });
+  m.def("build_info", []() {
+    py::dict d;
+#if defined(__clang__)
+    d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+    d["compiler"] = "unknown";
+#endif
+    d["simd"] = std::string(Eigen::SimdInstructionSetsInUse());
+    d["native"] = bool(FUSEDLSTM_NATIVE_BUILD);
+    d["compile_flags"] = std::string(FUSEDLSTM_COMPILE_FLAGS);
+    d["openmp"] = OpenMpEnabled();
+    d["num_threads"] = NumThreads();
+    d["eigen"] = std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) +
+                 "." + std::to_string(EIGEN_MINOR_VERSION);
+    d["cuda"] = false;
+    return d;
+  });
+}

@@ -1,0 +1,43 @@
+"""fusedlstm: a fused, multi-threaded C++ LSTM for NumPy (forward and BPTT, each one call over
+whole sequences), with Keras's weight layout. This module is the public API; it never imports
+TensorFlow or PyTorch."""
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Any, Dict
+
+from . import _core, reference
+from ._checks import LstmGrads
+from .lstm import LstmCache, lstm_backward, lstm_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "reference",
+    "set_num_threads", "get_num_threads", "build_info", "__version__",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Set how many threads the kernels use (default: all cores, or ``OMP_NUM_THREADS``).
+
+    Results are bit-identical for every thread count.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads the kernels use."""
+    return int(_core.get_num_threads())
+
+
+def build_info() -> Dict[str, Any]:
+    """How this build was compiled: version, compiler, SIMD, OpenMP, threads."""
+    info = dict(_core.build_info())
+    info["version"] = __version__
+    info["python"] = sys.version.split()[0]
+    info["machine"] = platform.machine()
+    return info

@@ -1,0 +1,107 @@
+"""The compiled fused LSTM as two NumPy functions: ``lstm_forward`` runs a whole batch of
+sequences in one C++ call and returns an opaque cache; ``lstm_backward`` consumes that cache and
+returns every gradient (BPTT) in one more call. This module checks and converts arguments,
+allocates nothing the kernel could overrun, and knows nothing about text or models."""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._checks import LstmGrads, check_forward, check_upstream
+
+__all__ = ["LstmCache", "LstmGrads", "lstm_forward", "lstm_backward"]
+
+
+class LstmCache:
+    """What ``lstm_backward`` needs from a training forward: opaque, and good for one backward.
+
+    It owns copies of x and the weights, so the caller may change those arrays after the
+    forward. Backward overwrites it in place (to save memory) and then releases it.
+    """
+
+    __slots__ = ("_buf", "_lock", "shape", "dtype", "lengths")
+
+    def __init__(self, buf: np.ndarray, shape: Tuple[int, int, int, int], lengths):
+        self._buf = buf
+        self._lock = threading.Lock()
+        self.shape = shape  # (B, T, E, H)
+        self.dtype = buf.dtype
+        self.lengths = lengths
+
+    @property
+    def used(self) -> bool:
+        return self._buf is None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else int(self._buf.nbytes)
+
+    def __repr__(self) -> str:
+        B, T, E, H = self.shape
+        state = "used" if self.used else f"{self.nbytes} bytes"
+        return f"LstmCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, {state})"
+
+
+def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengths=None,
+                 training: bool = True):
+    """Run a single-layer LSTM over whole sequences in one compiled call.
+
+    Parameters
+    ----------
+    x : array [B, T, E], float32 or float64 (every float argument must share its dtype)
+    kernel : array [E, 4H]; recurrent_kernel : array [H, 4H]; bias : array [4H] or None
+        Keras layout, gate order i, f, c, o.
+    h0, c0 : arrays [B, H] or None (zeros)
+    lengths : integer array [B] with values in 0..T, or None (all T). Right padding: at steps
+        ``t >= lengths[b]`` row b's state is carried and its output is zero.
+    training : bool
+        True stores what ``lstm_backward`` needs; False (inference) stores nothing.
+
+    Returns
+    -------
+    outputs [B, T, H], h_n [B, H], c_n [B, H], cache (``LstmCache``, or None when not training)
+    """
+    a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
+    outputs, h_n, c_n, buf = _core.forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0,
+                                           a.lengths, bool(training))
+    cache = LstmCache(buf, (a.B, a.T, a.E, a.H), a.lengths) if training else None
+    return outputs, h_n, c_n, cache
+
+
+def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None) -> LstmGrads:
+    """Gradients of a training ``lstm_forward`` (BPTT over all steps in one compiled call).
+
+    Parameters
+    ----------
+    cache : the ``LstmCache`` a ``training=True`` forward returned; usable once.
+    d_outputs : array [B, T, H] or None; d_h_n, d_c_n : arrays [B, H] or None.
+        Upstream gradients in the cache's dtype; None means zero. Entries of d_outputs at padded
+        steps are ignored (those outputs are constant zero).
+
+    Returns
+    -------
+    LstmGrads(x [B,T,E], kernel [E,4H], recurrent_kernel [H,4H], bias [4H], h0 [B,H], c0 [B,H])
+    """
+    if cache is None:
+        raise ValueError("cache is None: the forward ran with training=False, which stores "
+                         "nothing; run lstm_forward(..., training=True) to get gradients")
+    if not isinstance(cache, LstmCache):
+        raise TypeError(f"cache: expected the LstmCache returned by lstm_forward, got "
+                        f"{type(cache).__name__}")
+    B, T, E, H = cache.shape
+    dt = cache.dtype
+    d_outputs = check_upstream("d_outputs", d_outputs, dt, (B, T, H), "[B, T, H] like outputs")
+    d_h_n = check_upstream("d_h_n", d_h_n, dt, (B, H), "[B, H] like h_n")
+    d_c_n = check_upstream("d_c_n", d_c_n, dt, (B, H), "[B, H] like c_n")
+    with cache._lock:  # one backward per cache, even from several threads
+        buf = cache._buf
+        if buf is None:
+            raise ValueError("cache was already used by lstm_backward (a cache is good for one "
+                             "backward: run the forward again)")
+        dx, dk, dr, db, dh0, dc0 = _core.backward(buf, (T, B, E, H), cache.lengths, d_outputs,
+                                                  d_h_n, d_c_n)
+        cache._buf = None  # consumed in place; free it
+    return LstmGrads(dx, dk, dr, db, dh0, dc0)

@@ -1,0 +1,81 @@
+"""The readable oracle: the same ``lstm_forward`` / ``lstm_backward`` as the compiled kernel,
+written as a plain NumPy loop over time with the textbook BPTT equations. Tests hold the kernel to
+it; nothing here is meant to be fast. Unlike the compiled cache, this one may be reused."""
+from __future__ import annotations
+
+import numpy as np
+
+from ._checks import LstmGrads, check_forward, check_upstream
+
+__all__ = ["lstm_forward", "lstm_backward", "sigmoid"]
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)); exp overflows to inf for very negative z and the result is then 0."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengths=None,
+                 training: bool = True):
+    """NumPy reference of :func:`fusedlstm.lstm_forward` (same arguments and results)."""
+    a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
+    B, T, H, dt = a.B, a.T, a.H, a.x.dtype
+    W, R = a.kernel, a.recurrent_kernel
+    b = a.bias if a.bias is not None else np.zeros(4 * H, dt)
+    h = a.h0.copy() if a.h0 is not None else np.zeros((B, H), dt)
+    c = a.c0.copy() if a.c0 is not None else np.zeros((B, H), dt)
+    lengths = a.lengths if a.lengths is not None else np.full(B, T, np.int32)
+    outputs = np.zeros((B, T, H), dt)
+    steps = []
+    for t in range(T):
+        z = a.x[:, t] @ W + h @ R + b
+        i = sigmoid(z[:, :H])
+        f = sigmoid(z[:, H:2 * H])
+        g = np.tanh(z[:, 2 * H:3 * H])
+        o = sigmoid(z[:, 3 * H:])
+        c_new = f * c + i * g
+        h_new = o * np.tanh(c_new)
+        valid = (t < lengths)[:, None]
+        steps.append((h, c, i, f, g, o, c_new, valid))
+        outputs[:, t] = np.where(valid, h_new, 0)
+        h = np.where(valid, h_new, h)
+        c = np.where(valid, c_new, c)
+    cache = None
+    if training:
+        cache = {"x": a.x.copy(), "kernel": W.copy(), "recurrent_kernel": R.copy(),
+                 "steps": steps, "shape": (B, T, a.E, H), "dtype": dt}
+    return outputs, h, c, cache
+
+
+def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None) -> LstmGrads:
+    """NumPy reference of :func:`fusedlstm.lstm_backward`: BPTT, one step at a time."""
+    if cache is None:
+        raise ValueError("cache is None: the forward ran with training=False")
+    B, T, E, H = cache["shape"]
+    dt = cache["dtype"]
+    d_outputs = check_upstream("d_outputs", d_outputs, dt, (B, T, H), "[B, T, H] like outputs")
+    d_h_n = check_upstream("d_h_n", d_h_n, dt, (B, H), "[B, H] like h_n")
+    d_c_n = check_upstream("d_c_n", d_c_n, dt, (B, H), "[B, H] like c_n")
+    x, W, R = cache["x"], cache["kernel"], cache["recurrent_kernel"]
+    dh = d_h_n.copy() if d_h_n is not None else np.zeros((B, H), dt)
+    dc = d_c_n.copy() if d_c_n is not None else np.zeros((B, H), dt)
+    dx = np.zeros((B, T, E), dt)
+    dW, dR, db = np.zeros_like(W), np.zeros_like(R), np.zeros(4 * H, dt)
+    for t in reversed(range(T)):
+        h_prev, c_prev, i, f, g, o, c_new, valid = cache["steps"][t]
+        dh_t = dh + d_outputs[:, t] if d_outputs is not None else dh
+        tc = np.tanh(c_new)
+        dc_t = dc + dh_t * o * (1 - tc * tc)
+        dz = np.concatenate([dc_t * g * i * (1 - i),
+                             dc_t * c_prev * f * (1 - f),
+                             dc_t * i * (1 - g * g),
+                             dh_t * tc * o * (1 - o)], axis=1)
+        dz = np.where(valid, dz, 0)
+        dW += x[:, t].T @ dz
+        dR += h_prev.T @ dz
+        db += dz.sum(axis=0)
+        dx[:, t] = dz @ W.T
+        dh = np.where(valid, dz @ R.T, dh)
+        dc = np.where(valid, dc_t * f, dc)
+    return LstmGrads(dx, dW, dR, db, dh, dc)
