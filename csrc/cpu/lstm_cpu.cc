@@ -44,9 +44,9 @@ template <typename S>
 using MapA = Eigen::Map<VecA<S>>;
 template <typename S>
 using CMapA = Eigen::Map<const VecA<S>>;
-// Stack-resident temporaries for one unit block.
+// A 64-byte-aligned stack row of one unit block.
 template <typename S>
-using TmpA = Eigen::Array<S, Eigen::Dynamic, 1, 0, kUnitBlock, 1>;
+using AMapA = Eigen::Map<VecA<S>, Eigen::Aligned64>;
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -204,23 +204,32 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
           std::fill(out, out + nu, S(0));
           continue;
         }
+        // Transcendentals are evaluated into 64-byte-aligned stack rows so Eigen splits every
+        // segment into packets and scalar tail by index alone: results never depend on where
+        // NumPy happened to allocate an array.
         S* z = gates + (n * T + t) * G + u0;
-        MapA<S> zi(z, nu), zf(z + H, nu), zg(z + 2 * H, nu), zo(z + 3 * H, nu);
+        alignas(64) S gate[4][kUnitBlock], cell[kUnitBlock], hid[kUnitBlock];
+        AMapA<S> i(gate[0], nu), f(gate[1], nu), g(gate[2], nu), o(gate[3], nu);
+        AMapA<S> cn(cell, nu), hn(hid, nu);
         if (a.bias) {
-          zi = Sigmoid(zi + CMapA<S>(a.bias + u0, nu));
-          zf = Sigmoid(zf + CMapA<S>(a.bias + H + u0, nu));
-          zg = Tanh(zg + CMapA<S>(a.bias + 2 * H + u0, nu));
-          zo = Sigmoid(zo + CMapA<S>(a.bias + 3 * H + u0, nu));
+          i = Sigmoid(CMapA<S>(z, nu) + CMapA<S>(a.bias + u0, nu));
+          f = Sigmoid(CMapA<S>(z + H, nu) + CMapA<S>(a.bias + H + u0, nu));
+          g = Tanh(CMapA<S>(z + 2 * H, nu) + CMapA<S>(a.bias + 2 * H + u0, nu));
+          o = Sigmoid(CMapA<S>(z + 3 * H, nu) + CMapA<S>(a.bias + 3 * H + u0, nu));
         } else {
-          zi = Sigmoid(zi);
-          zf = Sigmoid(zf);
-          zg = Tanh(zg);
-          zo = Sigmoid(zo);
+          i = Sigmoid(CMapA<S>(z, nu));
+          f = Sigmoid(CMapA<S>(z + H, nu));
+          g = Tanh(CMapA<S>(z + 2 * H, nu));
+          o = Sigmoid(CMapA<S>(z + 3 * H, nu));
         }
-        MapA<S> cn(c_next, nu);
-        cn = zf * CMapA<S>(c_prev, nu) + zi * zg;
-        MapA<S>(h_next, nu) = zo * Tanh(cn);
-        std::memcpy(out, h_next, sizeof(S) * nu);
+        cn = f * CMapA<S>(c_prev, nu) + i * g;
+        hn = o * Tanh(cn);
+        if (training) {
+          for (int64_t k = 0; k < 4; ++k) std::memcpy(z + k * H, gate[k], sizeof(S) * nu);
+        }
+        std::memcpy(c_next, cell, sizeof(S) * nu);
+        std::memcpy(h_next, hid, sizeof(S) * nu);
+        std::memcpy(out, hid, sizeof(S) * nu);
       }
     });
   }
@@ -258,7 +267,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       const Range rows = Part(N, grid.row_parts, task / grid.col_parts);
       const Range units = Part(H, grid.col_parts, task % grid.col_parts);
       const int64_t u0 = units.begin, nu = units.size();
-      TmpA<S> dh(nu), dc(nu), tc(nu), gi(nu);
+      alignas(64) S dh_buf[kUnitBlock], dc_buf[kUnitBlock], tc_buf[kUnitBlock], i_buf[kUnitBlock];
+      AMapA<S> dh(dh_buf, nu), dc(dc_buf, nu), tc(tc_buf, nu), gi(i_buf, nu);
       for (int64_t n = rows.begin; n < rows.end; ++n) {
         S* z = dz_all + (n * T + t) * G + u0;
         if (t >= Length(a.lengths, n, T)) {
@@ -275,7 +285,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
         } else {
           dh = dh_run;
         }
-        tc = Tanh(c_t);
+        tc = Tanh(c_t);  // into an aligned row (see the forward pass)
+        // The rest is + and × only: identical in packet and scalar code (no FMA contraction).
         dc = dc_run + dh * o * TanhGradFromOutput(tc);
         dc_run = dc * f;                                   // dc_{t-1}
         o = dh * tc * SigmoidGradFromOutput(o);            // dz_o
@@ -335,9 +346,14 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       return;
     }
     task -= gr.count();
+    // A plain loop: every column summed over rows in the same order, however it vectorizes.
     const Range c = Part(G, gb.col_parts, task);
-    Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>(a.d_bias + c.begin, c.size()) =
-        dZ.middleCols(c.begin, c.size()).colwise().sum();
+    S* db = a.d_bias + c.begin;
+    std::fill(db, db + c.size(), S(0));
+    for (int64_t r = 0; r < M; ++r) {
+      const S* row = dz_all + r * G + c.begin;
+      for (int64_t k = 0; k < c.size(); ++k) db[k] += row[k];
+    }
   });
 }
 

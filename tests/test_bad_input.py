@@ -1,0 +1,100 @@
+"""Bad input gives a ValueError/TypeError naming the argument and the shapes, never a crash; the
+raw _core entry points check for themselves too."""
+import numpy as np
+import pytest
+
+import fusedlstm
+from fusedlstm import _core, reference
+
+from conftest import make_problem
+
+
+@pytest.fixture
+def p(rng):
+    return make_problem(rng, 3, 4, 5, 6)[0]
+
+
+BAD = [
+    (dict(x=np.zeros((3, 4))), ValueError, r"x: expected a 3-d array, got shape \(3, 4\)"),
+    (dict(kernel=np.zeros((4, 24))), ValueError, r"kernel: expected shape \(5, 24\)"),
+    (dict(kernel=np.zeros(24)), ValueError, r"kernel: expected a 2-d array"),
+    (dict(recurrent_kernel=np.zeros((6, 20))), ValueError, r"recurrent_kernel: expected shape \(6, 24\)"),
+    (dict(bias=np.zeros(23)), ValueError, r"bias: expected shape \(24,\)"),
+    (dict(h0=np.zeros((2, 6))), ValueError, r"h0: expected shape \(3, 6\)"),
+    (dict(c0=np.zeros((3, 6, 1))), ValueError, r"c0: expected a 2-d array"),
+    (dict(lengths=[1, 2]), ValueError, r"lengths: expected shape \(3,\)"),
+    (dict(lengths=[[1, 2, 3]]), ValueError, r"lengths: expected a 1-d array"),
+    (dict(lengths=[1, 5, 2]), ValueError, r"lengths\[1\] = 5 is outside \[0, T=4\]"),
+    (dict(lengths=[1, -1, 2]), ValueError, r"lengths\[1\] = -1 is outside"),
+    (dict(lengths=[1.0, 2.0, 3.0]), TypeError, r"lengths: expected an integer array"),
+    (dict(lengths=np.array([True, False, True])), TypeError, r"lengths: expected an integer"),
+    (dict(x=np.zeros((3, 4, 5), np.int64)), TypeError, r"x: dtype int64 is not supported"),
+    (dict(x=np.zeros((3, 4, 5), np.float16)), TypeError, r"x: dtype float16 is not supported"),
+    (dict(kernel=np.zeros((5, 24), np.float32)), TypeError, r"kernel: dtype float32 does not match x's dtype float64"),
+    (dict(x=np.zeros((3, 4, 5), np.complex128)), TypeError, r"x: dtype complex128"),
+    (dict(x="hello"), TypeError, r"x: dtype <U5 is not supported"),
+]
+
+
+@pytest.mark.parametrize("mod", [fusedlstm, reference], ids=["kernel", "reference"])
+@pytest.mark.parametrize("change,exc,msg", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_forward_rejects(p, mod, change, exc, msg):
+    with pytest.raises(exc, match=msg):
+        mod.lstm_forward(**dict(p, **change))
+
+
+def test_backward_rejects(rng):
+    p, up = make_problem(rng, 3, 4, 5, 6)
+    _, _, _, cache = fusedlstm.lstm_forward(**p, training=False)
+    with pytest.raises(ValueError, match="training=False"):
+        fusedlstm.lstm_backward(cache, **up)
+    with pytest.raises(TypeError, match="expected the LstmCache"):
+        fusedlstm.lstm_backward({"not": "a cache"}, **up)
+    _, _, _, cache = fusedlstm.lstm_forward(**p)
+    with pytest.raises(ValueError, match=r"d_outputs: expected shape \(3, 4, 6\)"):
+        fusedlstm.lstm_backward(cache, d_outputs=np.zeros((3, 4, 5)))
+    with pytest.raises(ValueError, match=r"d_h_n: expected shape \(3, 6\)"):
+        fusedlstm.lstm_backward(cache, d_h_n=np.zeros((6, 3)))
+    with pytest.raises(TypeError, match=r"d_c_n: dtype float32 does not match"):
+        fusedlstm.lstm_backward(cache, d_c_n=np.zeros((3, 6), np.float32))
+    # Failed calls did not consume the cache; a good one does, once.
+    assert not cache.used
+    g = fusedlstm.lstm_backward(cache, **up)
+    assert cache.used and g.x.shape == (3, 4, 5)
+    with pytest.raises(ValueError, match="already used"):
+        fusedlstm.lstm_backward(cache, **up)
+
+
+def test_raw_core_checks_for_itself(p):
+    x, k, r = p["x"], p["kernel"], p["recurrent_kernel"]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.forward(np.asfortranarray(x), k, r, None, None, None, None, True)
+    with pytest.raises(TypeError, match="expected dtype"):
+        _core.forward(x, k.astype(np.float32), r, None, None, None, None, True)
+    with pytest.raises(ValueError, match=r"kernel: expected shape \(5, 24\)"):
+        _core.forward(x, k[:4].copy(), r, None, None, None, None, True)
+    with pytest.raises(ValueError, match="outside"):
+        _core.forward(x, k, r, None, None, None, np.array([9, 0, 0], np.int32), True)
+    with pytest.raises(ValueError, match="recurrent_kernel: expected a 2-d"):
+        _core.forward(x, k, np.zeros(3), None, None, None, None, True)
+    _, _, _, buf = _core.forward(x, k, r, None, None, None, None, True)
+    with pytest.raises(ValueError, match="cache: expected shape"):
+        _core.backward(buf[:-1].copy(), (4, 3, 5, 6), None, None, None, None)
+    with pytest.raises(ValueError, match="cache: expected shape"):
+        _core.backward(buf, (4, 3, 5, 7), None, None, None, None)
+    with pytest.raises(TypeError):
+        _core.backward(buf.astype(np.int32), (4, 3, 5, 6), None, None, None, None)
+
+
+def test_weird_but_valid_inputs(rng):
+    """Lists, scalars-as-bias shapes, read-only arrays all work."""
+    p, _ = make_problem(rng, 2, 3, 2, 2)
+    base = fusedlstm.lstm_forward(**p)[0]
+    q = {k: (v.tolist() if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+         for k, v in p.items()}
+    np.testing.assert_array_equal(fusedlstm.lstm_forward(**q)[0], base)
+    ro = {k: v for k, v in p.items()}
+    for v in ro.values():
+        if isinstance(v, np.ndarray):
+            v.flags.writeable = False
+    np.testing.assert_array_equal(fusedlstm.lstm_forward(**ro)[0], base)

@@ -1,0 +1,150 @@
+"""The compiled kernel against the NumPy oracle: forward values and all six gradients over a grid
+of shapes (B = 1, T = 1, H not a multiple of the SIMD width, E != H, big enough to use several
+tasks), with and without lengths (0 and T included), h0/c0 and bias, in float64 and float32."""
+import numpy as np
+import pytest
+
+import fusedlstm
+from fusedlstm import reference
+
+from conftest import as64, assert_close, make_problem
+
+SHAPES = [  # (B, T, E, H)
+    (1, 1, 1, 1), (1, 7, 3, 5), (4, 1, 8, 16), (3, 6, 5, 17), (5, 4, 33, 9),
+    (2, 9, 16, 64), (7, 5, 12, 70), (130, 3, 6, 8), (9, 4, 20, 129),
+]
+
+
+def run_both(p, up):
+    """The kernel in the problem's dtype; the oracle always in float64 (the truth)."""
+    out = fusedlstm.lstm_forward(**p)
+    ref = reference.lstm_forward(**as64(p))
+    g = fusedlstm.lstm_backward(out[3], **up)
+    gr = reference.lstm_backward(ref[3], **as64(up))
+    return out, ref, g, gr
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d_T%d_E%d_H%d" % s)
+@pytest.mark.parametrize("lengths", ["none", "random"])
+@pytest.mark.parametrize("state", [False, True])
+def test_forward_backward_match_reference(rng, dtype, shape, lengths, state):
+    p, up = make_problem(rng, *shape, dtype=dtype, lengths=lengths, state=state)
+    out, ref, g, gr = run_both(p, up)
+    for name, a, b in zip(("outputs", "h_n", "c_n"), out[:3], ref[:3]):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert_close(a, b, dtype, name)
+    for name in g._fields:
+        a, b = getattr(g, name), getattr(gr, name)
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert_close(a, b, dtype, "grad " + name)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_no_bias_and_partial_upstream(rng, dtype):
+    p, up = make_problem(rng, 3, 5, 4, 6, dtype=dtype, lengths=[5, 2, 0], bias=False)
+    for keep in (["d_outputs"], ["d_h_n"], ["d_c_n"], []):
+        sub = {k: v for k, v in up.items() if k in keep}
+        out, ref, g, gr = run_both(p, sub)
+        for name in g._fields:
+            assert_close(getattr(g, name), getattr(gr, name), dtype, f"{name} with {keep}")
+
+
+def test_padding_semantics(rng):
+    """Padded steps: zero output, state carried, h_n/c_n from the last valid step, and the input
+    and d_outputs there have no effect."""
+    p, up = make_problem(rng, 3, 6, 4, 5, lengths=[6, 3, 0])
+    out, h_n, c_n, cache = fusedlstm.lstm_forward(**p)
+    assert np.all(out[1, 3:] == 0) and np.all(out[2] == 0)
+    np.testing.assert_array_equal(h_n[1], out[1, 2])
+    np.testing.assert_array_equal(h_n[2], p["h0"][2])
+    np.testing.assert_array_equal(c_n[2], p["c0"][2])
+    # Changing x and d_outputs at padded steps changes nothing.
+    p2 = dict(p, x=p["x"].copy())
+    p2["x"][1, 3:] = 1e3
+    up2 = dict(up, d_outputs=up["d_outputs"].copy())
+    up2["d_outputs"][1, 3:] = 7.0
+    g = fusedlstm.lstm_backward(cache, **up)
+    out2, h2, c2, cache2 = fusedlstm.lstm_forward(**p2)
+    g2 = fusedlstm.lstm_backward(cache2, **up2)
+    np.testing.assert_array_equal(out, out2)
+    np.testing.assert_array_equal(h_n, h2)
+    for name in ("kernel", "recurrent_kernel", "bias", "h0", "c0"):
+        np.testing.assert_allclose(getattr(g, name), getattr(g2, name), rtol=1e-12, atol=1e-12)
+    assert np.all(g.x[1, 3:] == 0) and np.all(g.x[2] == 0)
+    # Length 0 passes d_h_n / d_c_n straight through to h0 / c0.
+    np.testing.assert_array_equal(g.h0[2], up["d_h_n"][2])
+    np.testing.assert_array_equal(g.c0[2], up["d_c_n"][2])
+
+
+def test_inference_matches_training_and_stores_nothing(rng):
+    p, _ = make_problem(rng, 4, 5, 3, 7, lengths="random")
+    a = fusedlstm.lstm_forward(**p, training=True)
+    b = fusedlstm.lstm_forward(**p, training=False)
+    assert b[3] is None
+    for u, v in zip(a[:3], b[:3]):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_cache_owns_its_inputs(rng):
+    """Modifying x or the weights after forward does not change the gradients."""
+    p, up = make_problem(rng, 2, 4, 3, 5)
+    _, _, _, cache = fusedlstm.lstm_forward(**p)
+    expected = reference.lstm_backward(reference.lstm_forward(**p)[3], **up)
+    for k in ("x", "kernel", "recurrent_kernel"):
+        p[k][...] = 0.0
+    g = fusedlstm.lstm_backward(cache, **up)
+    for name in g._fields:
+        assert_close(getattr(g, name), getattr(expected, name), np.float64, name)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0),
+                                   (0, 0, 0, 0)])
+def test_empty_dimensions(rng, shape):
+    B, T, E, H = shape
+    p, up = make_problem(rng, B, T, E, H, lengths="none")
+    out, h_n, c_n, cache = fusedlstm.lstm_forward(**p)
+    ref = reference.lstm_forward(**p)
+    assert out.shape == (B, T, H) and h_n.shape == (B, H) and c_n.shape == (B, H)
+    for a, b in zip((out, h_n, c_n), ref[:3]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    g = fusedlstm.lstm_backward(cache, **up)
+    gr = reference.lstm_backward(ref[3], **up)
+    for name in g._fields:
+        assert getattr(g, name).shape == getattr(gr, name).shape, name
+        np.testing.assert_allclose(getattr(g, name), getattr(gr, name), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["F", "strided"])
+def test_non_contiguous_inputs(rng, order):
+    p, up = make_problem(rng, 3, 4, 5, 6, lengths="random")
+    expected = reference.lstm_forward(**p)
+    q = {}
+    for k, v in p.items():
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            if order == "F":
+                v = np.asfortranarray(v)
+            else:  # every other element of a twice-as-large array
+                big = np.zeros(tuple(2 * d for d in v.shape), v.dtype)
+                big[tuple(slice(None, None, 2) for _ in v.shape)] = v
+                v = big[tuple(slice(None, None, 2) for _ in v.shape)]
+            assert not v.flags.c_contiguous or v.ndim == 1 and order == "F"
+        q[k] = v
+    out = fusedlstm.lstm_forward(**q)
+    for a, b in zip(out[:3], expected[:3]):
+        assert_close(a, b, np.float64)
+    upF = {k: np.asfortranarray(v) for k, v in up.items()}
+    g = fusedlstm.lstm_backward(out[3], **upF)
+    gr = reference.lstm_backward(expected[3], **up)
+    for name in g._fields:
+        assert_close(getattr(g, name), getattr(gr, name), np.float64, name)
+
+
+def test_lengths_accept_any_integer_dtype(rng):
+    p, _ = make_problem(rng, 3, 4, 2, 3, lengths=[4, 1, 0])
+    base = fusedlstm.lstm_forward(**p)[0]
+    for dt in (np.int8, np.uint16, np.int64):
+        out = fusedlstm.lstm_forward(**dict(p, lengths=p["lengths"].astype(dt)))[0]
+        np.testing.assert_array_equal(out, base)
+    out = fusedlstm.lstm_forward(**dict(p, lengths=[4, 1, 0]))[0]
+    np.testing.assert_array_equal(out, base)

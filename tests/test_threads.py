@@ -1,0 +1,84 @@
+"""Determinism: 1 thread and 2 threads give bit-identical results (fixed partitions, fixed
+reduction order), repeated calls are identical, and concurrent calls from Python threads (the GIL
+is released) equal sequential ones."""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import fusedlstm
+
+from conftest import make_problem
+
+
+@pytest.fixture
+def restore_threads():
+    n = fusedlstm.get_num_threads()
+    yield
+    fusedlstm.set_num_threads(n)
+
+
+def run(p, up):
+    out, h, c, cache = fusedlstm.lstm_forward(**p)
+    return (out, h, c) + tuple(fusedlstm.lstm_backward(cache, **up))
+
+
+# Shapes big enough to split into several row and unit tasks and GEMM tiles.
+@pytest.mark.parametrize("shape", [(4, 4, 64, 16), (9, 5, 300, 130), (260, 3, 20, 70)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_thread_count_does_not_change_results(rng, restore_threads, shape, dtype):
+    p, up = make_problem(rng, *shape, dtype=dtype, lengths="random")
+    fusedlstm.set_num_threads(1)
+    one = run(p, up)
+    fusedlstm.set_num_threads(2)
+    two = run(p, up)
+    again = run(p, up)
+    for a, b, c in zip(one, two, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(b, c)
+
+
+def test_results_do_not_depend_on_array_alignment(rng):
+    """The same values at different byte offsets give bit-identical results."""
+    p, up = make_problem(rng, 3, 5, 7, 19, dtype=np.float32, lengths="random")
+    base = run(p, up)
+    for offset in (1, 3, 5):
+        q = {}
+        for k, v in p.items():
+            if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+                buf = np.empty(v.size + 16, v.dtype)
+                w = buf[offset:offset + v.size].reshape(v.shape)
+                w[...] = v
+                v = w
+            q[k] = v
+        for a, b in zip(base, run(q, up)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_calls_equal_sequential(rng, restore_threads):
+    fusedlstm.set_num_threads(2)
+    problems = [make_problem(rng, 6, 8, 10, 24, dtype=np.float32, lengths="random")
+                for _ in range(8)]
+    expected = [run(p, up) for p, up in problems]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda pu: run(*pu), problems * 3))
+    for i, res in enumerate(got):
+        for a, b in zip(res, expected[i % len(problems)]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_thread_setting(restore_threads):
+    fusedlstm.set_num_threads(1)
+    assert fusedlstm.get_num_threads() == 1
+    assert fusedlstm.build_info()["num_threads"] == 1
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        fusedlstm.set_num_threads(0)
+    with pytest.raises(TypeError):
+        fusedlstm.set_num_threads(1.5)
+
+
+def test_build_info():
+    info = fusedlstm.build_info()
+    for key in ("version", "compiler", "simd", "openmp", "num_threads", "native"):
+        assert key in info
+    assert info["version"] == fusedlstm.__version__
