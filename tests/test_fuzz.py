@@ -37,16 +37,16 @@ def test_fuzz_against_reference(prob):
     p, up, dtype = prob
     out = fusedlstm.lstm_forward(**p)
     ref = reference.lstm_forward(**as64(p))
-    for a, b in zip(out[:3], ref[:3]):
-        assert a.dtype == dtype and a.shape == b.shape
-        assert_close(a, b, dtype)
     g = fusedlstm.lstm_backward(out[3], **up)
     gr = reference.lstm_backward(ref[3], **as64(up))
-    for name in g._fields:
-        a, b = getattr(g, name), getattr(gr, name)
-        assert a.shape == b.shape, name
-        # Large pre-activations amplify float32 rounding through saturated gates.
+    pairs = list(zip(("outputs", "h_n", "c_n"), out[:3], ref[:3]))
+    pairs += [(name, getattr(g, name), getattr(gr, name)) for name in g._fields]
+    for name, a, b in pairs:
+        assert a.dtype == dtype and a.shape == b.shape, name
         if dtype == np.float32:
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max(initial=0)))
+            # Weights of scale 5 give pre-activations near 100, whose float32 rounding (~1e-5
+            # absolute) the recurrence carries: the bound follows the data's magnitude.
+            np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=name,
+                                       atol=1e-4 * max(1.0, np.abs(b).max(initial=0)))
         else:
             assert_close(a, b, dtype, name)

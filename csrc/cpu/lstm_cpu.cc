@@ -1,18 +1,24 @@
 // Eigen implementation of the fused LSTM contract (fusedlstm/lstm.h) for CpuDevice.
 //
 // Forward: one input-projection GEMM for all steps, then per step one parallel_for whose tasks
-// each own a block of rows × hidden units: the task's slice of the recurrent GEMM followed at
-// once by its fused gate/cell/output pass (no barrier in between; one per step).
+// each own a block of rows × hidden units: the task's slice of the recurrent GEMM (one GEMM: the
+// weights are gate-interleaved per unit block) followed at once by its fused gate/cell/output
+// pass, with no barrier in between (one per step).
 // Backward: per step a fused pass producing the gate gradients dZ_t, then the GEMM
-// dh_{t-1} = dZ_t·Rᵀ; after the loop the weight, input and bias gradients are single GEMMs (one
-// reduction) over all steps, tiled into one parallel_for.
-// Every partition is derived from the shape alone, and each task's arithmetic is the same
-// whichever thread runs it, so results are bit-identical for any thread count.
+// dh_{t-1} = dZ_t·Rᵀ; after the loop the weight, input and bias gradients are single GEMMs over
+// all steps, tiled into one parallel_for.
 //
-// Internal layout (batch-major, Keras gate blocks, so nothing is transposed or repacked):
-//   gates  [N, T, 4H]  pre-activations, then activated gates (cache), then dZ (backward)
-//   hprev  [N, T, H]   h_{t-1} for every step (the LHS of the recurrent GEMM and of dR)
-//   cstate [N, T+1, H] c_{t-1} at index t; c_t at t+1
+// Reproducibility: every partition is derived from the shape alone and each task's arithmetic
+// is the same whichever thread runs it, so results are bit-identical for any thread count.
+// Transcendentals are evaluated into 64-byte-aligned stack rows so Eigen's packet/scalar split
+// depends on indices only, never on where NumPy allocated an array.
+//
+// Internal layout (batch-major; "interleaved" = for the unit block [u0, u1) of nu units, gate g
+// of unit u0 + j sits at column 4·u0 + g·nu + j, so one block's four gates are contiguous):
+//   cache:  Wp [C, 4H], Rp [H, 4H] (interleaved copies of kernel, recurrent_kernel),
+//           x [N, T, C] (copy), gates [N, T, 4H] (interleaved; pre-activations, then activated
+//           gates, then dZ during backward), hprev [N, T, H] (h_{t-1} of every step),
+//           cstate [N, T+1, H] (c_{t-1} at t, c_t at t+1)
 #include <algorithm>
 #include <cstring>
 
@@ -28,9 +34,13 @@
 namespace fusedlstm {
 namespace {
 
-constexpr int64_t kUnitBlock = 64;   // hidden units per step task (bounds the stack temporaries)
-constexpr int64_t kRowBlock = 128;   // batch rows per step task
-constexpr int64_t kGemmTile = 256;   // output tile edge for the hoisted GEMMs
+constexpr int64_t kChunk = 64;              // units per fused-pass chunk (stack rows)
+constexpr int64_t kMaxUnitParts = 8;        // unit blocks per step, at most
+constexpr int64_t kMinUnitsPerPart = 16;
+constexpr double kStepTaskFlops = 2e6;      // recurrent-GEMM FLOPs worth one more task
+constexpr int64_t kStepRowBlock = 256;      // batch rows per step task
+constexpr int64_t kTileRows = 512;          // hoisted GEMMs: output tile size
+constexpr int64_t kTileCols = 1024;
 
 template <typename S>
 using MatRM = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -44,37 +54,77 @@ template <typename S>
 using MapA = Eigen::Map<VecA<S>>;
 template <typename S>
 using CMapA = Eigen::Map<const VecA<S>>;
-// A 64-byte-aligned stack row of one unit block.
 template <typename S>
-using AMapA = Eigen::Map<VecA<S>, Eigen::Aligned64>;
+using AMapA = Eigen::Map<VecA<S>, Eigen::Aligned64>;  // a 64-byte-aligned stack row
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Part p of [0, n) split into k nearly equal parts.
 struct Range {
   int64_t begin, end;
   int64_t size() const { return end - begin; }
 };
+// Part p of [0, n) split into k nearly equal parts.
 inline Range Part(int64_t n, int64_t k, int64_t p) { return {n * p / k, n * (p + 1) / k}; }
 
-// A fixed grid of tasks over rows × columns.
-struct Grid {
-  int64_t row_parts, col_parts;
-  Grid(int64_t rows, int64_t cols, int64_t row_block, int64_t col_block)
-      : row_parts(std::max<int64_t>(1, CeilDiv(rows, row_block))),
-        col_parts(std::max<int64_t>(1, CeilDiv(cols, col_block))) {}
-  int64_t count() const { return row_parts * col_parts; }
+// Parts for a dimension of n split into blocks of about `block`; more than one part is rounded
+// up to a multiple of 4 so that 2 or 4 threads share tiles evenly.
+inline int64_t Parts(int64_t n, int64_t block) {
+  int64_t p = CeilDiv(n, block);
+  if (p > 1) p = std::min<int64_t>(n, CeilDiv(p, 4) * 4);
+  return std::max<int64_t>(1, p);
+}
+
+// The per-step task grid (rows × unit blocks): a function of the shape alone, shared by forward
+// and backward because the interleaved layout depends on the unit blocks.
+struct StepGrid {
+  int64_t row_parts = 1, unit_parts = 1;
+  explicit StepGrid(const LstmShape& s) {
+    row_parts = Parts(s.N, kStepRowBlock);
+    const double step_flops = 2.0 * double(s.N) * double(s.H) * 4.0 * double(s.H) / row_parts;
+    const int64_t want = static_cast<int64_t>(step_flops / kStepTaskFlops) + 1;
+    const int64_t most = std::max<int64_t>(1, std::min(kMaxUnitParts, s.H / kMinUnitsPerPart));
+    unit_parts = std::max<int64_t>(1, std::min(want, most));
+  }
+  int64_t count() const { return row_parts * unit_parts; }
+  Range rows(const LstmShape& s, int64_t task) const {
+    return Part(s.N, row_parts, task / unit_parts);
+  }
+  Range units(const LstmShape& s, int64_t task) const {
+    return Part(s.H, unit_parts, task % unit_parts);
+  }
 };
 
-// The cache's sections, in order.
+// A fixed grid of output tiles for a GEMM of M × Nc.
+struct TileGrid {
+  int64_t row_parts, col_parts, M, Nc;
+  TileGrid(int64_t m, int64_t nc)
+      : row_parts(Parts(m, kTileRows)), col_parts(Parts(nc, kTileCols)), M(m), Nc(nc) {}
+  int64_t count() const { return M > 0 && Nc > 0 ? row_parts * col_parts : 0; }
+  Range rows(int64_t task) const { return Part(M, row_parts, task / col_parts); }
+  Range cols(int64_t task) const { return Part(Nc, col_parts, task % col_parts); }
+};
+
+// Keras layout [rows, 4H] <-> interleaved layout [rows, 4H]; `to_interleaved` picks the direction.
+template <typename S>
+void Interleave(const LstmShape& s, const StepGrid& grid, const S* src, S* dst, int64_t rows,
+                bool to_interleaved) {
+  const int64_t H = s.H, G = 4 * H;
+  for (int64_t k = 0; k < grid.unit_parts; ++k) {
+    const Range u = Part(H, grid.unit_parts, k);
+    for (int64_t g = 0; g < 4; ++g) {
+      const int64_t keras = g * H + u.begin, inter = 4 * u.begin + g * u.size();
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t from = r * G + (to_interleaved ? keras : inter);
+        const int64_t to = r * G + (to_interleaved ? inter : keras);
+        std::memcpy(dst + to, src + from, sizeof(S) * u.size());
+      }
+    }
+  }
+}
+
 template <typename S>
 struct CacheView {
-  S* kernel;   // [C, 4H]
-  S* rkernel;  // [H, 4H]
-  S* x;        // [N, T, C]
-  S* gates;    // [N, T, 4H]
-  S* hprev;    // [N, T, H]
-  S* cstate;   // [N, T+1, H]
+  S *kernel, *rkernel, *x, *gates, *hprev, *cstate;
   CacheView(S* base, const LstmShape& s) {
     const int64_t G = 4 * s.H;
     kernel = base;
@@ -100,22 +150,20 @@ void CopyOrZero(S* dst, const S* src, int64_t count) {
   }
 }
 
-// Z[N*T, 4H] = X[N*T, C] · W[C, 4H], tiled.
+// Z[N*T, 4H] = X[N*T, C] · Wp[C, 4H], tiled.
 template <typename S>
-void InputProjection(const CpuDevice& device, const LstmShape& s, const S* x, const S* kernel,
-                     S* z) {
+void InputProjection(const CpuDevice& device, const LstmShape& s, const S* x, const S* wp, S* z) {
   const int64_t M = s.N * s.T, G = 4 * s.H;
+  if (s.C == 0) {
+    std::fill(z, z + M * G, S(0));
+    return;
+  }
   CMapRM<S> X(x, M, s.C, Eigen::OuterStride<>(s.C));
-  CMapRM<S> W(kernel, s.C, G, Eigen::OuterStride<>(G));
+  CMapRM<S> W(wp, s.C, G, Eigen::OuterStride<>(G));
   MapRM<S> Z(z, M, G, Eigen::OuterStride<>(G));
-  const Grid grid(M, G, kGemmTile, kGemmTile);
-  ParallelFor(device, grid.count(), [&](int64_t task) {
-    const Range r = Part(M, grid.row_parts, task / grid.col_parts);
-    const Range c = Part(G, grid.col_parts, task % grid.col_parts);
-    if (s.C == 0) {
-      Z.block(r.begin, c.begin, r.size(), c.size()).setZero();
-      return;
-    }
+  const TileGrid tiles(M, G);
+  ParallelFor(device, tiles.count(), 2.0 * M * s.C * G, [&](int64_t task) {
+    const Range r = tiles.rows(task), c = tiles.cols(task);
     Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
         X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
   });
@@ -124,8 +172,9 @@ void InputProjection(const CpuDevice& device, const LstmShape& s, const S* x, co
 }  // namespace
 
 int64_t ForwardWorkspaceSize(const LstmShape& s, bool training) {
-  if (training) return 0;  // everything lives in the cache
-  return s.N * s.T * 4 * s.H + 2 * s.N * s.H;
+  const int64_t G = 4 * s.H;
+  if (training) return G;  // the interleaved bias; everything else lives in the cache
+  return (s.C + s.H + 1) * G + s.N * s.T * G + 2 * s.N * s.H;
 }
 
 int64_t CacheSize(const LstmShape& s) {
@@ -133,29 +182,30 @@ int64_t CacheSize(const LstmShape& s) {
   return s.C * G + s.H * G + s.N * s.T * (s.C + G + s.H) + s.N * (s.T + 1) * s.H;
 }
 
-int64_t BackwardWorkspaceSize(const LstmShape& /*s*/) { return 0; }
+int64_t BackwardWorkspaceSize(const LstmShape& s) { return (s.C + s.H + 1) * 4 * s.H; }
 
 template <typename S>
 void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<S>& a) {
-  const int64_t T = s.T, N = s.N, H = s.H, G = 4 * H;
+  const int64_t T = s.T, N = s.N, H = s.H, C = s.C, G = 4 * H;
   const bool training = a.cache != nullptr;
   if (N == 0) return;
   if (T == 0 || H == 0) {
     CopyOrZero(a.h_n, a.h0, N * H);
     CopyOrZero(a.c_n, a.c0, N * H);
-    return;  // backward of an empty sequence reads nothing from the cache
-
+    return;  // backward of an empty problem reads nothing from the cache
   }
+  const StepGrid grid(s);
 
-  // State storage. Training: the history in the cache (h_{t-1} at hprev[n, t], c at
-  // cstate[n, t]). Inference: h ping-pongs between two [N, H] buffers, c is updated in c_n.
-  S* gates;
-  S *h_hist = nullptr, *c_hist = nullptr, *hbuf = nullptr;
+  // Storage. Training: weights and history in the cache (h_{t-1} at hprev[n, t], c at
+  // cstate[n, t]). Inference: weights in the workspace, h ping-pongs between two [N, H]
+  // buffers, c is updated in c_n.
+  S *wp, *rp, *bp, *gates, *h_hist = nullptr, *c_hist = nullptr, *hbuf = nullptr;
   if (training) {
     CacheView<S> cv(a.cache, s);
-    std::memcpy(cv.kernel, a.kernel, sizeof(S) * s.C * G);
-    std::memcpy(cv.rkernel, a.recurrent_kernel, sizeof(S) * H * G);
-    if (s.C > 0) std::memcpy(cv.x, a.x, sizeof(S) * N * T * s.C);
+    wp = cv.kernel;
+    rp = cv.rkernel;
+    bp = a.workspace;
+    if (C > 0) std::memcpy(cv.x, a.x, sizeof(S) * N * T * C);
     gates = cv.gates;
     h_hist = cv.hprev;
     c_hist = cv.cstate;
@@ -164,72 +214,74 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
       CopyOrZero(c_hist + n * (T + 1) * H, a.c0 ? a.c0 + n * H : nullptr, H);
     }
   } else {
-    gates = a.workspace;
-    hbuf = a.workspace + N * T * G;
+    wp = a.workspace;
+    rp = wp + C * G;
+    bp = rp + H * G;
+    gates = bp + G;
+    hbuf = gates + N * T * G;
     CopyOrZero(hbuf, a.h0, N * H);
     CopyOrZero(a.c_n, a.c0, N * H);
   }
+  Interleave(s, grid, a.kernel, wp, C, true);
+  Interleave(s, grid, a.recurrent_kernel, rp, H, true);
+  if (a.bias) {
+    Interleave(s, grid, a.bias, bp, 1, true);
+  } else {
+    std::fill(bp, bp + G, S(0));
+  }
 
-  InputProjection(device, s, a.x, a.kernel, gates);
+  InputProjection(device, s, a.x, wp, gates);
 
-  const Grid grid(N, H, kRowBlock, kUnitBlock);
-  CMapRM<S> R(a.recurrent_kernel, H, G, Eigen::OuterStride<>(G));
+  CMapRM<S> R(rp, H, G, Eigen::OuterStride<>(G));
+  const double step_flops = 2.0 * N * H * G;
   for (int64_t t = 0; t < T; ++t) {
-    // Where h_{t-1} is read and h_t, c_{t-1}, c_t live for row n.
     const S* h_in = training ? h_hist + t * H : hbuf + (t % 2) * N * H;
     const int64_t h_in_ld = training ? T * H : H;
-    ParallelFor(device, grid.count(), [&](int64_t task) {
-      const Range rows = Part(N, grid.row_parts, task / grid.col_parts);
-      const Range units = Part(H, grid.col_parts, task % grid.col_parts);
-      const int64_t u0 = units.begin, nu = units.size();
-      // Recurrent GEMM slice: Z[rows, t, g*H + units] += h_{t-1}[rows] · R[:, g*H + units].
+    ParallelFor(device, grid.count(), step_flops, [&](int64_t task) {
+      const Range rows = grid.rows(s, task), units = grid.units(s, task);
+      const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
+      // Recurrent GEMM slice: Z[rows, t, block] += h_{t-1}[rows] · Rp[:, block].
       CMapRM<S> Hin(h_in + rows.begin * h_in_ld, rows.size(), H, Eigen::OuterStride<>(h_in_ld));
-      for (int64_t g = 0; g < 4; ++g) {
-        MapRM<S> Zg(gates + (rows.begin * T + t) * G + g * H + u0, rows.size(), nu,
-                    Eigen::OuterStride<>(T * G));
-        Zg.noalias() += Hin * R.middleCols(g * H + u0, nu);
-      }
-      // Fused pass: gates, cell, output for each row of the block.
+      MapRM<S> Zb(gates + (rows.begin * T + t) * G + col0, rows.size(), 4 * nu,
+                  Eigen::OuterStride<>(T * G));
+      Zb.noalias() += Hin * R.middleCols(col0, 4 * nu);
+      // Fused pass over the block, in chunks of kChunk units.
+      alignas(64) S gate[4][kChunk], cell[kChunk], hid[kChunk];
       for (int64_t n = rows.begin; n < rows.end; ++n) {
         const bool valid = t < Length(a.lengths, n, T);
-        const S* c_prev = training ? c_hist + (n * (T + 1) + t) * H + u0 : a.c_n + n * H + u0;
-        S* c_next = training ? c_hist + (n * (T + 1) + t + 1) * H + u0 : a.c_n + n * H + u0;
-        const S* h_prev = h_in + n * h_in_ld + u0;
-        S* h_next = training ? (t + 1 < T ? h_hist + (n * T + t + 1) * H + u0 : a.h_n + n * H + u0)
-                             : hbuf + ((t + 1) % 2) * N * H + n * H + u0;
-        S* out = a.outputs + (n * T + t) * H + u0;
-        if (!valid) {
-          if (c_next != c_prev) std::memcpy(c_next, c_prev, sizeof(S) * nu);
-          std::memcpy(h_next, h_prev, sizeof(S) * nu);
-          std::fill(out, out + nu, S(0));
-          continue;
+        S* zrow = gates + (n * T + t) * G + col0;
+        for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
+          const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
+          const S* c_prev = training ? c_hist + (n * (T + 1) + t) * H + u : a.c_n + n * H + u;
+          S* c_next = training ? c_hist + (n * (T + 1) + t + 1) * H + u : a.c_n + n * H + u;
+          const S* h_prev = h_in + n * h_in_ld + u;
+          S* h_next = training
+                          ? (t + 1 < T ? h_hist + (n * T + t + 1) * H + u : a.h_n + n * H + u)
+                          : hbuf + ((t + 1) % 2) * N * H + n * H + u;
+          S* out = a.outputs + (n * T + t) * H + u;
+          if (!valid) {  // padded step: carry the state, output zero
+            if (c_next != c_prev) std::memcpy(c_next, c_prev, sizeof(S) * m);
+            std::memcpy(h_next, h_prev, sizeof(S) * m);
+            std::fill(out, out + m, S(0));
+            continue;
+          }
+          S* z = zrow + j0;
+          const S* b = bp + col0 + j0;
+          AMapA<S> i(gate[0], m), f(gate[1], m), g(gate[2], m), o(gate[3], m);
+          AMapA<S> cn(cell, m), hn(hid, m);
+          i = Sigmoid(CMapA<S>(z, m) + CMapA<S>(b, m));
+          f = Sigmoid(CMapA<S>(z + nu, m) + CMapA<S>(b + nu, m));
+          g = Tanh(CMapA<S>(z + 2 * nu, m) + CMapA<S>(b + 2 * nu, m));
+          o = Sigmoid(CMapA<S>(z + 3 * nu, m) + CMapA<S>(b + 3 * nu, m));
+          cn = f * CMapA<S>(c_prev, m) + i * g;
+          hn = o * Tanh(cn);
+          if (training) {
+            for (int64_t k = 0; k < 4; ++k) std::memcpy(z + k * nu, gate[k], sizeof(S) * m);
+          }
+          std::memcpy(c_next, cell, sizeof(S) * m);
+          std::memcpy(h_next, hid, sizeof(S) * m);
+          std::memcpy(out, hid, sizeof(S) * m);
         }
-        // Transcendentals are evaluated into 64-byte-aligned stack rows so Eigen splits every
-        // segment into packets and scalar tail by index alone: results never depend on where
-        // NumPy happened to allocate an array.
-        S* z = gates + (n * T + t) * G + u0;
-        alignas(64) S gate[4][kUnitBlock], cell[kUnitBlock], hid[kUnitBlock];
-        AMapA<S> i(gate[0], nu), f(gate[1], nu), g(gate[2], nu), o(gate[3], nu);
-        AMapA<S> cn(cell, nu), hn(hid, nu);
-        if (a.bias) {
-          i = Sigmoid(CMapA<S>(z, nu) + CMapA<S>(a.bias + u0, nu));
-          f = Sigmoid(CMapA<S>(z + H, nu) + CMapA<S>(a.bias + H + u0, nu));
-          g = Tanh(CMapA<S>(z + 2 * H, nu) + CMapA<S>(a.bias + 2 * H + u0, nu));
-          o = Sigmoid(CMapA<S>(z + 3 * H, nu) + CMapA<S>(a.bias + 3 * H + u0, nu));
-        } else {
-          i = Sigmoid(CMapA<S>(z, nu));
-          f = Sigmoid(CMapA<S>(z + H, nu));
-          g = Tanh(CMapA<S>(z + 2 * H, nu));
-          o = Sigmoid(CMapA<S>(z + 3 * H, nu));
-        }
-        cn = f * CMapA<S>(c_prev, nu) + i * g;
-        hn = o * Tanh(cn);
-        if (training) {
-          for (int64_t k = 0; k < 4; ++k) std::memcpy(z + k * H, gate[k], sizeof(S) * nu);
-        }
-        std::memcpy(c_next, cell, sizeof(S) * nu);
-        std::memcpy(h_next, hid, sizeof(S) * nu);
-        std::memcpy(out, hid, sizeof(S) * nu);
       }
     });
   }
@@ -246,7 +298,6 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
 template <typename S>
 void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArgs<S>& a) {
   const int64_t T = s.T, N = s.N, H = s.H, C = s.C, G = 4 * H;
-  CacheView<S> cv(a.cache, s);
   // The running dh and dc live in the d_h0 / d_c0 outputs: that is where they end.
   CopyOrZero(a.d_h0, a.d_h_n, N * H);
   CopyOrZero(a.d_c0, a.d_c_n, N * H);
@@ -257,50 +308,54 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     std::fill(a.d_bias, a.d_bias + G, S(0));
     return;
   }
+  CacheView<S> cv(a.cache, s);
+  const StepGrid grid(s);
   S* dz_all = cv.gates;  // activated gates are overwritten by dZ, step by step
   CMapRM<S> R(cv.rkernel, H, G, Eigen::OuterStride<>(G));
-  const Grid grid(N, H, kRowBlock, kUnitBlock);
+  const double step_flops = 2.0 * N * H * G;
 
   for (int64_t t = T - 1; t >= 0; --t) {
     // (a) Fused pass: dZ_t from dh = d_out_t + dh_next and dc_next; dc becomes dc_{t-1}.
-    ParallelFor(device, grid.count(), [&](int64_t task) {
-      const Range rows = Part(N, grid.row_parts, task / grid.col_parts);
-      const Range units = Part(H, grid.col_parts, task % grid.col_parts);
-      const int64_t u0 = units.begin, nu = units.size();
-      alignas(64) S dh_buf[kUnitBlock], dc_buf[kUnitBlock], tc_buf[kUnitBlock], i_buf[kUnitBlock];
-      AMapA<S> dh(dh_buf, nu), dc(dc_buf, nu), tc(tc_buf, nu), gi(i_buf, nu);
+    ParallelFor(device, grid.count(), 20.0 * N * G, [&](int64_t task) {
+      const Range rows = grid.rows(s, task), units = grid.units(s, task);
+      const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
+      alignas(64) S dh_buf[kChunk], dc_buf[kChunk], tc_buf[kChunk], i_buf[kChunk];
       for (int64_t n = rows.begin; n < rows.end; ++n) {
-        S* z = dz_all + (n * T + t) * G + u0;
+        S* zrow = dz_all + (n * T + t) * G + col0;
         if (t >= Length(a.lengths, n, T)) {
           // Padded step: no gradient into this step's gates; dh and dc pass through unchanged.
-          for (int64_t g = 0; g < 4; ++g) std::fill(z + g * H, z + g * H + nu, S(0));
+          std::fill(zrow, zrow + 4 * nu, S(0));
           continue;
         }
-        MapA<S> i(z, nu), f(z + H, nu), gg(z + 2 * H, nu), o(z + 3 * H, nu);
-        MapA<S> dh_run(a.d_h0 + n * H + u0, nu), dc_run(a.d_c0 + n * H + u0, nu);
-        const CMapA<S> c_prev(cv.cstate + (n * (T + 1) + t) * H + u0, nu);
-        const CMapA<S> c_t(cv.cstate + (n * (T + 1) + t + 1) * H + u0, nu);
-        if (a.d_outputs) {
-          dh = dh_run + CMapA<S>(a.d_outputs + (n * T + t) * H + u0, nu);
-        } else {
-          dh = dh_run;
+        for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
+          const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
+          S* z = zrow + j0;
+          AMapA<S> dh(dh_buf, m), dc(dc_buf, m), tc(tc_buf, m), gi(i_buf, m);
+          MapA<S> i(z, m), f(z + nu, m), gg(z + 2 * nu, m), o(z + 3 * nu, m);
+          MapA<S> dh_run(a.d_h0 + n * H + u, m), dc_run(a.d_c0 + n * H + u, m);
+          const CMapA<S> c_prev(cv.cstate + (n * (T + 1) + t) * H + u, m);
+          const CMapA<S> c_t(cv.cstate + (n * (T + 1) + t + 1) * H + u, m);
+          if (a.d_outputs) {
+            dh = dh_run + CMapA<S>(a.d_outputs + (n * T + t) * H + u, m);
+          } else {
+            dh = dh_run;
+          }
+          tc = Tanh(c_t);
+          // The rest is + and × only: identical in packet and scalar code (no FMA contraction).
+          dc = dc_run + dh * o * TanhGradFromOutput(tc);
+          dc_run = dc * f;                             // dc_{t-1}
+          o = dh * tc * SigmoidGradFromOutput(o);      // dz_o
+          f = dc * c_prev * SigmoidGradFromOutput(f);  // dz_f
+          gi = i;
+          i = dc * gg * SigmoidGradFromOutput(gi);     // dz_i
+          gg = dc * gi * TanhGradFromOutput(gg);       // dz_c
+          dh_run.setZero();  // (b) adds dZ_t·Rᵀ; padded rows keep their carried dh
         }
-        tc = Tanh(c_t);  // into an aligned row (see the forward pass)
-        // The rest is + and × only: identical in packet and scalar code (no FMA contraction).
-        dc = dc_run + dh * o * TanhGradFromOutput(tc);
-        dc_run = dc * f;                                   // dc_{t-1}
-        o = dh * tc * SigmoidGradFromOutput(o);            // dz_o
-        f = dc * c_prev * SigmoidGradFromOutput(f);        // dz_f
-        gi = i;
-        i = dc * gg * SigmoidGradFromOutput(gi);           // dz_i
-        gg = dc * gi * TanhGradFromOutput(gg);             // dz_c
-        dh_run.setZero();  // (b) adds dZ_t·Rᵀ; padded rows keep their carried dh
       }
     });
-    // (b) dh_{t-1}[rows, units] += dZ_t[rows, :] · R[units, :]ᵀ.
-    ParallelFor(device, grid.count(), [&](int64_t task) {
-      const Range rows = Part(N, grid.row_parts, task / grid.col_parts);
-      const Range units = Part(H, grid.col_parts, task % grid.col_parts);
+    // (b) dh_{t-1}[rows, units] += dZ_t[rows, :] · Rp[units, :]ᵀ (both interleaved alike).
+    ParallelFor(device, grid.count(), step_flops, [&](int64_t task) {
+      const Range rows = grid.rows(s, task), units = grid.units(s, task);
       CMapRM<S> dZt(dz_all + (rows.begin * T + t) * G, rows.size(), G, Eigen::OuterStride<>(T * G));
       MapRM<S> dH(a.d_h0 + rows.begin * H + units.begin, rows.size(), units.size(),
                   Eigen::OuterStride<>(H));
@@ -308,53 +363,58 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     });
   }
 
-  // Hoisted gradients over all steps, all tiles in one parallel_for:
-  //   dX = dZ·Wᵀ [NT, C],  dW = Xᵀ·dZ [C, G],  dR = Hprevᵀ·dZ [H, G],  db = Σ_rows dZ [G].
+  // Hoisted gradients over all steps, every tile in one parallel_for:
+  //   dX = dZ·Wpᵀ [NT, C],  dWp = Xᵀ·dZ [C, G],  dRp = Hprevᵀ·dZ [H, G],  dbp = Σ_rows dZ [G];
+  // then the interleaved dWp, dRp, dbp are put back into Keras order.
   const int64_t M = N * T;
+  S* dwp = a.workspace;
+  S* drp = dwp + C * G;
+  S* dbp = drp + H * G;
   CMapRM<S> dZ(dz_all, M, G, Eigen::OuterStride<>(G));
   CMapRM<S> X(cv.x, M, C, Eigen::OuterStride<>(C));
   CMapRM<S> W(cv.kernel, C, G, Eigen::OuterStride<>(G));
   CMapRM<S> Hp(cv.hprev, M, H, Eigen::OuterStride<>(H));
   MapRM<S> dX(a.dx, M, C, Eigen::OuterStride<>(C));
-  MapRM<S> dW(a.d_kernel, C, G, Eigen::OuterStride<>(G));
-  MapRM<S> dR(a.d_recurrent_kernel, H, G, Eigen::OuterStride<>(G));
-  const Grid gx(M, C, kGemmTile, kGemmTile), gw(C, G, kGemmTile, kGemmTile),
-      gr(H, G, kGemmTile, kGemmTile), gb(1, G, 1, kGemmTile);
-  const int64_t nx = C > 0 ? gx.count() : 0, nw = C > 0 ? gw.count() : 0;
-  ParallelFor(device, nx + nw + gr.count() + gb.count(), [&](int64_t task) {
-    if (task < nx) {
-      const Range r = Part(M, gx.row_parts, task / gx.col_parts);
-      const Range c = Part(C, gx.col_parts, task % gx.col_parts);
-      dX.block(r.begin, c.begin, r.size(), c.size()).noalias() =
-          dZ.middleRows(r.begin, r.size()) * W.middleRows(c.begin, c.size()).transpose();
-      return;
-    }
-    task -= nx;
+  MapRM<S> dW(dwp, C, G, Eigen::OuterStride<>(G));
+  MapRM<S> dR(drp, H, G, Eigen::OuterStride<>(G));
+  const TileGrid tx(M, C), tw(C, G), tr(H, G), tb(1, G);
+  const int64_t nx = tx.count(), nw = tw.count(), nr = tr.count();
+  // The largest tiles (dW, dR: K = N·T) first, so dynamic scheduling balances the rest.
+  ParallelFor(device, nw + nr + nx + tb.count(), 6.0 * M * (C + H) * G, [&](int64_t task) {
     if (task < nw) {
-      const Range r = Part(C, gw.row_parts, task / gw.col_parts);
-      const Range c = Part(G, gw.col_parts, task % gw.col_parts);
+      const Range r = tw.rows(task), c = tw.cols(task);
       dW.block(r.begin, c.begin, r.size(), c.size()).noalias() =
           X.middleCols(r.begin, r.size()).transpose() * dZ.middleCols(c.begin, c.size());
       return;
     }
     task -= nw;
-    if (task < gr.count()) {
-      const Range r = Part(H, gr.row_parts, task / gr.col_parts);
-      const Range c = Part(G, gr.col_parts, task % gr.col_parts);
+    if (task < nr) {
+      const Range r = tr.rows(task), c = tr.cols(task);
       dR.block(r.begin, c.begin, r.size(), c.size()).noalias() =
           Hp.middleCols(r.begin, r.size()).transpose() * dZ.middleCols(c.begin, c.size());
       return;
     }
-    task -= gr.count();
+    task -= nr;
+    if (task < nx) {
+      const Range r = tx.rows(task), c = tx.cols(task);
+      dX.block(r.begin, c.begin, r.size(), c.size()).noalias() =
+          dZ.middleRows(r.begin, r.size()) * W.middleRows(c.begin, c.size()).transpose();
+      return;
+    }
+    task -= nx;
     // A plain loop: every column summed over rows in the same order, however it vectorizes.
-    const Range c = Part(G, gb.col_parts, task);
-    S* db = a.d_bias + c.begin;
+    const Range c = tb.cols(task);
+    S* db = dbp + c.begin;
     std::fill(db, db + c.size(), S(0));
     for (int64_t r = 0; r < M; ++r) {
       const S* row = dz_all + r * G + c.begin;
       for (int64_t k = 0; k < c.size(); ++k) db[k] += row[k];
     }
   });
+  if (C == 0) std::fill(a.dx, a.dx + M * C, S(0));
+  Interleave(s, grid, dwp, a.d_kernel, C, false);
+  Interleave(s, grid, drp, a.d_recurrent_kernel, H, false);
+  Interleave(s, grid, dbp, a.d_bias, 1, false);
 }
 
 #define FUSEDLSTM_INSTANTIATE(S)                                                        \

@@ -14,7 +14,8 @@ void OpenMpParallelFor(void* /*impl*/, int num_threads, int64_t num_tasks, TaskF
                        void* ctx) {
 #ifdef FUSEDLSTM_WITH_OPENMP
   const int threads = static_cast<int>(num_tasks < num_threads ? num_tasks : num_threads);
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
+// Dynamic: tasks differ in size; which thread runs a task never changes its result.
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t i = 0; i < num_tasks; ++i) task(ctx, i);
 #else
   (void)num_threads;

@@ -28,11 +28,16 @@ CpuDevice OpenMpDevice(int num_threads);
 int OpenMpDefaultThreads();
 bool OpenMpEnabled();
 
-// Calls f(i) for i in [0, n) through the device. f must be callable as f(int64_t).
+// Below this many floating-point operations in all, waking other threads costs more than it saves.
+constexpr double kMinParallelFlops = 2e5;
+
+// Calls f(i) for i in [0, n) through the device. f must be callable as f(int64_t). `flops`
+// estimates the whole job; small jobs run inline (the same tasks, so the same results).
 template <typename F>
-void ParallelFor(const CpuDevice& device, int64_t n, F&& f) {
+void ParallelFor(const CpuDevice& device, int64_t n, double flops, F&& f) {
   if (n <= 0) return;
-  if (n == 1 || device.num_threads <= 1 || device.parallel_for == nullptr) {
+  if (n == 1 || device.num_threads <= 1 || device.parallel_for == nullptr ||
+      flops < kMinParallelFlops) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }
