@@ -114,24 +114,35 @@ def impls_for(inp, with_numpy: bool, with_torch: bool):
     return out
 
 
+MIN_SAMPLE_S = 0.005  # a sample repeats a fast call until it lasts this long (timer noise)
+
+
 def time_interleaved(fns: dict, reps: int, warmup: int, budget_s: float):
-    """Median/min seconds per call for each fn, interleaved, rotating the order every repetition."""
+    """Median/min seconds per call for each fn: interleaved samples, the order rotating every
+    repetition; a sample of a fast call times `number` back-to-back calls."""
     names = list(fns)
-    for _ in range(warmup):
-        for n in names:
+    number = {}
+    for n in names:
+        for _ in range(warmup):
             fns[n]()
+        t0 = time.perf_counter()
+        fns[n]()
+        one = time.perf_counter() - t0
+        number[n] = max(1, int(MIN_SAMPLE_S / max(one, 1e-7)))
     times = {n: [] for n in names}
     start = time.perf_counter()
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
+            f, k = fns[n], number[n]
             t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            for _ in range(k):
+                f()
+            times[n].append((time.perf_counter() - t0) / k)
         if r >= 2 and time.perf_counter() - start > budget_s:
             break
-    return {n: {"median_s": statistics.median(v), "min_s": min(v), "reps": len(v)}
-            for n, v in times.items()}
+    return {n: {"median_s": statistics.median(v), "min_s": min(v), "reps": len(v),
+                "calls_per_sample": number[n]} for n, v in times.items()}
 
 
 def git_commit() -> str:
@@ -167,8 +178,8 @@ def run(configs, threads_list, quick: bool, with_numpy: bool):
             inp = make_inputs(*cfg)
             big = B * T * (E + H) * H > 2e8
             impls = impls_for(inp, with_numpy and not (quick and big), have_torch)
-            reps = 5 if quick else (15 if big else 50)
-            budget = 5.0 if quick else 30.0
+            reps = 5 if quick else (11 if big else 31)
+            budget = 4.0 if quick else 25.0
             for mode, idx, flops in (("forward", 0, fwd_flops(*cfg)),
                                      ("forward+backward", 1, 3 * fwd_flops(*cfg))):
                 fns = {name: pair[idx] for name, pair in impls.items()}
