@@ -186,7 +186,7 @@ def run(configs, threads_list, quick: bool, with_numpy: bool):
     return {
         "benchmark": "kernel",
         "commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": sys.version.split()[0]},
         "build": fusedlstm.build_info(),
