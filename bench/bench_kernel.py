@@ -232,11 +232,15 @@ def main(argv=None):
                    help="comma-separated thread counts, e.g. 1,2 (default: all cores)")
     p.add_argument("--quick", action="store_true", help="few repetitions; under a minute")
     p.add_argument("--no-numpy", action="store_true", help="skip the NumPy reference")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "kernel.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default: results/kernel.json; results/kernel_quick.json "
+                        "with --quick, so a quick run never replaces the README's numbers)")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     report = run(args.config or DEFAULT_CONFIGS, threads, args.quick, not args.no_numpy)
     print(format_table(report))
+    if args.out is None:
+        args.out = HERE / "results" / ("kernel_quick.json" if args.quick else "kernel.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=1))
