@@ -411,7 +411,6 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       for (int64_t k = 0; k < c.size(); ++k) db[k] += row[k];
     }
   });
-  if (C == 0) std::fill(a.dx, a.dx + M * C, S(0));
   Interleave(s, grid, dwp, a.d_kernel, C, false);
   Interleave(s, grid, drp, a.d_recurrent_kernel, H, false);
   Interleave(s, grid, dbp, a.d_bias, 1, false);

@@ -5,7 +5,7 @@ allocates nothing the kernel could overrun, and knows nothing about text or mode
 from __future__ import annotations
 
 import threading
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
