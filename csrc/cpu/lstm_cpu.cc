@@ -2,8 +2,9 @@
 //
 // Forward: one input-projection GEMM for all steps, then per step one parallel_for whose tasks
 // each own a block of rows × hidden units: the task's slice of the recurrent GEMM (one GEMM: the
-// weights are gate-interleaved per unit block) followed at once by its fused gate/cell/output
-// pass, with no barrier in between (one per step).
+// weights are gate-interleaved per unit block, and packed once per call for gemm.h's kernel,
+// not re-packed every step) followed at once by its fused gate/cell/output pass, with no
+// barrier in between (one per step).
 // Backward: per step a fused pass producing the gate gradients dZ_t, then the GEMM
 // dh_{t-1} = dZ_t·Rᵀ; after the loop the weight, input and bias gradients are single GEMMs over
 // all steps, tiled into one parallel_for.
@@ -26,6 +27,7 @@
 
 #include "../common/activations.h"
 #include "fusedlstm/lstm.h"
+#include "gemm.h"
 
 #ifndef EIGEN_DONT_PARALLELIZE
 #error "Build with EIGEN_DONT_PARALLELIZE: threads come only through CpuDevice."
@@ -92,7 +94,38 @@ struct StepGrid {
   Range units(const LstmShape& s, int64_t task) const {
     return Part(s.H, unit_parts, task % unit_parts);
   }
+  int64_t unit_block(int64_t task) const { return task % unit_parts; }
 };
+
+// The recurrent weights packed once per call for the per-step GEMMs, one packed matrix per unit
+// block: forward packs Rp[:, block] (K = H, N = 4·nu), backward packs Rp[units, :]ᵀ (K = 4H,
+// N = nu). Sizes use float's panel width, an upper bound for double's.
+struct PackedSteps {
+  int64_t offset[kMaxUnitParts + 1];
+  PackedSteps(const LstmShape& s, const StepGrid& grid, bool backward) {
+    offset[0] = 0;
+    for (int64_t k = 0; k < grid.unit_parts; ++k) {
+      const int64_t nu = Part(s.H, grid.unit_parts, k).size();
+      offset[k + 1] = offset[k] + (backward ? PackedRhsSize<float>(4 * s.H, nu)
+                                            : PackedRhsSize<float>(s.H, 4 * nu));
+    }
+  }
+  int64_t total(const StepGrid& grid) const { return offset[grid.unit_parts]; }
+};
+
+template <typename S>
+void PackStepWeights(const CpuDevice& device, const LstmShape& s, const StepGrid& grid,
+                     const PackedSteps& packed, const S* rp, bool backward, S* out) {
+  const int64_t H = s.H, G = 4 * H;
+  ParallelFor(device, grid.unit_parts, double(H) * G, [&](int64_t k) {
+    const Range u = Part(H, grid.unit_parts, k);
+    if (backward) {  // B(j, n) = Rp[u0 + n, j]
+      PackRhs<S>(rp + u.begin * G, 1, G, G, u.size(), out + packed.offset[k]);
+    } else {         // B(j, n) = Rp[j, 4·u0 + n]
+      PackRhs<S>(rp + 4 * u.begin, G, 1, H, 4 * u.size(), out + packed.offset[k]);
+    }
+  });
+}
 
 // A fixed grid of output tiles for a GEMM of M × Nc.
 struct TileGrid {
@@ -173,8 +206,11 @@ void InputProjection(const CpuDevice& device, const LstmShape& s, const S* x, co
 
 int64_t ForwardWorkspaceSize(const LstmShape& s, bool training) {
   const int64_t G = 4 * s.H;
-  if (training) return G;  // the interleaved bias; everything else lives in the cache
-  return (s.C + s.H + 1) * G + s.N * s.T * G + 2 * s.N * s.H;
+  const StepGrid grid(s);
+  const int64_t packed = PackedSteps(s, grid, false).total(grid);
+  // Training: the interleaved bias and the packed weights; everything else is in the cache.
+  if (training) return G + packed;
+  return (s.C + s.H + 1) * G + s.N * s.T * G + 2 * s.N * s.H + packed;
 }
 
 int64_t CacheSize(const LstmShape& s) {
@@ -182,7 +218,10 @@ int64_t CacheSize(const LstmShape& s) {
   return s.C * G + s.H * G + s.N * s.T * (s.C + G + s.H) + s.N * (s.T + 1) * s.H;
 }
 
-int64_t BackwardWorkspaceSize(const LstmShape& s) { return (s.C + s.H + 1) * 4 * s.H; }
+int64_t BackwardWorkspaceSize(const LstmShape& s) {
+  const StepGrid grid(s);
+  return (s.C + s.H + 1) * 4 * s.H + PackedSteps(s, grid, true).total(grid);
+}
 
 template <typename S>
 void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<S>& a) {
@@ -199,12 +238,13 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   // Storage. Training: weights and history in the cache (h_{t-1} at hprev[n, t], c at
   // cstate[n, t]). Inference: weights in the workspace, h ping-pongs between two [N, H]
   // buffers, c is updated in c_n.
-  S *wp, *rp, *bp, *gates, *h_hist = nullptr, *c_hist = nullptr, *hbuf = nullptr;
+  S *wp, *rp, *bp, *gates, *rpack, *h_hist = nullptr, *c_hist = nullptr, *hbuf = nullptr;
   if (training) {
     CacheView<S> cv(a.cache, s);
     wp = cv.kernel;
     rp = cv.rkernel;
     bp = a.workspace;
+    rpack = bp + G;
     if (C > 0) std::memcpy(cv.x, a.x, sizeof(S) * N * T * C);
     gates = cv.gates;
     h_hist = cv.hprev;
@@ -219,6 +259,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     bp = rp + H * G;
     gates = bp + G;
     hbuf = gates + N * T * G;
+    rpack = hbuf + 2 * N * H;
     CopyOrZero(hbuf, a.h0, N * H);
     CopyOrZero(a.c_n, a.c0, N * H);
   }
@@ -230,9 +271,10 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     std::fill(bp, bp + G, S(0));
   }
 
+  const PackedSteps packed(s, grid, false);
+  PackStepWeights(device, s, grid, packed, rp, false, rpack);
   InputProjection(device, s, a.x, wp, gates);
 
-  CMapRM<S> R(rp, H, G, Eigen::OuterStride<>(G));
   const double step_flops = 2.0 * N * H * G;
   for (int64_t t = 0; t < T; ++t) {
     const S* h_in = training ? h_hist + t * H : hbuf + (t % 2) * N * H;
@@ -241,10 +283,9 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
       const Range rows = grid.rows(s, task), units = grid.units(s, task);
       const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
       // Recurrent GEMM slice: Z[rows, t, block] += h_{t-1}[rows] · Rp[:, block].
-      CMapRM<S> Hin(h_in + rows.begin * h_in_ld, rows.size(), H, Eigen::OuterStride<>(h_in_ld));
-      MapRM<S> Zb(gates + (rows.begin * T + t) * G + col0, rows.size(), 4 * nu,
-                  Eigen::OuterStride<>(T * G));
-      Zb.noalias() += Hin * R.middleCols(col0, 4 * nu);
+      GemmPackedRhs<S>(rows.size(), 4 * nu, H, h_in + rows.begin * h_in_ld, h_in_ld,
+                       rpack + packed.offset[grid.unit_block(task)],
+                       gates + (rows.begin * T + t) * G + col0, T * G);
       // Fused pass over the block, in chunks of kChunk units.
       alignas(64) S gate[4][kChunk], cell[kChunk], hid[kChunk];
       for (int64_t n = rows.begin; n < rows.end; ++n) {
@@ -311,8 +352,13 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   CacheView<S> cv(a.cache, s);
   const StepGrid grid(s);
   S* dz_all = cv.gates;  // activated gates are overwritten by dZ, step by step
-  CMapRM<S> R(cv.rkernel, H, G, Eigen::OuterStride<>(G));
   const double step_flops = 2.0 * N * H * G;
+  S* dwp = a.workspace;
+  S* drp = dwp + C * G;
+  S* dbp = drp + H * G;
+  S* rtpack = dbp + G;
+  const PackedSteps packed(s, grid, true);
+  PackStepWeights(device, s, grid, packed, cv.rkernel, true, rtpack);
 
   for (int64_t t = T - 1; t >= 0; --t) {
     // (a) Fused pass: dZ_t from dh = d_out_t + dh_next and dc_next; dc becomes dc_{t-1}.
@@ -356,10 +402,9 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     // (b) dh_{t-1}[rows, units] += dZ_t[rows, :] · Rp[units, :]ᵀ (both interleaved alike).
     ParallelFor(device, grid.count(), step_flops, [&](int64_t task) {
       const Range rows = grid.rows(s, task), units = grid.units(s, task);
-      CMapRM<S> dZt(dz_all + (rows.begin * T + t) * G, rows.size(), G, Eigen::OuterStride<>(T * G));
-      MapRM<S> dH(a.d_h0 + rows.begin * H + units.begin, rows.size(), units.size(),
-                  Eigen::OuterStride<>(H));
-      dH.noalias() += dZt * R.middleRows(units.begin, units.size()).transpose();
+      GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G,
+                       rtpack + packed.offset[grid.unit_block(task)],
+                       a.d_h0 + rows.begin * H + units.begin, H);
     });
   }
 
@@ -367,9 +412,6 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   //   dX = dZ·Wpᵀ [NT, C],  dWp = Xᵀ·dZ [C, G],  dRp = Hprevᵀ·dZ [H, G],  dbp = Σ_rows dZ [G];
   // then the interleaved dWp, dRp, dbp are put back into Keras order.
   const int64_t M = N * T;
-  S* dwp = a.workspace;
-  S* drp = dwp + C * G;
-  S* dbp = drp + H * G;
   CMapRM<S> dZ(dz_all, M, G, Eigen::OuterStride<>(G));
   CMapRM<S> X(cv.x, M, C, Eigen::OuterStride<>(C));
   CMapRM<S> W(cv.kernel, C, G, Eigen::OuterStride<>(G));

@@ -1,0 +1,133 @@
+// The packed-RHS GEMM of gemm.h: an 8 × (2 vectors) register-blocked micro-kernel written with
+// GCC/Clang vector extensions (64-byte vectors: one AVX-512 register, two AVX2 ones, ...).
+// This file is compiled with FMA contraction on (the micro-kernel's acc += a·b must be an FMA);
+// every element of C goes through the same instruction sequence for a given K, so contraction
+// cannot make results depend on position, alignment or threads.
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace fusedlstm {
+namespace {
+
+constexpr int64_t kKc = 256;  // depth of one packed block (A rows stay in L1 across a panel)
+constexpr int kMr = 8;        // rows per micro-tile
+
+template <typename S>
+struct Traits {
+  typedef S Vec __attribute__((vector_size(64)));
+  static constexpr int kLanes = 64 / sizeof(S);
+  static constexpr int kNr = 2 * kLanes;  // columns per panel
+};
+
+inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+template <typename S, int MR>
+inline void MicroKernel(int64_t kc, const S* a, int64_t lda, const S* panel, S* c, int64_t ldc,
+                        int64_t cols) {
+  using T = Traits<S>;
+  using V = typename T::Vec;
+  constexpr int L = T::kLanes, NR = T::kNr;
+  V acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
+  for (int64_t k = 0; k < kc; ++k) {
+    V b0, b1;
+    std::memcpy(&b0, panel + k * NR, sizeof(V));
+    std::memcpy(&b1, panel + k * NR + L, sizeof(V));
+    for (int r = 0; r < MR; ++r) {
+      const S x = a[r * lda + k];
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    S* row = c + r * ldc;
+    if (cols == NR) {
+      V c0, c1;
+      std::memcpy(&c0, row, sizeof(V));
+      std::memcpy(&c1, row + L, sizeof(V));
+      c0 += acc[r][0];
+      c1 += acc[r][1];
+      std::memcpy(row, &c0, sizeof(V));
+      std::memcpy(row + L, &c1, sizeof(V));
+    } else {
+      S tmp[NR];
+      std::memcpy(tmp, &acc[r][0], sizeof(V));
+      std::memcpy(tmp + L, &acc[r][1], sizeof(V));
+      for (int64_t q = 0; q < cols; ++q) row[q] += tmp[q];
+    }
+  }
+}
+
+template <typename S>
+void Tail(int rows, int64_t kc, const S* a, int64_t lda, const S* panel, S* c, int64_t ldc,
+          int64_t cols) {
+  switch (rows) {
+    case 1: return MicroKernel<S, 1>(kc, a, lda, panel, c, ldc, cols);
+    case 2: return MicroKernel<S, 2>(kc, a, lda, panel, c, ldc, cols);
+    case 3: return MicroKernel<S, 3>(kc, a, lda, panel, c, ldc, cols);
+    case 4: return MicroKernel<S, 4>(kc, a, lda, panel, c, ldc, cols);
+    case 5: return MicroKernel<S, 5>(kc, a, lda, panel, c, ldc, cols);
+    case 6: return MicroKernel<S, 6>(kc, a, lda, panel, c, ldc, cols);
+    case 7: return MicroKernel<S, 7>(kc, a, lda, panel, c, ldc, cols);
+    default: return;
+  }
+}
+
+}  // namespace
+
+template <typename S>
+int64_t PackedRhsSize(int64_t K, int64_t N) {
+  return K * RoundUp(N, Traits<S>::kNr);
+}
+
+// Layout: depth blocks of kKc; inside block pc, panel j (columns j..j+NR) is kc × NR row-major
+// at offset pc * Np + j * kc, zero-padded past N.
+template <typename S>
+void PackRhs(const S* b, int64_t row_stride, int64_t col_stride, int64_t K, int64_t N, S* out) {
+  constexpr int NR = Traits<S>::kNr;
+  const int64_t Np = RoundUp(N, NR);
+  for (int64_t pc = 0; pc < K; pc += kKc) {
+    const int64_t kc = std::min(kKc, K - pc);
+    for (int64_t j = 0; j < Np; j += NR) {
+      S* dst = out + pc * Np + j * kc;
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int q = 0; q < NR; ++q) {
+          dst[k * NR + q] = j + q < N ? b[(pc + k) * row_stride + (j + q) * col_stride] : S(0);
+        }
+      }
+    }
+  }
+}
+
+template <typename S>
+void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, const S* packed_b,
+                   S* c, int64_t ldc) {
+  constexpr int NR = Traits<S>::kNr;
+  const int64_t Np = RoundUp(N, NR);
+  for (int64_t pc = 0; pc < K; pc += kKc) {
+    const int64_t kc = std::min(kKc, K - pc);
+    for (int64_t j = 0; j < Np; j += NR) {
+      const S* panel = packed_b + pc * Np + j * kc;
+      const int64_t cols = std::min<int64_t>(NR, N - j);
+      int64_t i = 0;
+      for (; i + kMr <= M; i += kMr) {
+        MicroKernel<S, kMr>(kc, a + i * lda + pc, lda, panel, c + i * ldc + j, ldc, cols);
+      }
+      Tail<S>(static_cast<int>(M - i), kc, a + i * lda + pc, lda, panel, c + i * ldc + j, ldc,
+              cols);
+    }
+  }
+}
+
+#define FUSEDLSTM_INSTANTIATE(S)                                                          \
+  template int64_t PackedRhsSize<S>(int64_t, int64_t);                                    \
+  template void PackRhs<S>(const S*, int64_t, int64_t, int64_t, int64_t, S*);             \
+  template void GemmPackedRhs<S>(int64_t, int64_t, int64_t, const S*, int64_t, const S*, \
+                                 S*, int64_t);
+FUSEDLSTM_INSTANTIATE(float)
+FUSEDLSTM_INSTANTIATE(double)
+#undef FUSEDLSTM_INSTANTIATE
+
+}  // namespace fusedlstm

@@ -1,0 +1,30 @@
+// A small GEMM for the per-step recurrent products, C[M, N] += A[M, K] · B[K, N], whose B (the
+// recurrent weights) is the same at every time step: it is packed once per call into panels
+// and reused T times, where a general GEMM (Eigen) re-packs it at every step. A is read in place
+// (row-major, any leading dimension). Results depend only on M, N, K, never on threads or
+// alignment: every element goes through the same micro-kernel, tails are zero-padded.
+#ifndef FUSEDLSTM_CPU_GEMM_H_
+#define FUSEDLSTM_CPU_GEMM_H_
+
+#include <cstdint>
+
+namespace fusedlstm {
+
+// Elements of Scalar that PackRhs writes for a K × N right-hand side.
+template <typename S>
+int64_t PackedRhsSize(int64_t K, int64_t N);
+
+// Packs B, whose element (k, n) is b[k * row_stride + n * col_stride] (so a transposed matrix
+// packs as easily as a plain one), into `out` (PackedRhsSize(K, N) elements).
+template <typename S>
+void PackRhs(const S* b, int64_t row_stride, int64_t col_stride, int64_t K, int64_t N, S* out);
+
+// C[M, N] += A[M, K] · B, with B packed by PackRhs(…, K, N, …). A and C are row-major with
+// leading dimensions lda and ldc.
+template <typename S>
+void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, const S* packed_b,
+                   S* c, int64_t ldc);
+
+}  // namespace fusedlstm
+
+#endif  // FUSEDLSTM_CPU_GEMM_H_
