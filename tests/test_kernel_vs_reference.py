@@ -148,3 +148,27 @@ def test_lengths_accept_any_integer_dtype(rng):
         np.testing.assert_array_equal(out, base)
     out = fusedlstm.lstm_forward(**dict(p, lengths=[4, 1, 0]))[0]
     np.testing.assert_array_equal(out, base)
+
+
+def test_big_buffers_are_recycled_without_changing_results(rng):
+    """A consumed cache (or an inference workspace) is reused by the next call of the same
+    size; results stay identical, and empty_cache() frees the spare."""
+    from fusedlstm import lstm as lstm_mod
+
+    p, up = make_problem(rng, 8, 40, 64, 96, dtype=np.float32, lengths="random")  # > 1 MiB cache
+    fusedlstm.empty_cache()
+    runs = []
+    for _ in range(3):
+        out, h, c, cache = fusedlstm.lstm_forward(**p)
+        buf_id = id(cache._buf)
+        g = fusedlstm.lstm_backward(cache, **up)
+        assert id(lstm_mod._spare[np.dtype(np.float32)]) == buf_id  # kept for the next forward
+        runs.append((out, h, c) + tuple(g))
+        inf = fusedlstm.lstm_forward(**p, training=False)  # takes the spare (wrong size: dropped)
+        for u, v in zip(inf[:3], (out, h, c)):
+            np.testing.assert_array_equal(u, v)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            np.testing.assert_array_equal(a, b)
+    fusedlstm.empty_cache()
+    assert not lstm_mod._spare

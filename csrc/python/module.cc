@@ -90,10 +90,25 @@ S* MutablePtr(py::array_t<S>& a) {
   return a.mutable_data();
 }
 
+// A caller-provided scratch array when it fits exactly (dtype, size, contiguous, writeable),
+// else a fresh one: the Python layer recycles big buffers so a steady training loop does not
+// page-fault through a new mmap every call.
+template <typename S>
+py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
+  if (!spare.is_none() && py::isinstance<py::array_t<S>>(spare)) {
+    py::array a = py::reinterpret_borrow<py::array>(spare);
+    if (a.dtype().is(py::dtype::of<S>()) && a.ndim() == 1 && a.shape(0) == size &&
+        (a.flags() & py::array::c_style) && a.writeable()) {
+      return py::reinterpret_borrow<py::array_t<S>>(spare);
+    }
+  }
+  return py::array_t<S>(std::vector<int64_t>{size});
+}
+
 template <typename S>
 py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& rkernel,
                   const py::object& bias, const py::object& h0, const py::object& c0,
-                  const py::object& lengths, bool training) {
+                  const py::object& lengths, bool training, const py::object& spare) {
   if (x.ndim() != 3) throw py::value_error("x: expected a 3-d array [B, T, E], got shape " + ShapeStr(Dims(x)));
   if (rkernel.ndim() != 2) throw py::value_error("recurrent_kernel: expected a 2-d array [H, 4H], got shape " + ShapeStr(Dims(rkernel)));
   LstmShape s;
@@ -112,16 +127,21 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
   args.lengths = CheckedLengths(lengths, s.N, s.T);
 
   py::array_t<S> outputs({s.N, s.T, s.H}), h_n({s.N, s.H}), c_n({s.N, s.H});
-  py::array_t<S> workspace(std::vector<int64_t>{ForwardWorkspaceSize(s, training)});
+  // The spare (if any) serves as the cache in training, as the (large) workspace in inference.
+  py::array_t<S> workspace = training
+      ? py::array_t<S>(std::vector<int64_t>{ForwardWorkspaceSize(s, true)})
+      : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false));
   py::object cache = py::none();
   args.outputs = MutablePtr(outputs);
   args.h_n = MutablePtr(h_n);
   args.c_n = MutablePtr(c_n);
   args.workspace = MutablePtr(workspace);
   if (training) {
-    py::array_t<S> c(std::vector<int64_t>{CacheSize(s)});
+    py::array_t<S> c = ReuseOrAllocate<S>(spare, CacheSize(s));
     args.cache = MutablePtr(c);
     cache = c;
+  } else {
+    cache = workspace;  // handed back so the caller can recycle it
   }
   {
     py::gil_scoped_release release;
@@ -178,16 +198,17 @@ PYBIND11_MODULE(_core, m) {
       "forward",
       [](const py::array& x, const py::array& kernel, const py::array& rkernel,
          const py::object& bias, const py::object& h0, const py::object& c0,
-         const py::object& lengths, bool training) {
+         const py::object& lengths, bool training, const py::object& spare) {
         if (IsDtype(x, py::dtype::of<float>()))
-          return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+          return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare);
         if (IsDtype(x, py::dtype::of<double>()))
-          return Forward<double>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+          return Forward<double>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare);
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
       py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"),
-      py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"));
+      py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"),
+      py::arg("spare") = py::none());
   m.def(
       "backward",
       [](const py::array& cache, const std::vector<int64_t>& shape, const py::object& lengths,

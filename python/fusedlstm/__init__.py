@@ -9,13 +9,13 @@ from typing import Any, Dict
 
 from . import _core, convert, reference
 from ._checks import LstmGrads
-from .lstm import LstmCache, lstm_backward, lstm_forward
+from .lstm import LstmCache, empty_cache, lstm_backward, lstm_forward
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "reference", "convert",
-    "set_num_threads", "get_num_threads", "build_info", "__version__",
+    "set_num_threads", "get_num_threads", "build_info", "empty_cache", "__version__",
 ]
 
 

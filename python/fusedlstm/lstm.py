@@ -12,7 +12,23 @@ import numpy as np
 from . import _core
 from ._checks import LstmGrads, check_forward, check_upstream
 
-__all__ = ["LstmCache", "LstmGrads", "lstm_forward", "lstm_backward"]
+__all__ = ["LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "empty_cache"]
+
+# One spare scratch buffer per dtype: the cache a backward consumed, or an inference call's
+# workspace. The next forward that needs exactly that many elements reuses it instead of mapping
+# (and zeroing) fresh pages: a steady training loop then allocates its big buffers once. dict
+# pop/set are atomic under the GIL, so two threads never get the same buffer.
+_spare: dict = {}
+
+
+def _recycle(buf: np.ndarray) -> None:
+    if buf is not None and buf.nbytes >= (1 << 20):  # only big ones are worth keeping
+        _spare[buf.dtype] = buf
+
+
+def empty_cache() -> None:
+    """Free the spare scratch buffer kept for reuse between calls (like torch's empty_cache)."""
+    _spare.clear()
 
 
 class LstmCache:
@@ -66,9 +82,12 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
     """
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     outputs, h_n, c_n, buf = _core.forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0,
-                                           a.lengths, bool(training))
-    cache = LstmCache(buf, (a.B, a.T, a.E, a.H), a.lengths) if training else None
-    return outputs, h_n, c_n, cache
+                                           a.lengths, bool(training),
+                                           _spare.pop(a.x.dtype, None))
+    if not training:
+        _recycle(buf)  # the workspace
+        return outputs, h_n, c_n, None
+    return outputs, h_n, c_n, LstmCache(buf, (a.B, a.T, a.E, a.H), a.lengths)
 
 
 def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None) -> LstmGrads:
@@ -103,5 +122,6 @@ def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None) -> L
                              "backward: run the forward again)")
         dx, dk, dr, db, dh0, dc0 = _core.backward(buf, (T, B, E, H), cache.lengths, d_outputs,
                                                   d_h_n, d_c_n)
-        cache._buf = None  # consumed in place; free it
+        cache._buf = None  # consumed in place: recycle it for the next forward
+    _recycle(buf)
     return LstmGrads(dx, dk, dr, db, dh0, dc0)
