@@ -82,3 +82,12 @@ def test_build_info():
     for key in ("version", "compiler", "simd", "openmp", "num_threads", "native"):
         assert key in info
     assert info["version"] == fusedlstm.__version__
+
+
+def test_fma_peak_probe():
+    """The benchmark's ceiling probe runs and checks its argument (its speed is not asserted)."""
+    from fusedlstm import _core
+
+    assert _core.fma_peak_gflops(1, 0.01) > 0
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        _core.fma_peak_gflops(0)

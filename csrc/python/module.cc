@@ -11,8 +11,10 @@
 #include <atomic>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "../cpu/gemm.h"
 #include "fusedlstm/device.h"
 #include "fusedlstm/lstm.h"
 
@@ -221,6 +223,27 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("cache"), py::arg("shape"), py::arg("lengths"), py::arg("d_outputs"),
       py::arg("d_h_n"), py::arg("d_c_n"));
+  m.def(
+      "fma_peak_gflops",
+      [](int threads, double seconds) {
+        if (threads < 1) throw py::value_error("threads must be >= 1");
+        // One probe per thread, all at once (std::thread: each probe must own a core).
+        std::vector<double> flops(threads, 0.0);
+        {
+          py::gil_scoped_release release;
+          std::vector<std::thread> pool;
+          for (int i = 1; i < threads; ++i) {
+            pool.emplace_back([&flops, i, seconds] { flops[i] = FmaPeakFlopsOneThread(seconds); });
+          }
+          flops[0] = FmaPeakFlopsOneThread(seconds);
+          for (auto& th : pool) th.join();
+        }
+        double total = 0;
+        for (double f : flops) total += f;
+        return total / 1e9;
+      },
+      py::arg("threads"), py::arg("seconds") = 0.3,
+      "float32 GFLOP/s of a register-only FMA loop on `threads` threads (the machine's ceiling).");
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
     g_num_threads.store(n);
