@@ -13,9 +13,11 @@ from .lstm import LstmCache, empty_cache, lstm_backward, lstm_forward
 
 __version__ = "0.1.0"
 
+from .model import SentimentClassifier  # noqa: E402  (needs __version__)
+
 __all__ = [
     "LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "reference", "convert",
-    "set_num_threads", "get_num_threads", "build_info", "empty_cache", "__version__",
+    "set_num_threads", "get_num_threads", "build_info", "empty_cache", "SentimentClassifier", "__version__",
 ]
 
 

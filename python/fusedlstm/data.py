@@ -1,0 +1,256 @@
+"""Labelled sentences from disk: TSV/CSV files with a header (columns configurable), GLUE-style
+directories (train/dev/test.tsv, e.g. SST-2), Pang & Lee polarity files (*.pos / *.neg,
+Windows-1252 bytes; k-fold cross-validation) and the aclImdb layout. Labels are integers
+0..C-1 or strings (mapped in sorted order, the mapping kept). ``fetch`` downloads the public
+data sets into a cache when online and fails at once, naming ``--data``, when not."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tarfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["Split", "load_data", "read_table", "read_polarity", "read_imdb", "kfold",
+           "LabelMap", "fetch", "DATASETS"]
+
+_TEXT_COLS = ("sentence", "text", "review", "sentence1", "content")
+_LABEL_COLS = ("label", "labels", "sentiment", "polarity", "class", "y")
+
+
+@dataclass
+class Split:
+    """Sentences, their raw labels (ints or strings) and where each came from (file:line)."""
+
+    texts: List[str]
+    labels: List[object]
+    origins: List[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: Sequence[int]) -> "Split":
+        return Split([self.texts[i] for i in idx], [self.labels[i] for i in idx],
+                     [self.origins[i] for i in idx] if self.origins else [])
+
+
+class LabelMap:
+    """Raw labels <-> class ids. Integer labels map to themselves (0..C-1); strings in sorted
+    order. Saved with the model, so predictions come back with the user's names."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = [str(n) for n in names]
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    @classmethod
+    def fit(cls, labels: Sequence[object], num_classes: Optional[int] = None) -> "LabelMap":
+        raw = {str(l).strip() for l in labels}
+        if raw and all(r.lstrip("-").isdigit() for r in raw):
+            ints = sorted(int(r) for r in raw)
+            c = num_classes or max(2, ints[-1] + 1)
+            if ints[0] < 0 or ints[-1] >= c:
+                raise ValueError(f"labels must be integers in 0..{c - 1}, found {ints[0]}..{ints[-1]}")
+            return cls([str(i) for i in range(c)])
+        names = sorted(raw)
+        if num_classes is not None and len(names) != num_classes:
+            raise ValueError(f"found {len(names)} distinct labels {names}, expected {num_classes}")
+        if len(names) < 2:
+            raise ValueError(f"need at least 2 classes, found {names}")
+        return cls(names)
+
+    def encode(self, labels: Sequence[object], origins: Sequence[str] = ()) -> np.ndarray:
+        out = np.empty(len(labels), np.int64)
+        for i, l in enumerate(labels):
+            key = str(l).strip()
+            if key not in self.index:
+                where = f" at {origins[i]}" if i < len(origins) else ""
+                raise ValueError(f"label {key!r}{where} is not one of {self.names}")
+            out[i] = self.index[key]
+        return out
+
+
+def _decode(raw: bytes, path: str) -> Tuple[str, str]:
+    """UTF-8 (BOM stripped) when valid, else Windows-1252 (what MR and many old corpora use)."""
+    try:
+        return raw.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace"), "cp1252"
+
+
+def _lines(raw: bytes, path: str) -> Iterator[Tuple[int, str]]:
+    text, _ = _decode(raw, path)
+    # Split on \n only: str.splitlines() would also split on U+0085 and other separators.
+    for i, line in enumerate(text.split("\n"), 1):
+        yield i, line.rstrip("\r")
+
+
+def read_table(path, text_column: Optional[str] = None, label_column: Optional[str] = None,
+               delimiter: Optional[str] = None) -> Split:
+    """A delimited file with a header row (tab for .tsv, else sniffed comma/tab/semicolon)."""
+    path = str(path)
+    raw = Path(path).read_bytes()
+    text, _ = _decode(raw, path)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if not any(l.strip() for l in lines):
+        raise ValueError(f"{path}: empty file")
+    if delimiter is None:
+        delimiter = "\t" if path.endswith(".tsv") or "\t" in lines[0] else ","
+    reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t"
+                        else csv.QUOTE_MINIMAL)
+    header = [h.strip() for h in next(reader)]
+    lower = [h.lower() for h in header]
+
+    def pick(wanted, defaults, what):
+        if wanted is not None:
+            if wanted.lower() not in lower:
+                raise ValueError(f"{path}: no column {wanted!r} (columns: {header})")
+            return lower.index(wanted.lower())
+        for d in defaults:
+            if d in lower:
+                return lower.index(d)
+        raise ValueError(f"{path}: cannot find the {what} column among {header}; name it with "
+                         f"--{what}-column")
+
+    ti = pick(text_column, _TEXT_COLS, "text")
+    li = pick(label_column, _LABEL_COLS, "label")
+    out = Split([], [], [])
+    for lineno, row in enumerate(reader, 2):
+        if not row or all(not c.strip() for c in row):
+            continue  # blank line
+        if len(row) <= max(ti, li):
+            raise ValueError(f"{path}:{lineno}: expected at least {max(ti, li) + 1} columns, got {len(row)}")
+        sentence = row[ti].strip()
+        if not sentence:
+            raise ValueError(f"{path}:{lineno}: empty sentence")
+        out.texts.append(sentence)
+        out.labels.append(row[li].strip())
+        out.origins.append(f"{path}:{lineno}")
+    if not out.texts:
+        raise ValueError(f"{path}: no data rows (header only)")
+    return out
+
+
+def read_polarity(directory) -> Split:
+    """Pang & Lee sentence polarity: every *.pos and *.neg file in `directory`, one sentence a
+    line, bytes decoded as Windows-1252 (0x85 is an ellipsis there, not a line break)."""
+    d = Path(directory)
+    out = Split([], [], [])
+    files = sorted(d.glob("*.neg")) + sorted(d.glob("*.pos"))
+    if not files:
+        raise ValueError(f"{d}: no *.pos / *.neg files")
+    for f in files:
+        label = "positive" if f.suffix == ".pos" else "negative"
+        for lineno, line in _lines(f.read_bytes(), str(f)):
+            if line.strip():
+                out.texts.append(line.strip())
+                out.labels.append(label)
+                out.origins.append(f"{f}:{lineno}")
+    return out
+
+
+def read_imdb(root) -> Dict[str, Split]:
+    """The aclImdb layout: root/{train,test}/{pos,neg}/*.txt."""
+    root = Path(root)
+    splits = {}
+    for name in ("train", "test"):
+        s = Split([], [], [])
+        for label in ("neg", "pos"):
+            for f in sorted((root / name / label).glob("*.txt")):
+                text, _ = _decode(f.read_bytes(), str(f))
+                text = text.replace("<br />", " ").strip()
+                if text:
+                    s.texts.append(text)
+                    s.labels.append("positive" if label == "pos" else "negative")
+                    s.origins.append(str(f))
+        if s.texts:
+            splits[name] = s
+    if "train" not in splits:
+        raise ValueError(f"{root}: no aclImdb train/pos, train/neg files")
+    return splits
+
+
+def load_data(path, text_column: Optional[str] = None,
+              label_column: Optional[str] = None) -> Dict[str, Split]:
+    """Splits found at `path`: a file gives {'train': …}; a GLUE directory its train/dev/test
+    files; a polarity directory {'all': …} (use kfold); an aclImdb directory train/test."""
+    p = Path(path)
+    if p.is_file():
+        return {"train": read_table(p, text_column, label_column)}
+    if not p.is_dir():
+        raise FileNotFoundError(f"--data {path}: no such file or directory")
+    tables = {}
+    for name in ("train", "dev", "validation", "test"):
+        for ext in (".tsv", ".csv"):
+            if (p / f"{name}{ext}").is_file():
+                tables["dev" if name == "validation" else name] = read_table(
+                    p / f"{name}{ext}", text_column, label_column)
+                break
+    if tables:
+        if "train" not in tables:
+            raise ValueError(f"{p}: has {sorted(tables)} but no train.tsv/train.csv")
+        return tables
+    if list(p.glob("*.pos")) or list(p.glob("*.neg")):
+        return {"all": read_polarity(p)}
+    if (p / "train" / "pos").is_dir():
+        return read_imdb(p)
+    if (p / "aclImdb").is_dir():
+        return read_imdb(p / "aclImdb")
+    raise ValueError(f"{p}: no train/dev/test .tsv/.csv files, *.pos/*.neg files or aclImdb layout")
+
+
+def kfold(n: int, k: int, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """(train_idx, test_idx) for k folds of a seeded permutation of range(n)."""
+    if not 2 <= k <= n:
+        raise ValueError(f"k-fold needs 2 <= k <= {n}, got k={k}")
+    perm = np.random.default_rng(seed).permutation(n)
+    folds = np.array_split(perm, k)
+    return [(np.concatenate(folds[:i] + folds[i + 1:]), folds[i]) for i in range(k)]
+
+
+# Canonical public sources. Names, not code: nothing here runs what it downloads.
+DATASETS = {
+    "sst2": ("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip", "SST-2"),
+    "mr": ("https://www.cs.cornell.edu/people/pabo/movie-review-data/rt-polaritydata.tar.gz",
+           "rt-polaritydata"),
+    "imdb": ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz", "aclImdb"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FUSEDLSTM_DATA") or Path.home() / ".cache" / "fusedlstm")
+
+
+def fetch(name: str, timeout: float = 15.0) -> Path:
+    """Download and unpack a public data set once; return its directory."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    url, sub = DATASETS[name]
+    dest = cache_dir() / name
+    if (dest / sub).exists():
+        return dest / sub
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            blob = r.read()
+    except OSError as exc:
+        raise RuntimeError(f"could not download {name} from {url} ({exc}). Offline? Download "
+                           f"it yourself and pass --data PATH instead of --dataset.") from None
+    tmp = dest / (sub + ".partial")
+    if url.endswith(".zip"):
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            for m in z.namelist():  # refuse absolute paths and '..' members
+                if m.startswith("/") or ".." in Path(m).parts:
+                    raise RuntimeError(f"{url}: unsafe member {m!r}")
+            z.extractall(tmp)
+    else:
+        with tarfile.open(fileobj=io.BytesIO(blob)) as t:
+            t.extractall(tmp, filter="data")
+    inner = tmp / sub
+    os.replace(inner if inner.exists() else tmp, dest / sub)
+    return dest / sub

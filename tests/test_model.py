@@ -1,0 +1,188 @@
+"""The whole classifier: float64 gradient check of every parameter (embedding, LSTM, dropout
+with a fixed mask, dense, loss) against central differences; seeded reproducibility; save/load
+round trip; checkpoint resume; hostile model directories; the CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fusedlstm import SentimentClassifier
+from fusedlstm.data import Split, load_data
+from fusedlstm.layers import embedding_backward, softmax_cross_entropy
+from fusedlstm.model import TrainOptions
+
+from conftest import DATA
+
+
+def tiny_split(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    good, bad = ["great", "fun", "moving", "witty"], ["dull", "awful", "boring", "flat"]
+    texts, labels = [], []
+    for i in range(n):
+        pos = i % 2 == 0
+        words = list(rng.choice(good if pos else bad, 3)) + list(rng.choice(["the", "film", "a"], 2))
+        rng.shuffle(words)
+        texts.append(" ".join(words[: rng.integers(2, 6)]))
+        labels.append("positive" if pos else "negative")
+    return Split(texts, labels, [f"tiny:{i}" for i in range(n)])
+
+
+def make_model(seed=0, train_embeddings=True, units=5):
+    return SentimentClassifier.create(tiny_split(), units=units, embedding_dim=4, seed=seed,
+                                      train_embeddings=train_embeddings, log=lambda *a: None)
+
+
+def test_whole_model_gradient_check():
+    m = make_model()
+    for k in m.params:
+        m.params[k] = m.params[k].astype(np.float64)
+    split = tiny_split(6, seed=3)
+    ids, lengths = m.encode(split.texts)
+    y = m.label_map.encode(split.labels)
+    mask = (np.random.default_rng(1).random((6, 5)) < 0.8) / 0.8  # fixed dropout mask
+    loss, _, grads, (rows, sparse) = m.forward_backward(ids, lengths, y, mask)
+    grads = dict(grads)
+    dense_emb = np.zeros_like(m.params["embedding"])
+    dense_emb[rows] = sparse
+    grads["embedding"] = dense_emb
+    eps = 1e-6
+    for name, g in grads.items():
+        p = m.params[name]
+        num = np.zeros_like(p)
+        for idx in np.ndindex(p.shape):
+            if name == "embedding" and idx[0] not in rows:
+                continue  # rows not in the batch: zero gradient, checked below
+            orig = p[idx]
+            p[idx] = orig + eps
+            lp = m.forward_backward(ids, lengths, y, mask, need_grads=False)[0]
+            p[idx] = orig - eps
+            lm = m.forward_backward(ids, lengths, y, mask, need_grads=False)[0]
+            p[idx] = orig
+            num[idx] = (lp - lm) / (2 * eps)
+        np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-8, err_msg=name)
+    assert np.all(dense_emb[np.setdiff1d(np.arange(len(dense_emb)), rows)] == 0)
+
+
+def test_softmax_cross_entropy_is_stable():
+    loss, d, probs = softmax_cross_entropy(np.array([[1000.0, -1000.0], [0.0, 0.0]]), np.array([0, 1]))
+    assert np.isfinite(loss) and abs(loss - np.log(2) / 2) < 1e-12
+    np.testing.assert_allclose(probs.sum(1), 1)
+
+
+def test_embedding_backward_ignores_padding():
+    ids = np.array([[2, 3, 2], [4, 0, 0]])
+    rows, g = embedding_backward(ids, np.array([3, 1]), np.ones((2, 3, 2)))
+    np.testing.assert_array_equal(rows, [2, 3, 4])
+    np.testing.assert_array_equal(g[:, 0], [2, 1, 1])
+
+
+def test_same_seed_bit_identical_and_learns():
+    opts = TrainOptions(epochs=4, batch_size=8, lr=0.05, seed=3, progress=False)
+    a, b = make_model(seed=1), make_model(seed=1)
+    ma = a.fit(tiny_split(), tiny_split(20, seed=9), opts, log=lambda *x: None)
+    mb = b.fit(tiny_split(), tiny_split(20, seed=9), opts, log=lambda *x: None)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb]
+    assert a.evaluate(tiny_split(20, seed=5))["accuracy"] > 0.9
+
+
+def test_save_load_predict_roundtrip(tmp_path):
+    m = make_model()
+    m.fit(tiny_split(), None, TrainOptions(epochs=2, batch_size=8, lr=0.05, progress=False),
+          log=lambda *x: None)
+    m.save(tmp_path / "m")
+    r = SentimentClassifier.load(tmp_path / "m")
+    texts = ["great fun film", "dull boring", "a film never seen words"]
+    np.testing.assert_array_equal(r.predict_proba(texts), m.predict_proba(texts))
+    assert [p["label"] for p in r.predict(texts[:2])] == ["positive", "negative"]
+    with pytest.raises(ValueError, match="sentence 0 is empty"):
+        r.predict(["   "])
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    opts = TrainOptions(epochs=4, batch_size=8, lr=0.05, seed=2, progress=False, patience=10)
+    full = make_model(seed=4)
+    full.fit(tiny_split(), tiny_split(20, 9), opts, out_dir=tmp_path / "full", log=lambda *x: None)
+    part = make_model(seed=4)
+    part.fit(tiny_split(), tiny_split(20, 9), TrainOptions(**dict(opts.__dict__, epochs=2)),
+             out_dir=tmp_path / "part", log=lambda *x: None)
+    resumed = SentimentClassifier.load(tmp_path / "part")
+    resumed.fit(tiny_split(), tiny_split(20, 9), opts, out_dir=tmp_path / "part", resume=True,
+                log=lambda *x: None)
+    for k in full.params:
+        np.testing.assert_array_equal(resumed.params[k], full.params[k])
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
+
+
+def test_hostile_model_directories(tmp_path):
+    m = make_model()
+    d = tmp_path / "m"
+    m.save(d)
+    cfg = json.loads((d / "config.json").read_text())
+
+    def write_cfg(**change):
+        (d / "config.json").write_text(json.dumps(dict(cfg, **change)))
+
+    for change, msg in [(dict(units=10**9), "units must be an integer in 1..65536"),
+                        (dict(vocab_size=10**12), "vocab_size must be an integer"),
+                        (dict(units="5"), "units must be an integer"),
+                        (dict(evil=1), "unknown keys"),
+                        (dict(labels=["a"]), "labels must be a list of 2 strings")]:
+        write_cfg(**change)
+        with pytest.raises(ValueError, match=msg):
+            SentimentClassifier.load(d)
+    write_cfg()
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        SentimentClassifier.load(d)
+    write_cfg()
+    w = dict(np.load(d / "weights.npz"))
+    np.savez(d / "weights.npz", **dict(w, kernel=np.zeros((3, 3), np.float32)))
+    with pytest.raises(ValueError, match=r"weights\['kernel'\]: shape \(3, 3\)"):
+        SentimentClassifier.load(d)
+    np.savez(d / "weights.npz", **dict(w, kernel=np.array([object()], dtype=object)))
+    with pytest.raises(ValueError, match="weights.npz: refused"):
+        SentimentClassifier.load(d)
+    (d / "weights.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="weights.npz: not a readable .npz"):
+        SentimentClassifier.load(d)
+    (d / "weights.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="weights.npz: missing"):
+        SentimentClassifier.load(d)
+
+
+def run_cli(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "fusedlstm", *args], capture_output=True,
+                          text=True, input=input, timeout=600)
+
+
+def test_cli_train_eval_predict(tmp_path):
+    out = tmp_path / "model"
+    r = run_cli("train", "--data", str(DATA / "sst2"), "--out", str(out), "--batch-size", "4",
+                "--units", "16", "--max-len", "4", "--embedding-dim", "64", "--steps", "200",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout and (out / "weights.npz").exists()
+    assert not list(out.glob(".*.tmp"))
+    r = run_cli("eval", str(out), "--data", str(DATA / "sst2"), "--json")
+    ev = json.loads(r.stdout)
+    assert ev["n"] == 1821 and 0 <= ev["accuracy"] <= 1 and len(ev["confusion_matrix"]) == 2
+    r = run_cli("predict", str(out), "--json", input="a gorgeous, witty film\nawful\n")
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(rows) == 2 and all(0.5 <= x["probability"] <= 1 for x in rows)
+    r = run_cli("train", "--data", str(DATA / "sst2"), "--out", str(out), "--steps", "5")
+    assert r.returncode != 0 and "--resume" in (r.stderr + r.stdout)
+    r = run_cli("eval", str(tmp_path / "nope"), "--data", str(DATA / "sst2"))
+    assert r.returncode == 2 and "model directory not found" in r.stderr
+
+
+def test_cli_polarity_cross_validation_fold(tmp_path):
+    r = run_cli("train", "--data", str(DATA / "mr"), "--out", str(tmp_path / "mr"), "--folds",
+                "10", "--fold", "3", "--units", "8", "--embedding-dim", "8", "--steps", "20",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout
