@@ -86,6 +86,9 @@ struct StepGrid {
     const int64_t want = static_cast<int64_t>(step_flops / kStepTaskFlops) + 1;
     const int64_t most = std::max<int64_t>(1, std::min(kMaxUnitParts, s.H / kMinUnitsPerPart));
     unit_parts = std::max<int64_t>(1, std::min(want, most));
+    // As for tiles: more than one part is rounded up to a multiple of 4 (within the cap) so
+    // 2 or 4 threads share a step evenly; 3 tasks on 2 threads would idle one a third of it.
+    if (unit_parts > 1) unit_parts = std::min(most, CeilDiv(unit_parts, 4) * 4);
   }
   int64_t count() const { return row_parts * unit_parts; }
   Range rows(const LstmShape& s, int64_t task) const {

@@ -87,6 +87,7 @@ class TrainOptions:
     patience: int = 3                # early stopping on dev accuracy
     seed: int = 0
     progress: bool = True
+    bucket: bool = True              # batch sentences of similar length (less padding work)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -288,14 +289,12 @@ class SentimentClassifier:
                 break
             t0 = time.perf_counter()
             rng = np.random.default_rng([opts.seed, epoch])  # per epoch: resumable exactly
-            perm = rng.permutation(n)
+            batches = _batches(rng, lengths, opts.batch_size, opts.bucket)
             losses, correct, seen = [], 0, 0
-            batches = range(0, n, opts.batch_size)
             bar = _progress(batches, f"epoch {epoch + 1}/{total_epochs}", opts.progress)
-            for s in bar:
+            for b in bar:
                 if opts.steps is not None and state["step"] >= opts.steps:
                     break
-                b = perm[s:s + opts.batch_size]
                 mask = dropout_mask(rng, (len(b), H), self.config.keep_prob, np.float32)
                 loss, probs, grads, sparse = self.forward_backward(ids[b], lengths[b], y[b], mask)
                 _clip(grads, sparse, opts.clip_norm)
@@ -381,6 +380,23 @@ class SentimentClassifier:
             return cls(cfg, vocab, weights)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+
+
+def _batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int, bucket: bool,
+             chunk_batches: int = 50) -> List[np.ndarray]:
+    """Index batches for one epoch: a seeded shuffle; with `bucket`, each chunk of
+    chunk_batches batches is sorted by length before it is cut into batches and the batch
+    order is shuffled again, so a batch pads to about its own sentences' length."""
+    perm = rng.permutation(len(lengths))
+    if not bucket:
+        return [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
+    out = []
+    size = batch_size * chunk_batches
+    for c in range(0, len(perm), size):
+        idx = perm[c:c + size]
+        idx = idx[np.argsort(lengths[idx], kind="stable")]
+        out.extend(idx[s:s + batch_size] for s in range(0, len(idx), batch_size))
+    return [out[i] for i in rng.permutation(len(out))]
 
 
 def _clip(grads: Dict[str, np.ndarray], sparse, clip_norm: Optional[float]) -> float:
