@@ -18,9 +18,13 @@ def embedding_backward(ids: np.ndarray, lengths: np.ndarray, d_x: np.ndarray
     B, T = ids.shape
     valid = np.arange(T)[None, :] < lengths[:, None]
     flat_ids = ids[valid]
-    rows, inverse = np.unique(flat_ids, return_inverse=True)
-    grads = np.zeros((len(rows), d_x.shape[-1]), d_x.dtype)
-    np.add.at(grads, inverse, d_x[valid])
+    # Sort once and sum runs with reduceat: much faster than np.add.at, same order every time.
+    order = np.argsort(flat_ids, kind="stable")
+    sorted_ids = flat_ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    rows = sorted_ids[starts]
+    grads = np.add.reduceat(d_x[valid][order], starts, axis=0) if len(starts) else \
+        np.zeros((0, d_x.shape[-1]), d_x.dtype)
     return rows, grads
 
 

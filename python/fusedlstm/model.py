@@ -278,7 +278,9 @@ class SentimentClassifier:
                 self.params[k][...] = st[f"cur/{k}"]
                 best[k] = st[f"best/{k}"].copy()
             state = json.loads(str(st["meta"]))
-            metrics = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l]
+            # The metrics saved with the state: metrics.jsonl may be one epoch ahead if a crash
+            # fell between the two writes.
+            metrics = state.pop("metrics")
             log(f"resuming after epoch {state['epoch']} (step {state['step']})")
         n = len(y)
         steps_per_epoch = math.ceil(n / opts.batch_size)
@@ -336,7 +338,7 @@ class SentimentClassifier:
         arrays = {f"cur/{k}": v for k, v in self.params.items()}
         arrays.update({f"best/{k}": v for k, v in best.items()})
         arrays.update({f"opt/{k}": v for k, v in opt.state().items()})
-        arrays["meta"] = np.asarray(json.dumps(state))
+        arrays["meta"] = np.asarray(json.dumps(dict(state, metrics=metrics)))
         _atomic_write(out_dir / "state.npz", _npz_bytes(arrays))
 
     # -- persistence -------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""MR (Pang & Lee sentence polarity) 10-fold cross-validation with fusedlstm's default
+classifier: for each fold, train on the other nine (10% of them held out as dev for early
+stopping), test on the fold. Reports mean ± std accuracy and writes JSON.
+
+    python bench/bench_mr.py [--data ../shared/data/mr] [--vectors glove-6b-50d] [--folds 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fusedlstm
+from fusedlstm import SentimentClassifier
+from fusedlstm.data import kfold, load_data
+from fusedlstm.model import TrainOptions
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "mr"))
+    ap.add_argument("--vectors", default="glove-6b-50d")
+    ap.add_argument("--folds", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-embeddings", action="store_true")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "mr_cv.json")
+    args = ap.parse_args(argv)
+    data = load_data(args.data)["all"]
+    accs, secs = [], []
+    for fold, (tr, te) in enumerate(kfold(len(data), args.folds, args.seed)):
+        perm = np.random.default_rng([args.seed, fold]).permutation(tr)
+        k = len(perm) // 10
+        dev, train = data.subset(perm[:k]), data.subset(perm[k:])
+        model = SentimentClassifier.create(train, vectors=args.vectors, seed=args.seed + fold,
+                                           train_embeddings=args.train_embeddings, log=lambda *a: None)
+        t0 = time.perf_counter()
+        model.fit(train, dev, TrainOptions(epochs=args.epochs, seed=args.seed + fold, progress=False),
+                  log=lambda *a: None)
+        secs.append(time.perf_counter() - t0)
+        accs.append(100 * model.evaluate(data.subset(te))["accuracy"])
+        print(f"fold {fold}: test accuracy {accs[-1]:.2f}%  ({secs[-1]:.1f} s)", flush=True)
+    mean, std = statistics.mean(accs), statistics.stdev(accs)
+    print(f"MR {args.folds}-fold CV: {mean:.2f}% ± {std:.2f} ({args.vectors}, "
+          f"{'fine-tuned' if args.train_embeddings else 'frozen'})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"benchmark": "mr_cv", "args": {k: str(v) for k, v in vars(args).items()},
+                               "build": fusedlstm.build_info(), "fold_acc": accs, "fold_seconds": secs,
+                               "mean": mean, "std": std}, indent=1))
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
