@@ -29,7 +29,7 @@ def main(argv=None):
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "mr"))
     ap.add_argument("--vectors", default="glove-6b-50d")
     ap.add_argument("--folds", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-embeddings", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "mr_cv.json")

@@ -97,7 +97,7 @@ def main(argv=None):
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "sst2"))
     ap.add_argument("--vectors", default="glove-6b-50d")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--train-embeddings", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--out", type=Path, default=None)

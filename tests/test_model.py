@@ -186,3 +186,13 @@ def test_cli_polarity_cross_validation_fold(tmp_path):
                 "--quiet")
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout
+
+
+def test_cli_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="extra [plot] (CI installs it)")
+    from fusedlstm.cli import plot_metrics
+
+    metrics = [{"epoch": 1, "train_loss": 0.7, "train_acc": 0.5, "dev_loss": 0.69, "dev_acc": 0.55},
+               {"epoch": 2, "train_loss": 0.5, "train_acc": 0.7, "dev_loss": 0.6, "dev_acc": 0.65}]
+    plot_metrics(metrics, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

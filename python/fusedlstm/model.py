@@ -79,12 +79,12 @@ class ModelConfig:
 
 @dataclass
 class TrainOptions:
-    epochs: int = 10
+    epochs: int = 20
     steps: Optional[int] = None      # stop after this many updates in all (the toy config)
     batch_size: int = 32
     lr: float = 1e-3
     clip_norm: Optional[float] = 5.0
-    patience: int = 3                # early stopping on dev accuracy
+    patience: int = 5                # early stopping on dev accuracy
     seed: int = 0
     progress: bool = True
     bucket: bool = True              # batch sentences of similar length (less padding work)
