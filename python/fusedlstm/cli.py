@@ -137,6 +137,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_build_tf_op(args) -> int:
+    from .keras.build import build_op
+
+    path = build_op(force=args.force, verbose=args.verbose)
+    print(f"TensorFlow op library: {path}")
+    return 0
+
+
 def _data_args(p):
     p.add_argument("--text-column", help="text column of a TSV/CSV (default: sentence/text/...)")
     p.add_argument("--label-column", help="label column of a TSV/CSV (default: label/...)")
@@ -188,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--file", help="one sentence per line")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    o = sub.add_parser("build-tf-op", help="compile the TensorFlow op for the installed TensorFlow")
+    o.add_argument("--force", action="store_true", help="rebuild even if cached")
+    o.add_argument("--verbose", action="store_true", help="print the compiler commands")
+    o.set_defaults(func=cmd_build_tf_op)
 
     b = sub.add_parser("bench", help="the kernel benchmark (bench/bench_kernel.py) from a checkout")
     b.add_argument("rest", nargs=argparse.REMAINDER)

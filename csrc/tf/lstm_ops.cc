@@ -1,0 +1,246 @@
+// TensorFlow adapter for the fused LSTM kernels: op signatures and shape functions
+// (FusedLstm, FusedLstmGrad), OpKernels that check every input (rank before any dimension),
+// allocate outputs and workspaces through TensorFlow, and run the kernels on TensorFlow's CPU
+// thread pool adapted to CpuDevice. The gradient op is wired to FusedLstm by a registered
+// Python gradient (fusedlstm/keras/ops.py).
+#include <cstring>
+#include <string>
+
+#include "fusedlstm/lstm.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace tensorflow {
+namespace {
+
+using shape_inference::DimensionHandle;
+using shape_inference::InferenceContext;
+using shape_inference::ShapeHandle;
+
+REGISTER_OP("FusedLstm")
+    .Input("x: T")                 // [B, T, E]
+    .Input("kernel: T")            // [E, 4H]
+    .Input("recurrent_kernel: T")  // [H, 4H]
+    .Input("bias: T")              // [4H]
+    .Input("h0: T")                // [B, H]
+    .Input("c0: T")                // [B, H]
+    .Input("lengths: int32")       // [B], 0..T
+    .Output("outputs: T")          // [B, T, H]
+    .Output("h_n: T")              // [B, H]
+    .Output("c_n: T")              // [B, H]
+    .Output("cache: T")            // opaque, 1-d; empty when training = false
+    .Attr("T: {float, double}")
+    .Attr("training: bool = true")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle x, k, r, b, h0, c0, len;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &k));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &r));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 1, &b));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 2, &h0));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(5), 2, &c0));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(6), 1, &len));
+      DimensionHandle B = c->Dim(x, 0), T = c->Dim(x, 1), H = c->Dim(r, 0);
+      c->set_output(0, c->MakeShape({B, T, H}));
+      c->set_output(1, c->MakeShape({B, H}));
+      c->set_output(2, c->MakeShape({B, H}));
+      c->set_output(3, c->Vector(InferenceContext::kUnknownDim));
+      return OkStatus();
+    });
+
+REGISTER_OP("FusedLstmGrad")
+    .Input("x: T")                 // the forward's x (its shape; the cache holds the values)
+    .Input("recurrent_kernel: T")  // the forward's recurrent_kernel (its shape)
+    .Input("lengths: int32")
+    .Input("cache: T")
+    .Input("d_outputs: T")         // [B, T, H]
+    .Input("d_h_n: T")             // [B, H]
+    .Input("d_c_n: T")             // [B, H]
+    .Output("dx: T")
+    .Output("d_kernel: T")
+    .Output("d_recurrent_kernel: T")
+    .Output("d_bias: T")
+    .Output("d_h0: T")
+    .Output("d_c0: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle x, r;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &r));
+      DimensionHandle B = c->Dim(x, 0), E = c->Dim(x, 2), H = c->Dim(r, 0), G;
+      TF_RETURN_IF_ERROR(c->Multiply(H, 4, &G));
+      c->set_output(0, x);
+      c->set_output(1, c->MakeShape({E, G}));
+      c->set_output(2, c->MakeShape({H, G}));
+      c->set_output(3, c->Vector(G));
+      c->set_output(4, c->MakeShape({B, H}));
+      c->set_output(5, c->MakeShape({B, H}));
+      return OkStatus();
+    });
+
+// TensorFlow's intra-op pool as a CpuDevice: each task becomes one shard.
+void TfParallelFor(void* impl, int /*num_threads*/, int64_t num_tasks, fusedlstm::TaskFn task,
+                   void* ctx) {
+  auto* workers = static_cast<thread::ThreadPool*>(impl);
+  workers->ParallelFor(num_tasks, thread::ThreadPool::SchedulingParams(
+                                      thread::ThreadPool::SchedulingStrategy::kFixedBlockSize,
+                                      std::nullopt, /*block_size=*/1),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t i = begin; i < end; ++i) task(ctx, i);
+                       });
+}
+
+fusedlstm::CpuDevice MakeDevice(OpKernelContext* ctx) {
+  fusedlstm::CpuDevice d;
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  d.num_threads = workers->NumThreads();
+  d.parallel_for = &TfParallelFor;
+  d.impl = workers;
+  return d;
+}
+
+std::string Shape(const Tensor& t) { return t.shape().DebugString(); }
+
+#define CHECK_SHAPE(ctx, tensor, name, expected)                                          \
+  OP_REQUIRES(ctx, (tensor).shape() == (expected),                                        \
+              errors::InvalidArgument(name, ": expected shape ", (expected).DebugString(), \
+                                      ", got ", Shape(tensor)))
+
+template <typename S>
+class FusedLstmOp : public OpKernel {
+ public:
+  explicit FusedLstmOp(OpKernelConstruction* c) : OpKernel(c) {
+    OP_REQUIRES_OK(c, c->GetAttr("training", &training_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor &x = ctx->input(0), &k = ctx->input(1), &r = ctx->input(2), &b = ctx->input(3),
+                 &h0 = ctx->input(4), &c0 = ctx->input(5), &len = ctx->input(6);
+    OP_REQUIRES(ctx, x.dims() == 3, errors::InvalidArgument("x: expected rank 3 [B, T, E], got ", Shape(x)));
+    OP_REQUIRES(ctx, r.dims() == 2, errors::InvalidArgument("recurrent_kernel: expected rank 2 [H, 4H], got ", Shape(r)));
+    fusedlstm::LstmShape s;
+    s.N = x.dim_size(0);
+    s.T = x.dim_size(1);
+    s.C = x.dim_size(2);
+    s.H = r.dim_size(0);
+    const int64_t G = 4 * s.H;
+    CHECK_SHAPE(ctx, r, "recurrent_kernel", TensorShape({s.H, G}));
+    CHECK_SHAPE(ctx, k, "kernel", TensorShape({s.C, G}));
+    CHECK_SHAPE(ctx, b, "bias", TensorShape({G}));
+    CHECK_SHAPE(ctx, h0, "h0", TensorShape({s.N, s.H}));
+    CHECK_SHAPE(ctx, c0, "c0", TensorShape({s.N, s.H}));
+    CHECK_SHAPE(ctx, len, "lengths", TensorShape({s.N}));
+    const int32_t* lengths = len.flat<int32>().data();
+    for (int64_t n = 0; n < s.N; ++n) {
+      OP_REQUIRES(ctx, lengths[n] >= 0 && lengths[n] <= s.T,
+                  errors::InvalidArgument("lengths[", n, "] = ", lengths[n],
+                                          " is outside [0, T=", s.T, "]"));
+    }
+    Tensor *out, *hn, *cn, *cache;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({s.N, s.T, s.H}), &out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({s.N, s.H}), &hn));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({s.N, s.H}), &cn));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            3, TensorShape({training_ ? fusedlstm::CacheSize(s) : 0}), &cache));
+    Tensor workspace;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DataTypeToEnum<S>::value,
+                                           TensorShape({fusedlstm::ForwardWorkspaceSize(s, training_)}),
+                                           &workspace));
+    fusedlstm::ForwardArgs<S> a;
+    a.x = x.flat<S>().data();
+    a.kernel = k.flat<S>().data();
+    a.recurrent_kernel = r.flat<S>().data();
+    a.bias = b.flat<S>().data();
+    a.h0 = h0.flat<S>().data();
+    a.c0 = c0.flat<S>().data();
+    a.lengths = lengths;
+    a.outputs = out->flat<S>().data();
+    a.h_n = hn->flat<S>().data();
+    a.c_n = cn->flat<S>().data();
+    a.workspace = workspace.flat<S>().data();
+    a.cache = training_ ? cache->flat<S>().data() : nullptr;
+    fusedlstm::LstmForward<S>(MakeDevice(ctx), s, a);
+  }
+
+ private:
+  bool training_;
+};
+
+template <typename S>
+class FusedLstmGradOp : public OpKernel {
+ public:
+  explicit FusedLstmGradOp(OpKernelConstruction* c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor &x = ctx->input(0), &r = ctx->input(1), &len = ctx->input(2),
+                 &cache = ctx->input(3), &dout = ctx->input(4), &dhn = ctx->input(5),
+                 &dcn = ctx->input(6);
+    OP_REQUIRES(ctx, x.dims() == 3, errors::InvalidArgument("x: expected rank 3, got ", Shape(x)));
+    OP_REQUIRES(ctx, r.dims() == 2, errors::InvalidArgument("recurrent_kernel: expected rank 2, got ", Shape(r)));
+    fusedlstm::LstmShape s;
+    s.N = x.dim_size(0);
+    s.T = x.dim_size(1);
+    s.C = x.dim_size(2);
+    s.H = r.dim_size(0);
+    const int64_t G = 4 * s.H;
+    CHECK_SHAPE(ctx, r, "recurrent_kernel", TensorShape({s.H, G}));
+    CHECK_SHAPE(ctx, len, "lengths", TensorShape({s.N}));
+    CHECK_SHAPE(ctx, cache, "cache (run the forward with training=True)",
+                TensorShape({fusedlstm::CacheSize(s)}));
+    CHECK_SHAPE(ctx, dout, "d_outputs", TensorShape({s.N, s.T, s.H}));
+    CHECK_SHAPE(ctx, dhn, "d_h_n", TensorShape({s.N, s.H}));
+    CHECK_SHAPE(ctx, dcn, "d_c_n", TensorShape({s.N, s.H}));
+    const int32_t* lengths = len.flat<int32>().data();
+    for (int64_t n = 0; n < s.N; ++n) {
+      OP_REQUIRES(ctx, lengths[n] >= 0 && lengths[n] <= s.T,
+                  errors::InvalidArgument("lengths[", n, "] = ", lengths[n],
+                                          " is outside [0, T=", s.T, "]"));
+    }
+    // Backward consumes its cache in place; a TensorFlow input must stay intact (a persistent
+    // tape may take the gradient twice), so the kernel works on a copy.
+    Tensor work_cache;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DataTypeToEnum<S>::value, cache.shape(), &work_cache));
+    if (cache.NumElements() > 0) {
+      std::memcpy(work_cache.flat<S>().data(), cache.flat<S>().data(), sizeof(S) * cache.NumElements());
+    }
+    Tensor *dx, *dk, *dr, *db, *dh0, *dc0;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({s.C, G}), &dk));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({s.H, G}), &dr));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({G}), &db));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({s.N, s.H}), &dh0));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({s.N, s.H}), &dc0));
+    Tensor workspace;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DataTypeToEnum<S>::value,
+                                           TensorShape({fusedlstm::BackwardWorkspaceSize(s)}),
+                                           &workspace));
+    fusedlstm::BackwardArgs<S> a;
+    a.cache = work_cache.flat<S>().data();
+    a.lengths = lengths;
+    a.d_outputs = dout.flat<S>().data();
+    a.d_h_n = dhn.flat<S>().data();
+    a.d_c_n = dcn.flat<S>().data();
+    a.dx = dx->flat<S>().data();
+    a.d_kernel = dk->flat<S>().data();
+    a.d_recurrent_kernel = dr->flat<S>().data();
+    a.d_bias = db->flat<S>().data();
+    a.d_h0 = dh0->flat<S>().data();
+    a.d_c0 = dc0->flat<S>().data();
+    a.workspace = workspace.flat<S>().data();
+    fusedlstm::LstmBackward<S>(MakeDevice(ctx), s, a);
+  }
+};
+
+#define REGISTER(S)                                                                      \
+  REGISTER_KERNEL_BUILDER(Name("FusedLstm").Device(DEVICE_CPU).TypeConstraint<S>("T"),   \
+                          FusedLstmOp<S>);                                               \
+  REGISTER_KERNEL_BUILDER(Name("FusedLstmGrad").Device(DEVICE_CPU).TypeConstraint<S>("T"), \
+                          FusedLstmGradOp<S>);
+REGISTER(float)
+REGISTER(double)
+#undef REGISTER
+
+}  // namespace
+}  // namespace tensorflow

@@ -1,0 +1,45 @@
+"""The compiled TensorFlow ops and their registered gradient: FusedLstm's gradient is the
+FusedLstmGrad op, fed the forward's cache."""
+from __future__ import annotations
+
+import threading
+
+import tensorflow as tf
+
+from .build import build_op
+
+__all__ = ["load_ops", "fused_lstm"]
+
+_lock = threading.Lock()
+_lib = None
+
+
+def load_ops():
+    """Load the op library (building it on first use). Call this once before reloading a
+    SavedModel that uses the layer in a fresh process: `fusedlstm.keras.load_ops()`."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            _lib = tf.load_op_library(str(build_op()))
+        return _lib
+
+
+@tf.RegisterGradient("FusedLstm")
+def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
+    x, _, recurrent_kernel, _, h0, _, lengths = op.inputs
+    cache = op.outputs[3]
+
+    def zeros_if_none(g, like):
+        return tf.zeros_like(like) if g is None else g
+
+    grads = load_ops().fused_lstm_grad(
+        x, recurrent_kernel, lengths, cache,
+        zeros_if_none(d_outputs, op.outputs[0]), zeros_if_none(d_h_n, h0),
+        zeros_if_none(d_c_n, h0))
+    return list(grads) + [None]  # no gradient for lengths
+
+
+def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True):
+    """outputs [B,T,H], h_n, c_n, cache — the raw op (see fusedlstm.lstm_forward for semantics)."""
+    return load_ops().fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
+                                 training=training)

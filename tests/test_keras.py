@@ -1,0 +1,191 @@
+"""fusedlstm.keras.LSTM against keras.layers.LSTM (outputs, states and gradients, with and
+without right-/left-padded masks, go_backwards, Bidirectional, return_sequences/return_state,
+initial state), tf.test's gradient checker on the raw op in float64, raw-op input checks,
+tf.function / model.fit, .keras save/load, and every rejected argument. Skips without
+TensorFlow; CI installs tensorflow-cpu (extra [tf])."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                reason="TensorFlow is not installed (CI installs tensorflow-cpu)")
+
+if importlib.util.find_spec("tensorflow") is not None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    import fusedlstm.keras as fk
+
+B, T, E, H = 4, 6, 5, 7
+
+
+def as_list(y):
+    return list(y) if isinstance(y, (list, tuple)) else [y]
+
+
+def pair(rng, **kw):
+    ref = keras.layers.LSTM(H, **kw)
+    ours = fk.LSTM(H, **kw)
+    ref.build((None, T, E))
+    ours.build((None, T, E))
+    # Random, non-default weights (incl. bias) so every term is exercised.
+    ref.set_weights([w + 0.3 * rng.standard_normal(w.shape).astype(w.dtype) for w in ref.get_weights()])
+    ours.set_weights(ref.get_weights())
+    return ref, ours
+
+
+def masks():
+    right = np.array([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5, [0] * 6], bool)
+    left = right[:, ::-1].copy()
+    return {"none": None, "right": right, "left": left}
+
+
+def compare(ref, ours, x, mask=None, initial_state=None, tol=2e-5):
+    xv = tf.constant(x)
+    kwargs = {}
+    if mask is not None:
+        kwargs["mask"] = tf.constant(mask)
+    if initial_state is not None:
+        kwargs["initial_state"] = [tf.constant(s) for s in initial_state]
+    results = []
+    for layer in (ref, ours):
+        with tf.GradientTape() as tape:
+            tape.watch(xv)
+            ys = as_list(layer(xv, **kwargs))
+            # A loss that weighs every returned tensor differently and non-linearly.
+            loss = sum(tf.reduce_sum(y * (i + 1.0)) + tf.reduce_sum(tf.sin(y))
+                       for i, y in enumerate(ys))
+        grads = tape.gradient(loss, [xv] + layer.trainable_weights)
+        results.append(([y.numpy() for y in ys], [g.numpy() for g in grads]))
+    (ya, ga), (yb, gb) = results
+    assert len(ya) == len(yb)
+    for a, b in zip(ya, yb):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "right", "left"])
+@pytest.mark.parametrize("kw", [{}, {"return_sequences": True}, {"return_state": True},
+                                {"return_sequences": True, "return_state": True},
+                                {"go_backwards": True}, {"go_backwards": True, "return_sequences": True},
+                                {"use_bias": False, "return_sequences": True}],
+                         ids=lambda kw: "-".join(kw) or "default")
+def test_matches_keras(kw, mask_kind):
+    rng = np.random.default_rng(0)
+    ref, ours = pair(rng, **kw)
+    x = rng.standard_normal((B, T, E)).astype(np.float32)
+    compare(ref, ours, x, mask=masks()[mask_kind])
+
+
+def test_initial_state_matches_keras():
+    rng = np.random.default_rng(1)
+    ref, ours = pair(rng, return_sequences=True, return_state=True)
+    x = rng.standard_normal((B, T, E)).astype(np.float32)
+    state = [rng.standard_normal((B, H)).astype(np.float32) for _ in range(2)]
+    compare(ref, ours, x, initial_state=state)
+    compare(ref, ours, x, mask=masks()["right"], initial_state=state)
+
+
+def test_bidirectional_over_masked_embedding():
+    rng = np.random.default_rng(2)
+    ids = np.array([[3, 5, 2, 0, 0, 0], [1, 2, 3, 4, 5, 6], [7, 0, 0, 0, 0, 0], [2, 2, 0, 0, 0, 0]])
+    models = []
+    for cls in (keras.layers.LSTM, fk.LSTM):
+        inp = keras.Input((T,), dtype="int32")
+        h = keras.layers.Embedding(10, E, mask_zero=True)(inp)
+        h = keras.layers.Bidirectional(cls(H, return_sequences=True))(h)
+        h = keras.layers.Bidirectional(cls(H))(h)
+        out = keras.layers.Dense(2)(h)
+        models.append(keras.Model(inp, out))
+    ref, ours = models
+    ref.set_weights([w + 0.2 * rng.standard_normal(w.shape).astype(w.dtype) for w in ref.get_weights()])
+    ours.set_weights(ref.get_weights())
+    res = []
+    for m in models:
+        with tf.GradientTape() as tape:
+            y = m(ids)
+            loss = tf.reduce_sum(tf.sin(y))
+        grads = tape.gradient(loss, m.trainable_weights)  # the embedding: IndexedSlices
+        res.append((y.numpy(), [tf.convert_to_tensor(g).numpy() for g in grads]))
+    np.testing.assert_allclose(res[1][0], res[0][0], rtol=2e-5, atol=2e-5)
+    for a, b in zip(res[0][1], res[1][1]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_with_holes_is_rejected():
+    _, ours = pair(np.random.default_rng(3))
+    mask = np.ones((B, T), bool)
+    mask[1, 2] = False
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one contiguous run"):
+        ours(np.zeros((B, T, E), np.float32), mask=mask)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(activation="relu"), "activation="),
+                                    (dict(recurrent_activation="hard_sigmoid"), "recurrent_activation="),
+                                    (dict(recurrent_dropout=0.1), "recurrent_dropout="),
+                                    (dict(stateful=True), "stateful=True"),
+                                    (dict(unroll=True), "unroll=True"),
+                                    (dict(dropout=1.5), "dropout must be")])
+def test_rejected_arguments(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        fk.LSTM(H, **kw)
+
+
+def test_gradient_checker_float64():
+    lib = fk.load_ops()
+    rng = np.random.default_rng(4)
+    args = [rng.standard_normal(s) * 0.5 for s in [(3, 4, 2), (2, 12), (3, 12), (12,), (3, 3), (3, 3)]]
+    lengths = tf.constant([4, 2, 0], tf.int32)
+
+    def f(x, k, r, b, h0, c0):
+        o, h, c, _ = lib.fused_lstm(x, k, r, b, h0, c0, lengths)
+        return tf.reduce_sum(o * o) + tf.reduce_sum(tf.sin(h)) + tf.reduce_sum(c)
+
+    theoretical, numerical = tf.test.compute_gradient(f, [tf.constant(a) for a in args])
+    for t_, n_ in zip(theoretical, numerical):
+        np.testing.assert_allclose(t_, n_, rtol=1e-6, atol=1e-6)
+
+
+def test_raw_op_input_checks():
+    lib = fk.load_ops()
+    x = np.zeros((2, 3, 4), np.float32)
+    k, r, b = np.zeros((4, 8), np.float32), np.zeros((2, 8), np.float32), np.zeros(8, np.float32)
+    h = np.zeros((2, 2), np.float32)
+    bad = [((x, k, r, b, h, h, np.array([3, 4], np.int32)), "outside"),
+           ((x[0], k, r, b, h, h, np.array([3, 3], np.int32)), "rank"),
+           ((x, k[:3], r, b, h, h, np.array([3, 3], np.int32)), "kernel: expected shape"),
+           ((x, k, r, b, h[:1], h, np.array([3, 3], np.int32)), "h0: expected shape")]
+    for args, msg in bad:
+        with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=msg):
+            lib.fused_lstm(*args)
+    # Empty batch: correctly shaped empty results.
+    o, hn, cn, _ = lib.fused_lstm(np.zeros((0, 3, 4), np.float32), k, r, b, np.zeros((0, 2), np.float32),
+                                  np.zeros((0, 2), np.float32), np.zeros(0, np.int32))
+    assert o.shape == (0, 3, 2) and hn.shape == (0, 2)
+
+
+def test_fit_save_load_roundtrip(tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, T, E)).astype(np.float32)
+    y = (x[:, :, 0].sum(1) > 0).astype(np.int32)
+    inp = keras.Input((T, E))
+    h = fk.LSTM(H, dropout=0.1, seed=1)(inp)
+    model = keras.Model(inp, keras.layers.Dense(2)(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    hist = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    assert hist.history["loss"][-1] < hist.history["loss"][0]
+    pred = model.predict(x, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    again = keras.models.load_model(path)
+    assert isinstance(again.layers[1], fk.LSTM)
+    np.testing.assert_allclose(again.predict(x, verbose=0), pred, rtol=1e-6, atol=1e-6)
+
+    @tf.function
+    def step(v):
+        return again(v)
+    np.testing.assert_allclose(step(tf.constant(x)).numpy(), pred, rtol=1e-6, atol=1e-6)
