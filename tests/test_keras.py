@@ -189,3 +189,71 @@ def test_fit_save_load_roundtrip(tmp_path):
     def step(v):
         return again(v)
     np.testing.assert_allclose(step(tf.constant(x)).numpy(), pred, rtol=1e-6, atol=1e-6)
+
+
+def run_py(code: str, timeout=600):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+MIRRORED = r"""
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, fusedlstm.keras as fk
+
+def train(strategy):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 6, 5)).astype(np.float32)
+    y = (x[:, :, 0].sum(1) > 0).astype(np.int32)
+    with strategy.scope():
+        inp = keras.Input((6, 5))
+        model = keras.Model(inp, keras.layers.Dense(2)(fk.LSTM(7)(inp)))
+        model.compile(keras.optimizers.SGD(0.1),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0)
+    return model.get_weights()
+
+one = train(tf.distribute.OneDeviceStrategy("/cpu:0"))
+two = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+print(max(float(np.abs(a - b).max()) for a, b in zip(one, two)))
+"""
+
+
+def test_mirrored_strategy_matches_one_device():
+    diff = float(run_py(MIRRORED).strip().splitlines()[-1])
+    assert diff < 1e-5, diff
+
+
+SAVED = r"""
+import sys, numpy as np, tensorflow as tf, keras, fusedlstm.keras as fk
+rng = np.random.default_rng(0)
+x = rng.standard_normal((3, 6, 5)).astype(np.float32)
+inp = keras.Input((6, 5))
+model = keras.Model(inp, fk.LSTM(7)(inp))
+model.export(sys.argv[1] if len(sys.argv) > 1 else "{path}")
+np.save("{path}.npy", model.predict(x, verbose=0))
+"""
+
+RELOAD = r"""
+import numpy as np, tensorflow as tf
+import fusedlstm.keras
+fusedlstm.keras.load_ops()  # the one line a fresh process needs before loading
+m = tf.saved_model.load("{path}")
+x = np.random.default_rng(0).standard_normal((3, 6, 5)).astype(np.float32)
+print(float(np.abs(m.serve(x).numpy() - np.load("{path}.npy")).max()))
+"""
+
+
+def test_saved_model_reloads_in_a_fresh_process(tmp_path):
+    path = str(tmp_path / "exported")
+    run_py(SAVED.replace("{path}", path))
+    diff = float(run_py(RELOAD.replace("{path}", path)).strip().splitlines()[-1])
+    assert diff < 1e-6

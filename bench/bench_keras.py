@@ -1,0 +1,82 @@
+"""A Keras training step, fusedlstm.keras.LSTM vs keras.layers.LSTM, side by side in one run:
+GradientTape, loss on the last state, gradients for the weights and the inputs, each step a
+tf.function, at the kernel benchmark's configs. Prints a table and writes JSON.
+
+    python bench/bench_keras.py [--quick] [--config B,T,E,H ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import fusedlstm  # noqa: E402
+import fusedlstm.keras as fk  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_kernel import DEFAULT_CONFIGS, fwd_flops, git_commit, parse_config, time_interleaved  # noqa: E402
+
+
+def step_fn(layer, x):
+    weights = layer.trainable_weights
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            _, h, _ = layer(x)
+            loss = tf.reduce_sum(h * h)
+        return tape.gradient(loss, weights + [x])
+
+    def run():
+        for g in step():
+            g.numpy()  # wait for the result
+    return run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=parse_config, action="append")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for cfg in args.config or DEFAULT_CONFIGS:
+        B, T, E, H = cfg
+        x = tf.constant(np.random.default_rng(0).standard_normal((B, T, E)).astype(np.float32))
+        ref, ours = keras.layers.LSTM(H, return_state=True), fk.LSTM(H, return_state=True)
+        ref.build((None, T, E))
+        ours.build((None, T, E))
+        ours.set_weights(ref.get_weights())
+        big = B * T * (E + H) * H > 2e8
+        stats = time_interleaved({"fusedlstm.keras": step_fn(ours, x), "keras": step_fn(ref, x)},
+                                 reps=5 if args.quick else (9 if big else 31), warmup=2,
+                                 budget_s=5 if args.quick else 30)
+        for st in stats.values():
+            st["gflops"] = 3 * fwd_flops(*cfg) / st["median_s"] / 1e9
+        rows.append({"config": list(cfg), "impls": stats})
+        r = stats["keras"]["median_s"] / stats["fusedlstm.keras"]["median_s"]
+        print(f"{str(cfg):>22}  fusedlstm.keras {stats['fusedlstm.keras']['median_s'] * 1e3:9.2f} ms   "
+              f"keras.layers.LSTM {stats['keras']['median_s'] * 1e3:9.2f} ms   speed-up {r:.2f}x", flush=True)
+    out = args.out or HERE / "results" / ("keras_quick.json" if args.quick else "keras.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"benchmark": "keras_train_step", "commit": git_commit(),
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "tensorflow": tf.__version__, "keras": keras.__version__,
+                               "build": fusedlstm.build_info(), "results": rows}, indent=1))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
