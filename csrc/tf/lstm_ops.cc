@@ -108,6 +108,42 @@ std::string Shape(const Tensor& t) { return t.shape().DebugString(); }
               errors::InvalidArgument(name, ": expected shape ", (expected).DebugString(), \
                                       ", got ", Shape(tensor)))
 
+// The problem shape from x [B, T, E] and recurrent_kernel [H, 4H] (ranks checked first), and
+// lengths checked as [B] with values in 0..T. False (with the error set) on bad input.
+bool ReadShape(OpKernelContext* ctx, const Tensor& x, const Tensor& r, const Tensor& len,
+               fusedlstm::LstmShape* s) {
+  if (x.dims() != 3) {
+    ctx->CtxFailure(errors::InvalidArgument("x: expected rank 3 [B, T, E], got ", Shape(x)));
+    return false;
+  }
+  if (r.dims() != 2) {
+    ctx->CtxFailure(errors::InvalidArgument("recurrent_kernel: expected rank 2 [H, 4H], got ", Shape(r)));
+    return false;
+  }
+  s->N = x.dim_size(0);
+  s->T = x.dim_size(1);
+  s->C = x.dim_size(2);
+  s->H = r.dim_size(0);
+  if (r.shape() != TensorShape({s->H, 4 * s->H})) {
+    ctx->CtxFailure(errors::InvalidArgument("recurrent_kernel: expected shape [", s->H, ",",
+                                            4 * s->H, "], got ", Shape(r)));
+    return false;
+  }
+  if (len.shape() != TensorShape({s->N})) {
+    ctx->CtxFailure(errors::InvalidArgument("lengths: expected shape [", s->N, "], got ", Shape(len)));
+    return false;
+  }
+  const int32_t* lengths = len.flat<int32>().data();
+  for (int64_t n = 0; n < s->N; ++n) {
+    if (lengths[n] < 0 || lengths[n] > s->T) {
+      ctx->CtxFailure(errors::InvalidArgument("lengths[", n, "] = ", lengths[n],
+                                              " is outside [0, T=", s->T, "]"));
+      return false;
+    }
+  }
+  return true;
+}
+
 template <typename S>
 class FusedLstmOp : public OpKernel {
  public:
@@ -118,26 +154,14 @@ class FusedLstmOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor &x = ctx->input(0), &k = ctx->input(1), &r = ctx->input(2), &b = ctx->input(3),
                  &h0 = ctx->input(4), &c0 = ctx->input(5), &len = ctx->input(6);
-    OP_REQUIRES(ctx, x.dims() == 3, errors::InvalidArgument("x: expected rank 3 [B, T, E], got ", Shape(x)));
-    OP_REQUIRES(ctx, r.dims() == 2, errors::InvalidArgument("recurrent_kernel: expected rank 2 [H, 4H], got ", Shape(r)));
     fusedlstm::LstmShape s;
-    s.N = x.dim_size(0);
-    s.T = x.dim_size(1);
-    s.C = x.dim_size(2);
-    s.H = r.dim_size(0);
+    if (!ReadShape(ctx, x, r, len, &s)) return;
     const int64_t G = 4 * s.H;
-    CHECK_SHAPE(ctx, r, "recurrent_kernel", TensorShape({s.H, G}));
     CHECK_SHAPE(ctx, k, "kernel", TensorShape({s.C, G}));
     CHECK_SHAPE(ctx, b, "bias", TensorShape({G}));
     CHECK_SHAPE(ctx, h0, "h0", TensorShape({s.N, s.H}));
     CHECK_SHAPE(ctx, c0, "c0", TensorShape({s.N, s.H}));
-    CHECK_SHAPE(ctx, len, "lengths", TensorShape({s.N}));
     const int32_t* lengths = len.flat<int32>().data();
-    for (int64_t n = 0; n < s.N; ++n) {
-      OP_REQUIRES(ctx, lengths[n] >= 0 && lengths[n] <= s.T,
-                  errors::InvalidArgument("lengths[", n, "] = ", lengths[n],
-                                          " is outside [0, T=", s.T, "]"));
-    }
     Tensor *out, *hn, *cn, *cache;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({s.N, s.T, s.H}), &out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({s.N, s.H}), &hn));
@@ -177,27 +201,15 @@ class FusedLstmGradOp : public OpKernel {
     const Tensor &x = ctx->input(0), &r = ctx->input(1), &len = ctx->input(2),
                  &cache = ctx->input(3), &dout = ctx->input(4), &dhn = ctx->input(5),
                  &dcn = ctx->input(6);
-    OP_REQUIRES(ctx, x.dims() == 3, errors::InvalidArgument("x: expected rank 3, got ", Shape(x)));
-    OP_REQUIRES(ctx, r.dims() == 2, errors::InvalidArgument("recurrent_kernel: expected rank 2, got ", Shape(r)));
     fusedlstm::LstmShape s;
-    s.N = x.dim_size(0);
-    s.T = x.dim_size(1);
-    s.C = x.dim_size(2);
-    s.H = r.dim_size(0);
+    if (!ReadShape(ctx, x, r, len, &s)) return;
     const int64_t G = 4 * s.H;
-    CHECK_SHAPE(ctx, r, "recurrent_kernel", TensorShape({s.H, G}));
-    CHECK_SHAPE(ctx, len, "lengths", TensorShape({s.N}));
     CHECK_SHAPE(ctx, cache, "cache (run the forward with training=True)",
                 TensorShape({fusedlstm::CacheSize(s)}));
     CHECK_SHAPE(ctx, dout, "d_outputs", TensorShape({s.N, s.T, s.H}));
     CHECK_SHAPE(ctx, dhn, "d_h_n", TensorShape({s.N, s.H}));
     CHECK_SHAPE(ctx, dcn, "d_c_n", TensorShape({s.N, s.H}));
     const int32_t* lengths = len.flat<int32>().data();
-    for (int64_t n = 0; n < s.N; ++n) {
-      OP_REQUIRES(ctx, lengths[n] >= 0 && lengths[n] <= s.T,
-                  errors::InvalidArgument("lengths[", n, "] = ", lengths[n],
-                                          " is outside [0, T=", s.T, "]"));
-    }
     // Backward consumes its cache in place; a TensorFlow input must stay intact (a persistent
     // tape may take the gradient twice), so the kernel works on a copy.
     Tensor work_cache;
