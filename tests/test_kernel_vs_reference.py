@@ -77,6 +77,37 @@ def test_padding_semantics(rng):
     np.testing.assert_array_equal(g.c0[2], up["d_c_n"][2])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_padding_is_never_read_even_when_not_finite(rng, dtype):
+    """NaN/Inf at padded steps (x, d_outputs) change no result; with a NaN in the recurrent
+    kernel, length-0 rows still pass d_h_n/d_c_n through exactly (no 0 * NaN). Big enough for
+    several row blocks, so the per-task row runs are exercised."""
+    B, T, E, H = 67, 7, 9, 40
+    lengths = rng.integers(0, T + 1, size=B)
+    lengths[::5] = 0
+    p, up = make_problem(rng, B, T, E, H, dtype=dtype, lengths=lengths.tolist())
+    out, _, _, cache = fusedlstm.lstm_forward(**p)
+    g = fusedlstm.lstm_backward(cache, **up)
+    pad = np.arange(T)[None, :] >= lengths[:, None]
+    p2 = dict(p, x=p["x"].copy())
+    p2["x"][pad] = np.where(rng.random((pad.sum(), E)) < 0.5, np.nan, np.inf)
+    up2 = dict(up, d_outputs=up["d_outputs"].copy())
+    up2["d_outputs"][pad] = np.nan
+    out2, _, _, cache2 = fusedlstm.lstm_forward(**p2)
+    g2 = fusedlstm.lstm_backward(cache2, **up2)
+    np.testing.assert_array_equal(out2, out)
+    for name in g._fields:
+        np.testing.assert_array_equal(getattr(g2, name), getattr(g, name), err_msg=name)
+    r = p["recurrent_kernel"].copy()
+    r[3, 5] = np.nan
+    _, _, _, cache3 = fusedlstm.lstm_forward(**dict(p, recurrent_kernel=r))
+    g3 = fusedlstm.lstm_backward(cache3, **up)
+    zero = lengths == 0
+    np.testing.assert_array_equal(g3.h0[zero], up["d_h_n"][zero])
+    np.testing.assert_array_equal(g3.c0[zero], up["d_c_n"][zero])
+    assert np.all(g3.x[pad] == 0) and np.isnan(g3.x[~pad]).all(axis=-1).any()
+
+
 def test_inference_matches_training_and_stores_nothing(rng):
     p, _ = make_problem(rng, 4, 5, 3, 7, lengths="random")
     a = fusedlstm.lstm_forward(**p, training=True)

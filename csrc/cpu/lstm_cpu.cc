@@ -21,6 +21,7 @@
 //           gates, then dZ during backward), hprev [N, T, H] (h_{t-1} of every step),
 //           cstate [N, T+1, H] (c_{t-1} at t, c_t at t+1)
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include <Eigen/Core>
@@ -174,6 +175,13 @@ struct CacheView {
 
 inline int64_t Length(const int32_t* lengths, int64_t n, int64_t T) {
   return lengths ? lengths[n] : T;
+}
+
+template <typename S>
+bool AllFinite(const S* p, int64_t count) {
+  bool finite = true;
+  for (int64_t k = 0; k < count; ++k) finite &= std::isfinite(p[k]);
+  return finite;
 }
 
 template <typename S>
@@ -362,6 +370,19 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   S* rtpack = dbp + G;
   const PackedSteps packed(s, grid, true);
   PackStepWeights(device, s, grid, packed, cv.rkernel, true, rtpack);
+  // Padded steps contribute nothing, even when the data there is NaN or Inf (0 · Inf is NaN):
+  // the padded rows of the cached x and h_{t-1} are zeroed (the cache is consumed anyway), dX's
+  // padded rows are zeroed after its GEMM, and when R holds a non-finite value the per-step dh
+  // GEMM skips padded rows instead of adding 0 · R to them.
+  bool any_padded = false;
+  for (int64_t n = 0; a.lengths && n < N; ++n) {
+    const int64_t len = Length(a.lengths, n, T);
+    if (len == T) continue;
+    any_padded = true;
+    std::fill(cv.x + (n * T + len) * C, cv.x + (n + 1) * T * C, S(0));
+    std::fill(cv.hprev + (n * T + len) * H, cv.hprev + (n + 1) * T * H, S(0));
+  }
+  const bool skip_padded_rows = any_padded && !AllFinite(cv.rkernel, H * G);
 
   for (int64_t t = T - 1; t >= 0; --t) {
     // (a) Fused pass: dZ_t from dh = d_out_t + dh_next and dc_next; dc becomes dc_{t-1}.
@@ -405,9 +426,23 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     // (b) dh_{t-1}[rows, units] += dZ_t[rows, :] · Rp[units, :]ᵀ (both interleaved alike).
     ParallelFor(device, grid.count(), step_flops, [&](int64_t task) {
       const Range rows = grid.rows(s, task), units = grid.units(s, task);
-      GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G,
-                       rtpack + packed.offset[grid.unit_block(task)],
-                       a.d_h0 + rows.begin * H + units.begin, H);
+      const S* rt = rtpack + packed.offset[grid.unit_block(task)];
+      if (!skip_padded_rows) {
+        GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G,
+                         rt, a.d_h0 + rows.begin * H + units.begin, H);
+        return;
+      }
+      for (int64_t n0 = rows.begin; n0 < rows.end;) {  // runs of rows that are valid at t
+        if (t >= Length(a.lengths, n0, T)) {
+          ++n0;
+          continue;
+        }
+        int64_t n1 = n0 + 1;
+        while (n1 < rows.end && t < Length(a.lengths, n1, T)) ++n1;
+        GemmPackedRhs<S>(n1 - n0, units.size(), G, dz_all + (n0 * T + t) * G, T * G, rt,
+                         a.d_h0 + n0 * H + units.begin, H);
+        n0 = n1;
+      }
     });
   }
 
@@ -456,6 +491,9 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       for (int64_t k = 0; k < c.size(); ++k) db[k] += row[k];
     }
   });
+  for (int64_t n = 0; any_padded && n < N; ++n) {
+    std::fill(a.dx + (n * T + Length(a.lengths, n, T)) * C, a.dx + (n + 1) * T * C, S(0));
+  }
   Interleave(s, grid, dwp, a.d_kernel, C, false);
   Interleave(s, grid, drp, a.d_recurrent_kernel, H, false);
   Interleave(s, grid, dbp, a.d_bias, 1, false);

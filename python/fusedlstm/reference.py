@@ -72,10 +72,11 @@ def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None) -> LstmGrads:
                              dc_t * i * (1 - g * g),
                              dh_t * tc * o * (1 - o)], axis=1)
         dz = np.where(valid, dz, 0)
-        dW += x[:, t].T @ dz
-        dR += h_prev.T @ dz
+        # Padded steps contribute exactly nothing, even where their data is NaN or Inf.
+        dW += np.where(valid, x[:, t], 0).T @ dz
+        dR += np.where(valid, h_prev, 0).T @ dz
         db += dz.sum(axis=0)
-        dx[:, t] = dz @ W.T
+        dx[:, t] = np.where(valid, dz @ W.T, 0)
         dh = np.where(valid, dz @ R.T, dh)
         dc = np.where(valid, dc_t * f, dc)
     return LstmGrads(dx, dW, dR, db, dh, dc)

@@ -8,7 +8,9 @@
 //   c_t = f ⊙ c_{t-1} + i ⊙ g,   h_t = o ⊙ tanh(c_t).
 // Lengths: row n is valid at steps t < lengths[n] (0 <= lengths[n] <= T, right padding). At a
 // padded step the row's state (h, c) is carried unchanged and its output is zero; h_n and c_n
-// are each row's state after its last valid step (h0, c0 for length 0).
+// are each row's state after its last valid step (h0, c0 for length 0). Data at padded steps
+// (x, d_outputs) is never read into any result, even when it is NaN or Inf: dx is zero there and
+// d_h0/d_c0 of a length-0 row equal d_h_n/d_c_n exactly.
 //
 // All arrays are dense, row-major (C order) and unaligned-safe. Kernels never allocate: the
 // caller passes a workspace and, for training, a cache, sized by the functions below. The cache's
