@@ -162,10 +162,61 @@ def test_raw_op_input_checks():
     for args, msg in bad:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=msg):
             lib.fused_lstm(*args)
+    # The same through a graph with unknown shapes: the shape functions cannot reject these, so
+    # the kernels must (ranks checked before any dimension is read).
+    any_f = tf.TensorSpec(None, tf.float32)
+    fwd = tf.function(lambda *a: lib.fused_lstm(*a)[0],
+                      input_signature=[any_f] * 6 + [tf.TensorSpec(None, tf.int32)])
+    graph_bad = [((np.zeros((2, 3, 4, 1), np.float32), k, r, b, h, h, [3, 3]), "x: expected rank 3"),
+                 ((x, k, np.zeros(8, np.float32), b, h, h, [3, 3]), "recurrent_kernel: expected rank"),
+                 ((x, k, np.zeros((2, 7), np.float32), b, h, h, [3, 3]), "recurrent_kernel: expected shape"),
+                 ((x, k, r, b, h, h, [[3, 3]]), "lengths: expected shape"),
+                 ((x, k, r, b, h, h, [-1, 3]), "outside")]
+    for args, msg in graph_bad:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=msg):
+            fwd(*[tf.constant(a, tf.int32 if i == 6 else tf.float32) for i, a in enumerate(args)])
+    # The gradient op, fed directly: wrong cache size, upstream shapes, ranks and lengths.
+    lengths = np.array([3, 2], np.int32)
+    _, _, _, cache = lib.fused_lstm(x, k, r, b, h, h, lengths)
+    d_out = np.zeros((2, 3, 2), np.float32)
+    grad_bad = [((x, r, lengths, cache[:-1], d_out, h, h), "cache"),
+                ((x, r, lengths, cache, d_out[:, :2], h, h), "d_outputs: expected shape"),
+                ((x, r, lengths, cache, d_out, h[:1], h), "d_h_n: expected shape"),
+                ((x, r, lengths, cache, d_out, h, h.T[:1]), "d_c_n: expected shape"),
+                ((x, r, np.array([3, 9], np.int32), cache, d_out, h, h), "outside"),
+                ((x, r[0], lengths, cache, d_out, h, h), "rank")]
+    for args, msg in grad_bad:
+        with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=msg):
+            lib.fused_lstm_grad(*args)
     # Empty batch: correctly shaped empty results.
     o, hn, cn, _ = lib.fused_lstm(np.zeros((0, 3, 4), np.float32), k, r, b, np.zeros((0, 2), np.float32),
                                   np.zeros((0, 2), np.float32), np.zeros(0, np.int32))
     assert o.shape == (0, 3, 2) and hn.shape == (0, 2)
+
+
+def test_concurrent_tf_function_calls_match_sequential():
+    """The op under several Python threads calling one tf.function at once (each with its own
+    data): every result equals the one from a sequential call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layer = fk.LSTM(H, return_sequences=True)
+    layer.build((None, T, E))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(layer(x)))
+        return [loss] + tape.gradient(loss, [x] + layer.trainable_weights)
+
+    rng = np.random.default_rng(11)
+    xs = [tf.constant(rng.standard_normal((B, T, E)).astype(np.float32)) for _ in range(12)]
+    expected = [[t.numpy() for t in step(x)] for x in xs]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda x: [t.numpy() for t in step(x)], xs * 3))
+    for i, res in enumerate(got):
+        for a, b in zip(res, expected[i % len(xs)]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_fit_save_load_roundtrip(tmp_path):
