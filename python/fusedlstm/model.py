@@ -108,6 +108,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+CHECKPOINT_FILES = ("config.json", "vocab.json", "weights.npz", "metrics.jsonl", "state.npz")
+
+
+def _remove_stale_temporaries(out_dir: Path) -> List[str]:
+    """Delete the hidden temporaries a killed run left next to its checkpoint files (only
+    those named like ours: `.weights.npz.<random>.tmp`); returns their names."""
+    removed = []
+    for name in CHECKPOINT_FILES:
+        for tmp in out_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
 def _npz_bytes(arrays: Dict[str, np.ndarray]) -> bytes:
     import io
     buf = io.BytesIO()
@@ -269,6 +283,11 @@ class SentimentClassifier:
         state = {"epoch": 0, "step": 0, "best_dev": -1.0, "bad_epochs": 0}
         metrics: List[dict] = []
         best = {k: v.copy() for k, v in self.params.items()}
+        if out_dir is not None and out_dir.is_dir():
+            stale = _remove_stale_temporaries(out_dir)
+            if stale:
+                log(f"removed {len(stale)} temporary file(s) left by an interrupted run: "
+                    + ", ".join(stale))
         if resume:
             if out_dir is None or not (out_dir / "state.npz").exists():
                 raise FileNotFoundError(f"--resume: no checkpoint state in {out_dir}")
