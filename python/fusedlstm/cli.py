@@ -19,12 +19,22 @@ def _splits(args):
         raise SystemExit("error: give --data PATH (or --dataset sst2|mr|imdb to download)")
     path = args.data if args.data is not None else fetch(args.dataset)
     splits = load_data(path, args.text_column, args.label_column)
+    report_skipped(splits)
     if "all" in splits:  # polarity files: k-fold cross-validation
         all_ = splits.pop("all")
         folds = kfold(len(all_), args.folds, args.seed)
         tr, te = folds[args.fold]
         splits = {"train": all_.subset(tr), "test": all_.subset(te)}
     return splits
+
+
+def report_skipped(splits) -> None:
+    """Say on stderr which rows a reader left out, and why (the first few of them)."""
+    for name, split in splits.items():
+        if split.skipped:
+            print(f"warning: {name}: skipped {len(split.skipped)} unreadable row(s): "
+                  + "; ".join(split.skipped[:5]) + (" ..." if len(split.skipped) > 5 else ""),
+                  file=sys.stderr)
 
 
 def _dev_from_train(train, seed: int, fraction: float = 0.1):
@@ -95,6 +105,7 @@ def cmd_eval(args) -> int:
 
     model = SentimentClassifier.load(args.model)
     splits = load_data(args.data, args.text_column, args.label_column)
+    report_skipped(splits)
     split = splits.get("test") or splits.get("all") or splits["train"]
     ev = model.evaluate(split)
     if args.json:

@@ -5,9 +5,11 @@ Windows-1252 bytes; k-fold cross-validation) and the aclImdb layout. Labels are 
 data sets into a cache when online and fails at once, naming ``--data``, when not."""
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
+import re
 import tarfile
 import urllib.request
 import zipfile
@@ -31,6 +33,7 @@ class Split:
     texts: List[str]
     labels: List[object]
     origins: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)  # "file:line: why" for each row left out
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -38,6 +41,18 @@ class Split:
     def subset(self, idx: Sequence[int]) -> "Split":
         return Split([self.texts[i] for i in idx], [self.labels[i] for i in idx],
                      [self.origins[i] for i in idx] if self.origins else [])
+
+    def skip(self, where: str, why: str) -> None:
+        self.skipped.append(f"{where}: {why}")
+
+    def check_skipped(self, path: str, rows: int) -> "Split":
+        """Refuse a file where more rows were skipped than kept: it is probably not the format
+        it was read as (wrong delimiter, a binary file), and training on the rest would be
+        silently wrong."""
+        if self.skipped and len(self.skipped) > max(rows - len(self.skipped), 0):
+            raise ValueError(f"{path}: {len(self.skipped)} of {rows} rows unreadable, e.g. "
+                             + "; ".join(self.skipped[:3]))
+        return self
 
 
 class LabelMap:
@@ -76,18 +91,34 @@ class LabelMap:
 
 
 def _decode(raw: bytes, path: str) -> Tuple[str, str]:
-    """UTF-8 (BOM stripped) when valid, else Windows-1252 (what MR and many old corpora use)."""
+    """UTF-16 when it starts with a UTF-16 byte-order mark; UTF-8 (BOM stripped) when valid;
+    else Windows-1252 (what MR and many old corpora use; its BOM stripped too)."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16", errors="replace"), "utf-16"
     try:
         return raw.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError:
+        raw = raw[3:] if raw.startswith(codecs.BOM_UTF8) else raw
         return raw.decode("cp1252", errors="replace"), "cp1252"
+
+
+# C0 control characters other than tab, CR and LF (and DEL): binary data, not text.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _binary(line: str) -> bool:
+    return _CONTROL.search(line) is not None
+
+
+def _split_lines(text: str) -> List[str]:
+    """Lines ended by \\r\\n, \\n or a lone \\r, mixed freely. Not str.splitlines(), which also
+    splits on U+0085 (an ellipsis in Windows-1252 text), U+2028 and friends."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def _lines(raw: bytes, path: str) -> Iterator[Tuple[int, str]]:
     text, _ = _decode(raw, path)
-    # Split on \n only: str.splitlines() would also split on U+0085 and other separators.
-    for i, line in enumerate(text.split("\n"), 1):
-        yield i, line.rstrip("\r")
+    yield from enumerate(_split_lines(text), 1)
 
 
 def read_table(path, text_column: Optional[str] = None, label_column: Optional[str] = None,
@@ -96,11 +127,15 @@ def read_table(path, text_column: Optional[str] = None, label_column: Optional[s
     path = str(path)
     raw = Path(path).read_bytes()
     text, _ = _decode(raw, path)
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = _split_lines(text)
     if not any(l.strip() for l in lines):
         raise ValueError(f"{path}: empty file")
+    if _binary(lines[0]):
+        raise ValueError(f"{path}:1: the header line holds binary data; is this a text table?")
     if delimiter is None:
         delimiter = "\t" if path.endswith(".tsv") or "\t" in lines[0] else ","
+    # A long review is one field: lift csv's 128 KiB field limit to this file's size.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t"
                         else csv.QUOTE_MINIMAL)
     header = [h.strip() for h in next(reader)]
@@ -120,20 +155,31 @@ def read_table(path, text_column: Optional[str] = None, label_column: Optional[s
     ti = pick(text_column, _TEXT_COLS, "text")
     li = pick(label_column, _LABEL_COLS, "label")
     out = Split([], [], [])
-    for lineno, row in enumerate(reader, 2):
-        if not row or all(not c.strip() for c in row):
-            continue  # blank line
-        if len(row) <= max(ti, li):
-            raise ValueError(f"{path}:{lineno}: expected at least {max(ti, li) + 1} columns, got {len(row)}")
-        sentence = row[ti].strip()
-        if not sentence:
-            raise ValueError(f"{path}:{lineno}: empty sentence")
-        out.texts.append(sentence)
-        out.labels.append(row[li].strip())
-        out.origins.append(f"{path}:{lineno}")
-    if not out.texts:
+    rows = 0
+    try:
+        for row in reader:
+            lineno = reader.line_num  # the row's last physical line (quoted fields may span lines)
+            if not row or all(not c.strip() for c in row):
+                continue  # blank line
+            rows += 1
+            where = f"{path}:{lineno}"
+            if any(_binary(c) for c in row):
+                out.skip(where, "binary data (control characters)")
+            elif len(row) <= max(ti, li):
+                out.skip(where, f"expected at least {max(ti, li) + 1} columns, got {len(row)}")
+            elif not row[ti].strip():
+                out.skip(where, "empty sentence")
+            elif not row[li].strip():
+                out.skip(where, "empty label")
+            else:
+                out.texts.append(row[ti].strip())
+                out.labels.append(row[li].strip())
+                out.origins.append(where)
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{reader.line_num}: {exc}") from None
+    if not rows:
         raise ValueError(f"{path}: no data rows (header only)")
-    return out
+    return out.check_skipped(path, rows)
 
 
 def read_polarity(directory) -> Split:
@@ -144,14 +190,20 @@ def read_polarity(directory) -> Split:
     files = sorted(d.glob("*.neg")) + sorted(d.glob("*.pos"))
     if not files:
         raise ValueError(f"{d}: no *.pos / *.neg files")
+    rows = 0
     for f in files:
         label = "positive" if f.suffix == ".pos" else "negative"
         for lineno, line in _lines(f.read_bytes(), str(f)):
-            if line.strip():
-                out.texts.append(line.strip())
-                out.labels.append(label)
-                out.origins.append(f"{f}:{lineno}")
-    return out
+            if not line.strip():
+                continue
+            rows += 1
+            if _binary(line):
+                out.skip(f"{f}:{lineno}", "binary data (control characters)")
+                continue
+            out.texts.append(line.strip())
+            out.labels.append(label)
+            out.origins.append(f"{f}:{lineno}")
+    return out.check_skipped(str(d), rows)
 
 
 def read_imdb(root) -> Dict[str, Split]:
@@ -164,7 +216,9 @@ def read_imdb(root) -> Dict[str, Split]:
             for f in sorted((root / name / label).glob("*.txt")):
                 text, _ = _decode(f.read_bytes(), str(f))
                 text = text.replace("<br />", " ").strip()
-                if text:
+                if _binary(text):
+                    s.skip(str(f), "binary data (control characters)")
+                elif text:
                     s.texts.append(text)
                     s.labels.append("positive" if label == "pos" else "negative")
                     s.origins.append(str(f))

@@ -33,6 +33,7 @@ WEIGHT_NAMES = ("embedding", "kernel", "recurrent_kernel", "bias", "dense_w", "d
 # Sanity bounds checked before anything is allocated from a config file.
 _LIMITS = {"units": 65536, "embedding_dim": 65536, "max_len": 1_000_000, "num_classes": 100_000,
            "vocab_size": 50_000_000}
+_MAX_PARAMS = 2**31  # all weights together (8 GiB of float32)
 
 
 @dataclass
@@ -60,7 +61,16 @@ class ModelConfig:
             raise ValueError(f"{source}: labels must be a list of {self.num_classes} strings")
         if not isinstance(self.train_embeddings, bool):
             raise ValueError(f"{source}: train_embeddings must be true or false")
+        total = sum(math.prod(s) for s in self.weight_shapes().values())
+        if total > _MAX_PARAMS:
+            raise ValueError(f"{source}: the sizes ask for {total:,} parameters, more than the "
+                             f"{_MAX_PARAMS:,} this loader accepts")
         return self
+
+    def weight_shapes(self) -> Dict[str, tuple]:
+        E, H, C, V = self.embedding_dim, self.units, self.num_classes, self.vocab_size
+        return {"embedding": (V, E), "kernel": (E, 4 * H), "recurrent_kernel": (H, 4 * H),
+                "bias": (4 * H,), "dense_w": (H, C), "dense_b": (C,)}
 
     @classmethod
     def from_json(cls, text: str, source: str) -> "ModelConfig":
@@ -129,10 +139,49 @@ def _npz_bytes(arrays: Dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _load_npz(path: Path) -> Dict[str, np.ndarray]:
-    """All arrays of an .npz, refusing object arrays (allow_pickle=False), with the file named
-    in every error."""
+def _npz_headers(path: Path) -> Dict[str, tuple]:
+    """{name: (shape, dtype)} of every member, from the .npy headers alone: nothing is
+    allocated from a size the file claims before it is checked against what the file holds."""
+    import zipfile
+
+    out = {}
+    fsize = os.path.getsize(path)
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"member {info.filename!r} is not a .npy array")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(f)
+            name = info.filename[:-4]
+            if dtype.hasobject:
+                raise ValueError(f"array {name!r} holds Python objects (pickled data)")
+            nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            # A stored member's bytes are in the file; deflate expands them at most ~1032x.
+            held = min(info.compress_size, fsize)
+            if nbytes > (held if info.compress_type == zipfile.ZIP_STORED else 1100 * held):
+                raise ValueError(f"array {name!r} claims shape {shape} ({nbytes} bytes), more "
+                                 f"than its {held} bytes in the file can hold")
+            out[name] = (tuple(shape), dtype)
+    return out
+
+
+def _load_npz(path: Path, expected: Optional[Dict[str, tuple]] = None) -> Dict[str, np.ndarray]:
+    """All arrays of an .npz: headers checked first (no object arrays, sizes the file can hold,
+    shapes as `expected` when given), then read with allow_pickle=False. The file is named in
+    every error."""
     try:
+        headers = _npz_headers(path)
+        for name, shape in (expected or {}).items():
+            if name not in headers:
+                raise ValueError(f"missing array {name!r}")
+            if headers[name][0] != shape:
+                raise ValueError(f"weights[{name!r}]: shape {headers[name][0]}, expected {shape} "
+                                 "from the config")
+        if expected is not None and set(headers) - set(expected):
+            raise ValueError(f"unexpected arrays {sorted(set(headers) - set(expected))}")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:
@@ -190,12 +239,10 @@ class SentimentClassifier:
         return cls(cfg, vocab, weights)
 
     def _check_weights(self) -> None:
-        c = self.config
-        E, H, C, V = c.embedding_dim, c.units, c.num_classes, c.vocab_size
-        want = {"embedding": (V, E), "kernel": (E, 4 * H), "recurrent_kernel": (H, 4 * H),
-                "bias": (4 * H,), "dense_w": (H, C), "dense_b": (C,)}
-        if len(self.vocab) != V:
-            raise ValueError(f"vocabulary has {len(self.vocab)} tokens, config says {V}")
+        want = self.config.weight_shapes()
+        if len(self.vocab) != self.config.vocab_size:
+            raise ValueError(f"vocabulary has {len(self.vocab)} tokens, config says "
+                             f"{self.config.vocab_size}")
         for k, shape in want.items():
             if k not in self.params:
                 raise ValueError(f"weights: missing {k!r}")
@@ -391,10 +438,7 @@ class SentimentClassifier:
         cfg = ModelConfig.from_json(json.dumps(raw), str(path / "config.json"))
         vocab = Vocabulary.from_json((path / "vocab.json").read_text(encoding="utf-8"),
                                      str(path / "vocab.json"))
-        weights = _load_npz(path / "weights.npz")
-        extra = set(weights) - set(WEIGHT_NAMES)
-        if extra:
-            raise ValueError(f"{path / 'weights.npz'}: unexpected arrays {sorted(extra)}")
+        weights = _load_npz(path / "weights.npz", cfg.weight_shapes())
         weights = {k: np.ascontiguousarray(v, dtype=np.float32) if v.dtype.kind == "f" else v
                    for k, v in weights.items()}
         try:

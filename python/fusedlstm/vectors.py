@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -17,6 +18,7 @@ from .text import Vocabulary
 __all__ = ["EmbeddingInit", "read_vectors", "embedding_from_vectors", "GLOVE_WHEEL"]
 
 GLOVE_WHEEL = "glove-6b-50d"
+MAX_DIM = 65536  # the model's embedding_dim limit
 
 
 @dataclass
@@ -74,9 +76,12 @@ def _read_text(path: str, wanted: Optional[Dict[str, int]]):
             if wanted is not None and word not in wanted:
                 continue
             try:
-                rows.append(np.asarray(parts[1:], dtype=np.float32))
+                row = np.asarray(parts[1:], dtype=np.float32)
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: non-numeric vector value") from None
+            if not np.isfinite(row).all():
+                raise ValueError(f"{path}:{lineno}: non-finite vector value (nan/inf) for {word!r}")
+            rows.append(row)
             words.append(word)
     if dim is None:
         raise ValueError(f"{path}: empty vectors file")
@@ -88,6 +93,12 @@ def _read_word2vec_binary(path: str, wanted: Optional[Dict[str, int]]):
     with _open_binary(path) as f:
         header = f.readline().split()
         count, dim = int(header[0]), int(header[1])
+        # Sizes from the header are checked before anything is read or allocated from them.
+        if not 1 <= dim <= MAX_DIM:
+            raise ValueError(f"{path}:1: vector dimension {dim} in the header is outside 1..{MAX_DIM}")
+        if not isinstance(f, gzip.GzipFile) and count * (4 * dim + 2) > os.path.getsize(path):
+            raise ValueError(f"{path}:1: the header promises {count} vectors of {dim} floats, "
+                             f"more than the file's {os.path.getsize(path)} bytes hold (truncated?)")
         nbytes = 4 * dim
         for i in range(count):
             word = bytearray()
@@ -104,8 +115,12 @@ def _read_word2vec_binary(path: str, wanted: Optional[Dict[str, int]]):
                 raise ValueError(f"{path}: truncated in the vector of word {i + 1} of {count}")
             w = word.decode("utf-8", errors="replace")
             if wanted is None or w in wanted:
+                row = np.frombuffer(vec, dtype="<f4").astype(np.float32)
+                if not np.isfinite(row).all():
+                    raise ValueError(f"{path}: non-finite vector value (nan/inf) for word "
+                                     f"{i + 1} ({w!r})")
                 words.append(w)
-                rows.append(np.frombuffer(vec, dtype="<f4").astype(np.float32))
+                rows.append(row)
     return words, (np.stack(rows) if rows else np.zeros((0, dim), np.float32))
 
 
@@ -132,9 +147,12 @@ def read_vectors(spec: str, wanted: Optional[Dict[str, int]] = None):
         return _read_glove_wheel(wanted)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"vectors file not found: {spec} (or use --vectors {GLOVE_WHEEL})")
-    if _is_word2vec_binary(spec):
-        return _read_word2vec_binary(spec, wanted)
-    return _read_text(spec, wanted)
+    try:
+        if _is_word2vec_binary(spec):
+            return _read_word2vec_binary(spec, wanted)
+        return _read_text(spec, wanted)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{spec}: corrupt or truncated gzip data ({exc})") from None
 
 
 def embedding_from_vectors(vocab: Vocabulary, spec: Optional[str], dim: Optional[int],
