@@ -67,6 +67,9 @@ def _rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+@pytest.mark.skipif(bool(fusedlstm.build_info().get("sanitizers")),
+                    reason="AddressSanitizer's quarantine keeps freed memory resident; the "
+                    "sanitizer build's leak check is .ci/lsan_leak_check.py")
 def test_repeated_calls_do_not_leak(rng):
     """3,000 forward+backward calls of varying shapes (training and inference, lengths, every
     buffer-recycling path): resident memory after them is within a few MB of after the first

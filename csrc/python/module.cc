@@ -266,6 +266,7 @@ PYBIND11_MODULE(_core, m) {
     d["eigen"] = std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) +
                  "." + std::to_string(EIGEN_MINOR_VERSION);
     d["cuda"] = false;
+    d["sanitizers"] = std::string(FUSEDLSTM_SANITIZERS);
     return d;
   });
 }
