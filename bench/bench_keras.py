@@ -21,9 +21,10 @@ import tensorflow as tf  # noqa: E402
 import fusedlstm  # noqa: E402
 import fusedlstm.keras as fk  # noqa: E402
 
+from fusedlstm.benchmark import (DEFAULT_CONFIGS, fwd_flops, git_commit, parse_config,  # noqa: E402
+                                 time_interleaved)
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_kernel import DEFAULT_CONFIGS, fwd_flops, git_commit, parse_config, time_interleaved  # noqa: E402
 
 
 def step_fn(layer, x):

@@ -137,15 +137,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import runpy
+    from .benchmark import run_args
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "bench_kernel.py"
-    if not script.exists():
-        raise SystemExit("error: the benchmark scripts live in the source tree (bench/); run "
-                         "python bench/bench_kernel.py from a checkout")
-    sys.argv = [str(script)] + args.rest
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    return run_args(args)
 
 
 def cmd_build_tf_op(args) -> int:
@@ -213,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--verbose", action="store_true", help="print the compiler commands")
     o.set_defaults(func=cmd_build_tf_op)
 
-    b = sub.add_parser("bench", help="the kernel benchmark (bench/bench_kernel.py) from a checkout")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    from .benchmark import build_parser as bench_parser
+
+    b = sub.add_parser("bench", help="benchmark one LSTM layer vs NumPy, torch and Keras")
+    bench_parser(b)
     b.set_defaults(func=cmd_bench)
     return ap
 

@@ -1,0 +1,482 @@
+"""`fusedlstm bench`: one LSTM layer side by side — fusedlstm, the NumPy reference, torch.nn.LSTM,
+keras.layers.LSTM and fusedlstm.keras.LSTM, whichever are installed — forward (inference) and
+forward+backward (gradients for the weights and x), at the standard configs or user-given ones.
+
+Each thread count runs in a child process of its own (so that OpenMP, torch and TensorFlow are
+configured before they start), implementations are interleaved in every repetition so the
+machine's drift hits all alike, and the float32 FMA peak (register-only loop) and the BLAS GEMM
+rate are measured in the same run. Also reported per config: fusedlstm's cache (what a training
+forward keeps for backward, in total and per step) and the peak memory of one training step.
+Prints a table, writes JSON, and with --plot a PNG of the speed-ups over torch.
+
+    fusedlstm bench [--quick] [--config B,T,E,H ...] [--threads 1,all] [--out FILE] [--plot PNG]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+
+DEFAULT_CONFIGS = [(4, 4, 64, 16), (64, 50, 300, 128), (128, 100, 256, 512)]
+IMPLS = ("fusedlstm", "numpy", "torch", "keras", "fusedlstm.keras")
+MIN_SAMPLE_S = 0.005  # a sample repeats a fast call until it lasts this long (timer noise)
+
+
+def fwd_flops(B, T, E, H) -> float:
+    return 2.0 * B * T * (E + H) * 4 * H
+
+
+def make_inputs(B, T, E, H, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    s = float(1.0 / np.sqrt(H))
+    return dict(x=rng.standard_normal((B, T, E), dtype=np.float32),
+                kernel=rng.standard_normal((E, 4 * H), dtype=np.float32) * s,
+                recurrent_kernel=rng.standard_normal((H, 4 * H), dtype=np.float32) * s,
+                bias=rng.standard_normal(4 * H, dtype=np.float32) * 0.1,
+                d_out=rng.standard_normal((B, T, H), dtype=np.float32))
+
+
+def time_interleaved(fns: Dict[str, Callable], reps: int, warmup: int, budget_s: float) -> dict:
+    """Median/min seconds per call for each fn: interleaved samples, the order rotating every
+    repetition; a sample of a fast call times `number` back-to-back calls."""
+    names = list(fns)
+    number = {}
+    for n in names:
+        for _ in range(warmup):
+            fns[n]()
+        t0 = time.perf_counter()
+        fns[n]()
+        number[n] = max(1, int(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-7)))
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(reps):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            f, k = fns[n], number[n]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                f()
+            times[n].append((time.perf_counter() - t0) / k)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {n: {"median_s": statistics.median(v), "min_s": min(v), "reps": len(v),
+                "calls_per_sample": number[n]} for n, v in times.items()}
+
+
+# -- implementations (child process) -------------------------------------------------------
+
+def _numpy_api(mod, inp) -> Tuple[Callable, Callable]:
+    """fusedlstm and its NumPy reference share one API."""
+    x, W, R, b, d_out = (inp[k] for k in ("x", "kernel", "recurrent_kernel", "bias", "d_out"))
+
+    def fwd():
+        mod.lstm_forward(x, W, R, b, training=False)
+
+    def fwd_bwd():
+        _, _, _, cache = mod.lstm_forward(x, W, R, b)
+        mod.lstm_backward(cache, d_out)
+
+    return fwd, fwd_bwd
+
+
+def _torch_impl(inp) -> Tuple[Callable, Callable]:
+    import torch
+
+    x, W, R, b, d_out = (inp[k] for k in ("x", "kernel", "recurrent_kernel", "bias", "d_out"))
+    E, H = W.shape[0], R.shape[0]
+    lstm = torch.nn.LSTM(E, H, batch_first=True)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(torch.from_numpy(W.T.copy()))
+        lstm.weight_hh_l0.copy_(torch.from_numpy(R.T.copy()))
+        lstm.bias_ih_l0.copy_(torch.from_numpy(b))
+        lstm.bias_hh_l0.zero_()
+    tx, tdo = torch.from_numpy(x), torch.from_numpy(d_out)
+
+    def fwd():
+        with torch.no_grad():
+            lstm(tx)
+
+    def fwd_bwd():
+        xg = tx.detach().requires_grad_(True)
+        y, _ = lstm(xg)
+        lstm.zero_grad(set_to_none=True)
+        y.backward(tdo)
+
+    return fwd, fwd_bwd
+
+
+def _keras_impl(layer_cls, inp) -> Tuple[Callable, Callable]:
+    """A Keras LSTM (return_sequences) in tf.function: inference, and the gradients of
+    sum(outputs * d_out) for the weights and x (the same work as the other backwards)."""
+    import tensorflow as tf
+
+    x, W, R, b = (inp[k] for k in ("x", "kernel", "recurrent_kernel", "bias"))
+    layer = layer_cls(R.shape[0], return_sequences=True)
+    layer.build((None,) + x.shape[1:])
+    layer.set_weights([W, R, b])
+    tx, tdo = tf.constant(x), tf.constant(inp["d_out"])
+
+    @tf.function(jit_compile=False)
+    def infer():
+        return layer(tx, training=False)
+
+    @tf.function(jit_compile=False)
+    def train():
+        with tf.GradientTape() as tape:
+            tape.watch(tx)
+            loss = tf.reduce_sum(layer(tx, training=True) * tdo)
+        return tape.gradient(loss, layer.trainable_weights + [tx])
+
+    def fwd():
+        infer().numpy()
+
+    def fwd_bwd():
+        for g in train():
+            g.numpy()
+
+    return fwd, fwd_bwd
+
+
+def _available(quick: bool, wanted: List[str]) -> Tuple[List[str], List[str]]:
+    """Implementations to run, and notes on the ones left out."""
+    run, notes = [], []
+    for name in wanted:
+        if name in ("torch",) and importlib.util.find_spec("torch") is None:
+            notes.append("torch: not installed (pip install torch)")
+            continue
+        if name in ("keras", "fusedlstm.keras") and importlib.util.find_spec("tensorflow") is None:
+            notes.append(f"{name}: TensorFlow not installed (pip install 'fusedlstm[tf]')")
+            continue
+        if name == "fusedlstm.keras" and quick:
+            from .keras.build import op_library_path
+
+            if not op_library_path().exists():
+                notes.append("fusedlstm.keras: op library not built yet (fusedlstm build-tf-op; "
+                             "--quick does not spend a minute compiling it)")
+                continue
+        run.append(name)
+    return run, notes
+
+
+def memory_report(cfg) -> dict:
+    """fusedlstm's cache (total and per time step), and the peak of NumPy allocations during one
+    training step (forward + backward, cold: no recycled buffer) beyond its inputs, by tracemalloc
+    (NumPy reports its allocations to it)."""
+    import tracemalloc
+
+    import fusedlstm
+
+    inp = make_inputs(*cfg)
+    B, T, E, H = cfg
+    fusedlstm.empty_cache()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    out = fusedlstm.lstm_forward(inp["x"], inp["kernel"], inp["recurrent_kernel"], inp["bias"])
+    cache_bytes = out[3].nbytes
+    g = fusedlstm.lstm_backward(out[3], inp["d_out"])
+    peak = tracemalloc.get_traced_memory()[1] - base
+    del out, g
+    fusedlstm.empty_cache()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    res = fusedlstm.lstm_forward(inp["x"], inp["kernel"], inp["recurrent_kernel"], inp["bias"],
+                                 training=False)
+    infer_peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    fusedlstm.empty_cache()
+    return {"cache_bytes": cache_bytes, "cache_bytes_per_step": cache_bytes / max(T, 1),
+            "cache_floats_per_step_per_row": cache_bytes / 4 / max(T * B, 1),
+            "training_step_peak_bytes": peak, "inference_cache": res[3] is not None,
+            "inference_peak_bytes": infer_peak}
+
+
+def child(args) -> dict:
+    """One thread count: every config, every implementation, interleaved."""
+    threads = args.threads_child
+    if "keras" in args.impls or "fusedlstm.keras" in args.impls:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    import fusedlstm
+    from fusedlstm import _core, reference
+
+    fusedlstm.set_num_threads(threads)
+    if "torch" in args.impls:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=threads, user_api="blas")  # the NumPy reference's BLAS
+    except ImportError:
+        pass
+    fma_peak = _core.fma_peak_gflops(threads)
+    results = []
+    for cfg in args.configs:
+        inp = make_inputs(*cfg)
+        big = cfg[0] * cfg[1] * (cfg[2] + cfg[3]) * cfg[3] > 2e8
+        impls = {}
+        for name in args.impls:
+            if name == "numpy" and args.quick and big:
+                continue  # a second per call: --quick leaves it out at the largest size
+            if name == "fusedlstm":
+                impls[name] = _numpy_api(fusedlstm, inp)
+            elif name == "numpy":
+                impls[name] = _numpy_api(reference, inp)
+            elif name == "torch":
+                impls[name] = _torch_impl(inp)
+            elif name == "keras":
+                import keras
+                impls[name] = _keras_impl(keras.layers.LSTM, inp)
+            elif name == "fusedlstm.keras":
+                import fusedlstm.keras as fk
+                impls[name] = _keras_impl(fk.LSTM, inp)
+        reps = 5 if args.quick else (11 if big else 31)
+        budget = 3.0 if args.quick else 25.0
+        for mode, idx, flops in (("forward", 0, fwd_flops(*cfg)),
+                                 ("forward+backward", 1, 3 * fwd_flops(*cfg))):
+            stats = time_interleaved({n: f[idx] for n, f in impls.items()}, reps,
+                                     warmup=1 if big else 3, budget_s=budget)
+            for st in stats.values():
+                st["gflops"] = flops / st["median_s"] / 1e9
+                st["pct_fma_peak"] = 100.0 * st["gflops"] / fma_peak
+            results.append({"config": list(cfg), "threads": threads, "mode": mode,
+                            "impls": stats})
+        if threads == args.memory_threads:
+            results[-1]["memory"] = memory_report(cfg)
+    return {"threads": threads, "fma_peak_gflops": fma_peak, "gemm_peak_gflops": gemm_rate(threads),
+            "results": results}
+
+
+def gemm_rate(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """float32 GEMM rate of NumPy's BLAS (already limited to `threads`)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = a.T.copy()
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
+
+
+# -- the parent: children, report, table, plot --------------------------------------------
+
+def git_commit() -> str:
+    """The checkout's commit: the working directory's, else the package source's."""
+    for where in (Path.cwd(), Path(__file__).resolve().parent):
+        try:
+            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=where,
+                                  capture_output=True, check=True).stdout.strip()
+        except Exception:
+            continue
+    return "unknown"
+
+
+def run(configs, threads_list, quick: bool, impls: List[str]) -> dict:
+    import fusedlstm
+
+    runs = []
+    for threads in threads_list:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "child.json"
+            cmd = [sys.executable, "-m", "fusedlstm.benchmark", "--child", str(threads),
+                   "--child-out", str(out), "--impls", ",".join(impls),
+                   "--memory-threads", str(threads_list[-1])]
+            cmd += [a for c in configs for a in ("--config", ",".join(map(str, c)))]
+            if quick:
+                cmd.append("--quick")
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="3")
+            subprocess.run(cmd, check=True, env=env)
+            runs.append(json.loads(out.read_text()))
+    return {
+        "benchmark": "kernel",
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "python": sys.version.split()[0]},
+        "build": fusedlstm.build_info(),
+        "versions": _versions(impls),
+        "gemm_peak_gflops": {str(r["threads"]): r["gemm_peak_gflops"] for r in runs},
+        "gemm_peak_source": "NumPy float32 matmul 2048^3 (its BLAS), threadpoolctl-limited",
+        "fma_peak_gflops": {str(r["threads"]): r["fma_peak_gflops"] for r in runs},
+        "fma_peak_source": "register-only float32 FMA loop, one per thread (fusedlstm._core)",
+        "results": [res for r in runs for res in r["results"]],
+    }
+
+
+def _versions(impls) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("fusedlstm", "numpy", "torch", "tensorflow-cpu", "tensorflow", "keras"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def format_table(report) -> str:
+    lines = [f"commit {report['commit']}  float32  FMA peak (register loop): "
+             + ", ".join(f"{v:.0f} GFLOP/s on {k} thread(s)" for k, v in report["fma_peak_gflops"].items())
+             + "; BLAS sgemm 2048^3: " + ", ".join(f"{v:.0f}" for v in report["gemm_peak_gflops"].values())]
+    head = (f"{'(B, T, E, H)':>22} {'thr':>3} {'mode':>16} {'impl':>15} {'median ms':>10} "
+            f"{'min ms':>9} {'GFLOP/s':>8} {'%FMA':>6} {'vs torch':>8}")
+    lines += [head, "-" * len(head)]
+    for r in report["results"]:
+        torch_med = r["impls"].get("torch", {}).get("median_s")
+        for name, st in r["impls"].items():
+            ratio = f"{torch_med / st['median_s']:.2f}x" if torch_med else "-"
+            lines.append(f"{str(tuple(r['config'])):>22} {r['threads']:>3} {r['mode']:>16} {name:>15} "
+                         f"{st['median_s'] * 1e3:>10.3f} {st['min_s'] * 1e3:>9.3f} "
+                         f"{st['gflops']:>8.1f} {st['pct_fma_peak']:>6.1f} {ratio:>8}")
+    mem = [r for r in report["results"] if "memory" in r]
+    if mem:
+        lines.append("")
+        lines.append("fusedlstm memory (float32): cache kept by a training forward, per step, peak "
+                     "of one training step; inference keeps no cache")
+        for r in mem:
+            m = r["memory"]
+            lines.append(f"{str(tuple(r['config'])):>22}  cache {m['cache_bytes'] / 2**20:8.2f} MiB "
+                         f"({m['cache_bytes_per_step'] / 2**10:8.1f} KiB/step)  training-step peak "
+                         f"{m['training_step_peak_bytes'] / 2**20:8.2f} MiB  inference peak "
+                         f"{m['inference_peak_bytes'] / 2**20:7.2f} MiB  inference cache: "
+                         f"{'yes' if m['inference_cache'] else 'none'}")
+    return "\n".join(lines)
+
+
+def plot(report, path: Path) -> None:
+    """Bars: speed-up over torch.nn.LSTM (same run) per config, one group per mode and thread
+    count, one bar per implementation."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install 'fusedlstm[plot]'")
+    rows = [r for r in report["results"] if "torch" in r["impls"]]
+    if not rows:
+        raise SystemExit("error: --plot shows speed-ups over torch, and torch was not measured")
+    names = [n for n in IMPLS if n != "torch" and any(n in r["impls"] for r in rows)]
+    groups = sorted({(r["mode"], r["threads"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
+    for ax, (mode, thr) in zip(axes[0], groups):
+        sub = [r for r in rows if r["mode"] == mode and r["threads"] == thr]
+        xs = np.arange(len(sub))
+        w = 0.8 / max(len(names), 1)
+        for i, n in enumerate(names):
+            vals = [r["impls"]["torch"]["median_s"] / r["impls"][n]["median_s"]
+                    if n in r["impls"] else 0 for r in sub]
+            ax.bar(xs + (i - (len(names) - 1) / 2) * w, vals, w, label=n)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(xs, ["x".join(map(str, r["config"])) for r in sub], rotation=20, fontsize=7)
+        ax.set_title(f"{mode}, {thr} thread(s)", fontsize=9)
+        ax.set_ylabel("speed-up over torch.nn.LSTM")
+        ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"fusedlstm bench, commit {report['commit']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_config(text: str):
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--config expects B,T,E,H integers, got {text!r}")
+    if len(vals) != 4 or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"--config expects four positive integers B,T,E,H, got {text!r}")
+    return vals
+
+
+def parse_threads(text: str) -> List[int]:
+    out = []
+    for t in text.split(","):
+        t = t.strip()
+        n = (os.cpu_count() or 1) if t == "all" else int(t) if t.isdigit() else 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"--threads: {t!r} is not a positive count or 'all'")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def build_parser(p=None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="fusedlstm bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=parse_config, action="append",
+                   help="B,T,E,H (repeatable); default: (4,4,64,16) (64,50,300,128) (128,100,256,512)")
+    p.add_argument("--threads", type=parse_threads, default=None,
+                   help="comma-separated thread counts or 'all' (default: 1,all; --quick: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="few repetitions, all cores only, no NumPy at the largest size: under a minute")
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help=f"comma-separated subset of {','.join(IMPLS)} (those installed run)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default: bench/results/kernel.json from a checkout's root, "
+                        "kernel_quick.json with --quick; ./fusedlstm-bench[-quick].json elsewhere)")
+    p.add_argument("--plot", type=Path, default=None, help="also write a PNG of speed-ups over torch")
+    p.add_argument("--child", type=int, dest="threads_child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--memory-threads", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def default_out(quick: bool) -> Path:
+    """bench/results/kernel[_quick].json when run from a checkout's root, else ./fusedlstm-bench[-quick].json."""
+    results = Path("bench") / "results"
+    if results.is_dir() and (results / "kernel.json").exists():
+        return results / ("kernel_quick.json" if quick else "kernel.json")
+    return Path("fusedlstm-bench-quick.json" if quick else "fusedlstm-bench.json")
+
+
+def main(argv=None) -> int:
+    return run_args(build_parser().parse_args(argv))
+
+
+def run_args(args) -> int:
+    args.configs = args.config or DEFAULT_CONFIGS
+    if args.threads_child is not None:  # a child: one thread count, results to a file
+        args.impls = [n for n in args.impls.split(",") if n]
+        args.child_out.write_text(json.dumps(child(args)))
+        return 0
+    wanted = [n.strip() for n in args.impls.split(",") if n.strip()]
+    bad = [n for n in wanted if n not in IMPLS]
+    if bad:
+        raise SystemExit(f"error: --impls: unknown {bad}; choose from {list(IMPLS)}")
+    impls, notes = _available(args.quick, wanted)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    threads = args.threads or parse_threads("all" if args.quick else "1,all")
+    report = run(args.configs, threads, args.quick, impls)
+    report["left_out"] = notes
+    print(format_table(report))
+    out = args.out or default_out(args.quick)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
