@@ -95,7 +95,9 @@ def same_specials_and_close(name, a, b, dtype, mag):
     """Identical NaN and signed-Inf placement; finite values within the dtype's tolerance.
 
     float32 carries roundoff through T steps, so its bound follows the data's magnitude: sums of
-    terms of size ``mag`` have errors of order eps32 * mag even when the result is O(1)."""
+    terms of size ``mag`` have errors of order eps32 * mag even when the result is O(1). And a
+    vectorized float32 tanh is exactly +-1 beyond |z| ~ 7.9, where the true 1 - tanh^2 is still
+    up to 1.1e-6: a gate derivative known to ~1e-6 absolute, multiplied by inputs of size mag."""
     assert a.shape == b.shape and a.dtype == dtype, name
     nan_a, nan_b = np.isnan(a), np.isnan(b)
     assert np.array_equal(nan_a, nan_b), (
@@ -109,7 +111,7 @@ def same_specials_and_close(name, a, b, dtype, mag):
     big = float(np.abs(b).max(initial=0.0))
     if dtype == np.float32:
         np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=name,
-                                   atol=1e-4 * max(1.0, big) * max(1.0, mag / 100))
+                                   atol=1e-4 * max(1.0, big) * max(1.0, mag / 25))
     else:
         np.testing.assert_allclose(a, b, rtol=1e-9, err_msg=name,
                                    atol=1e-10 * max(1.0, big) * max(1.0, mag))

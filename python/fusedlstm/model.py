@@ -395,12 +395,14 @@ class SentimentClassifier:
         return metrics
 
     def _checkpoint(self, out_dir: Path, best, opt: Adam, state: dict, metrics) -> None:
-        """The best weights as the model, and everything --resume needs; each file atomic, the
-        training state last (a crash between files leaves a loadable model and the previous
-        consistent state)."""
-        self.save(out_dir, weights=best)
+        """The best weights as the model, and everything --resume needs; each file atomic, in
+        this order: metrics.jsonl, the model files, state.npz (the commit point --resume reads).
+        A crash between files leaves a loadable model and the previous consistent state; the
+        model files are ahead of state.npz only if metrics.jsonl is too."""
+        out_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(out_dir / "metrics.jsonl",
                       "".join(json.dumps(m) + "\n" for m in metrics).encode())
+        self.save(out_dir, weights=best)
         arrays = {f"cur/{k}": v for k, v in self.params.items()}
         arrays.update({f"best/{k}": v for k, v in best.items()})
         arrays.update({f"opt/{k}": v for k, v in opt.state().items()})
