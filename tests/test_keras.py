@@ -220,15 +220,17 @@ def test_concurrent_tf_function_calls_match_sequential():
 
 
 def test_fit_save_load_roundtrip(tmp_path):
+    keras.utils.set_random_seed(5)  # initial weights and dropout: the same run every time
     rng = np.random.default_rng(5)
     x = rng.standard_normal((64, T, E)).astype(np.float32)
     y = (x[:, :, 0].sum(1) > 0).astype(np.int32)
     inp = keras.Input((T, E))
     h = fk.LSTM(H, dropout=0.1, seed=1)(inp)
     model = keras.Model(inp, keras.layers.Dense(2)(h))
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    hist = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
-    assert hist.history["loss"][-1] < hist.history["loss"][0]
+    model.compile(keras.optimizers.Adam(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    hist = model.fit(x, y, epochs=10, batch_size=16, verbose=0)
+    assert hist.history["loss"][-1] < 0.9 * hist.history["loss"][0]
     pred = model.predict(x, verbose=0)
     path = tmp_path / "m.keras"
     model.save(path)
