@@ -18,6 +18,16 @@
 #include "fusedlstm/device.h"
 #include "fusedlstm/lstm.h"
 
+#ifdef FUSEDLSTM_WITH_CUDA
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <mutex>
+
+#include "fusedlstm/lstm_cuda.h"
+#endif
+
 namespace py = pybind11;
 
 namespace fusedlstm {
@@ -107,10 +117,11 @@ py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
   return py::array_t<S>(std::vector<int64_t>{size});
 }
 
+// The shape and the checked input pointers of a forward call (outputs not set).
 template <typename S>
-py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& rkernel,
-                  const py::object& bias, const py::object& h0, const py::object& c0,
-                  const py::object& lengths, bool training, const py::object& spare) {
+LstmShape ReadForward(const py::array& x, const py::array& kernel, const py::array& rkernel,
+                      const py::object& bias, const py::object& h0, const py::object& c0,
+                      const py::object& lengths, ForwardArgs<S>* args) {
   if (x.ndim() != 3) throw py::value_error("x: expected a 3-d array [B, T, E], got shape " + ShapeStr(Dims(x)));
   if (rkernel.ndim() != 2) throw py::value_error("recurrent_kernel: expected a 2-d array [H, 4H], got shape " + ShapeStr(Dims(rkernel)));
   LstmShape s;
@@ -119,14 +130,34 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
   s.C = x.shape(2);
   s.H = rkernel.shape(0);
   const int64_t G = 4 * s.H;
+  args->x = CheckedPtr<S>(x, "x", {s.N, s.T, s.C});
+  args->kernel = CheckedPtr<S>(kernel, "kernel", {s.C, G});
+  args->recurrent_kernel = CheckedPtr<S>(rkernel, "recurrent_kernel", {s.H, G});
+  args->bias = OptionalPtr<S>(bias, "bias", {G});
+  args->h0 = OptionalPtr<S>(h0, "h0", {s.N, s.H});
+  args->c0 = OptionalPtr<S>(c0, "c0", {s.N, s.H});
+  args->lengths = CheckedLengths(lengths, s.N, s.T);
+  return s;
+}
+
+// The shape of a backward call from (T, N, C, H).
+LstmShape ReadShapeTNCH(const std::vector<int64_t>& shape_tnch) {
+  if (shape_tnch.size() != 4) throw py::value_error("shape: expected (T, N, C, H)");
+  LstmShape s;
+  s.T = shape_tnch[0];
+  s.N = shape_tnch[1];
+  s.C = shape_tnch[2];
+  s.H = shape_tnch[3];
+  if (s.T < 0 || s.N < 0 || s.C < 0 || s.H < 0) throw py::value_error("shape: negative dimension");
+  return s;
+}
+
+template <typename S>
+py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& rkernel,
+                  const py::object& bias, const py::object& h0, const py::object& c0,
+                  const py::object& lengths, bool training, const py::object& spare) {
   ForwardArgs<S> args;
-  args.x = CheckedPtr<S>(x, "x", {s.N, s.T, s.C});
-  args.kernel = CheckedPtr<S>(kernel, "kernel", {s.C, G});
-  args.recurrent_kernel = CheckedPtr<S>(rkernel, "recurrent_kernel", {s.H, G});
-  args.bias = OptionalPtr<S>(bias, "bias", {G});
-  args.h0 = OptionalPtr<S>(h0, "h0", {s.N, s.H});
-  args.c0 = OptionalPtr<S>(c0, "c0", {s.N, s.H});
-  args.lengths = CheckedLengths(lengths, s.N, s.T);
+  const LstmShape s = ReadForward<S>(x, kernel, rkernel, bias, h0, c0, lengths, &args);
 
   py::array_t<S> outputs({s.N, s.T, s.H}), h_n({s.N, s.H}), c_n({s.N, s.H});
   // The spare (if any) serves as the cache in training, as the (large) workspace in inference.
@@ -156,13 +187,7 @@ template <typename S>
 py::tuple Backward(const py::array& cache, const std::vector<int64_t>& shape_tnch,
                    const py::object& lengths, const py::object& d_outputs,
                    const py::object& d_h_n, const py::object& d_c_n) {
-  if (shape_tnch.size() != 4) throw py::value_error("shape: expected (T, N, C, H)");
-  LstmShape s;
-  s.T = shape_tnch[0];
-  s.N = shape_tnch[1];
-  s.C = shape_tnch[2];
-  s.H = shape_tnch[3];
-  if (s.T < 0 || s.N < 0 || s.C < 0 || s.H < 0) throw py::value_error("shape: negative dimension");
+  const LstmShape s = ReadShapeTNCH(shape_tnch);
   const int64_t G = 4 * s.H;
   BackwardArgs<S> args;
   if (!cache.writeable()) throw py::value_error("cache: must be writeable");
@@ -189,6 +214,222 @@ py::tuple Backward(const py::array& cache, const std::vector<int64_t>& shape_tnc
 }
 
 bool IsDtype(const py::array& a, const py::dtype& d) { return a.dtype().is(d); }
+
+#ifdef FUSEDLSTM_WITH_CUDA
+// -- CUDA: NumPy arrays copied to the GPU and back; the training cache stays on the GPU --------
+
+void CudaCheck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+// Device memory owned by a Python object (the training cache) or by a scope (temporaries).
+class DeviceBuffer {
+ public:
+  DeviceBuffer(int64_t elems, size_t elem_size, bool is_double)
+      : elems_(elems), bytes_(size_t(elems) * elem_size), is_double_(is_double) {
+    if (bytes_ > 0) CudaCheck(cudaMalloc(&ptr_, bytes_), "cudaMalloc");
+  }
+  ~DeviceBuffer() { Release(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void Release() {
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = nullptr;
+    elems_ = 0;
+    bytes_ = 0;
+  }
+  template <typename S>
+  S* get() const { return static_cast<S*>(ptr_); }
+  int64_t elems() const { return elems_; }
+  size_t nbytes() const { return bytes_; }
+  bool is_double() const { return is_double_; }
+  bool released() const { return ptr_ == nullptr && elems_ == 0; }
+
+ private:
+  void* ptr_ = nullptr;
+  int64_t elems_;
+  size_t bytes_;
+  bool is_double_;
+};
+
+// One cuBLAS handle and stream per process; calls are serialized (the GPU is one device).
+struct CudaRuntime {
+  std::mutex mu;
+  cublasHandle_t blas = nullptr;
+  cudaStream_t stream = nullptr;
+  CudaContext Context() {
+    if (!blas) {
+      CudaCheck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+      if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate failed");
+    }
+    CudaContext c;
+    c.stream = stream;
+    c.cublas = blas;
+    return c;
+  }
+};
+CudaRuntime& Runtime() {
+  static CudaRuntime* rt = new CudaRuntime();  // never destroyed: no teardown order at exit
+  return *rt;
+}
+
+int CudaDeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear: no driver or no device is an answer, not an error
+    return 0;
+  }
+  return n;
+}
+
+template <typename S>
+const S* Upload(std::vector<std::unique_ptr<DeviceBuffer>>& keep, const void* host, int64_t elems,
+                size_t elem_size, cudaStream_t st) {
+  if (!host) return nullptr;
+  keep.emplace_back(new DeviceBuffer(elems, elem_size, false));
+  if (elems > 0) {
+    CudaCheck(cudaMemcpyAsync(keep.back()->get<void>(), host, size_t(elems) * elem_size,
+                              cudaMemcpyHostToDevice, st), "cudaMemcpy to device");
+  }
+  return keep.back()->get<S>();
+}
+
+template <typename S>
+S* Scratch(std::vector<std::unique_ptr<DeviceBuffer>>& keep, int64_t elems) {
+  keep.emplace_back(new DeviceBuffer(elems, sizeof(S), std::is_same<S, double>::value));
+  return keep.back()->get<S>();
+}
+
+template <typename S>
+void Download(py::array_t<S>& dst, const S* src, cudaStream_t st) {
+  if (dst.size() > 0) {
+    CudaCheck(cudaMemcpyAsync(dst.mutable_data(), src, sizeof(S) * dst.size(),
+                              cudaMemcpyDeviceToHost, st), "cudaMemcpy to host");
+  }
+}
+
+template <typename S>
+py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::array& rkernel,
+                      const py::object& bias, const py::object& h0, const py::object& c0,
+                      const py::object& lengths, bool training) {
+  ForwardArgs<S> host;
+  const LstmShape s = ReadForward<S>(x, kernel, rkernel, bias, h0, c0, lengths, &host);
+  const int64_t G = 4 * s.H;
+  py::array_t<S> outputs({s.N, s.T, s.H}), h_n({s.N, s.H}), c_n({s.N, s.H});
+  std::shared_ptr<DeviceBuffer> cache;
+  if (training) {
+    cache = std::make_shared<DeviceBuffer>(CacheSize(s), sizeof(S), std::is_same<S, double>::value);
+  }
+  {
+    py::gil_scoped_release release;
+    CudaRuntime& rt = Runtime();
+    std::lock_guard<std::mutex> lock(rt.mu);
+    const CudaContext ctx = rt.Context();
+    cudaStream_t st = static_cast<cudaStream_t>(ctx.stream);
+    std::vector<std::unique_ptr<DeviceBuffer>> keep;
+    ForwardArgs<S> d;
+    d.x = Upload<S>(keep, host.x, s.N * s.T * s.C, sizeof(S), st);
+    d.kernel = Upload<S>(keep, host.kernel, s.C * G, sizeof(S), st);
+    d.recurrent_kernel = Upload<S>(keep, host.recurrent_kernel, s.H * G, sizeof(S), st);
+    d.bias = Upload<S>(keep, host.bias, G, sizeof(S), st);
+    d.h0 = Upload<S>(keep, host.h0, s.N * s.H, sizeof(S), st);
+    d.c0 = Upload<S>(keep, host.c0, s.N * s.H, sizeof(S), st);
+    d.lengths = Upload<int32_t>(keep, host.lengths, s.N, sizeof(int32_t), st);
+    d.outputs = Scratch<S>(keep, s.N * s.T * s.H);
+    d.h_n = Scratch<S>(keep, s.N * s.H);
+    d.c_n = Scratch<S>(keep, s.N * s.H);
+    d.workspace = Scratch<S>(keep, CudaForwardWorkspaceSize(s, training));
+    d.cache = training ? cache->get<S>() : nullptr;
+    LstmForwardCuda<S>(ctx, s, d);
+    Download(outputs, d.outputs, st);
+    Download(h_n, d.h_n, st);
+    Download(c_n, d.c_n, st);
+    CudaCheck(cudaStreamSynchronize(st), "LSTM forward on the GPU");
+  }
+  py::object c = training ? py::cast(cache) : py::none();
+  return py::make_tuple(outputs, h_n, c_n, c);
+}
+
+template <typename S>
+py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tnch,
+                       const py::object& lengths, const py::object& d_outputs,
+                       const py::object& d_h_n, const py::object& d_c_n) {
+  const LstmShape s = ReadShapeTNCH(shape_tnch);
+  const int64_t G = 4 * s.H;
+  if (cache.released()) throw py::value_error("cache: already used by a backward");
+  if (cache.elems() != CacheSize(s) || cache.is_double() != std::is_same<S, double>::value) {
+    throw py::value_error("cache: does not match the shape or dtype given");
+  }
+  const int32_t* len = CheckedLengths(lengths, s.N, s.T);
+  const S* dout = OptionalPtr<S>(d_outputs, "d_outputs", {s.N, s.T, s.H});
+  const S* dhn = OptionalPtr<S>(d_h_n, "d_h_n", {s.N, s.H});
+  const S* dcn = OptionalPtr<S>(d_c_n, "d_c_n", {s.N, s.H});
+  py::array_t<S> dx({s.N, s.T, s.C}), dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}),
+      dh0({s.N, s.H}), dc0({s.N, s.H});
+  {
+    py::gil_scoped_release release;
+    CudaRuntime& rt = Runtime();
+    std::lock_guard<std::mutex> lock(rt.mu);
+    const CudaContext ctx = rt.Context();
+    cudaStream_t st = static_cast<cudaStream_t>(ctx.stream);
+    std::vector<std::unique_ptr<DeviceBuffer>> keep;
+    BackwardArgs<S> d;
+    d.cache = cache.get<S>();
+    d.lengths = Upload<int32_t>(keep, len, s.N, sizeof(int32_t), st);
+    d.d_outputs = Upload<S>(keep, dout, s.N * s.T * s.H, sizeof(S), st);
+    d.d_h_n = Upload<S>(keep, dhn, s.N * s.H, sizeof(S), st);
+    d.d_c_n = Upload<S>(keep, dcn, s.N * s.H, sizeof(S), st);
+    d.dx = Scratch<S>(keep, s.N * s.T * s.C);
+    d.d_kernel = Scratch<S>(keep, s.C * G);
+    d.d_recurrent_kernel = Scratch<S>(keep, s.H * G);
+    d.d_bias = Scratch<S>(keep, G);
+    d.d_h0 = Scratch<S>(keep, s.N * s.H);
+    d.d_c0 = Scratch<S>(keep, s.N * s.H);
+    d.workspace = Scratch<S>(keep, CudaBackwardWorkspaceSize(s));
+    LstmBackwardCuda<S>(ctx, s, d);
+    Download(dx, d.dx, st);
+    Download(dk, d.d_kernel, st);
+    Download(dr, d.d_recurrent_kernel, st);
+    Download(db, d.d_bias, st);
+    Download(dh0, d.d_h0, st);
+    Download(dc0, d.d_c0, st);
+    CudaCheck(cudaStreamSynchronize(st), "LSTM backward on the GPU");
+    cache.Release();  // consumed, as on the CPU
+  }
+  return py::make_tuple(dx, dk, dr, db, dh0, dc0);
+}
+
+void RegisterCuda(py::module_& m) {
+  py::class_<DeviceBuffer, std::shared_ptr<DeviceBuffer>>(m, "DeviceBuffer")
+      .def_property_readonly("nbytes", &DeviceBuffer::nbytes)
+      .def_property_readonly("released", &DeviceBuffer::released);
+  m.def(
+      "forward_cuda",
+      [](const py::array& x, const py::array& kernel, const py::array& rkernel,
+         const py::object& bias, const py::object& h0, const py::object& c0,
+         const py::object& lengths, bool training) {
+        if (IsDtype(x, py::dtype::of<float>()))
+          return ForwardCuda<float>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+        if (IsDtype(x, py::dtype::of<double>()))
+          return ForwardCuda<double>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+        throw py::type_error("x: dtype must be float32 or float64, got " +
+                             std::string(py::str(x.dtype())));
+      },
+      py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"),
+      py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"));
+  m.def(
+      "backward_cuda",
+      [](DeviceBuffer& cache, const std::vector<int64_t>& shape, const py::object& lengths,
+         const py::object& d_outputs, const py::object& d_h_n, const py::object& d_c_n) {
+        if (cache.is_double())
+          return BackwardCuda<double>(cache, shape, lengths, d_outputs, d_h_n, d_c_n);
+        return BackwardCuda<float>(cache, shape, lengths, d_outputs, d_h_n, d_c_n);
+      },
+      py::arg("cache"), py::arg("shape"), py::arg("lengths"), py::arg("d_outputs"),
+      py::arg("d_h_n"), py::arg("d_c_n"));
+}
+#endif  // FUSEDLSTM_WITH_CUDA
+
 
 }  // namespace
 }  // namespace fusedlstm
@@ -244,6 +485,12 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("threads"), py::arg("seconds") = 0.3,
       "float32 GFLOP/s of a register-only FMA loop on `threads` threads (the machine's ceiling).");
+#ifdef FUSEDLSTM_WITH_CUDA
+  RegisterCuda(m);
+  m.def("cuda_device_count", &CudaDeviceCount, "CUDA devices visible (0 without a driver).");
+#else
+  m.def("cuda_device_count", []() { return 0; }, "CUDA devices visible (this build has no CUDA).");
+#endif
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
     g_num_threads.store(n);
@@ -265,7 +512,11 @@ PYBIND11_MODULE(_core, m) {
     d["num_threads"] = NumThreads();
     d["eigen"] = std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) +
                  "." + std::to_string(EIGEN_MINOR_VERSION);
+#ifdef FUSEDLSTM_WITH_CUDA
+    d["cuda"] = true;
+#else
     d["cuda"] = false;
+#endif
     d["sanitizers"] = std::string(FUSEDLSTM_SANITIZERS);
     return d;
   });

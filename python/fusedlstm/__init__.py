@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 from . import _core, convert, reference
 from ._checks import LstmGrads
-from .lstm import LstmCache, empty_cache, lstm_backward, lstm_forward
+from .lstm import LstmCache, cuda_available, empty_cache, lstm_backward, lstm_forward
 
 __version__ = "0.1.0"
 
@@ -17,7 +17,8 @@ from .model import SentimentClassifier  # noqa: E402  (needs __version__)
 
 __all__ = [
     "LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "reference", "convert",
-    "set_num_threads", "get_num_threads", "build_info", "empty_cache", "SentimentClassifier", "__version__",
+    "set_num_threads", "get_num_threads", "build_info", "empty_cache", "cuda_available",
+    "SentimentClassifier", "__version__",
 ]
 
 

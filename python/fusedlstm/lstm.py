@@ -12,7 +12,8 @@ import numpy as np
 from . import _core
 from ._checks import LstmGrads, check_forward, check_upstream
 
-__all__ = ["LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "empty_cache"]
+__all__ = ["LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "empty_cache",
+           "cuda_available"]
 
 # One spare scratch buffer per dtype: the cache a backward consumed, or an inference call's
 # workspace. The next forward that needs exactly that many elements reuses it instead of mapping
@@ -31,21 +32,46 @@ def empty_cache() -> None:
     _spare.clear()
 
 
+_CUDA_BUILT = bool(_core.build_info()["cuda"])
+
+
+def cuda_available() -> bool:
+    """True when this build has the CUDA kernels (FUSEDLSTM_CUDA=ON) and a CUDA GPU is visible."""
+    return _CUDA_BUILT and _core.cuda_device_count() > 0
+
+
+def _check_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if device != "cuda":
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    if not _CUDA_BUILT:
+        raise RuntimeError("device='cuda': this fusedlstm was built without CUDA; reinstall with "
+                           "pip install . -Ccmake.define.FUSEDLSTM_CUDA=ON (needs nvcc and cuBLAS)")
+    if _core.cuda_device_count() == 0:
+        raise RuntimeError("device='cuda': no CUDA GPU is visible (no driver, or "
+                           "CUDA_VISIBLE_DEVICES hides them)")
+    return device
+
+
 class LstmCache:
     """What ``lstm_backward`` needs from a training forward: opaque, and good for one backward.
 
     It owns copies of x and the weights, so the caller may change those arrays after the
-    forward. Backward overwrites it in place (to save memory) and then releases it.
+    forward. Backward overwrites it in place (to save memory) and then releases it. With
+    ``device="cuda"`` it lives in GPU memory.
     """
 
-    __slots__ = ("_buf", "_lock", "shape", "dtype", "lengths")
+    __slots__ = ("_buf", "_lock", "shape", "dtype", "lengths", "device")
 
-    def __init__(self, buf: np.ndarray, shape: Tuple[int, int, int, int], lengths):
+    def __init__(self, buf, shape: Tuple[int, int, int, int], lengths, dtype=None,
+                 device: str = "cpu"):
         self._buf = buf
         self._lock = threading.Lock()
         self.shape = shape  # (B, T, E, H)
-        self.dtype = buf.dtype
+        self.dtype = np.dtype(dtype) if dtype is not None else buf.dtype
         self.lengths = lengths
+        self.device = device
 
     @property
     def used(self) -> bool:
@@ -58,11 +84,12 @@ class LstmCache:
     def __repr__(self) -> str:
         B, T, E, H = self.shape
         state = "used" if self.used else f"{self.nbytes} bytes"
-        return f"LstmCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, {state})"
+        return (f"LstmCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, "
+                f"device={self.device}, {state})")
 
 
 def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengths=None,
-                 training: bool = True):
+                 training: bool = True, device: str = "cpu"):
     """Run a single-layer LSTM over whole sequences in one compiled call.
 
     Parameters
@@ -75,12 +102,23 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
         ``t >= lengths[b]`` row b's state is carried and its output is zero.
     training : bool
         True stores what ``lstm_backward`` needs; False (inference) stores nothing.
+    device : "cpu" (default) or "cuda"
+        "cuda" runs the CUDA kernels (a FUSEDLSTM_CUDA=ON build and a GPU; see
+        ``cuda_available()``): the arrays are copied to the GPU and the results back, and the
+        training cache stays in GPU memory until ``lstm_backward``.
 
     Returns
     -------
     outputs [B, T, H], h_n [B, H], c_n [B, H], cache (``LstmCache``, or None when not training)
     """
+    device = _check_device(device)
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
+    if device == "cuda":
+        outputs, h_n, c_n, dbuf = _core.forward_cuda(a.x, a.kernel, a.recurrent_kernel, a.bias,
+                                                     a.h0, a.c0, a.lengths, bool(training))
+        cache = (LstmCache(dbuf, (a.B, a.T, a.E, a.H), a.lengths, a.x.dtype, "cuda")
+                 if training else None)
+        return outputs, h_n, c_n, cache
     outputs, h_n, c_n, buf = _core.forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0,
                                            a.lengths, bool(training),
                                            _spare.pop(a.x.dtype, None))
@@ -120,6 +158,11 @@ def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None) -> L
         if buf is None:
             raise ValueError("cache was already used by lstm_backward (a cache is good for one "
                              "backward: run the forward again)")
+        if cache.device == "cuda":
+            dx, dk, dr, db, dh0, dc0 = _core.backward_cuda(buf, (T, B, E, H), cache.lengths,
+                                                           d_outputs, d_h_n, d_c_n)
+            cache._buf = None  # consumed (the GPU memory is freed)
+            return LstmGrads(dx, dk, dr, db, dh0, dc0)
         dx, dk, dr, db, dh0, dc0 = _core.backward(buf, (T, B, E, H), cache.lengths, d_outputs,
                                                   d_h_n, d_c_n)
         cache._buf = None  # consumed in place: recycle it for the next forward
