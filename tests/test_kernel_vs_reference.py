@@ -203,3 +203,16 @@ def test_big_buffers_are_recycled_without_changing_results(rng):
             np.testing.assert_array_equal(a, b)
     fusedlstm.empty_cache()
     assert not lstm_mod._spare
+
+
+@pytest.mark.parametrize("len_dtype", [np.int32, np.int64])
+def test_cache_keeps_its_own_lengths(rng, len_dtype):
+    """Changing the caller's lengths array after the forward changes nothing in the backward."""
+    p, up = make_problem(rng, 5, 6, 4, 7, dtype=np.float64, lengths=[6, 3, 0, 5, 1])
+    lengths = np.asarray(p["lengths"], dtype=len_dtype)
+    expected = fusedlstm.lstm_backward(fusedlstm.lstm_forward(**dict(p, lengths=lengths))[3], **up)
+    cache = fusedlstm.lstm_forward(**dict(p, lengths=lengths))[3]
+    lengths[:] = 6
+    got = fusedlstm.lstm_backward(cache, **up)
+    for name in got._fields:
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)

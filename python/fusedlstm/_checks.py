@@ -82,7 +82,9 @@ def as_lengths(lengths, B: int, T: int) -> Optional[np.ndarray]:
         if lo < 0 or hi > T:
             bad = int(np.flatnonzero((arr < 0) | (arr > T))[0])
             raise ValueError(f"lengths[{bad}] = {int(arr[bad])} is outside [0, T={T}]")
-    return np.ascontiguousarray(arr, dtype=np.int32)
+    # A copy: a cache keeps these lengths until backward, and must not see the caller's array
+    # change in between.
+    return np.array(arr, dtype=np.int32, order="C", copy=True)
 
 
 def check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths) -> ForwardInputs:

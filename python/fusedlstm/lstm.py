@@ -88,6 +88,32 @@ class LstmCache:
                 f"device={self.device}, {state})")
 
 
+def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training):
+    """The call straight into the compiled module when every argument already is what it takes
+    (NumPy arrays of one float dtype, C-contiguous, int32 lengths): it checks dtypes, shapes and
+    lengths itself before touching anything. None when it refuses: the caller then goes through
+    check_forward, which converts what can be converted and words the errors for users."""
+    if type(x) is not np.ndarray:
+        return None
+    if lengths is not None:
+        if type(lengths) is not np.ndarray or lengths.dtype != np.int32:
+            return None
+        lengths = lengths.copy()  # the cache must not see later changes to the caller's array
+    spare = _spare.pop(x.dtype, None)
+    try:
+        outputs, h_n, c_n, buf = _core.forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
+                                               bool(training), spare)
+    except (TypeError, ValueError):
+        if spare is not None:
+            _spare[x.dtype] = spare
+        return None
+    if not training:
+        _recycle(buf)
+        return outputs, h_n, c_n, None
+    B, T, E = x.shape
+    return outputs, h_n, c_n, LstmCache(buf, (B, T, E, recurrent_kernel.shape[0]), lengths)
+
+
 def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengths=None,
                  training: bool = True, device: str = "cpu"):
     """Run a single-layer LSTM over whole sequences in one compiled call.
@@ -112,6 +138,10 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
     outputs [B, T, H], h_n [B, H], c_n [B, H], cache (``LstmCache``, or None when not training)
     """
     device = _check_device(device)
+    if device == "cpu":
+        fast = _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training)
+        if fast is not None:
+            return fast
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     if device == "cuda":
         outputs, h_n, c_n, dbuf = _core.forward_cuda(a.x, a.kernel, a.recurrent_kernel, a.bias,
@@ -150,6 +180,22 @@ def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None) -> L
                         f"{type(cache).__name__}")
     B, T, E, H = cache.shape
     dt = cache.dtype
+    if cache.device == "cpu" and all(v is None or type(v) is np.ndarray
+                                     for v in (d_outputs, d_h_n, d_c_n)):
+        # Straight into the compiled module, which checks every array before it runs; if it
+        # refuses, the checks below convert what they can and word the error.
+        with cache._lock:
+            buf = cache._buf
+            if buf is not None:
+                try:
+                    grads = _core.backward(buf, (T, B, E, H), cache.lengths, d_outputs, d_h_n,
+                                           d_c_n)
+                except (TypeError, ValueError):
+                    grads = None
+                if grads is not None:
+                    cache._buf = None
+                    _recycle(buf)
+                    return LstmGrads(*grads)
     d_outputs = check_upstream("d_outputs", d_outputs, dt, (B, T, H), "[B, T, H] like outputs")
     d_h_n = check_upstream("d_h_n", d_h_n, dt, (B, H), "[B, H] like h_n")
     d_c_n = check_upstream("d_c_n", d_c_n, dt, (B, H), "[B, H] like c_n")

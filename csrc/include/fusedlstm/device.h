@@ -29,7 +29,7 @@ int OpenMpDefaultThreads();
 bool OpenMpEnabled();
 
 // Below this many floating-point operations in all, waking other threads costs more than it saves.
-constexpr double kMinParallelFlops = 2e5;
+constexpr double kMinParallelFlops = 1e6;
 
 // Calls f(i) for i in [0, n) through the device. f must be callable as f(int64_t). `flops`
 // estimates the whole job; small jobs run inline (the same tasks, so the same results).
