@@ -216,3 +216,14 @@ def test_cache_keeps_its_own_lengths(rng, len_dtype):
     got = fusedlstm.lstm_backward(cache, **up)
     for name in got._fields:
         np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_need_dx_false_skips_only_the_input_gradient(rng, dtype):
+    p, up = make_problem(rng, 9, 7, 11, 13, dtype=dtype, lengths="random")
+    full = fusedlstm.lstm_backward(fusedlstm.lstm_forward(**p)[3], **up)
+    part = fusedlstm.lstm_backward(fusedlstm.lstm_forward(**p)[3], **up, need_dx=False)
+    assert part.x is None
+    assert reference.lstm_backward(reference.lstm_forward(**p)[3], **up, need_dx=False).x is None
+    for name in ("kernel", "recurrent_kernel", "bias", "h0", "c0"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(full, name), err_msg=name)

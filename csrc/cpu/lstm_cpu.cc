@@ -354,7 +354,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   CopyOrZero(a.d_h0, a.d_h_n, N * H);
   CopyOrZero(a.d_c0, a.d_c_n, N * H);
   if (N * T == 0 || H == 0) {
-    std::fill(a.dx, a.dx + N * T * C, S(0));
+    if (a.dx) std::fill(a.dx, a.dx + N * T * C, S(0));
     std::fill(a.d_kernel, a.d_kernel + C * G, S(0));
     std::fill(a.d_recurrent_kernel, a.d_recurrent_kernel + H * G, S(0));
     std::fill(a.d_bias, a.d_bias + G, S(0));
@@ -454,11 +454,12 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   CMapRM<S> X(cv.x, M, C, Eigen::OuterStride<>(C));
   CMapRM<S> W(cv.kernel, C, G, Eigen::OuterStride<>(G));
   CMapRM<S> Hp(cv.hprev, M, H, Eigen::OuterStride<>(H));
-  MapRM<S> dX(a.dx, M, C, Eigen::OuterStride<>(C));
+  // dX is skipped when the caller does not want it (a frozen input such as fixed embeddings).
+  MapRM<S> dX(a.dx, a.dx ? M : 0, C, Eigen::OuterStride<>(C));
   MapRM<S> dW(dwp, C, G, Eigen::OuterStride<>(G));
   MapRM<S> dR(drp, H, G, Eigen::OuterStride<>(G));
   const TileGrid tx(M, C), tw(C, G), tr(H, G), tb(1, G);
-  const int64_t nx = tx.count(), nw = tw.count(), nr = tr.count();
+  const int64_t nx = a.dx ? tx.count() : 0, nw = tw.count(), nr = tr.count();
   // The largest tiles (dW, dR: K = N·T) first, so dynamic scheduling balances the rest.
   ParallelFor(device, nw + nr + nx + tb.count(), 6.0 * M * (C + H) * G, [&](int64_t task) {
     if (task < nw) {
@@ -491,7 +492,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       for (int64_t k = 0; k < c.size(); ++k) db[k] += row[k];
     }
   });
-  for (int64_t n = 0; any_padded && n < N; ++n) {
+  for (int64_t n = 0; any_padded && a.dx && n < N; ++n) {
     std::fill(a.dx + (n * T + Length(a.lengths, n, T)) * C, a.dx + (n + 1) * T * C, S(0));
   }
   Interleave(s, grid, dwp, a.d_kernel, C, false);

@@ -267,7 +267,7 @@ void LstmBackwardCuda(const CudaContext& ctx, const LstmShape& s, const Backward
   CopyOrZero(a.d_h0, a.d_h_n, N * H, b.stream);
   CopyOrZero(a.d_c0, a.d_c_n, N * H, b.stream);
   if (M == 0 || H == 0) {
-    CopyOrZero<S>(a.dx, nullptr, M * C, b.stream);
+    if (a.dx) CopyOrZero<S>(a.dx, nullptr, M * C, b.stream);
     CopyOrZero<S>(a.d_kernel, nullptr, C * G, b.stream);
     CopyOrZero<S>(a.d_recurrent_kernel, nullptr, H * G, b.stream);
     CopyOrZero<S>(a.d_bias, nullptr, G, b.stream);
@@ -295,13 +295,15 @@ void LstmBackwardCuda(const CudaContext& ctx, const LstmShape& s, const Backward
     SelectDh<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(t, N, T, H, a.lengths, dh_new, a.d_h0);
     FL_LAUNCH("SelectDh");
   }
-  if (C > 0) {
+  if (C > 0 && a.dx) {
     // dX[M, C] = dZ[M, G]·Wᵀ[G, C]
     Gemm(b.blas, CUBLAS_OP_T, CUBLAS_OP_N, C, M, G, S(0), kernel, G, gates, G, a.dx, C);
     if (a.lengths) {
       ZeroPadded<S><<<Blocks(M * C), kThreads, 0, b.stream>>>(a.dx, N, T, C, a.lengths);
       FL_LAUNCH("ZeroPadded");
     }
+  }
+  if (C > 0) {
     // dW[C, G] = Xᵀ[C, M]·dZ[M, G]
     Gemm(b.blas, CUBLAS_OP_N, CUBLAS_OP_T, G, C, M, S(0), gates, G, x, C, a.d_kernel, G);
   }

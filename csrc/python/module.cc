@@ -186,7 +186,7 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
 template <typename S>
 py::tuple Backward(const py::array& cache, const std::vector<int64_t>& shape_tnch,
                    const py::object& lengths, const py::object& d_outputs,
-                   const py::object& d_h_n, const py::object& d_c_n) {
+                   const py::object& d_h_n, const py::object& d_c_n, bool need_dx) {
   const LstmShape s = ReadShapeTNCH(shape_tnch);
   const int64_t G = 4 * s.H;
   BackwardArgs<S> args;
@@ -196,10 +196,10 @@ py::tuple Backward(const py::array& cache, const std::vector<int64_t>& shape_tnc
   args.d_outputs = OptionalPtr<S>(d_outputs, "d_outputs", {s.N, s.T, s.H});
   args.d_h_n = OptionalPtr<S>(d_h_n, "d_h_n", {s.N, s.H});
   args.d_c_n = OptionalPtr<S>(d_c_n, "d_c_n", {s.N, s.H});
-  py::array_t<S> dx({s.N, s.T, s.C}), dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}),
-      dh0({s.N, s.H}), dc0({s.N, s.H});
+  py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
+      dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
   py::array_t<S> workspace(std::vector<int64_t>{BackwardWorkspaceSize(s)});
-  args.dx = MutablePtr(dx);
+  args.dx = need_dx ? MutablePtr(dx) : nullptr;
   args.d_kernel = MutablePtr(dk);
   args.d_recurrent_kernel = MutablePtr(dr);
   args.d_bias = MutablePtr(db);
@@ -210,7 +210,8 @@ py::tuple Backward(const py::array& cache, const std::vector<int64_t>& shape_tnc
     py::gil_scoped_release release;
     LstmBackward<S>(OpenMpDevice(NumThreads()), s, args);
   }
-  return py::make_tuple(dx, dk, dr, db, dh0, dc0);
+  py::object dx_out = need_dx ? py::object(dx) : py::none();
+  return py::make_tuple(dx_out, dk, dr, db, dh0, dc0);
 }
 
 bool IsDtype(const py::array& a, const py::dtype& d) { return a.dtype().is(d); }
@@ -353,7 +354,7 @@ py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::arr
 template <typename S>
 py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tnch,
                        const py::object& lengths, const py::object& d_outputs,
-                       const py::object& d_h_n, const py::object& d_c_n) {
+                       const py::object& d_h_n, const py::object& d_c_n, bool need_dx) {
   const LstmShape s = ReadShapeTNCH(shape_tnch);
   const int64_t G = 4 * s.H;
   if (cache.released()) throw py::value_error("cache: already used by a backward");
@@ -364,8 +365,8 @@ py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tn
   const S* dout = OptionalPtr<S>(d_outputs, "d_outputs", {s.N, s.T, s.H});
   const S* dhn = OptionalPtr<S>(d_h_n, "d_h_n", {s.N, s.H});
   const S* dcn = OptionalPtr<S>(d_c_n, "d_c_n", {s.N, s.H});
-  py::array_t<S> dx({s.N, s.T, s.C}), dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}),
-      dh0({s.N, s.H}), dc0({s.N, s.H});
+  py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
+      dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
   {
     py::gil_scoped_release release;
     CudaRuntime& rt = Runtime();
@@ -379,7 +380,7 @@ py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tn
     d.d_outputs = Upload<S>(keep, dout, s.N * s.T * s.H, sizeof(S), st);
     d.d_h_n = Upload<S>(keep, dhn, s.N * s.H, sizeof(S), st);
     d.d_c_n = Upload<S>(keep, dcn, s.N * s.H, sizeof(S), st);
-    d.dx = Scratch<S>(keep, s.N * s.T * s.C);
+    d.dx = need_dx ? Scratch<S>(keep, s.N * s.T * s.C) : nullptr;
     d.d_kernel = Scratch<S>(keep, s.C * G);
     d.d_recurrent_kernel = Scratch<S>(keep, s.H * G);
     d.d_bias = Scratch<S>(keep, G);
@@ -387,7 +388,7 @@ py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tn
     d.d_c0 = Scratch<S>(keep, s.N * s.H);
     d.workspace = Scratch<S>(keep, CudaBackwardWorkspaceSize(s));
     LstmBackwardCuda<S>(ctx, s, d);
-    Download(dx, d.dx, st);
+    if (need_dx) Download(dx, d.dx, st);
     Download(dk, d.d_kernel, st);
     Download(dr, d.d_recurrent_kernel, st);
     Download(db, d.d_bias, st);
@@ -396,7 +397,8 @@ py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tn
     CudaCheck(cudaStreamSynchronize(st), "LSTM backward on the GPU");
     cache.Release();  // consumed, as on the CPU
   }
-  return py::make_tuple(dx, dk, dr, db, dh0, dc0);
+  py::object dx_out = need_dx ? py::object(dx) : py::none();
+  return py::make_tuple(dx_out, dk, dr, db, dh0, dc0);
 }
 
 void RegisterCuda(py::module_& m) {
@@ -420,13 +422,14 @@ void RegisterCuda(py::module_& m) {
   m.def(
       "backward_cuda",
       [](DeviceBuffer& cache, const std::vector<int64_t>& shape, const py::object& lengths,
-         const py::object& d_outputs, const py::object& d_h_n, const py::object& d_c_n) {
+         const py::object& d_outputs, const py::object& d_h_n, const py::object& d_c_n,
+         bool need_dx) {
         if (cache.is_double())
-          return BackwardCuda<double>(cache, shape, lengths, d_outputs, d_h_n, d_c_n);
-        return BackwardCuda<float>(cache, shape, lengths, d_outputs, d_h_n, d_c_n);
+          return BackwardCuda<double>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
+        return BackwardCuda<float>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
       },
       py::arg("cache"), py::arg("shape"), py::arg("lengths"), py::arg("d_outputs"),
-      py::arg("d_h_n"), py::arg("d_c_n"));
+      py::arg("d_h_n"), py::arg("d_c_n"), py::arg("need_dx") = true);
 }
 #endif  // FUSEDLSTM_WITH_CUDA
 
@@ -455,15 +458,16 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "backward",
       [](const py::array& cache, const std::vector<int64_t>& shape, const py::object& lengths,
-         const py::object& d_outputs, const py::object& d_h_n, const py::object& d_c_n) {
+         const py::object& d_outputs, const py::object& d_h_n, const py::object& d_c_n,
+         bool need_dx) {
         if (IsDtype(cache, py::dtype::of<float>()))
-          return Backward<float>(cache, shape, lengths, d_outputs, d_h_n, d_c_n);
+          return Backward<float>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
         if (IsDtype(cache, py::dtype::of<double>()))
-          return Backward<double>(cache, shape, lengths, d_outputs, d_h_n, d_c_n);
+          return Backward<double>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
         throw py::type_error("cache: dtype must be float32 or float64");
       },
       py::arg("cache"), py::arg("shape"), py::arg("lengths"), py::arg("d_outputs"),
-      py::arg("d_h_n"), py::arg("d_c_n"));
+      py::arg("d_h_n"), py::arg("d_c_n"), py::arg("need_dx") = true);
   m.def(
       "fma_peak_gflops",
       [](int threads, double seconds) {

@@ -276,7 +276,8 @@ class SentimentClassifier:
             return loss, probs, None, None
         d_d, g_w, g_b = dense_backward(d, p["dense_w"], d_logits)
         d_h = d_d * mask if mask is not None else d_d
-        g = lstm_backward(cache, d_h_n=d_h)
+        # Frozen embeddings learn nothing from the input gradient: skip computing it.
+        g = lstm_backward(cache, d_h_n=d_h, need_dx=self.config.train_embeddings)
         grads = {"kernel": g.kernel, "recurrent_kernel": g.recurrent_kernel, "bias": g.bias,
                  "dense_w": g_w, "dense_b": g_b}
         sparse = embedding_backward(ids, lengths, g.x) if self.config.train_embeddings else None

@@ -21,6 +21,7 @@ class Adam:
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0
+        self._work: Dict[str, tuple] = {}
 
     def step(self, grads: Dict[str, np.ndarray], sparse: Dict[str, tuple] = None) -> None:
         """One update. grads: dense gradients by name; sparse: name -> (rows, row_grads) with
@@ -32,17 +33,33 @@ class Adam:
         eps_t = self.eps * np.sqrt(1 - b2 ** self.t)
         for k, g in grads.items():
             p, m, v = self.params[k], self.m[k], self.v[k]
+            s1, s2 = self._scratch(k)
+            # In place, in the textbook order: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
+            # p -= lr_t m / (sqrt(v) + eps_t)
             m *= b1
-            m += (1 - b1) * g
+            np.multiply(g, 1 - b1, out=s1)
+            m += s1
             v *= b2
-            v += (1 - b2) * (g * g)
-            p -= (lr_t * m / (np.sqrt(v) + eps_t)).astype(p.dtype)
+            np.multiply(g, g, out=s1)
+            s1 *= 1 - b2
+            v += s1
+            np.sqrt(v, out=s1)
+            s1 += eps_t
+            np.multiply(m, lr_t, out=s2)
+            s2 /= s1
+            p -= s2
         for k, (rows, g) in (sparse or {}).items():
             p, m, v = self.params[k], self.m[k], self.v[k]
             mr = b1 * m[rows] + (1 - b1) * g
             vr = b2 * v[rows] + (1 - b2) * (g * g)
             m[rows], v[rows] = mr, vr
             p[rows] -= (lr_t * mr / (np.sqrt(vr) + eps_t)).astype(p.dtype)
+
+    def _scratch(self, k: str):
+        """Two work arrays shaped like parameter k, kept between steps (no temporaries)."""
+        if k not in self._work:
+            self._work[k] = (np.empty_like(self.m[k]), np.empty_like(self.m[k]))
+        return self._work[k]
 
     def state(self) -> Dict[str, np.ndarray]:
         out = {"t": np.asarray(self.t, np.int64)}

@@ -48,7 +48,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
     return outputs, h, c, cache
 
 
-def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None) -> LstmGrads:
+def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool = True) -> LstmGrads:
     """NumPy reference of :func:`fusedlstm.lstm_backward`: BPTT, one step at a time."""
     if cache is None:
         raise ValueError("cache is None: the forward ran with training=False")
@@ -79,4 +79,4 @@ def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None) -> LstmGrads:
         dx[:, t] = np.where(valid, dz @ W.T, 0)
         dh = np.where(valid, dz @ R.T, dh)
         dc = np.where(valid, dc_t * f, dc)
-    return LstmGrads(dx, dW, dR, db, dh, dc)
+    return LstmGrads(dx if need_dx else None, dW, dR, db, dh, dc)

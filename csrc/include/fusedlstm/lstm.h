@@ -74,7 +74,7 @@ struct BackwardArgs {
   const Scalar* d_h_n = nullptr;             // [N, H]
   const Scalar* d_c_n = nullptr;             // [N, H]
   // Gradients (fully written, never accumulated into).
-  Scalar* dx = nullptr;                      // [N, T, C]
+  Scalar* dx = nullptr;                      // [N, T, C], or nullptr: not computed (frozen input)
   Scalar* d_kernel = nullptr;                // [C, 4H]
   Scalar* d_recurrent_kernel = nullptr;      // [H, 4H]
   Scalar* d_bias = nullptr;                  // [4H]
