@@ -309,6 +309,19 @@ void Download(py::array_t<S>& dst, const S* src, cudaStream_t st) {
   }
 }
 
+// The scope of one GPU call: the GIL released, the runtime locked (members initialize in this
+// order), the context, and the temporaries freed at the end.
+struct CudaCall {
+  py::gil_scoped_release release;
+  std::lock_guard<std::mutex> lock;
+  CudaContext ctx;
+  cudaStream_t stream;
+  std::vector<std::unique_ptr<DeviceBuffer>> keep;
+  CudaCall()
+      : lock(Runtime().mu), ctx(Runtime().Context()),
+        stream(static_cast<cudaStream_t>(ctx.stream)) {}
+};
+
 template <typename S>
 py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::array& rkernel,
                       const py::object& bias, const py::object& h0, const py::object& c0,
@@ -322,12 +335,10 @@ py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::arr
     cache = std::make_shared<DeviceBuffer>(CacheSize(s), sizeof(S), std::is_same<S, double>::value);
   }
   {
-    py::gil_scoped_release release;
-    CudaRuntime& rt = Runtime();
-    std::lock_guard<std::mutex> lock(rt.mu);
-    const CudaContext ctx = rt.Context();
-    cudaStream_t st = static_cast<cudaStream_t>(ctx.stream);
-    std::vector<std::unique_ptr<DeviceBuffer>> keep;
+    CudaCall call;  // GIL released, the runtime locked
+    const CudaContext& ctx = call.ctx;
+    cudaStream_t st = call.stream;
+    auto& keep = call.keep;
     ForwardArgs<S> d;
     d.x = Upload<S>(keep, host.x, s.N * s.T * s.C, sizeof(S), st);
     d.kernel = Upload<S>(keep, host.kernel, s.C * G, sizeof(S), st);
@@ -368,12 +379,10 @@ py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tn
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
   {
-    py::gil_scoped_release release;
-    CudaRuntime& rt = Runtime();
-    std::lock_guard<std::mutex> lock(rt.mu);
-    const CudaContext ctx = rt.Context();
-    cudaStream_t st = static_cast<cudaStream_t>(ctx.stream);
-    std::vector<std::unique_ptr<DeviceBuffer>> keep;
+    CudaCall call;  // GIL released, the runtime locked
+    const CudaContext& ctx = call.ctx;
+    cudaStream_t st = call.stream;
+    auto& keep = call.keep;
     BackwardArgs<S> d;
     d.cache = cache.get<S>();
     d.lengths = Upload<int32_t>(keep, len, s.N, sizeof(int32_t), st);
