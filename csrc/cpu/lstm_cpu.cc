@@ -101,32 +101,33 @@ struct StepGrid {
   int64_t unit_block(int64_t task) const { return task % unit_parts; }
 };
 
-// The recurrent weights packed once per call for the per-step GEMMs, one packed matrix per unit
-// block: forward packs Rp[:, block] (K = H, N = 4·nu), backward packs Rp[units, :]ᵀ (K = 4H,
-// N = nu). Sizes use float's panel width, an upper bound for double's.
+// Weights packed once per call for the per-step GEMMs, one packed matrix per unit block.
+// Forward packs Wp[:, block] (K = C) and Rp[:, block] (K = H), N = 4·nu each; backward packs
+// Rp[units, :]ᵀ (K = 4H, N = nu). Sizes use float's panel width, an upper bound for double's.
 struct PackedSteps {
   int64_t offset[kMaxUnitParts + 1];
-  PackedSteps(const LstmShape& s, const StepGrid& grid, bool backward) {
+  PackedSteps(const LstmShape& s, const StepGrid& grid, bool backward, int64_t K) {
     offset[0] = 0;
     for (int64_t k = 0; k < grid.unit_parts; ++k) {
       const int64_t nu = Part(s.H, grid.unit_parts, k).size();
       offset[k + 1] = offset[k] + (backward ? PackedRhsSize<float>(4 * s.H, nu)
-                                            : PackedRhsSize<float>(s.H, 4 * nu));
+                                            : PackedRhsSize<float>(K, 4 * nu));
     }
   }
   int64_t total(const StepGrid& grid) const { return offset[grid.unit_parts]; }
 };
 
+// Packs the interleaved weights w ([K, 4H] forward; R, [H, 4H], transposed per block backward).
 template <typename S>
 void PackStepWeights(const CpuDevice& device, const LstmShape& s, const StepGrid& grid,
-                     const PackedSteps& packed, const S* rp, bool backward, S* out) {
+                     const PackedSteps& packed, const S* w, int64_t K, bool backward, S* out) {
   const int64_t H = s.H, G = 4 * H;
-  ParallelFor(device, grid.unit_parts, double(H) * G, [&](int64_t k) {
+  ParallelFor(device, grid.unit_parts, double(K) * G, [&](int64_t k) {
     const Range u = Part(H, grid.unit_parts, k);
     if (backward) {  // B(j, n) = Rp[u0 + n, j]
-      PackRhs<S>(rp + u.begin * G, 1, G, G, u.size(), out + packed.offset[k]);
-    } else {         // B(j, n) = Rp[j, 4·u0 + n]
-      PackRhs<S>(rp + 4 * u.begin, G, 1, H, 4 * u.size(), out + packed.offset[k]);
+      PackRhs<S>(w + u.begin * G, 1, G, G, u.size(), out + packed.offset[k]);
+    } else {         // B(j, n) = w[j, 4·u0 + n]
+      PackRhs<S>(w + 4 * u.begin, G, 1, K, 4 * u.size(), out + packed.offset[k]);
     }
   });
 }
@@ -194,34 +195,17 @@ void CopyOrZero(S* dst, const S* src, int64_t count) {
   }
 }
 
-// Z[N*T, 4H] = X[N*T, C] · Wp[C, 4H], tiled.
-template <typename S>
-void InputProjection(const CpuDevice& device, const LstmShape& s, const S* x, const S* wp, S* z) {
-  const int64_t M = s.N * s.T, G = 4 * s.H;
-  if (s.C == 0) {
-    std::fill(z, z + M * G, S(0));
-    return;
-  }
-  CMapRM<S> X(x, M, s.C, Eigen::OuterStride<>(s.C));
-  CMapRM<S> W(wp, s.C, G, Eigen::OuterStride<>(G));
-  MapRM<S> Z(z, M, G, Eigen::OuterStride<>(G));
-  const TileGrid tiles(M, G);
-  ParallelFor(device, tiles.count(), 2.0 * M * s.C * G, [&](int64_t task) {
-    const Range r = tiles.rows(task), c = tiles.cols(task);
-    Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
-        X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
-  });
-}
-
 }  // namespace
 
 int64_t ForwardWorkspaceSize(const LstmShape& s, bool training) {
   const int64_t G = 4 * s.H;
   const StepGrid grid(s);
-  const int64_t packed = PackedSteps(s, grid, false).total(grid);
+  const int64_t packed =
+      PackedSteps(s, grid, false, s.H).total(grid) + PackedSteps(s, grid, false, s.C).total(grid);
   // Training: the interleaved bias and the packed weights; everything else is in the cache.
+  // Inference: also the interleaved weights, one step's gates and two h buffers.
   if (training) return G + packed;
-  return (s.C + s.H + 1) * G + s.N * s.T * G + 2 * s.N * s.H + packed;
+  return (s.C + s.H + 1) * G + s.N * G + 2 * s.N * s.H + packed;
 }
 
 int64_t CacheSize(const LstmShape& s) {
@@ -231,7 +215,7 @@ int64_t CacheSize(const LstmShape& s) {
 
 int64_t BackwardWorkspaceSize(const LstmShape& s) {
   const StepGrid grid(s);
-  return (s.C + s.H + 1) * 4 * s.H + PackedSteps(s, grid, true).total(grid);
+  return (s.C + s.H + 1) * 4 * s.H + PackedSteps(s, grid, true, 4 * s.H).total(grid);
 }
 
 template <typename S>
@@ -269,7 +253,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     rp = wp + C * G;
     bp = rp + H * G;
     gates = bp + G;
-    hbuf = gates + N * T * G;
+    hbuf = gates + N * G;  // inference keeps one step's gates
     rpack = hbuf + 2 * N * H;
     CopyOrZero(hbuf, a.h0, N * H);
     CopyOrZero(a.c_n, a.c0, N * H);
@@ -282,26 +266,37 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     std::fill(bp, bp + G, S(0));
   }
 
-  const PackedSteps packed(s, grid, false);
-  PackStepWeights(device, s, grid, packed, rp, false, rpack);
-  InputProjection(device, s, a.x, wp, gates);
+  const PackedSteps packed(s, grid, false, H), wpacked(s, grid, false, C);
+  S* wpack = rpack + packed.total(grid);
+  PackStepWeights(device, s, grid, packed, rp, H, false, rpack);
+  if (C > 0) PackStepWeights(device, s, grid, wpacked, wp, C, false, wpack);
+  // Gates of step t: rows T·G apart in the cache (training), G apart in the one-step buffer.
+  const int64_t z_ld = training ? T * G : G;
 
-  const double step_flops = 2.0 * N * H * G;
+  const double step_flops = 2.0 * N * (C + H) * G;
   for (int64_t t = 0; t < T; ++t) {
     const S* h_in = training ? h_hist + t * H : hbuf + (t % 2) * N * H;
     const int64_t h_in_ld = training ? T * H : H;
+    S* zstep = training ? gates + t * G : gates;
     ParallelFor(device, grid.count(), step_flops, [&](int64_t task) {
       const Range rows = grid.rows(s, task), units = grid.units(s, task);
       const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
-      // Recurrent GEMM slice: Z[rows, t, block] += h_{t-1}[rows] · Rp[:, block].
+      const int64_t block = grid.unit_block(task);
+      // Z[rows, t, block] = x_t[rows] · Wp[:, block] + h_{t-1}[rows] · Rp[:, block], both
+      // weights packed once per call; the step's gates stay in cache for the fused pass.
+      S* zblock = zstep + rows.begin * z_ld + col0;
+      for (int64_t n = 0; n < rows.size(); ++n) std::fill(zblock + n * z_ld, zblock + n * z_ld + 4 * nu, S(0));
+      if (C > 0) {
+        GemmPackedRhs<S>(rows.size(), 4 * nu, C, a.x + (rows.begin * T + t) * C, T * C,
+                         wpack + wpacked.offset[block], zblock, z_ld);
+      }
       GemmPackedRhs<S>(rows.size(), 4 * nu, H, h_in + rows.begin * h_in_ld, h_in_ld,
-                       rpack + packed.offset[grid.unit_block(task)],
-                       gates + (rows.begin * T + t) * G + col0, T * G);
+                       rpack + packed.offset[block], zblock, z_ld);
       // Fused pass over the block, in chunks of kChunk units.
       alignas(64) S gate[4][kChunk], cell[kChunk], hid[kChunk];
       for (int64_t n = rows.begin; n < rows.end; ++n) {
         const bool valid = t < Length(a.lengths, n, T);
-        S* zrow = gates + (n * T + t) * G + col0;
+        S* zrow = zstep + n * z_ld + col0;
         for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
           const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
           const S* c_prev = training ? c_hist + (n * (T + 1) + t) * H + u : a.c_n + n * H + u;
@@ -368,8 +363,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   S* drp = dwp + C * G;
   S* dbp = drp + H * G;
   S* rtpack = dbp + G;
-  const PackedSteps packed(s, grid, true);
-  PackStepWeights(device, s, grid, packed, cv.rkernel, true, rtpack);
+  const PackedSteps packed(s, grid, true, 4 * H);
+  PackStepWeights(device, s, grid, packed, cv.rkernel, H, true, rtpack);
   // Padded steps contribute nothing, even when the data there is NaN or Inf (0 · Inf is NaN):
   // the padded rows of the cached x and h_{t-1} are zeroed (the cache is consumed anyway), dX's
   // padded rows are zeroed after its GEMM, and when R holds a non-finite value the per-step dh
