@@ -195,17 +195,36 @@ void CopyOrZero(S* dst, const S* src, int64_t count) {
   }
 }
 
+// Z[N*T, 4H] = X[N*T, C] · Wp[C, 4H], tiled.
+template <typename S>
+void InputProjection(const CpuDevice& device, const LstmShape& s, const S* x, const S* wp, S* z) {
+  const int64_t M = s.N * s.T, G = 4 * s.H;
+  if (s.C == 0) {
+    std::fill(z, z + M * G, S(0));
+    return;
+  }
+  CMapRM<S> X(x, M, s.C, Eigen::OuterStride<>(s.C));
+  CMapRM<S> W(wp, s.C, G, Eigen::OuterStride<>(G));
+  MapRM<S> Z(z, M, G, Eigen::OuterStride<>(G));
+  const TileGrid tiles(M, G);
+  ParallelFor(device, tiles.count(), 2.0 * M * s.C * G, [&](int64_t task) {
+    const Range r = tiles.rows(task), c = tiles.cols(task);
+    Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
+        X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
+  });
+}
+
 }  // namespace
 
 int64_t ForwardWorkspaceSize(const LstmShape& s, bool training) {
   const int64_t G = 4 * s.H;
   const StepGrid grid(s);
-  const int64_t packed =
-      PackedSteps(s, grid, false, s.H).total(grid) + PackedSteps(s, grid, false, s.C).total(grid);
-  // Training: the interleaved bias and the packed weights; everything else is in the cache.
-  // Inference: also the interleaved weights, one step's gates and two h buffers.
-  if (training) return G + packed;
-  return (s.C + s.H + 1) * G + s.N * G + 2 * s.N * s.H + packed;
+  const int64_t packed_r = PackedSteps(s, grid, false, s.H).total(grid);
+  // Training: the interleaved bias and the packed R; everything else is in the cache.
+  // Inference: also the interleaved weights, the packed W, one step's gates, two h buffers.
+  if (training) return G + packed_r;
+  return (s.C + s.H + 1) * G + s.N * G + 2 * s.N * s.H + packed_r +
+         PackedSteps(s, grid, false, s.C).total(grid);
 }
 
 int64_t CacheSize(const LstmShape& s) {
@@ -269,11 +288,18 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   const PackedSteps packed(s, grid, false, H), wpacked(s, grid, false, C);
   S* wpack = rpack + packed.total(grid);
   PackStepWeights(device, s, grid, packed, rp, H, false, rpack);
-  if (C > 0) PackStepWeights(device, s, grid, wpacked, wp, C, false, wpack);
+  // The input projection. Training keeps every step's gates in the cache anyway, so one tiled
+  // GEMM over all steps fills them (the most parallel form). Inference keeps one step's gates:
+  // x_t·Wp runs inside each step's tasks on W packed once, like R.
+  if (training) {
+    InputProjection(device, s, a.x, wp, gates);
+  } else if (C > 0) {
+    PackStepWeights(device, s, grid, wpacked, wp, C, false, wpack);
+  }
   // Gates of step t: rows T·G apart in the cache (training), G apart in the one-step buffer.
   const int64_t z_ld = training ? T * G : G;
 
-  const double step_flops = 2.0 * N * (C + H) * G;
+  const double step_flops = 2.0 * N * (training ? H : C + H) * G;
   for (int64_t t = 0; t < T; ++t) {
     const S* h_in = training ? h_hist + t * H : hbuf + (t % 2) * N * H;
     const int64_t h_in_ld = training ? T * H : H;
@@ -282,13 +308,17 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
       const Range rows = grid.rows(s, task), units = grid.units(s, task);
       const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
       const int64_t block = grid.unit_block(task);
-      // Z[rows, t, block] = x_t[rows] · Wp[:, block] + h_{t-1}[rows] · Rp[:, block], both
-      // weights packed once per call; the step's gates stay in cache for the fused pass.
+      // Z[rows, t, block] (+)= x_t[rows] · Wp[:, block] (inference; training has it already),
+      // then += h_{t-1}[rows] · Rp[:, block]; the step's gates stay in cache for the fused pass.
       S* zblock = zstep + rows.begin * z_ld + col0;
-      for (int64_t n = 0; n < rows.size(); ++n) std::fill(zblock + n * z_ld, zblock + n * z_ld + 4 * nu, S(0));
-      if (C > 0) {
-        GemmPackedRhs<S>(rows.size(), 4 * nu, C, a.x + (rows.begin * T + t) * C, T * C,
-                         wpack + wpacked.offset[block], zblock, z_ld);
+      if (!training) {
+        for (int64_t n = 0; n < rows.size(); ++n) {
+          std::fill(zblock + n * z_ld, zblock + n * z_ld + 4 * nu, S(0));
+        }
+        if (C > 0) {
+          GemmPackedRhs<S>(rows.size(), 4 * nu, C, a.x + (rows.begin * T + t) * C, T * C,
+                           wpack + wpacked.offset[block], zblock, z_ld);
+        }
       }
       GemmPackedRhs<S>(rows.size(), 4 * nu, H, h_in + rows.begin * h_in_ld, h_in_ld,
                        rpack + packed.offset[block], zblock, z_ld);
