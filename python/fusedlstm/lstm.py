@@ -88,17 +88,9 @@ class LstmCache:
                 f"device={self.device}, {state})")
 
 
-def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training):
-    """The call straight into the compiled module when every argument already is what it takes
-    (NumPy arrays of one float dtype, C-contiguous, int32 lengths): it checks dtypes, shapes and
-    lengths itself before touching anything. None when it refuses: the caller then goes through
-    check_forward, which converts what can be converted and words the errors for users."""
-    if type(x) is not np.ndarray:
-        return None
-    if lengths is not None:
-        if type(lengths) is not np.ndarray or lengths.dtype != np.int32:
-            return None
-        lengths = lengths.copy()  # the cache must not see later changes to the caller's array
+def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training):
+    """One compiled CPU forward, reusing the spare scratch buffer; the module checks every
+    array itself before it runs (TypeError/ValueError, the spare put back)."""
     spare = _spare.pop(x.dtype, None)
     try:
         outputs, h_n, c_n, buf = _core.forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
@@ -106,12 +98,29 @@ def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training):
     except (TypeError, ValueError):
         if spare is not None:
             _spare[x.dtype] = spare
-        return None
+        raise
     if not training:
-        _recycle(buf)
+        _recycle(buf)  # the workspace
         return outputs, h_n, c_n, None
     B, T, E = x.shape
     return outputs, h_n, c_n, LstmCache(buf, (B, T, E, recurrent_kernel.shape[0]), lengths)
+
+
+def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training):
+    """The call straight into the compiled module when every argument already is what it takes
+    (NumPy arrays of one float dtype, C-contiguous, int32 lengths). None when it refuses: the
+    caller then goes through check_forward, which converts what can be converted and words the
+    errors for users."""
+    if type(x) is not np.ndarray:
+        return None
+    if lengths is not None:
+        if type(lengths) is not np.ndarray or lengths.dtype != np.int32:
+            return None
+        lengths = lengths.copy()  # the cache must not see later changes to the caller's array
+    try:
+        return _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training)
+    except (TypeError, ValueError):
+        return None
 
 
 def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengths=None,
@@ -149,13 +158,8 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
         cache = (LstmCache(dbuf, (a.B, a.T, a.E, a.H), a.lengths, a.x.dtype, "cuda")
                  if training else None)
         return outputs, h_n, c_n, cache
-    outputs, h_n, c_n, buf = _core.forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0,
-                                           a.lengths, bool(training),
-                                           _spare.pop(a.x.dtype, None))
-    if not training:
-        _recycle(buf)  # the workspace
-        return outputs, h_n, c_n, None
-    return outputs, h_n, c_n, LstmCache(buf, (a.B, a.T, a.E, a.H), a.lengths)
+    return _cpu_forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths,
+                        training)
 
 
 def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None,
@@ -188,33 +192,28 @@ def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None,
                                      for v in (d_outputs, d_h_n, d_c_n)):
         # Straight into the compiled module, which checks every array before it runs; if it
         # refuses, the checks below convert what they can and word the error.
-        with cache._lock:
-            buf = cache._buf
-            if buf is not None:
-                try:
-                    grads = _core.backward(buf, (T, B, E, H), cache.lengths, d_outputs, d_h_n,
-                                           d_c_n, bool(need_dx))
-                except (TypeError, ValueError):
-                    grads = None
-                if grads is not None:
-                    cache._buf = None
-                    _recycle(buf)
-                    return LstmGrads(*grads)
+        try:
+            return _consume(cache, d_outputs, d_h_n, d_c_n, need_dx)
+        except (TypeError, ValueError):
+            pass
     d_outputs = check_upstream("d_outputs", d_outputs, dt, (B, T, H), "[B, T, H] like outputs")
     d_h_n = check_upstream("d_h_n", d_h_n, dt, (B, H), "[B, H] like h_n")
     d_c_n = check_upstream("d_c_n", d_c_n, dt, (B, H), "[B, H] like c_n")
-    with cache._lock:  # one backward per cache, even from several threads
+    return _consume(cache, d_outputs, d_h_n, d_c_n, need_dx)
+
+
+def _consume(cache: LstmCache, d_outputs, d_h_n, d_c_n, need_dx) -> LstmGrads:
+    """The compiled backward on the cache's device; the cache is used up (one backward each,
+    even from several threads) and a CPU buffer is recycled for the next forward."""
+    B, T, E, H = cache.shape
+    with cache._lock:
         buf = cache._buf
         if buf is None:
             raise ValueError("cache was already used by lstm_backward (a cache is good for one "
                              "backward: run the forward again)")
-        if cache.device == "cuda":
-            dx, dk, dr, db, dh0, dc0 = _core.backward_cuda(buf, (T, B, E, H), cache.lengths,
-                                                           d_outputs, d_h_n, d_c_n, bool(need_dx))
-            cache._buf = None  # consumed (the GPU memory is freed)
-            return LstmGrads(dx, dk, dr, db, dh0, dc0)
-        dx, dk, dr, db, dh0, dc0 = _core.backward(buf, (T, B, E, H), cache.lengths, d_outputs,
-                                                  d_h_n, d_c_n, bool(need_dx))
-        cache._buf = None  # consumed in place: recycle it for the next forward
-    _recycle(buf)
-    return LstmGrads(dx, dk, dr, db, dh0, dc0)
+        run = _core.backward_cuda if cache.device == "cuda" else _core.backward
+        grads = run(buf, (T, B, E, H), cache.lengths, d_outputs, d_h_n, d_c_n, bool(need_dx))
+        cache._buf = None  # consumed (in place on the CPU; GPU memory freed)
+    if cache.device == "cpu":
+        _recycle(buf)
+    return LstmGrads(*grads)
