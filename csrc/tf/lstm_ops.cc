@@ -3,14 +3,18 @@
 // allocate outputs and workspaces through TensorFlow, and run the kernels on TensorFlow's CPU
 // thread pool adapted to CpuDevice. The gradient op is wired to FusedLstm by a registered
 // Python gradient (fusedlstm/keras/ops.py).
+#include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "fusedlstm/lstm.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/util/work_sharder.h"
+#include "tensorflow/core/platform/blocking_counter.h"
+#include "tensorflow/core/platform/threadpool.h"
 
 namespace tensorflow {
 namespace {
@@ -80,16 +84,36 @@ REGISTER_OP("FusedLstmGrad")
       return OkStatus();
     });
 
-// TensorFlow's intra-op pool as a CpuDevice: each task becomes one shard.
-void TfParallelFor(void* impl, int /*num_threads*/, int64_t num_tasks, fusedlstm::TaskFn task,
+// TensorFlow's intra-op pool as a CpuDevice. The kernels call this once or twice per time step,
+// so it must cost one wake-up, not one scheduled closure per task (TF's own ParallelFor
+// schedules a closure per block and hops to the pool when there are more tasks than threads):
+// the caller and up to num_threads - 1 pool threads take task indices from one atomic counter.
+// A helper the pool starts late finds no work left and returns at once; the caller waits for
+// every helper it scheduled, since they read this stack frame.
+void TfParallelFor(void* impl, int num_threads, int64_t num_tasks, fusedlstm::TaskFn task,
                    void* ctx) {
   auto* workers = static_cast<thread::ThreadPool*>(impl);
-  workers->ParallelFor(num_tasks, thread::ThreadPool::SchedulingParams(
-                                      thread::ThreadPool::SchedulingStrategy::kFixedBlockSize,
-                                      std::nullopt, /*block_size=*/1),
-                       [&](int64_t begin, int64_t end) {
-                         for (int64_t i = begin; i < end; ++i) task(ctx, i);
-                       });
+  const int64_t helpers = std::min<int64_t>(num_tasks, num_threads) - 1;
+  std::atomic<int64_t> next{0};
+  auto drain = [&] {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_tasks;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      task(ctx, i);
+    }
+  };
+  if (helpers <= 0) {
+    drain();
+    return;
+  }
+  BlockingCounter done(static_cast<int>(helpers));
+  for (int64_t h = 0; h < helpers; ++h) {
+    workers->Schedule([&] {
+      drain();
+      done.DecrementCount();
+    });
+  }
+  drain();
+  done.Wait();
 }
 
 fusedlstm::CpuDevice MakeDevice(OpKernelContext* ctx) {
@@ -210,12 +234,22 @@ class FusedLstmGradOp : public OpKernel {
     CHECK_SHAPE(ctx, dhn, "d_h_n", TensorShape({s.N, s.H}));
     CHECK_SHAPE(ctx, dcn, "d_c_n", TensorShape({s.N, s.H}));
     const int32_t* lengths = len.flat<int32>().data();
-    // Backward consumes its cache in place; a TensorFlow input must stay intact (a persistent
-    // tape may take the gradient twice), so the kernel works on a copy.
+    // Backward consumes its cache in place. When this op holds the only reference to the cache
+    // buffer (the usual case: nothing else reads the forward's cache), TensorFlow lets it take the
+    // buffer over; otherwise (a persistent tape may take the gradient twice, or the cache is
+    // fetched) the input must stay intact and the kernel works on a copy.
+    std::unique_ptr<Tensor> owned = ctx->forward_input(
+        3, OpKernelContext::Params::kNoReservation, DataTypeToEnum<S>::value, cache.shape(),
+        DEVICE_MEMORY, AllocatorAttributes());
     Tensor work_cache;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DataTypeToEnum<S>::value, cache.shape(), &work_cache));
-    if (cache.NumElements() > 0) {
-      std::memcpy(work_cache.flat<S>().data(), cache.flat<S>().data(), sizeof(S) * cache.NumElements());
+    if (owned != nullptr) {
+      work_cache = *owned;
+    } else {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(DataTypeToEnum<S>::value, cache.shape(), &work_cache));
+      if (cache.NumElements() > 0) {
+        std::memcpy(work_cache.flat<S>().data(), cache.flat<S>().data(),
+                    sizeof(S) * cache.NumElements());
+      }
     }
     Tensor *dx, *dk, *dr, *db, *dh0, *dc0;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
