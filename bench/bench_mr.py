@@ -31,7 +31,8 @@ def main(argv=None):
     ap.add_argument("--folds", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-embeddings", action="store_true")
+    ap.add_argument("--freeze-embeddings", action="store_true",
+                    help="the original model's frozen vectors (default: fine-tuned, as fusedlstm train)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "mr_cv.json")
     args = ap.parse_args(argv)
     data = load_data(args.data)["all"]
@@ -41,7 +42,7 @@ def main(argv=None):
         k = len(perm) // 10
         dev, train = data.subset(perm[:k]), data.subset(perm[k:])
         model = SentimentClassifier.create(train, vectors=args.vectors, seed=args.seed + fold,
-                                           train_embeddings=args.train_embeddings, log=lambda *a: None)
+                                           train_embeddings=not args.freeze_embeddings, log=lambda *a: None)
         t0 = time.perf_counter()
         model.fit(train, dev, TrainOptions(epochs=args.epochs, seed=args.seed + fold, progress=False),
                   log=lambda *a: None)
@@ -50,7 +51,7 @@ def main(argv=None):
         print(f"fold {fold}: test accuracy {accs[-1]:.2f}%  ({secs[-1]:.1f} s)", flush=True)
     mean, std = statistics.mean(accs), statistics.stdev(accs)
     print(f"MR {args.folds}-fold CV: {mean:.2f}% ± {std:.2f} ({args.vectors}, "
-          f"{'fine-tuned' if args.train_embeddings else 'frozen'})")
+          f"{'frozen' if args.freeze_embeddings else 'fine-tuned'})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"benchmark": "mr_cv", "args": {k: str(v) for k, v in vars(args).items()},

@@ -89,6 +89,31 @@ def test_same_seed_bit_identical_and_learns():
     assert a.evaluate(tiny_split(20, seed=5))["accuracy"] > 0.9
 
 
+def test_weight_average_matches_the_formula():
+    """TrainOptions.average keeps a moving average of the dense weights, its decay ramping as
+    min(decay, (1+t)/(10+t)); training itself is unchanged by it (the embedding is kept as
+    trained). Checked against the trajectory of the same run without averaging."""
+    n, decay = 7, 0.6
+    base = dict(epochs=10, batch_size=8, lr=0.05, seed=5, progress=False)
+    trajectory = [make_model(seed=2).params]
+    for k in range(1, n + 1):
+        m = make_model(seed=2)
+        m.fit(tiny_split(), None, TrainOptions(steps=k, average=0.0, **base), log=lambda *x: None)
+        trajectory.append(m.params)
+    averaged = make_model(seed=2)
+    averaged.fit(tiny_split(), None, TrainOptions(steps=n, average=decay, **base), log=lambda *x: None)
+    np.testing.assert_array_equal(averaged.params["embedding"], trajectory[-1]["embedding"])
+    for name in ("kernel", "recurrent_kernel", "bias", "dense_w", "dense_b"):
+        a = trajectory[0][name].copy()
+        for t in range(1, n + 1):
+            keep = min(decay, (1 + t) / (10 + t))
+            a -= (1 - keep) * (a - trajectory[t][name])
+        np.testing.assert_allclose(averaged.params[name], a, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(a, trajectory[-1][name])  # the average is not the last step
+    with pytest.raises(ValueError, match="average must be in"):
+        make_model().fit(tiny_split(), None, TrainOptions(average=1.0, **base), log=lambda *x: None)
+
+
 def test_save_load_predict_roundtrip(tmp_path):
     m = make_model()
     m.fit(tiny_split(), None, TrainOptions(epochs=2, batch_size=8, lr=0.05, progress=False),
@@ -186,6 +211,21 @@ def test_cli_polarity_cross_validation_fold(tmp_path):
                 "--quiet")
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout
+
+
+def test_cli_fine_tunes_vectors_by_default_and_freezes_on_request(tmp_path):
+    vec = tmp_path / "tiny.vec"
+    vec.write_text("".join(f"{w} " + " ".join(str((i * 7 + j) % 5 / 10) for j in range(6)) + "\n"
+                           for i, w in enumerate(["great", "fun", "dull", "boring", "film", "the"])))
+    for flags, trained in (([], True), (["--freeze-embeddings"], False)):
+        out = tmp_path / ("frozen" if flags else "tuned")
+        r = run_cli("train", "--data", str(DATA / "mr"), "--out", str(out), "--vectors", str(vec),
+                    "--units", "8", "--steps", "10", "--quiet", "--no-test", *flags)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "config.json").read_text())["train_embeddings"] is trained
+    r = run_cli("train", "--data", str(DATA / "mr"), "--out", str(tmp_path / "x"),
+                "--train-embeddings", "--freeze-embeddings")
+    assert r.returncode == 2 and "not allowed with" in r.stderr
 
 
 def test_cli_plot_writes_png(tmp_path):

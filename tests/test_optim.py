@@ -42,6 +42,44 @@ def test_sparse_touches_only_present_rows(rng):
     np.testing.assert_allclose(p[0], textbook(p0[0], [steps[0][1][0]], lr=0.01), rtol=1e-12)
 
 
+def test_float32_matches_textbook_in_float64(rng):
+    """The compiled pass in float32 (the model's dtype) over sizes that exercise the vector body
+    and its tail, dense and by rows, against the float64 textbook update."""
+    for n in (1, 15, 16, 17, 1000):
+        p0 = rng.standard_normal((n, 3))
+        grads = [rng.standard_normal((n, 3)) for _ in range(4)]
+        p = p0.astype(np.float32)
+        e = p0.astype(np.float32)
+        opt = Adam({"w": p, "e": e}, lr=0.01)
+        for g in grads:
+            opt.step({"w": g.astype(np.float32)}, {"e": (np.arange(n), g.astype(np.float32))})
+        want = textbook(p0, grads, lr=0.01)
+        np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(e, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_named():
+    w = np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match="'w' must be a writeable C-contiguous"):
+        Adam({"w": np.zeros((2, 3), np.float32).T})
+    with pytest.raises(ValueError, match="'w' must be"):
+        Adam({"w": np.zeros((2, 3), np.int64)})
+    ro = np.zeros(3, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="'w' must be"):
+        Adam({"w": ro})
+    opt = Adam({"w": w, "e": np.zeros((4, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"'w'.*grad: expected shape \(3, 2\)"):
+        opt.step({"w": np.zeros((2, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"'e'.*rows\[1\] = 4 is outside \[0, 4\)"):
+        opt.step({}, {"e": (np.array([0, 4]), np.zeros((2, 2), np.float32))})
+    with pytest.raises(ValueError, match=r"'e'.*row grads: expected shape \(2, 2\)"):
+        opt.step({}, {"e": (np.array([0, 1]), np.zeros((2, 3), np.float32))})
+    with pytest.raises(ValueError, match=r"'e'.*rows\[0\] = -1"):  # w's update is not applied
+        opt.step({"w": np.ones((3, 2), np.float32)}, {"e": (np.array([-1]), np.zeros((1, 2), np.float32))})
+    assert not w.any() and opt.t == 0  # nothing was written by a rejected step
+
+
 def test_state_roundtrip(rng):
     p = rng.standard_normal(3)
     a = Adam({"w": p})

@@ -16,6 +16,7 @@
 
 #include "../cpu/gemm.h"
 #include "fusedlstm/device.h"
+#include "fusedlstm/adam.h"
 #include "fusedlstm/lstm.h"
 
 #ifdef FUSEDLSTM_WITH_CUDA
@@ -442,6 +443,59 @@ void RegisterCuda(py::module_& m) {
 }
 #endif  // FUSEDLSTM_WITH_CUDA
 
+// Adam's one-pass updates on NumPy arrays (fusedlstm.optim.Adam): every array checked (dtype,
+// C order, shape, writeable) and row indices checked in range before anything is written.
+template <typename S>
+S* WritableData(const py::array& a, const char* name) {
+  if (!a.writeable()) throw py::value_error(std::string(name) + ": array is read-only");
+  return static_cast<S*>(const_cast<void*>(a.data()));
+}
+
+AdamCoefficients Coefficients(double lr_t, double eps_t, double beta1, double beta2) {
+  AdamCoefficients c;
+  c.lr_t = lr_t;
+  c.eps_t = eps_t;
+  c.beta1 = beta1;
+  c.beta2 = beta2;
+  return c;
+}
+
+template <typename S>
+void AdamDenseChecked(const py::array& p, const py::array& g, const py::array& m,
+                      const py::array& v, const AdamCoefficients& c) {
+  const std::vector<int64_t> shape = Dims(p);
+  CheckedPtr<S>(p, "param", shape);
+  const S* gp = CheckedPtr<S>(g, "grad", shape);
+  CheckedPtr<S>(m, "m", shape);
+  CheckedPtr<S>(v, "v", shape);
+  S *pp = WritableData<S>(p, "param"), *mp = WritableData<S>(m, "m"), *vp = WritableData<S>(v, "v");
+  py::gil_scoped_release release;
+  AdamDense<S>(p.size(), pp, gp, mp, vp, c);
+}
+
+template <typename S>
+void AdamRowsChecked(const py::array& p, const py::array& m, const py::array& v,
+                     const py::array& rows, const py::array& g, const AdamCoefficients& c) {
+  if (p.ndim() != 2) throw py::value_error("param: expected a 2-d table, got shape " + ShapeStr(Dims(p)));
+  const std::vector<int64_t> shape = Dims(p);
+  CheckedPtr<S>(p, "param", shape);
+  CheckedPtr<S>(m, "m", shape);
+  CheckedPtr<S>(v, "v", shape);
+  if (rows.ndim() != 1) throw py::value_error("rows: expected a 1-d array, got shape " + ShapeStr(Dims(rows)));
+  const int64_t n = rows.shape(0);
+  const int64_t* rp = CheckedPtr<int64_t>(rows, "rows", {n});
+  const S* gp = CheckedPtr<S>(g, "row grads", {n, shape[1]});
+  for (int64_t r = 0; r < n; ++r) {
+    if (rp[r] < 0 || rp[r] >= shape[0]) {
+      throw py::value_error("rows[" + std::to_string(r) + "] = " + std::to_string(rp[r]) +
+                            " is outside [0, " + std::to_string(shape[0]) + ")");
+    }
+  }
+  S *pp = WritableData<S>(p, "param"), *mp = WritableData<S>(m, "m"), *vp = WritableData<S>(v, "v");
+  py::gil_scoped_release release;
+  AdamRows<S>(n, shape[1], rp, gp, pp, mp, vp, c);
+}
+
 
 }  // namespace
 }  // namespace fusedlstm
@@ -477,6 +531,32 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("cache"), py::arg("shape"), py::arg("lengths"), py::arg("d_outputs"),
       py::arg("d_h_n"), py::arg("d_c_n"), py::arg("need_dx") = true);
+  m.def(
+      "adam_dense",
+      [](const py::array& p, const py::array& g, const py::array& m, const py::array& v,
+         double lr_t, double eps_t, double beta1, double beta2) {
+        const AdamCoefficients c = Coefficients(lr_t, eps_t, beta1, beta2);
+        if (IsDtype(p, py::dtype::of<float>())) return AdamDenseChecked<float>(p, g, m, v, c);
+        if (IsDtype(p, py::dtype::of<double>())) return AdamDenseChecked<double>(p, g, m, v, c);
+        throw py::type_error("param: dtype must be float32 or float64, got " +
+                             std::string(py::str(p.dtype())));
+      },
+      py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("lr_t"),
+      py::arg("eps_t"), py::arg("beta1"), py::arg("beta2"),
+      "One Adam step on a whole array, in place (see fusedlstm/adam.h).");
+  m.def(
+      "adam_rows",
+      [](const py::array& p, const py::array& m, const py::array& v, const py::array& rows,
+         const py::array& g, double lr_t, double eps_t, double beta1, double beta2) {
+        const AdamCoefficients c = Coefficients(lr_t, eps_t, beta1, beta2);
+        if (IsDtype(p, py::dtype::of<float>())) return AdamRowsChecked<float>(p, m, v, rows, g, c);
+        if (IsDtype(p, py::dtype::of<double>())) return AdamRowsChecked<double>(p, m, v, rows, g, c);
+        throw py::type_error("param: dtype must be float32 or float64, got " +
+                             std::string(py::str(p.dtype())));
+      },
+      py::arg("param"), py::arg("m"), py::arg("v"), py::arg("rows"), py::arg("row_grads"),
+      py::arg("lr_t"), py::arg("eps_t"), py::arg("beta1"), py::arg("beta2"),
+      "Lazy Adam on the given distinct rows of a table, in place; other rows untouched.");
   m.def(
       "fma_peak_gflops",
       [](int threads, double seconds) {

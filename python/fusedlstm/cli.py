@@ -64,7 +64,8 @@ def cmd_train(args) -> int:
             keep_prob=args.keep_prob, train_embeddings=args.train_embeddings, seed=args.seed)
     opts = TrainOptions(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, clip_norm=args.clip_norm if args.clip_norm > 0 else None,
-                        patience=args.patience, seed=args.seed, progress=not args.quiet)
+                        patience=args.patience, seed=args.seed, progress=not args.quiet,
+                        average=args.average)
     metrics = model.fit(train, dev, opts, out_dir=out, resume=args.resume)
     if not metrics:  # nothing left to train (resumed a finished run)
         model.save(out)
@@ -165,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="model directory")
     t.add_argument("--vectors", help="word vectors: a .txt/.vec(.gz)/word2vec .bin file, or glove-6b-50d")
     t.add_argument("--embedding-dim", type=int, default=None, help="without --vectors: random embedding size (default 64)")
-    t.add_argument("--train-embeddings", action="store_true", help="fine-tune the vectors (sparse updates)")
+    emb = t.add_mutually_exclusive_group()
+    emb.add_argument("--train-embeddings", dest="train_embeddings", action="store_true", default=True,
+                     help="fine-tune the vectors with sparse (lazy Adam) updates (the default)")
+    emb.add_argument("--freeze-embeddings", dest="train_embeddings", action="store_false",
+                     help="keep the pre-trained vectors fixed, as the original model does")
     t.add_argument("--units", type=int, default=128)
     t.add_argument("--max-len", type=int, default=None, help="default: covers 95%% of training sentences")
     t.add_argument("--min-count", type=int, default=1)
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--clip-norm", type=float, default=5.0, help="global gradient norm clip (0: off)")
+    t.add_argument("--average", type=float, default=0.999,
+                   help="decay of the moving average of the weights that dev sees and that is kept (0: off)")
     t.add_argument("--patience", type=int, default=5, help="epochs without dev improvement before stopping")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--folds", type=int, default=10, help="k for *.pos/*.neg data (cross-validation)")

@@ -98,6 +98,8 @@ class TrainOptions:
     seed: int = 0
     progress: bool = True
     bucket: bool = True              # batch sentences of similar length (less padding work)
+    average: float = 0.999           # >0: evaluate/keep an exponential moving average of the
+                                     # dense weights with this decay (0: off)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -207,9 +209,11 @@ class SentimentClassifier:
     def create(cls, train: Split, *, units: int = 128, vectors: Optional[str] = None,
                embedding_dim: Optional[int] = None, max_len: Optional[int] = None,
                min_count: int = 1, max_vocab: Optional[int] = None, keep_prob: float = 0.8,
-               train_embeddings: bool = False, num_classes: Optional[int] = None, seed: int = 0,
+               train_embeddings: bool = True, num_classes: Optional[int] = None, seed: int = 0,
                log=print) -> "SentimentClassifier":
-        """A fresh model whose vocabulary, labels and max_len come from the training split."""
+        """A fresh model whose vocabulary, labels and max_len come from the training split.
+        Pre-trained vectors are fine-tuned unless train_embeddings=False (the original model's
+        frozen table): chosen on the SST-2 dev set, where fine-tuning wins by about 1.5 points."""
         rng = np.random.default_rng([seed, 10**6])
         tokenized = [tokenize(t) for t in train.texts]
         vocab = Vocabulary.build(tokenized, min_count=min_count, max_size=max_vocab)
@@ -331,6 +335,12 @@ class SentimentClassifier:
         state = {"epoch": 0, "step": 0, "best_dev": -1.0, "bad_epochs": 0}
         metrics: List[dict] = []
         best = {k: v.copy() for k, v in self.params.items()}
+        if not 0 <= opts.average < 1:
+            raise ValueError(f"average must be in [0, 1), got {opts.average}")
+        # Weight averaging (Polyak): the dense weights' moving average is what dev sees and what
+        # is kept; the embedding (sparse updates) is used as trained.
+        avg = ({k: self.params[k].copy() for k in trainable if k != "embedding"}
+               if opts.average > 0 else {})
         if out_dir is not None and out_dir.is_dir():
             stale = _remove_stale_temporaries(out_dir)
             if stale:
@@ -344,6 +354,11 @@ class SentimentClassifier:
             for k in self.params:
                 self.params[k][...] = st[f"cur/{k}"]
                 best[k] = st[f"best/{k}"].copy()
+            for k in avg:
+                if f"avg/{k}" not in st:
+                    raise ValueError(f"--resume: {out_dir / 'state.npz'} has no weight average; "
+                                     "resume with the options the run started with")
+                avg[k][...] = st[f"avg/{k}"]
             state = json.loads(str(st["meta"]))
             # The metrics saved with the state: metrics.jsonl may be one epoch ahead if a crash
             # fell between the two writes.
@@ -369,6 +384,12 @@ class SentimentClassifier:
                 _clip(grads, sparse, opts.clip_norm)
                 opt.step(grads, {"embedding": sparse} if sparse is not None else None)
                 state["step"] += 1
+                if avg:
+                    # The decay ramps up over the first steps (as tf.train.ExponentialMovingAverage
+                    # with num_updates), so the average does not remember the initial weights.
+                    keep = min(opts.average, (1 + state["step"]) / (10 + state["step"]))
+                    for k, a in avg.items():
+                        a -= (1 - keep) * (a - self.params[k])
                 losses.append(loss)
                 correct += int((probs.argmax(1) == y[b]).sum())
                 seen += len(b)
@@ -376,6 +397,9 @@ class SentimentClassifier:
                     bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{correct / seen:.3f}")
             row = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)),
                    "train_acc": correct / max(seen, 1), "seconds": time.perf_counter() - t0}
+            current = {k: self.params[k].copy() for k in avg}
+            for k, a in avg.items():  # evaluate and keep the averaged weights
+                self.params[k][...] = a
             if dev is not None:
                 ev = self.evaluate(dev)
                 row.update(dev_acc=ev["accuracy"], dev_loss=ev["loss"])
@@ -386,16 +410,18 @@ class SentimentClassifier:
                     state["bad_epochs"] += 1
             else:
                 best = {k: v.copy() for k, v in self.params.items()}
+            for k in avg:
+                self.params[k][...] = current[k]
             state["epoch"] = epoch + 1
             metrics.append(row)
             log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             if out_dir is not None:
-                self._checkpoint(out_dir, best, opt, state, metrics)
+                self._checkpoint(out_dir, best, opt, state, metrics, avg)
         for k in self.params:
             self.params[k][...] = best[k]
         return metrics
 
-    def _checkpoint(self, out_dir: Path, best, opt: Adam, state: dict, metrics) -> None:
+    def _checkpoint(self, out_dir: Path, best, opt: Adam, state: dict, metrics, avg) -> None:
         """The best weights as the model, and everything --resume needs; each file atomic, in
         this order: metrics.jsonl, the model files, state.npz (the commit point --resume reads).
         A crash between files leaves a loadable model and the previous consistent state; the
@@ -407,6 +433,7 @@ class SentimentClassifier:
         arrays = {f"cur/{k}": v for k, v in self.params.items()}
         arrays.update({f"best/{k}": v for k, v in best.items()})
         arrays.update({f"opt/{k}": v for k, v in opt.state().items()})
+        arrays.update({f"avg/{k}": v for k, v in avg.items()})
         arrays["meta"] = np.asarray(json.dumps(dict(state, metrics=metrics)))
         _atomic_write(out_dir / "state.npz", _npz_bytes(arrays))
 

@@ -4,9 +4,12 @@ LazyAdam and torch.optim.SparseAdam; the step count used for bias correction is 
 optimizer is the only code that changes parameters."""
 from __future__ import annotations
 
+import math
 from typing import Dict
 
 import numpy as np
+
+from . import _core
 
 __all__ = ["Adam"]
 
@@ -16,50 +19,60 @@ class Adam:
                  beta2: float = 0.999, eps: float = 1e-8):
         if lr <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or eps <= 0:
             raise ValueError(f"bad Adam hyper-parameters lr={lr} beta1={beta1} beta2={beta2} eps={eps}")
+        for k, p in params.items():
+            if (not isinstance(p, np.ndarray) or p.dtype not in (np.float32, np.float64)
+                    or not p.flags.c_contiguous or not p.flags.writeable):
+                raise ValueError(f"Adam: parameter {k!r} must be a writeable C-contiguous float32 or "
+                                 f"float64 array (it is updated in place)")
         self.params = params
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0
-        self._work: Dict[str, tuple] = {}
 
     def step(self, grads: Dict[str, np.ndarray], sparse: Dict[str, tuple] = None) -> None:
-        """One update. grads: dense gradients by name; sparse: name -> (rows, row_grads) with
-        unique rows. Parameters without a gradient this step are left alone."""
+        """One update, in place, one compiled pass per array (fusedlstm/adam.h). grads: dense
+        gradients by name; sparse: name -> (rows, row_grads) with distinct rows. Parameters
+        without a gradient this step are left alone."""
+        self._check(grads, sparse or {})  # all of it, before anything is written
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         # Bias corrections folded into the step size (the textbook form, as in both frameworks).
-        lr_t = self.lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        eps_t = self.eps * np.sqrt(1 - b2 ** self.t)
-        for k, g in grads.items():
-            p, m, v = self.params[k], self.m[k], self.v[k]
-            s1, s2 = self._scratch(k)
-            # In place, in the textbook order: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
-            # p -= lr_t m / (sqrt(v) + eps_t)
-            m *= b1
-            np.multiply(g, 1 - b1, out=s1)
-            m += s1
-            v *= b2
-            np.multiply(g, g, out=s1)
-            s1 *= 1 - b2
-            v += s1
-            np.sqrt(v, out=s1)
-            s1 += eps_t
-            np.multiply(m, lr_t, out=s2)
-            s2 /= s1
-            p -= s2
-        for k, (rows, g) in (sparse or {}).items():
-            p, m, v = self.params[k], self.m[k], self.v[k]
-            mr = b1 * m[rows] + (1 - b1) * g
-            vr = b2 * v[rows] + (1 - b2) * (g * g)
-            m[rows], v[rows] = mr, vr
-            p[rows] -= (lr_t * mr / (np.sqrt(vr) + eps_t)).astype(p.dtype)
+        lr_t = self.lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+        eps_t = self.eps * math.sqrt(1 - b2 ** self.t)
+        try:
+            for k, g in grads.items():
+                p = self.params[k]
+                _core.adam_dense(p, np.ascontiguousarray(g, dtype=p.dtype), self.m[k], self.v[k],
+                                 lr_t, eps_t, b1, b2)
+            for k, (rows, g) in (sparse or {}).items():
+                p = self.params[k]
+                _core.adam_rows(p, self.m[k], self.v[k], np.ascontiguousarray(rows, dtype=np.int64),
+                                np.ascontiguousarray(g, dtype=p.dtype), lr_t, eps_t, b1, b2)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"Adam.step: {k!r}: {exc}") from None
 
-    def _scratch(self, k: str):
-        """Two work arrays shaped like parameter k, kept between steps (no temporaries)."""
-        if k not in self._work:
-            self._work[k] = (np.empty_like(self.m[k]), np.empty_like(self.m[k]))
-        return self._work[k]
+    def _check(self, grads, sparse) -> None:
+        for k, g in grads.items():
+            if k not in self.params:
+                raise KeyError(f"Adam.step: no parameter named {k!r}")
+            if np.shape(g) != self.params[k].shape:
+                raise ValueError(f"Adam.step: {k!r}: grad: expected shape {self.params[k].shape}, "
+                                 f"got {np.shape(g)}")
+        for k, (rows, g) in sparse.items():
+            if k not in self.params:
+                raise KeyError(f"Adam.step: no parameter named {k!r}")
+            p, rows = self.params[k], np.asarray(rows)
+            if p.ndim != 2 or rows.ndim != 1 or rows.dtype.kind not in "iu":
+                raise ValueError(f"Adam.step: {k!r}: sparse updates need a 2-d table and 1-d "
+                                 f"integer rows, got table {p.shape} and rows {rows.shape} {rows.dtype}")
+            bad = np.flatnonzero((rows < 0) | (rows >= p.shape[0]))
+            if bad.size:
+                raise ValueError(f"Adam.step: {k!r}: rows[{bad[0]}] = {rows[bad[0]]} is outside "
+                                 f"[0, {p.shape[0]})")
+            if np.shape(g) != (len(rows), p.shape[1]):
+                raise ValueError(f"Adam.step: {k!r}: row grads: expected shape "
+                                 f"{(len(rows), p.shape[1])}, got {np.shape(g)}")
 
     def state(self) -> Dict[str, np.ndarray]:
         out = {"t": np.asarray(self.t, np.int64)}
