@@ -4,7 +4,10 @@ fusedlstm.keras.LSTM -> Dropout(0.2) -> Dense(2), trained on SST-2.
 Same training recipe as `fusedlstm train`: Adam 1e-3 with the global gradient norm clipped at 5,
 batch 32, up to 20 epochs, early stopping on dev accuracy (patience 5) keeping the best weights.
 
-    python examples/keras_sst2.py [--data ../shared/data/sst2] [--epochs 20]
+    python examples/keras_sst2.py [--data ../shared/data/sst2] [--epochs 20] [--train-embeddings]
+
+Measured (seed 0, 2 threads): frozen 77.4% test (the NumPy pipeline frozen: 78.6% ± 0.3 over 3
+seeds); with --train-embeddings 81.2% (the NumPy pipeline's default, fine-tuned: 81.3% ± 1.0).
 (needs the extras [tf,glove]: pip install "fusedlstm[tf,glove]")
 """
 import argparse
@@ -22,6 +25,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))
 ap.add_argument("--epochs", type=int, default=20)
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--train-embeddings", action="store_true",
+                help="fine-tune the GloVe table (fusedlstm train's default); the classic model keeps it frozen")
 args = ap.parse_args()
 keras.utils.set_random_seed(args.seed)
 
@@ -41,7 +46,7 @@ def encode(split):
 
 (xtr, ytr), (xdev, ydev), (xte, yte) = (encode(splits[s]) for s in ("train", "dev", "test"))
 inp = keras.Input((max_len,), dtype="int32")
-h = keras.layers.Embedding(len(vocab), init.matrix.shape[1], mask_zero=True, trainable=False,
+h = keras.layers.Embedding(len(vocab), init.matrix.shape[1], mask_zero=True, trainable=args.train_embeddings,
                            embeddings_initializer=keras.initializers.Constant(init.matrix))(inp)
 h = fk.LSTM(128)(h)  # was: keras.layers.LSTM(128)
 h = keras.layers.Dropout(0.2)(h)

@@ -38,6 +38,16 @@ namespace fusedlstm {
 namespace {
 
 constexpr int64_t kChunk = 64;              // units per fused-pass chunk (stack rows)
+
+// The per-step passes visit each row's slice of the cache at one time step: slices a whole row of
+// steps apart (T·4H floats), which the hardware prefetcher cannot predict, so every step would
+// wait on memory. Each task asks for the slices its rows need at the next step while it works on
+// this one (write = 1 for slices about to be written).
+template <int Write = 0>
+inline void PrefetchSpan(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, Write, 3);
+}
 constexpr int64_t kMaxUnitParts = 8;        // unit blocks per step, at most
 constexpr int64_t kMinUnitsPerPart = 16;
 constexpr double kStepTaskFlops = 2e6;      // recurrent-GEMM FLOPs worth one more task
@@ -100,6 +110,20 @@ struct StepGrid {
   }
   int64_t unit_block(int64_t task) const { return task % unit_parts; }
 };
+
+// The backward's per-step GEMM, dh[rows, units] += dZ_t[rows, :]·Rp[units, :]ᵀ, has only the
+// units as output columns: with the step grid's small unit blocks (16 units at H = 128) half of
+// every 32-wide micro-tile would be padding. Its own grid gives each task whole micro-tile
+// widths of units (32 floats), and splits rows when that leaves fewer than 4 tasks. Any
+// partition gives the same sums (each output's K order is fixed), so results do not change.
+inline StepGrid BackwardGemmGrid(const LstmShape& s) {
+  StepGrid g(s);
+  constexpr int64_t kWidth = 32;
+  g.unit_parts = std::max<int64_t>(1, std::min<int64_t>(kMaxUnitParts, s.H / kWidth));
+  g.row_parts = 1;
+  while (g.row_parts * g.unit_parts < 4 && s.N / (2 * g.row_parts) >= 8) g.row_parts *= 2;
+  return g;
+}
 
 // Weights packed once per call for the per-step GEMMs, one packed matrix per unit block.
 // Forward packs Wp[:, block] (K = C) and Rp[:, block] (K = H), N = 4·nu each; backward packs
@@ -233,8 +257,8 @@ int64_t CacheSize(const LstmShape& s) {
 }
 
 int64_t BackwardWorkspaceSize(const LstmShape& s) {
-  const StepGrid grid(s);
-  return (s.C + s.H + 1) * 4 * s.H + PackedSteps(s, grid, true, 4 * s.H).total(grid);
+  const StepGrid bgrid = BackwardGemmGrid(s);
+  return (s.C + s.H + 1) * 4 * s.H + PackedSteps(s, bgrid, true, 4 * s.H).total(bgrid);
 }
 
 template <typename S>
@@ -311,6 +335,13 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
       // Z[rows, t, block] (+)= x_t[rows] · Wp[:, block] (inference; training has it already),
       // then += h_{t-1}[rows] · Rp[:, block]; the step's gates stay in cache for the fused pass.
       S* zblock = zstep + rows.begin * z_ld + col0;
+      if (training && t + 1 < T) {  // step t+1's slices of these rows
+        for (int64_t n = rows.begin; n < rows.end; ++n) {
+          PrefetchSpan<1>(zstep + n * z_ld + G + col0, sizeof(S) * 4 * nu);
+          PrefetchSpan<1>(c_hist + (n * (T + 1) + t + 2) * H + u0, sizeof(S) * nu);
+          PrefetchSpan<1>(a.outputs + (n * T + t + 1) * H + u0, sizeof(S) * nu);
+        }
+      }
       if (!training) {
         for (int64_t n = 0; n < rows.size(); ++n) {
           std::fill(zblock + n * z_ld, zblock + n * z_ld + 4 * nu, S(0));
@@ -393,8 +424,9 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   S* drp = dwp + C * G;
   S* dbp = drp + H * G;
   S* rtpack = dbp + G;
-  const PackedSteps packed(s, grid, true, 4 * H);
-  PackStepWeights(device, s, grid, packed, cv.rkernel, H, true, rtpack);
+  const StepGrid bgrid = BackwardGemmGrid(s);
+  const PackedSteps packed(s, bgrid, true, 4 * H);
+  PackStepWeights(device, s, bgrid, packed, cv.rkernel, H, true, rtpack);
   // Padded steps contribute nothing, even when the data there is NaN or Inf (0 · Inf is NaN):
   // the padded rows of the cached x and h_{t-1} are zeroed (the cache is consumed anyway), dX's
   // padded rows are zeroed after its GEMM, and when R holds a non-finite value the per-step dh
@@ -417,6 +449,11 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       alignas(64) S dh_buf[kChunk], dc_buf[kChunk], tc_buf[kChunk], i_buf[kChunk];
       for (int64_t n = rows.begin; n < rows.end; ++n) {
         S* zrow = dz_all + (n * T + t) * G + col0;
+        if (t > 0 && t - 1 < Length(a.lengths, n, T)) {  // step t-1's slices of this row
+          PrefetchSpan<1>(zrow - G, sizeof(S) * 4 * nu);
+          PrefetchSpan(cv.cstate + (n * (T + 1) + t - 1) * H + u0, sizeof(S) * nu);
+          if (a.d_outputs) PrefetchSpan(a.d_outputs + (n * T + t - 1) * H + u0, sizeof(S) * nu);
+        }
         if (t >= Length(a.lengths, n, T)) {
           // Padded step: no gradient into this step's gates; dh and dc pass through unchanged.
           std::fill(zrow, zrow + 4 * nu, S(0));
@@ -449,9 +486,9 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       }
     });
     // (b) dh_{t-1}[rows, units] += dZ_t[rows, :] · Rp[units, :]ᵀ (both interleaved alike).
-    ParallelFor(device, grid.count(), step_flops, [&](int64_t task) {
-      const Range rows = grid.rows(s, task), units = grid.units(s, task);
-      const S* rt = rtpack + packed.offset[grid.unit_block(task)];
+    ParallelFor(device, bgrid.count(), step_flops, [&](int64_t task) {
+      const Range rows = bgrid.rows(s, task), units = bgrid.units(s, task);
+      const S* rt = rtpack + packed.offset[bgrid.unit_block(task)];
       if (!skip_padded_rows) {
         GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G,
                          rt, a.d_h0 + rows.begin * H + units.begin, H);
