@@ -1,12 +1,13 @@
 """End-to-end SST-2 benchmark: fusedlstm's SentimentClassifier vs the same model in PyTorch
-(nn.Embedding from the same vectors, fine-tuned or with --freeze-embeddings frozen -> nn.LSTM ->
-dropout -> nn.Linear on each sentence's last valid output, Adam, the same weight averaging, same
+(nn.Embedding from the same vectors, fine-tuned with a sparse gradient and SparseAdam = lazy Adam
+as ours, or with --freeze-embeddings frozen -> nn.LSTM -> dropout -> nn.Linear on each
+sentence's last valid output, Adam, the same clipping and weight averaging, same
 hyper-parameters and the very same batches), trained side by side
 in one run over several seeds. Reports test accuracy at the dev-selected epoch (mean ± std) and
 seconds per epoch, prints a table and writes JSON.
 
     python bench/bench_sst2.py [--data ../shared/data/sst2] [--seeds 0,1,2] [--epochs 10]
-                               [--freeze-embeddings] [--no-torch]
+                               [--freeze-embeddings] [--no-torch] [--torch-dense-embedding-adam]
 """
 from __future__ import annotations
 
@@ -29,17 +30,24 @@ from fusedlstm.model import TrainOptions, _batches
 HERE = Path(__file__).resolve().parent
 
 
-def torch_run(model: SentimentClassifier, splits, opts: TrainOptions, epochs: int):
-    """The same network in PyTorch, initialised from `model`'s (untrained) weights, trained on
-    the same batches and dropout masks; returns (test acc at best dev epoch, epoch seconds)."""
+def torch_run(model: SentimentClassifier, init, splits, opts: TrainOptions, epochs: int,
+              result: dict, dense_embedding_adam: bool = False):
+    """The same network in PyTorch, initialised from `init` (our untrained weights), trained on
+    the same batches and dropout masks. A generator: it yields after each epoch so the caller
+    can interleave its epochs with ours; fills result with the test accuracy at the best dev
+    epoch and the epoch seconds."""
     import torch
     from fusedlstm.convert import keras_to_torch
 
     torch.manual_seed(opts.seed)
-    p = model.params
+    p = init
     V, E = p["embedding"].shape
     H, C = model.config.units, model.config.num_classes
-    emb = torch.nn.Embedding(V, E, padding_idx=0)
+    # Fine-tuned vectors: by default the same algorithm as ours, a sparse embedding gradient and
+    # lazy Adam on its rows (torch.optim.SparseAdam); dense_embedding_adam: the plain PyTorch
+    # way (dense gradient, Adam over the whole table every step).
+    lazy = model.config.train_embeddings and not dense_embedding_adam
+    emb = torch.nn.Embedding(V, E, padding_idx=0, sparse=lazy)
     emb.weight.data.copy_(torch.from_numpy(p["embedding"]))
     emb.weight.requires_grad_(model.config.train_embeddings)
     lstm = torch.nn.LSTM(E, H, batch_first=True)
@@ -49,8 +57,26 @@ def torch_run(model: SentimentClassifier, splits, opts: TrainOptions, epochs: in
     dense = torch.nn.Linear(H, C)
     dense.weight.data.copy_(torch.from_numpy(p["dense_w"].T.copy()))
     dense.bias.data.copy_(torch.from_numpy(p["dense_b"]))
-    params = [q for m in (emb, lstm, dense) for q in m.parameters() if q.requires_grad]
+    params = [q for m in ((lstm, dense) if lazy else (emb, lstm, dense))
+              for q in m.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=opts.lr)
+    sparse_opt = torch.optim.SparseAdam([emb.weight], lr=opts.lr) if lazy else None
+
+    def clip_gradients():
+        # Global-norm clipping over the dense gradients and the embedding's rows, as ours
+        # (clip_grad_norm_ does not take sparse gradients).
+        if lazy:
+            emb.weight.grad = emb.weight.grad.coalesce()
+        sq = sum(q.grad.pow(2).sum() for q in params)
+        if lazy:
+            sq = sq + emb.weight.grad._values().pow(2).sum()
+        norm = float(sq.sqrt())
+        if opts.clip_norm is not None and norm > opts.clip_norm:
+            scale = opts.clip_norm / (norm + 1e-12)
+            for q in params:
+                q.grad.mul_(scale)
+            if lazy:
+                emb.weight.grad = emb.weight.grad * scale
     lm = model.label_map
 
     def encode(split):
@@ -96,9 +122,13 @@ def torch_run(model: SentimentClassifier, splits, opts: TrainOptions, epochs: in
             bt = torch.from_numpy(b)
             loss = torch.nn.functional.cross_entropy(logits_of(tr_ids[bt], tr_len[b], mask), tr_y[bt])
             opt.zero_grad()
+            if lazy:
+                emb.weight.grad = None
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, opts.clip_norm)
+            clip_gradients()
             opt.step()
+            if lazy:
+                sparse_opt.step()
             step += 1
             if opts.average > 0:
                 keep = min(opts.average, (1 + step) / (10 + step))
@@ -113,7 +143,8 @@ def torch_run(model: SentimentClassifier, splits, opts: TrainOptions, epochs: in
             best_dev, best_test = dev, accuracy(splits["test"])
         if opts.average > 0:
             swap_in_average()  # back to the trained weights
-    return best_test, times
+        result.update(test_acc=best_test, epoch_s=times)
+        yield
 
 
 def main(argv=None):
@@ -125,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--freeze-embeddings", action="store_true",
                     help="the original model's frozen vectors (default: fine-tuned, as fusedlstm train)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-dense-embedding-adam", action="store_true",
+                    help="PyTorch twin: dense embedding gradient and Adam (default: sparse + SparseAdam, ours)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     splits = load_data(args.data)
@@ -142,16 +175,25 @@ def main(argv=None):
         init = {k: v.copy() for k, v in model.params.items()}
         # patience=epochs: train every epoch in both, select on dev, like the torch run.
         opts = TrainOptions(epochs=args.epochs, seed=seed, progress=False, patience=args.epochs)
-        t_start = time.perf_counter()
-        metrics = model.fit(splits["train"], splits["dev"], opts, log=lambda *a: None)
+        # Epochs alternate, ours then torch's (fit logs one line per epoch), so the machine's
+        # drift hits both alike.
+        theirs: dict = {}
+        twin = (torch_run(model, init, splits, opts, args.epochs, theirs,
+                          args.torch_dense_embedding_adam) if have_torch else iter(()))
+
+        def after_epoch(line, twin=twin):
+            if line.startswith("epoch="):
+                next(twin, None)
+
+        metrics = model.fit(splits["train"], splits["dev"], opts, log=after_epoch)
+        for _ in twin:  # any epochs left (none: both train every epoch)
+            pass
         ours = {"test_acc": model.evaluate(splits["test"])["accuracy"],
                 "epoch_s": [m["seconds"] for m in metrics],
                 "best_epoch": int(np.argmax([m["dev_acc"] for m in metrics])) + 1}
         row = {"seed": seed, "fusedlstm": ours}
         if have_torch:
-            model.params = {k: v.copy() for k, v in init.items()}
-            acc, times = torch_run(model, splits, opts, args.epochs)
-            row["torch"] = {"test_acc": acc, "epoch_s": times}
+            row["torch"] = theirs
         rows.append(row)
         print(json.dumps({k: (v if k == "seed" else {"test_acc": round(v["test_acc"], 4),
                                                       "median_epoch_s": round(statistics.median(v["epoch_s"]), 3)})

@@ -52,3 +52,70 @@ def test_bench_tiny_config(tmp_path):
 def test_bench_rejects_bad_arguments(args, msg):
     r = bench(*args)
     assert r.returncode != 0 and msg in r.stderr
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+WORDS = ["great", "fun", "moving", "dull", "boring", "awful", "the", "film", "a", "plot"]
+
+
+def tiny_text_data(tmp_path):
+    """A GLUE-style directory, Pang & Lee files and a .vec file, all small and synthetic."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+
+    def sentence(pos):
+        words = list(rng.choice(WORDS[:3] if pos else WORDS[3:6], 2)) + list(rng.choice(WORDS[6:], 2))
+        rng.shuffle(words)
+        return " ".join(words)
+
+    glue = tmp_path / "glue"
+    glue.mkdir()
+    for split, n in (("train", 60), ("dev", 20), ("test", 20)):
+        rows = [(sentence(i % 2 == 0), i % 2 == 0) for i in range(n)]
+        (glue / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{int(p)}\n" for s, p in rows))
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    (mr / "rt-polarity.pos").write_text("".join(sentence(True) + "\n" for _ in range(30)))
+    (mr / "rt-polarity.neg").write_text("".join(sentence(False) + "\n" for _ in range(30)))
+    vec = tmp_path / "tiny.vec"
+    vec.write_text("".join(f"{w} " + " ".join(f"{v:.3f}" for v in rng.standard_normal(6)) + "\n"
+                           for w in WORDS))
+    return glue, mr, vec
+
+
+def run_script(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_end_to_end_bench_scripts_run(tmp_path):
+    """bench_sst2.py (with its PyTorch twin where torch is installed, in both embedding modes)
+    and bench_mr.py on tiny synthetic data: they finish and write the JSON the README quotes."""
+    glue, mr, vec = tiny_text_data(tmp_path)
+    have_torch = importlib.util.find_spec("torch") is not None
+    for extra in ([], ["--freeze-embeddings"], ["--torch-dense-embedding-adam"]):
+        out = tmp_path / "sst2.json"
+        r = run_script("bench_sst2.py", "--data", str(glue), "--vectors", str(vec), "--seeds", "0,1",
+                       "--epochs", "2", "--out", str(out), *extra, *([] if have_torch else ["--no-torch"]))
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(out.read_text())
+        assert set(rep["summary"]) == ({"fusedlstm", "torch"} if have_torch else {"fusedlstm"})
+        for s in rep["summary"].values():
+            assert 0 <= s["test_acc_mean"] <= 100 and s["epoch_s_median"] > 0
+    out = tmp_path / "mr.json"
+    r = run_script("bench_mr.py", "--data", str(mr), "--vectors", str(vec), "--folds", "3",
+                   "--epochs", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert len(rep["fold_acc"]) == 3 and 0 <= rep["mean"] <= 100
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="TensorFlow is not installed (CI installs tensorflow-cpu)")
+def test_keras_bench_script_runs(tmp_path):
+    out = tmp_path / "keras.json"
+    r = run_script("bench_keras.py", "--quick", "--config", "2,3,4,5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    (row,) = rep["results"]
+    assert row["config"] == [2, 3, 4, 5] and set(row["impls"]) == {"fusedlstm.keras", "keras"}
