@@ -2,10 +2,12 @@
 keras.layers.LSTM and fusedlstm.keras.LSTM, whichever are installed — forward (inference) and
 forward+backward (gradients for the weights and x), at the standard configs or user-given ones.
 
-Each thread count runs in a child process of its own (so that OpenMP, torch and TensorFlow are
-configured before they start), implementations are interleaved in every repetition so the
-machine's drift hits all alike, and the float32 FMA peak (register-only loop) and the BLAS GEMM
-rate are measured in the same run. Also reported per config: fusedlstm's cache (what a training
+Every implementation runs in a worker process of its own, one set of workers per thread count
+(so that OpenMP, torch and TensorFlow are configured before they start, and so that one
+runtime's idle, spinning thread pool does not steal the cores of the next one), and the parent
+interleaves their samples in every repetition, the order rotating, so the machine's drift hits
+all alike. The float32 FMA peak (register-only loop) and the BLAS GEMM rate are measured in the
+same run. Also reported per config: fusedlstm's cache (what a training
 forward keeps for backward, in total and per step) and the peak memory of one training step.
 Prints a table, writes JSON, and with --plot a PNG of the speed-ups over torch.
 
@@ -21,7 +23,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -31,6 +32,11 @@ import numpy as np
 DEFAULT_CONFIGS = [(4, 4, 64, 16), (64, 50, 300, 128), (128, 100, 256, 512)]
 IMPLS = ("fusedlstm", "numpy", "torch", "keras", "fusedlstm.keras")
 MIN_SAMPLE_S = 0.005  # a sample repeats a fast call until it lasts this long (timer noise)
+# After a sample its worker's thread pools go on spinning (libgomp for milliseconds, OpenBLAS
+# for tens of them), stealing cores from whatever runs next: the parent waits until the worker
+# uses no more CPU (its threads' clock ticks stand still for SETTLE_S), at most IDLE_WAIT_S.
+SETTLE_S = 0.02
+IDLE_WAIT_S = 1.0
 
 
 def fwd_flops(B, T, E, H) -> float:
@@ -73,7 +79,7 @@ def time_interleaved(fns: Dict[str, Callable], reps: int, warmup: int, budget_s:
                 "calls_per_sample": number[n]} for n, v in times.items()}
 
 
-# -- implementations (child process) -------------------------------------------------------
+# -- implementations and the worker processes that run them --------------------------------
 
 def _numpy_api(mod, inp) -> Tuple[Callable, Callable]:
     """fusedlstm and its NumPy reference share one API."""
@@ -201,20 +207,18 @@ def memory_report(cfg) -> dict:
             "inference_peak_bytes": infer_peak}
 
 
-def child(args) -> dict:
-    """One thread count: every config, every implementation, interleaved."""
-    threads = args.threads_child
-    if "keras" in args.impls or "fusedlstm.keras" in args.impls:
+def _configure(impl: str, threads: int) -> None:
+    """A worker's runtimes, before any of them starts its threads."""
+    if impl in ("keras", "fusedlstm.keras"):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     import fusedlstm
-    from fusedlstm import _core, reference
 
     fusedlstm.set_num_threads(threads)
-    if "torch" in args.impls:
+    if impl == "torch":
         import torch
 
         torch.set_num_threads(threads)
@@ -223,41 +227,153 @@ def child(args) -> dict:
         threadpool_limits(limits=threads, user_api="blas")  # the NumPy reference's BLAS
     except ImportError:
         pass
-    fma_peak = _core.fma_peak_gflops(threads)
-    results = []
-    for cfg in args.configs:
-        inp = make_inputs(*cfg)
-        big = cfg[0] * cfg[1] * (cfg[2] + cfg[3]) * cfg[3] > 2e8
-        impls = {}
-        for name in args.impls:
-            if name == "numpy" and args.quick and big:
-                continue  # a second per call: --quick leaves it out at the largest size
-            if name == "fusedlstm":
-                impls[name] = _numpy_api(fusedlstm, inp)
-            elif name == "numpy":
-                impls[name] = _numpy_api(reference, inp)
-            elif name == "torch":
-                impls[name] = _torch_impl(inp)
-            elif name == "keras":
-                import keras
-                impls[name] = _keras_impl(keras.layers.LSTM, inp)
-            elif name == "fusedlstm.keras":
-                import fusedlstm.keras as fk
-                impls[name] = _keras_impl(fk.LSTM, inp)
-        reps = 5 if args.quick else (11 if big else 31)
-        budget = 3.0 if args.quick else 25.0
-        for mode, idx, flops in (("forward", 0, fwd_flops(*cfg)),
-                                 ("forward+backward", 1, 3 * fwd_flops(*cfg))):
-            stats = time_interleaved({n: f[idx] for n, f in impls.items()}, reps,
-                                     warmup=1 if big else 3, budget_s=budget)
-            for st in stats.values():
-                st["gflops"] = flops / st["median_s"] / 1e9
-                st["pct_fma_peak"] = 100.0 * st["gflops"] / fma_peak
-            results.append({"config": list(cfg), "threads": threads, "mode": mode,
-                            "impls": stats})
-        if threads == args.memory_threads:
-            results[-1]["memory"] = memory_report(cfg)
-    return {"threads": threads, "fma_peak_gflops": fma_peak, "gemm_peak_gflops": gemm_rate(threads),
+
+
+def _impl_fns(impl: str, inp) -> Tuple[Callable, Callable]:
+    import fusedlstm
+    from fusedlstm import reference
+
+    if impl == "fusedlstm":
+        return _numpy_api(fusedlstm, inp)
+    if impl == "numpy":
+        return _numpy_api(reference, inp)
+    if impl == "torch":
+        return _torch_impl(inp)
+    if impl == "keras":
+        import keras
+        return _keras_impl(keras.layers.LSTM, inp)
+    import fusedlstm.keras as fk
+    return _keras_impl(fk.LSTM, inp)
+
+
+def worker(impl: str, threads: int) -> int:
+    """A worker process: one implementation at one thread count, driven by JSON lines on stdin
+    (setup a config, time one sample of a mode, measure the peaks or the memory), answering one
+    JSON line each on the stdout it was started with (anything else printing goes to stderr)."""
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    _configure(impl, threads)
+    fns, number = None, {}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg["cmd"]
+        if cmd == "setup":
+            cfg = tuple(msg["config"])
+            fns = dict(zip(("forward", "forward+backward"), _impl_fns(impl, make_inputs(*cfg))))
+            for mode, f in fns.items():  # warm up, then calls per sample so a sample lasts
+                for _ in range(msg["warmup"]):
+                    f()
+                t0 = time.perf_counter()
+                f()
+                number[mode] = max(1, int(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-7)))
+            out = {"number": number}
+        elif cmd == "sample":
+            f, k = fns[msg["mode"]], number[msg["mode"]]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                f()
+            out = {"seconds": (time.perf_counter() - t0) / k}
+        elif cmd == "ready":  # answered once the runtimes above have started
+            out = {}
+        elif cmd == "peaks":
+            from fusedlstm import _core
+            out = {"fma": _core.fma_peak_gflops(threads), "gemm": gemm_rate(threads)}
+        elif cmd == "memory":
+            out = memory_report(tuple(msg["config"]))
+        else:
+            break
+        reply.write(json.dumps(out) + "\n")
+    return 0
+
+
+class _Worker:
+    def __init__(self, impl: str, threads: int):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="3")
+        self.impl = impl
+        self.proc = subprocess.Popen([sys.executable, "-m", "fusedlstm.benchmark", "--worker", impl,
+                                      "--worker-threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def cpu_ticks(self) -> int:
+        """CPU clock ticks used so far by all the worker's threads (-1 without /proc)."""
+        total = -1
+        for stat in Path(f"/proc/{self.proc.pid}/task").glob("*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # a thread that just ended
+                continue
+            total = max(total, 0) + int(fields[11]) + int(fields[12])  # utime, stime
+        return total
+
+    def wait_idle(self) -> None:
+        last = self.cpu_ticks()
+        if last < 0:  # no /proc: a fixed pause instead
+            time.sleep(SETTLE_S)
+            return
+        deadline, quiet_since = time.perf_counter() + IDLE_WAIT_S, time.perf_counter()
+        while time.perf_counter() < deadline:
+            time.sleep(SETTLE_S / 4)
+            now = self.cpu_ticks()
+            if now != last:
+                last, quiet_since = now, time.perf_counter()
+            elif time.perf_counter() - quiet_since >= SETTLE_S:
+                return
+
+    def ask(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.impl!r} exited (code {self.proc.wait()}); "
+                               "its error is above")
+        out = json.loads(line)
+        self.wait_idle()
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def run_threads(configs, threads: int, quick: bool, impls: List[str], memory: bool) -> dict:
+    """One thread count: a worker per implementation, every config, samples interleaved."""
+    workers = {n: _Worker(n, threads) for n in impls}
+    try:
+        for w in workers.values():  # every worker idle before anything is measured
+            w.ask(cmd="ready")
+        peaks = workers[impls[0]].ask(cmd="peaks")
+        results = []
+        for cfg in configs:
+            big = cfg[0] * cfg[1] * (cfg[2] + cfg[3]) * cfg[3] > 2e8
+            # NumPy's reference takes a second per call at the largest size: not in --quick.
+            active = [n for n in impls if not (n == "numpy" and quick and big)]
+            number = {n: workers[n].ask(cmd="setup", config=list(cfg), warmup=1 if big else 3)["number"]
+                      for n in active}
+            reps = 5 if quick else (11 if big else 31)
+            budget = 3.0 if quick else 25.0
+            for mode, flops in (("forward", fwd_flops(*cfg)), ("forward+backward", 3 * fwd_flops(*cfg))):
+                times: Dict[str, List[float]] = {n: [] for n in active}
+                start = time.perf_counter()
+                for r in range(reps):
+                    for n in active[r % len(active):] + active[:r % len(active)]:
+                        times[n].append(workers[n].ask(cmd="sample", mode=mode)["seconds"])
+                    if r >= 2 and time.perf_counter() - start > budget:
+                        break
+                stats = {}
+                for n, v in times.items():
+                    med = statistics.median(v)
+                    stats[n] = {"median_s": med, "min_s": min(v), "reps": len(v),
+                                "calls_per_sample": number[n][mode], "gflops": flops / med / 1e9,
+                                "pct_fma_peak": 100.0 * flops / med / 1e9 / peaks["fma"]}
+                results.append({"config": list(cfg), "threads": threads, "mode": mode, "impls": stats})
+            if memory:
+                mem_worker = workers.get("fusedlstm") or workers[impls[0]]
+                results[-1]["memory"] = mem_worker.ask(cmd="memory", config=list(cfg))
+    finally:
+        for w in workers.values():
+            w.close()
+    return {"threads": threads, "fma_peak_gflops": peaks["fma"], "gemm_peak_gflops": peaks["gemm"],
             "results": results}
 
 
@@ -274,7 +390,7 @@ def gemm_rate(threads: int, n: int = 2048, reps: int = 5) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
-# -- the parent: children, report, table, plot --------------------------------------------
+# -- the parent: report, table, plot ---------------------------------------------------------
 
 def git_commit() -> str:
     """The checkout's commit: the working directory's, else the package source's."""
@@ -290,19 +406,8 @@ def git_commit() -> str:
 def run(configs, threads_list, quick: bool, impls: List[str]) -> dict:
     import fusedlstm
 
-    runs = []
-    for threads in threads_list:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "child.json"
-            cmd = [sys.executable, "-m", "fusedlstm.benchmark", "--child", str(threads),
-                   "--child-out", str(out), "--impls", ",".join(impls),
-                   "--memory-threads", str(threads_list[-1])]
-            cmd += [a for c in configs for a in ("--config", ",".join(map(str, c)))]
-            if quick:
-                cmd.append("--quick")
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="3")
-            subprocess.run(cmd, check=True, env=env)
-            runs.append(json.loads(out.read_text()))
+    runs = [run_threads(configs, threads, quick, impls, memory=threads == threads_list[-1])
+            for threads in threads_list]
     return {
         "benchmark": "kernel",
         "commit": git_commit(),
@@ -431,9 +536,8 @@ def build_parser(p=None) -> argparse.ArgumentParser:
                    help="JSON path (default: bench/results/kernel.json from a checkout's root, "
                         "kernel_quick.json with --quick; ./fusedlstm-bench[-quick].json elsewhere)")
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG of speed-ups over torch")
-    p.add_argument("--child", type=int, dest="threads_child", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--memory-threads", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-threads", type=int, default=1, help=argparse.SUPPRESS)
     return p
 
 
@@ -451,10 +555,8 @@ def main(argv=None) -> int:
 
 def run_args(args) -> int:
     args.configs = args.config or DEFAULT_CONFIGS
-    if args.threads_child is not None:  # a child: one thread count, results to a file
-        args.impls = [n for n in args.impls.split(",") if n]
-        args.child_out.write_text(json.dumps(child(args)))
-        return 0
+    if args.worker is not None:  # a worker process (see run_threads)
+        return worker(args.worker, args.worker_threads)
     wanted = [n.strip() for n in args.impls.split(",") if n.strip()]
     bad = [n for n in wanted if n not in IMPLS]
     if bad:
