@@ -114,13 +114,13 @@ struct StepGrid {
 // The backward's per-step GEMM, dh[rows, units] += dZ_t[rows, :]·Rp[units, :]ᵀ, has only the
 // units as output columns: with the step grid's small unit blocks (16 units at H = 128) half of
 // every 32-wide micro-tile would be padding. Its own grid gives each task whole micro-tile
-// widths of units (32 floats), and splits rows when that leaves fewer than 4 tasks. Any
-// partition gives the same sums (each output's K order is fixed), so results do not change.
+// widths of units (32 floats), keeps the step grid's row blocks, and splits rows further when
+// that leaves fewer than 4 tasks. Any partition gives the same sums (each output's K order is
+// fixed), so results do not change.
 inline StepGrid BackwardGemmGrid(const LstmShape& s) {
   StepGrid g(s);
   constexpr int64_t kWidth = 32;
   g.unit_parts = std::max<int64_t>(1, std::min<int64_t>(kMaxUnitParts, s.H / kWidth));
-  g.row_parts = 1;
   while (g.row_parts * g.unit_parts < 4 && s.N / (2 * g.row_parts) >= 8) g.row_parts *= 2;
   return g;
 }
