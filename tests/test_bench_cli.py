@@ -119,3 +119,17 @@ def test_keras_bench_script_runs(tmp_path):
     rep = json.loads(out.read_text())
     (row,) = rep["results"]
     assert row["config"] == [2, 3, 4, 5] and set(row["impls"]) == {"fusedlstm.keras", "keras"}
+
+
+def test_a_failing_worker_is_reported_with_its_stderr():
+    """Workers keep TensorFlow's start-up chatter out of the terminal; when one dies, its stderr
+    is in the error."""
+    from fusedlstm.benchmark import _Worker
+
+    w = _Worker("fusedlstm", 1)
+    try:
+        assert w.ask(cmd="ready") == {}
+        with pytest.raises(RuntimeError, match=r"(?s)worker 'fusedlstm' exited.*negative dimensions"):
+            w.ask(cmd="setup", config=[-1, 2, 3, 4], warmup=0)
+    finally:
+        w.close()

@@ -23,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -290,9 +291,13 @@ class _Worker:
     def __init__(self, impl: str, threads: int):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="3")
         self.impl = impl
+        # The worker's stderr (TensorFlow's start-up chatter, warnings) is kept in a file and
+        # shown only if the worker fails.
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "fusedlstm.benchmark", "--worker", impl,
                                       "--worker-threads", str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, env=env)
 
     def cpu_ticks(self) -> int:
         """CPU clock ticks used so far by all the worker's threads (-1 without /proc)."""
@@ -324,8 +329,11 @@ class _Worker:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"benchmark worker {self.impl!r} exited (code {self.proc.wait()}); "
-                               "its error is above")
+            code = self.proc.wait()
+            self.log.seek(0)
+            tail = self.log.read()[-4000:]
+            raise RuntimeError(f"benchmark worker {self.impl!r} exited (code {code}); its "
+                               f"stderr ends with:\n{tail}")
         out = json.loads(line)
         self.wait_idle()
         return out
@@ -334,6 +342,7 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
+        self.log.close()
 
 
 def run_threads(configs, threads: int, quick: bool, impls: List[str], memory: bool) -> dict:
