@@ -1,13 +1,17 @@
 // Eigen implementation of the fused LSTM contract (fusedlstm/lstm.h) for CpuDevice.
 //
-// Forward: one input-projection GEMM for all steps, then per step one parallel_for whose tasks
-// each own a block of rows × hidden units: the task's slice of the recurrent GEMM (one GEMM: the
+// Forward: one input-projection GEMM for all steps, then the recurrence, whose tasks each own a
+// block of rows × hidden units: per step the task's slice of the recurrent GEMM (one GEMM: the
 // weights are gate-interleaved per unit block, and packed once per call for gemm.h's kernel,
 // not re-packed every step) followed at once by its fused gate/cell/output pass, with no
-// barrier in between (one per step).
+// barrier in between.
 // Backward: per step a fused pass producing the gate gradients dZ_t, then the GEMM
 // dh_{t-1} = dZ_t·Rᵀ; after the loop the weight, input and bias gradients are single GEMMs over
 // all steps, tiled into one parallel_for.
+// Two task grids (StepGrid): when R fits every core's L2, tasks are row blocks that run all T
+// steps of their rows in one parallel_for (rows never interact in the recurrence); otherwise
+// tasks split each step by hidden units, one parallel_for (backward: two) per step. Either way,
+// a task whose rows are all past their length skips the step's GEMMs.
 //
 // Reproducibility: every partition is derived from the shape alone and each task's arithmetic
 // is the same whichever thread runs it, so results are bit-identical for any thread count.
@@ -89,9 +93,25 @@ inline int64_t Parts(int64_t n, int64_t block) {
 
 // The per-step task grid (rows × unit blocks): a function of the shape alone, shared by forward
 // and backward because the interleaved layout depends on the unit blocks.
+//
+// Rows of the batch never interact: the recurrence of a block of rows needs only that block's
+// own h_{t-1} (forward) and dZ_t (backward). So when the recurrent weights are small enough for
+// every core to keep its own copy in L2, the grid has row blocks only and each task runs all T
+// steps of its rows ("whole-sequence" tasks): one parallel region per pass instead of one (two
+// in backward) per step, and each core's rows stay in its own cache. Larger weights are split
+// by hidden units instead, each task owning a slice of R, with a barrier per step.
+constexpr double kWholeSequenceMaxWeightBytes = 512 * 1024;  // R as float, H·4H·4 bytes
+constexpr int64_t kWholeSequenceRowBlock = 16;
 struct StepGrid {
   int64_t row_parts = 1, unit_parts = 1;
+  bool whole_sequence = false;  // tasks own rows for all steps (no per-step barrier)
   explicit StepGrid(const LstmShape& s) {
+    if (16.0 * double(s.H) * double(s.H) <= kWholeSequenceMaxWeightBytes) {
+      whole_sequence = true;
+      row_parts = CeilDiv(std::max<int64_t>(s.N, 1), kWholeSequenceRowBlock);
+      if (row_parts > 1) row_parts = std::min<int64_t>(s.N, CeilDiv(row_parts, 4) * 4);
+      return;
+    }
     row_parts = Parts(s.N, kStepRowBlock);
     const double step_flops = 2.0 * double(s.N) * double(s.H) * 4.0 * double(s.H) / row_parts;
     const int64_t want = static_cast<int64_t>(step_flops / kStepTaskFlops) + 1;
@@ -116,13 +136,23 @@ struct StepGrid {
 // every 32-wide micro-tile would be padding. Its own grid gives each task whole micro-tile
 // widths of units (32 floats), keeps the step grid's row blocks, and splits rows further when
 // that leaves fewer than 4 tasks. Any partition gives the same sums (each output's K order is
-// fixed), so results do not change.
+// fixed), so results do not change. Whole-sequence tasks keep the step grid (all units).
 inline StepGrid BackwardGemmGrid(const LstmShape& s) {
   StepGrid g(s);
+  if (g.whole_sequence) return g;
   constexpr int64_t kWidth = 32;
   g.unit_parts = std::max<int64_t>(1, std::min<int64_t>(kMaxUnitParts, s.H / kWidth));
   while (g.row_parts * g.unit_parts < 4 && s.N / (2 * g.row_parts) >= 8) g.row_parts *= 2;
   return g;
+}
+
+// Steps [0, active) hold a valid step for at least one of the rows; past it every row only
+// carries its state, and the step's GEMMs can be skipped.
+inline int64_t ActiveSteps(const int32_t* lengths, Range rows, int64_t T) {
+  if (!lengths) return T;
+  int64_t active = 0;
+  for (int64_t n = rows.begin; n < rows.end; ++n) active = std::max<int64_t>(active, lengths[n]);
+  return std::min(active, T);
 }
 
 // Weights packed once per call for the per-step GEMMs, one packed matrix per unit block.
@@ -324,74 +354,88 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   const int64_t z_ld = training ? T * G : G;
 
   const double step_flops = 2.0 * N * (training ? H : C + H) * G;
-  for (int64_t t = 0; t < T; ++t) {
+  // Step t of one task: its GEMM slice, then the fused pass over its rows × units. `active`:
+  // the task's rows are all padded from that step on (no GEMM needed, only carries).
+  auto step = [&](int64_t t, int64_t task, int64_t active) {
     const S* h_in = training ? h_hist + t * H : hbuf + (t % 2) * N * H;
     const int64_t h_in_ld = training ? T * H : H;
     S* zstep = training ? gates + t * G : gates;
-    ParallelFor(device, grid.count(), step_flops, [&](int64_t task) {
-      const Range rows = grid.rows(s, task), units = grid.units(s, task);
-      const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
-      const int64_t block = grid.unit_block(task);
-      // Z[rows, t, block] (+)= x_t[rows] · Wp[:, block] (inference; training has it already),
-      // then += h_{t-1}[rows] · Rp[:, block]; the step's gates stay in cache for the fused pass.
-      S* zblock = zstep + rows.begin * z_ld + col0;
-      if (training && t + 1 < T) {  // step t+1's slices of these rows
-        for (int64_t n = rows.begin; n < rows.end; ++n) {
-          PrefetchSpan<1>(zstep + n * z_ld + G + col0, sizeof(S) * 4 * nu);
-          PrefetchSpan<1>(c_hist + (n * (T + 1) + t + 2) * H + u0, sizeof(S) * nu);
-          PrefetchSpan<1>(a.outputs + (n * T + t + 1) * H + u0, sizeof(S) * nu);
-        }
+    const Range rows = grid.rows(s, task), units = grid.units(s, task);
+    const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
+    const int64_t block = grid.unit_block(task);
+    // Z[rows, t, block] (+)= x_t[rows] · Wp[:, block] (inference; training has it already),
+    // then += h_{t-1}[rows] · Rp[:, block]; the step's gates stay in cache for the fused pass.
+    S* zblock = zstep + rows.begin * z_ld + col0;
+    if (training && t + 1 < T) {  // step t+1's slices of these rows
+      for (int64_t n = rows.begin; n < rows.end; ++n) {
+        PrefetchSpan<1>(zstep + n * z_ld + G + col0, sizeof(S) * 4 * nu);
+        PrefetchSpan<1>(c_hist + (n * (T + 1) + t + 2) * H + u0, sizeof(S) * nu);
+        PrefetchSpan<1>(a.outputs + (n * T + t + 1) * H + u0, sizeof(S) * nu);
       }
-      if (!training) {
-        for (int64_t n = 0; n < rows.size(); ++n) {
-          std::fill(zblock + n * z_ld, zblock + n * z_ld + 4 * nu, S(0));
-        }
-        if (C > 0) {
-          GemmPackedRhs<S>(rows.size(), 4 * nu, C, a.x + (rows.begin * T + t) * C, T * C,
-                           wpack + wpacked.offset[block], zblock, z_ld);
-        }
+    }
+    if (t < active && !training) {
+      for (int64_t n = 0; n < rows.size(); ++n) {
+        std::fill(zblock + n * z_ld, zblock + n * z_ld + 4 * nu, S(0));
       }
+      if (C > 0) {
+        GemmPackedRhs<S>(rows.size(), 4 * nu, C, a.x + (rows.begin * T + t) * C, T * C,
+                         wpack + wpacked.offset[block], zblock, z_ld);
+      }
+    }
+    if (t < active) {
       GemmPackedRhs<S>(rows.size(), 4 * nu, H, h_in + rows.begin * h_in_ld, h_in_ld,
                        rpack + packed.offset[block], zblock, z_ld);
-      // Fused pass over the block, in chunks of kChunk units.
-      alignas(64) S gate[4][kChunk], cell[kChunk], hid[kChunk];
-      for (int64_t n = rows.begin; n < rows.end; ++n) {
-        const bool valid = t < Length(a.lengths, n, T);
-        S* zrow = zstep + n * z_ld + col0;
-        for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
-          const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
-          const S* c_prev = training ? c_hist + (n * (T + 1) + t) * H + u : a.c_n + n * H + u;
-          S* c_next = training ? c_hist + (n * (T + 1) + t + 1) * H + u : a.c_n + n * H + u;
-          const S* h_prev = h_in + n * h_in_ld + u;
-          S* h_next = training
-                          ? (t + 1 < T ? h_hist + (n * T + t + 1) * H + u : a.h_n + n * H + u)
-                          : hbuf + ((t + 1) % 2) * N * H + n * H + u;
-          S* out = a.outputs + (n * T + t) * H + u;
-          if (!valid) {  // padded step: carry the state, output zero
-            if (c_next != c_prev) std::memcpy(c_next, c_prev, sizeof(S) * m);
-            std::memcpy(h_next, h_prev, sizeof(S) * m);
-            std::fill(out, out + m, S(0));
-            continue;
-          }
-          S* z = zrow + j0;
-          const S* b = bp + col0 + j0;
-          AMapA<S> i(gate[0], m), f(gate[1], m), g(gate[2], m), o(gate[3], m);
-          AMapA<S> cn(cell, m), hn(hid, m);
-          i = Sigmoid(CMapA<S>(z, m) + CMapA<S>(b, m));
-          f = Sigmoid(CMapA<S>(z + nu, m) + CMapA<S>(b + nu, m));
-          g = Tanh(CMapA<S>(z + 2 * nu, m) + CMapA<S>(b + 2 * nu, m));
-          o = Sigmoid(CMapA<S>(z + 3 * nu, m) + CMapA<S>(b + 3 * nu, m));
-          cn = f * CMapA<S>(c_prev, m) + i * g;
-          hn = o * Tanh(cn);
-          if (training) {
-            for (int64_t k = 0; k < 4; ++k) std::memcpy(z + k * nu, gate[k], sizeof(S) * m);
-          }
-          std::memcpy(c_next, cell, sizeof(S) * m);
-          std::memcpy(h_next, hid, sizeof(S) * m);
-          std::memcpy(out, hid, sizeof(S) * m);
+    }
+    // Fused pass over the block, in chunks of kChunk units.
+    alignas(64) S gate[4][kChunk], cell[kChunk], hid[kChunk];
+    for (int64_t n = rows.begin; n < rows.end; ++n) {
+      const bool valid = t < Length(a.lengths, n, T);
+      S* zrow = zstep + n * z_ld + col0;
+      for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
+        const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
+        const S* c_prev = training ? c_hist + (n * (T + 1) + t) * H + u : a.c_n + n * H + u;
+        S* c_next = training ? c_hist + (n * (T + 1) + t + 1) * H + u : a.c_n + n * H + u;
+        const S* h_prev = h_in + n * h_in_ld + u;
+        S* h_next = training
+                        ? (t + 1 < T ? h_hist + (n * T + t + 1) * H + u : a.h_n + n * H + u)
+                        : hbuf + ((t + 1) % 2) * N * H + n * H + u;
+        S* out = a.outputs + (n * T + t) * H + u;
+        if (!valid) {  // padded step: carry the state, output zero
+          if (c_next != c_prev) std::memcpy(c_next, c_prev, sizeof(S) * m);
+          std::memcpy(h_next, h_prev, sizeof(S) * m);
+          std::fill(out, out + m, S(0));
+          continue;
         }
+        S* z = zrow + j0;
+        const S* b = bp + col0 + j0;
+        AMapA<S> i(gate[0], m), f(gate[1], m), g(gate[2], m), o(gate[3], m);
+        AMapA<S> cn(cell, m), hn(hid, m);
+        i = Sigmoid(CMapA<S>(z, m) + CMapA<S>(b, m));
+        f = Sigmoid(CMapA<S>(z + nu, m) + CMapA<S>(b + nu, m));
+        g = Tanh(CMapA<S>(z + 2 * nu, m) + CMapA<S>(b + 2 * nu, m));
+        o = Sigmoid(CMapA<S>(z + 3 * nu, m) + CMapA<S>(b + 3 * nu, m));
+        cn = f * CMapA<S>(c_prev, m) + i * g;
+        hn = o * Tanh(cn);
+        if (training) {
+          for (int64_t k = 0; k < 4; ++k) std::memcpy(z + k * nu, gate[k], sizeof(S) * m);
+        }
+        std::memcpy(c_next, cell, sizeof(S) * m);
+        std::memcpy(h_next, hid, sizeof(S) * m);
+        std::memcpy(out, hid, sizeof(S) * m);
       }
+    }
+  };
+  if (grid.whole_sequence) {  // one region: each task runs every step of its rows
+    ParallelFor(device, grid.count(), step_flops * T, [&](int64_t task) {
+      const int64_t active = ActiveSteps(a.lengths, grid.rows(s, task), T);
+      for (int64_t t = 0; t < T; ++t) step(t, task, active);
     });
+  } else {
+    for (int64_t t = 0; t < T; ++t) {
+      ParallelFor(device, grid.count(), step_flops, [&](int64_t task) {
+        step(t, task, ActiveSteps(a.lengths, grid.rows(s, task), T));
+      });
+    }
   }
 
   if (training) {
@@ -441,71 +485,88 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   }
   const bool skip_padded_rows = any_padded && !AllFinite(cv.rkernel, H * G);
 
-  for (int64_t t = T - 1; t >= 0; --t) {
-    // (a) Fused pass: dZ_t from dh = d_out_t + dh_next and dc_next; dc becomes dc_{t-1}.
-    ParallelFor(device, grid.count(), 20.0 * N * G, [&](int64_t task) {
-      const Range rows = grid.rows(s, task), units = grid.units(s, task);
-      const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
-      alignas(64) S dh_buf[kChunk], dc_buf[kChunk], tc_buf[kChunk], i_buf[kChunk];
-      for (int64_t n = rows.begin; n < rows.end; ++n) {
-        S* zrow = dz_all + (n * T + t) * G + col0;
-        if (t > 0 && t - 1 < Length(a.lengths, n, T)) {  // step t-1's slices of this row
-          PrefetchSpan<1>(zrow - G, sizeof(S) * 4 * nu);
-          PrefetchSpan(cv.cstate + (n * (T + 1) + t - 1) * H + u0, sizeof(S) * nu);
-          if (a.d_outputs) PrefetchSpan(a.d_outputs + (n * T + t - 1) * H + u0, sizeof(S) * nu);
+  // (a) Fused pass of step t over a task's rows × units: dZ_t from dh = d_out_t + dh_next and
+  // dc_next; dc becomes dc_{t-1}.
+  auto gate_pass = [&](int64_t t, int64_t task) {
+    const Range rows = grid.rows(s, task), units = grid.units(s, task);
+    const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
+    alignas(64) S dh_buf[kChunk], dc_buf[kChunk], tc_buf[kChunk], i_buf[kChunk];
+    for (int64_t n = rows.begin; n < rows.end; ++n) {
+      S* zrow = dz_all + (n * T + t) * G + col0;
+      if (t > 0 && t - 1 < Length(a.lengths, n, T)) {  // step t-1's slices of this row
+        PrefetchSpan<1>(zrow - G, sizeof(S) * 4 * nu);
+        PrefetchSpan(cv.cstate + (n * (T + 1) + t - 1) * H + u0, sizeof(S) * nu);
+        if (a.d_outputs) PrefetchSpan(a.d_outputs + (n * T + t - 1) * H + u0, sizeof(S) * nu);
+      }
+      if (t >= Length(a.lengths, n, T)) {
+        // Padded step: no gradient into this step's gates; dh and dc pass through unchanged.
+        std::fill(zrow, zrow + 4 * nu, S(0));
+        continue;
+      }
+      for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
+        const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
+        S* z = zrow + j0;
+        AMapA<S> dh(dh_buf, m), dc(dc_buf, m), tc(tc_buf, m), gi(i_buf, m);
+        MapA<S> i(z, m), f(z + nu, m), gg(z + 2 * nu, m), o(z + 3 * nu, m);
+        MapA<S> dh_run(a.d_h0 + n * H + u, m), dc_run(a.d_c0 + n * H + u, m);
+        const CMapA<S> c_prev(cv.cstate + (n * (T + 1) + t) * H + u, m);
+        const CMapA<S> c_t(cv.cstate + (n * (T + 1) + t + 1) * H + u, m);
+        if (a.d_outputs) {
+          dh = dh_run + CMapA<S>(a.d_outputs + (n * T + t) * H + u, m);
+        } else {
+          dh = dh_run;
         }
-        if (t >= Length(a.lengths, n, T)) {
-          // Padded step: no gradient into this step's gates; dh and dc pass through unchanged.
-          std::fill(zrow, zrow + 4 * nu, S(0));
-          continue;
-        }
-        for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
-          const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
-          S* z = zrow + j0;
-          AMapA<S> dh(dh_buf, m), dc(dc_buf, m), tc(tc_buf, m), gi(i_buf, m);
-          MapA<S> i(z, m), f(z + nu, m), gg(z + 2 * nu, m), o(z + 3 * nu, m);
-          MapA<S> dh_run(a.d_h0 + n * H + u, m), dc_run(a.d_c0 + n * H + u, m);
-          const CMapA<S> c_prev(cv.cstate + (n * (T + 1) + t) * H + u, m);
-          const CMapA<S> c_t(cv.cstate + (n * (T + 1) + t + 1) * H + u, m);
-          if (a.d_outputs) {
-            dh = dh_run + CMapA<S>(a.d_outputs + (n * T + t) * H + u, m);
-          } else {
-            dh = dh_run;
-          }
-          tc = Tanh(c_t);
-          // The rest is + and × only: identical in packet and scalar code (no FMA contraction).
-          dc = dc_run + dh * o * TanhGradFromOutput(tc);
-          dc_run = dc * f;                             // dc_{t-1}
-          o = dh * tc * SigmoidGradFromOutput(o);      // dz_o
-          f = dc * c_prev * SigmoidGradFromOutput(f);  // dz_f
-          gi = i;
-          i = dc * gg * SigmoidGradFromOutput(gi);     // dz_i
-          gg = dc * gi * TanhGradFromOutput(gg);       // dz_c
-          dh_run.setZero();  // (b) adds dZ_t·Rᵀ; padded rows keep their carried dh
-        }
+        tc = Tanh(c_t);
+        // The rest is + and × only: identical in packet and scalar code (no FMA contraction).
+        dc = dc_run + dh * o * TanhGradFromOutput(tc);
+        dc_run = dc * f;                             // dc_{t-1}
+        o = dh * tc * SigmoidGradFromOutput(o);      // dz_o
+        f = dc * c_prev * SigmoidGradFromOutput(f);  // dz_f
+        gi = i;
+        i = dc * gg * SigmoidGradFromOutput(gi);     // dz_i
+        gg = dc * gi * TanhGradFromOutput(gg);       // dz_c
+        dh_run.setZero();  // (b) adds dZ_t·Rᵀ; padded rows keep their carried dh
+      }
+    }
+  };
+  // (b) dh_{t-1}[rows, units] += dZ_t[rows, :] · Rp[units, :]ᵀ (both interleaved alike), for a
+  // task of bgrid; nothing to add when all its rows are padded at t (dZ_t is zero there).
+  auto dh_gemm = [&](int64_t t, int64_t task, int64_t active) {
+    if (t >= active) return;
+    const Range rows = bgrid.rows(s, task), units = bgrid.units(s, task);
+    const S* rt = rtpack + packed.offset[bgrid.unit_block(task)];
+    if (!skip_padded_rows) {
+      GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G,
+                       rt, a.d_h0 + rows.begin * H + units.begin, H);
+      return;
+    }
+    for (int64_t n0 = rows.begin; n0 < rows.end;) {  // runs of rows that are valid at t
+      if (t >= Length(a.lengths, n0, T)) {
+        ++n0;
+        continue;
+      }
+      int64_t n1 = n0 + 1;
+      while (n1 < rows.end && t < Length(a.lengths, n1, T)) ++n1;
+      GemmPackedRhs<S>(n1 - n0, units.size(), G, dz_all + (n0 * T + t) * G, T * G, rt,
+                       a.d_h0 + n0 * H + units.begin, H);
+      n0 = n1;
+    }
+  };
+  if (grid.whole_sequence) {  // one region: each task runs every step of its rows (bgrid = grid)
+    ParallelFor(device, grid.count(), 3.0 * step_flops * T, [&](int64_t task) {
+      const int64_t active = ActiveSteps(a.lengths, grid.rows(s, task), T);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        gate_pass(t, task);
+        dh_gemm(t, task, active);
       }
     });
-    // (b) dh_{t-1}[rows, units] += dZ_t[rows, :] · Rp[units, :]ᵀ (both interleaved alike).
-    ParallelFor(device, bgrid.count(), step_flops, [&](int64_t task) {
-      const Range rows = bgrid.rows(s, task), units = bgrid.units(s, task);
-      const S* rt = rtpack + packed.offset[bgrid.unit_block(task)];
-      if (!skip_padded_rows) {
-        GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G,
-                         rt, a.d_h0 + rows.begin * H + units.begin, H);
-        return;
-      }
-      for (int64_t n0 = rows.begin; n0 < rows.end;) {  // runs of rows that are valid at t
-        if (t >= Length(a.lengths, n0, T)) {
-          ++n0;
-          continue;
-        }
-        int64_t n1 = n0 + 1;
-        while (n1 < rows.end && t < Length(a.lengths, n1, T)) ++n1;
-        GemmPackedRhs<S>(n1 - n0, units.size(), G, dz_all + (n0 * T + t) * G, T * G, rt,
-                         a.d_h0 + n0 * H + units.begin, H);
-        n0 = n1;
-      }
-    });
+  } else {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      ParallelFor(device, grid.count(), 20.0 * N * G, [&](int64_t task) { gate_pass(t, task); });
+      ParallelFor(device, bgrid.count(), step_flops, [&](int64_t task) {
+        dh_gemm(t, task, ActiveSteps(a.lengths, bgrid.rows(s, task), T));
+      });
+    }
   }
 
   // Hoisted gradients over all steps, every tile in one parallel_for:
