@@ -8,10 +8,10 @@
 // Backward: per step a fused pass producing the gate gradients dZ_t, then the GEMM
 // dh_{t-1} = dZ_t·Rᵀ; after the loop the weight, input and bias gradients are single GEMMs over
 // all steps, tiled into one parallel_for.
-// Two task grids (StepGrid): when R fits every core's L2, tasks are row blocks that run all T
-// steps of their rows in one parallel_for (rows never interact in the recurrence); otherwise
-// tasks split each step by hidden units, one parallel_for (backward: two) per step. Either way,
-// a task whose rows are all past their length skips the step's GEMMs.
+// Two task grids (StepGrid): usually tasks are row blocks that run all T steps of their rows in
+// one parallel_for (rows never interact in the recurrence); small batches with a large R split
+// each step by hidden units, one parallel_for (backward: two) per step. Either way, a task whose
+// rows are all past their length skips the step's GEMMs.
 //
 // Reproducibility: every partition is derived from the shape alone and each task's arithmetic
 // is the same whichever thread runs it, so results are bit-identical for any thread count.
@@ -55,7 +55,6 @@ inline void PrefetchSpan(const void* p, int64_t bytes) {
 constexpr int64_t kMaxUnitParts = 8;        // unit blocks per step, at most
 constexpr int64_t kMinUnitsPerPart = 16;
 constexpr double kStepTaskFlops = 2e6;      // recurrent-GEMM FLOPs worth one more task
-constexpr int64_t kStepRowBlock = 256;      // batch rows per step task
 constexpr int64_t kTileRows = 512;          // hoisted GEMMs: output tile size
 constexpr int64_t kTileCols = 1024;
 
@@ -95,25 +94,27 @@ inline int64_t Parts(int64_t n, int64_t block) {
 // and backward because the interleaved layout depends on the unit blocks.
 //
 // Rows of the batch never interact: the recurrence of a block of rows needs only that block's
-// own h_{t-1} (forward) and dZ_t (backward). So when the recurrent weights are small enough for
-// every core to keep its own copy in L2, the grid has row blocks only and each task runs all T
-// steps of its rows ("whole-sequence" tasks): one parallel region per pass instead of one (two
-// in backward) per step, and each core's rows stay in its own cache. Larger weights are split
-// by hidden units instead, each task owning a slice of R, with a barrier per step.
-constexpr double kWholeSequenceMaxWeightBytes = 512 * 1024;  // R as float, H·4H·4 bytes
+// own h_{t-1} (forward) and dZ_t (backward). So the grid usually has row blocks only and each
+// task runs all T steps of its rows ("whole-sequence" tasks): one parallel region per pass
+// instead of one (two in backward) per step, and each core's rows stay in its own cache. Each
+// task reads all of R every step, from L2 while it fits and from L3 beyond (measured on 2
+// cores: faster than unit blocks at every size from H = 128 to 512, 1 and 2 threads). Small
+// batches with large weights, too few rows for 4 blocks, split each step by hidden units
+// instead, each task owning a slice of R, with a barrier per step.
+constexpr double kWholeSequenceAnyRowsBytes = 512 * 1024;  // R as float, H·4H·4 bytes
 constexpr int64_t kWholeSequenceRowBlock = 16;
 struct StepGrid {
   int64_t row_parts = 1, unit_parts = 1;
   bool whole_sequence = false;  // tasks own rows for all steps (no per-step barrier)
   explicit StepGrid(const LstmShape& s) {
-    if (16.0 * double(s.H) * double(s.H) <= kWholeSequenceMaxWeightBytes) {
+    row_parts = CeilDiv(std::max<int64_t>(s.N, 1), kWholeSequenceRowBlock);
+    if (row_parts > 1) row_parts = std::min<int64_t>(s.N, CeilDiv(row_parts, 4) * 4);
+    if (row_parts >= 4 || 16.0 * double(s.H) * double(s.H) <= kWholeSequenceAnyRowsBytes) {
       whole_sequence = true;
-      row_parts = CeilDiv(std::max<int64_t>(s.N, 1), kWholeSequenceRowBlock);
-      if (row_parts > 1) row_parts = std::min<int64_t>(s.N, CeilDiv(row_parts, 4) * 4);
       return;
     }
-    row_parts = Parts(s.N, kStepRowBlock);
-    const double step_flops = 2.0 * double(s.N) * double(s.H) * 4.0 * double(s.H) / row_parts;
+    row_parts = 1;  // N <= 16 here
+    const double step_flops = 2.0 * double(s.N) * double(s.H) * 4.0 * double(s.H);
     const int64_t want = static_cast<int64_t>(step_flops / kStepTaskFlops) + 1;
     const int64_t most = std::max<int64_t>(1, std::min(kMaxUnitParts, s.H / kMinUnitsPerPart));
     unit_parts = std::max<int64_t>(1, std::min(want, most));
