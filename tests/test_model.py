@@ -78,6 +78,37 @@ def test_embedding_backward_ignores_padding():
     np.testing.assert_array_equal(g[:, 0], [2, 1, 1])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_embedding_backward_matches_scatter_add(dtype):
+    """Against np.add.at over the valid positions: repeated ids, NaN in padding (ignored),
+    a length-0 row, int32 ids sliced non-contiguously as the model does."""
+    rng = np.random.default_rng(5)
+    B, T, D = 9, 11, 7
+    ids = rng.integers(0, 13, size=(B, T + 3)).astype(np.int32)[:, :T]
+    lengths = rng.integers(0, T + 1, size=B)
+    lengths[2] = 0
+    d_x = rng.standard_normal((B, T, D)).astype(dtype)
+    pad = np.arange(T)[None, :] >= lengths[:, None]
+    d_x[pad] = np.nan
+    rows, g = embedding_backward(ids, lengths, d_x)
+    want = np.zeros((13, D))
+    np.add.at(want, ids[~pad], d_x[~pad].astype(np.float64))
+    used = np.unique(ids[~pad])
+    np.testing.assert_array_equal(rows, used)
+    assert rows.dtype == np.int64 and g.dtype == dtype and g.flags.c_contiguous
+    np.testing.assert_allclose(g, want[used], rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_embedding_backward_bad_input():
+    ids = np.zeros((2, 3), np.int64)
+    with pytest.raises(ValueError, match="lengths"):
+        embedding_backward(ids, np.array([4, 1]), np.ones((2, 3, 2)))
+    with pytest.raises(ValueError, match=r"d_x"):
+        embedding_backward(ids, np.array([3, 1]), np.ones((2, 4, 2)))
+    with pytest.raises(TypeError, match="integers"):
+        embedding_backward(ids.astype(float), np.array([3, 1]), np.ones((2, 3, 2)))
+
+
 def test_same_seed_bit_identical_and_learns():
     opts = TrainOptions(epochs=4, batch_size=8, lr=0.05, seed=3, progress=False)
     a, b = make_model(seed=1), make_model(seed=1)

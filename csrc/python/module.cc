@@ -17,6 +17,7 @@
 #include "../cpu/gemm.h"
 #include "fusedlstm/device.h"
 #include "fusedlstm/adam.h"
+#include "fusedlstm/embedding.h"
 #include "fusedlstm/lstm.h"
 
 #ifdef FUSEDLSTM_WITH_CUDA
@@ -496,6 +497,27 @@ void AdamRowsChecked(const py::array& p, const py::array& m, const py::array& v,
   AdamRows<S>(n, shape[1], rp, gp, pp, mp, vp, c);
 }
 
+// The sparse gradient of an embedding lookup (fusedlstm/embedding.h) as (rows, grads) arrays.
+template <typename S>
+py::tuple EmbeddingRowGradsChecked(const py::array& ids, const py::object& lengths,
+                                   const py::array& dx) {
+  if (ids.ndim() != 2) throw py::value_error("ids: expected a 2-d array [B, T], got shape " + ShapeStr(Dims(ids)));
+  if (dx.ndim() != 3) throw py::value_error("d_x: expected a 3-d array [B, T, D], got shape " + ShapeStr(Dims(dx)));
+  const int64_t B = ids.shape(0), T = ids.shape(1), D = dx.shape(2);
+  const int64_t* ip = CheckedPtr<int64_t>(ids, "ids", {B, T});
+  const S* gp = CheckedPtr<S>(dx, "d_x", {B, T, D});
+  const int32_t* lp = CheckedLengths(lengths, B, T);
+  py::array_t<int64_t> rows(std::vector<int64_t>{B * T});
+  py::array_t<S> grads(std::vector<int64_t>{B * T, D});
+  int64_t r;
+  {
+    py::gil_scoped_release release;
+    r = EmbeddingRowGrads<S>(B, T, D, ip, lp, gp, rows.mutable_data(), grads.mutable_data());
+  }
+  // The first r entries (views of C-contiguous prefixes, so still C-contiguous).
+  py::slice first(0, r, 1);
+  return py::make_tuple(rows[first], grads[py::make_tuple(first, py::ellipsis())]);
+}
 
 }  // namespace
 }  // namespace fusedlstm
@@ -557,6 +579,16 @@ PYBIND11_MODULE(_core, m) {
       py::arg("param"), py::arg("m"), py::arg("v"), py::arg("rows"), py::arg("row_grads"),
       py::arg("lr_t"), py::arg("eps_t"), py::arg("beta1"), py::arg("beta2"),
       "Lazy Adam on the given distinct rows of a table, in place; other rows untouched.");
+  m.def(
+      "embedding_row_grads",
+      [](const py::array& ids, const py::object& lengths, const py::array& dx) {
+        if (IsDtype(dx, py::dtype::of<float>())) return EmbeddingRowGradsChecked<float>(ids, lengths, dx);
+        if (IsDtype(dx, py::dtype::of<double>())) return EmbeddingRowGradsChecked<double>(ids, lengths, dx);
+        throw py::type_error("d_x: dtype must be float32 or float64, got " +
+                             std::string(py::str(dx.dtype())));
+      },
+      py::arg("ids"), py::arg("lengths"), py::arg("d_x"),
+      "(rows, grads): the distinct valid ids, increasing, and each one's summed d_x rows.");
   m.def(
       "fma_peak_gflops",
       [](int threads, double seconds) {

@@ -7,25 +7,35 @@ from typing import Tuple
 
 import numpy as np
 
+from . import _core
+
 __all__ = ["embedding_backward", "dropout_mask", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "truncated_normal"]
 
 
 def embedding_backward(ids: np.ndarray, lengths: np.ndarray, d_x: np.ndarray
                        ) -> Tuple[np.ndarray, np.ndarray]:
-    """Sparse gradient of table[ids]: (rows [R] unique ids, grads [R, D]) summed over every
-    valid (non-padded) position; padded positions contribute nothing."""
-    B, T = ids.shape
-    valid = np.arange(T)[None, :] < lengths[:, None]
-    flat_ids = ids[valid]
-    # Sort once and sum runs with reduceat: much faster than np.add.at, same order every time.
-    order = np.argsort(flat_ids, kind="stable")
-    sorted_ids = flat_ids[order]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    rows = sorted_ids[starts]
-    grads = np.add.reduceat(d_x[valid][order], starts, axis=0) if len(starts) else \
-        np.zeros((0, d_x.shape[-1]), d_x.dtype)
-    return rows, grads
+    """Sparse gradient of table[ids]: (rows [R] int64, the distinct ids in increasing order;
+    grads [R, D], each row's d_x summed over its valid positions in position order). Padded
+    positions (t >= lengths[b]) contribute nothing. One compiled pass (sort, then sum runs)."""
+    ids = np.asarray(ids)
+    d_x = np.asarray(d_x)
+    if ids.ndim != 2 or d_x.ndim != 3 or d_x.shape[:2] != ids.shape:
+        raise ValueError(f"embedding_backward: ids {ids.shape} must be [B, T] and d_x "
+                         f"{d_x.shape} [B, T, D]")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding_backward: ids must be integers, got {ids.dtype}")
+    lengths = np.asarray(lengths)
+    if lengths.shape != ids.shape[:1] or (lengths.size and lengths.dtype.kind not in "iu"):
+        raise ValueError(f"embedding_backward: lengths must be {ids.shape[:1]} integers, got "
+                         f"{lengths.shape} {lengths.dtype}")
+    if lengths.size and (lengths.min() < 0 or lengths.max() > ids.shape[1]):
+        raise ValueError(f"embedding_backward: lengths must be in [0, {ids.shape[1]}]")
+    if d_x.dtype not in (np.float32, np.float64):
+        d_x = d_x.astype(np.float64)
+    return _core.embedding_row_grads(np.ascontiguousarray(ids, np.int64),
+                                     np.ascontiguousarray(lengths, np.int32),
+                                     np.ascontiguousarray(d_x))
 
 
 def dropout_mask(rng: np.random.Generator, shape, keep_prob: float, dtype) -> np.ndarray:
