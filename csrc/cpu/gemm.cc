@@ -93,10 +93,20 @@ void PackRhs(const S* b, int64_t row_stride, int64_t col_stride, int64_t K, int6
     const int64_t kc = std::min(kKc, K - pc);
     for (int64_t j = 0; j < Np; j += NR) {
       S* dst = out + pc * Np + j * kc;
-      for (int64_t k = 0; k < kc; ++k) {
-        for (int q = 0; q < NR; ++q) {
-          dst[k * NR + q] = j + q < N ? b[(pc + k) * row_stride + (j + q) * col_stride] : S(0);
+      const int64_t cols = std::min<int64_t>(NR, N - j);
+      const S* src = b + pc * row_stride + j * col_stride;
+      if (col_stride == 1) {  // rows of B are contiguous: copy them
+        for (int64_t k = 0; k < kc; ++k) {
+          std::memcpy(dst + k * NR, src + k * row_stride, sizeof(S) * cols);
+          std::fill(dst + k * NR + cols, dst + (k + 1) * NR, S(0));
         }
+        continue;
+      }
+      // Otherwise (a transposed matrix) read down each column, contiguous when row_stride is 1.
+      if (cols < NR) std::fill(dst, dst + kc * NR, S(0));
+      for (int64_t q = 0; q < cols; ++q) {
+        const S* col = src + q * col_stride;
+        for (int64_t k = 0; k < kc; ++k) dst[k * NR + q] = col[k * row_stride];
       }
     }
   }

@@ -465,10 +465,13 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   const StepGrid grid(s);
   S* dz_all = cv.gates;  // activated gates are overwritten by dZ, step by step
   const double step_flops = 2.0 * N * H * G;
-  S* dwp = a.workspace;
-  S* drp = dwp + C * G;
-  S* dbp = drp + H * G;
-  S* rtpack = dbp + G;
+  // With one unit block the interleaved layout is Keras's own: the gradients go straight to
+  // the outputs. Otherwise they are interleaved in the workspace and put back at the end.
+  const bool keras_order = grid.unit_parts == 1;
+  S* dwp = keras_order ? a.d_kernel : a.workspace;
+  S* drp = keras_order ? a.d_recurrent_kernel : a.workspace + C * G;
+  S* dbp = keras_order ? a.d_bias : a.workspace + (C + H) * G;
+  S* rtpack = a.workspace + (C + H + 1) * G;
   const StepGrid bgrid = BackwardGemmGrid(s);
   const PackedSteps packed(s, bgrid, true, 4 * H);
   PackStepWeights(device, s, bgrid, packed, cv.rkernel, H, true, rtpack);
@@ -619,9 +622,11 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   for (int64_t n = 0; any_padded && a.dx && n < N; ++n) {
     std::fill(a.dx + (n * T + Length(a.lengths, n, T)) * C, a.dx + (n + 1) * T * C, S(0));
   }
-  Interleave(s, grid, dwp, a.d_kernel, C, false);
-  Interleave(s, grid, drp, a.d_recurrent_kernel, H, false);
-  Interleave(s, grid, dbp, a.d_bias, 1, false);
+  if (!keras_order) {
+    Interleave(s, grid, dwp, a.d_kernel, C, false);
+    Interleave(s, grid, drp, a.d_recurrent_kernel, H, false);
+    Interleave(s, grid, dbp, a.d_bias, 1, false);
+  }
 }
 
 #define FUSEDLSTM_INSTANTIATE(S)                                                        \
