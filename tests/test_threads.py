@@ -23,10 +23,10 @@ def run(p, up):
     return (out, h, c) + tuple(fusedlstm.lstm_backward(cache, **up))
 
 
-# Shapes big enough to split into several row tasks (whole sequences), unit tasks (per step:
-# B <= 16 with H > 181) and GEMM tiles.
+# Shapes big enough to split into several row tasks (whole sequences; R in L2, or beyond it
+# with 4+ row blocks), unit tasks (per step: B <= 16 with H > 181) and GEMM tiles.
 @pytest.mark.parametrize("shape", [(4, 4, 64, 16), (9, 5, 300, 130), (260, 3, 20, 70),
-                                   (16, 5, 30, 200)])
+                                   (40, 3, 8, 200), (16, 5, 30, 200)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_thread_count_does_not_change_results(rng, restore_threads, shape, dtype):
     p, up = make_problem(rng, *shape, dtype=dtype, lengths="random")
