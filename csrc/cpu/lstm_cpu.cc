@@ -202,6 +202,10 @@ template <typename S>
 void Interleave(const LstmShape& s, const StepGrid& grid, const S* src, S* dst, int64_t rows,
                 bool to_interleaved) {
   const int64_t H = s.H, G = 4 * H;
+  if (grid.unit_parts == 1) {  // one block: the layouts coincide
+    if (rows * G > 0) std::memcpy(dst, src, sizeof(S) * rows * G);
+    return;
+  }
   for (int64_t k = 0; k < grid.unit_parts; ++k) {
     const Range u = Part(H, grid.unit_parts, k);
     for (int64_t g = 0; g < 4; ++g) {
@@ -235,9 +239,7 @@ inline int64_t Length(const int32_t* lengths, int64_t n, int64_t T) {
 
 template <typename S>
 bool AllFinite(const S* p, int64_t count) {
-  bool finite = true;
-  for (int64_t k = 0; k < count; ++k) finite &= std::isfinite(p[k]);
-  return finite;
+  return CMapA<S>(p, count).allFinite();  // vectorized: x - x is 0 exactly when x is finite
 }
 
 template <typename S>
