@@ -138,9 +138,13 @@ class LSTM(keras.layers.Layer):
                                 "True per row (right- or left-padded); a mask with holes is not supported")
             # Move each row's run to the front.
             x = tf.gather(x, tf.minimum(steps + starts[:, None], T - 1), batch_dims=1)
+        # Inference (training=False: predict, evaluate) keeps no cache for a backward pass; a
+        # gradient taken anyway recomputes it (see ops.py).
+        keep_cache = training if isinstance(training, bool) else True
         outputs, h_n, c_n, _ = fused_lstm(x, tf.cast(self.kernel, x.dtype),
                                           tf.cast(self.recurrent_kernel, x.dtype),
-                                          tf.cast(bias, x.dtype), h0, c0, lengths)
+                                          tf.cast(bias, x.dtype), h0, c0, lengths,
+                                          training=keep_cache)
         has_steps = (lengths > 0)[:, None]
         last = tf.where(has_steps, h_n, tf.zeros_like(h_n))  # Keras: zeros if nothing was valid
         if self.return_sequences:

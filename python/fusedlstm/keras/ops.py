@@ -26,8 +26,15 @@ def load_ops():
 
 @tf.RegisterGradient("FusedLstm")
 def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
-    x, _, recurrent_kernel, _, h0, _, lengths = op.inputs
-    cache = op.outputs[3]
+    x, kernel, recurrent_kernel, bias, h0, c0, lengths = op.inputs
+    if op.get_attr("training"):
+        cache = op.outputs[3]
+    else:
+        # An inference forward kept no cache (a layer called with training=False, then
+        # differentiated: saliency maps, adversarial inputs). Run the forward again with one:
+        # the kernel is deterministic, so its outputs are the ones being differentiated.
+        cache = load_ops().fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
+                                      training=True)[3]
 
     def zeros_if_none(g, like):
         return tf.zeros_like(like) if g is None else g
@@ -40,6 +47,8 @@ def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
 
 
 def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True):
-    """outputs [B,T,H], h_n, c_n, cache — the raw op (see fusedlstm.lstm_forward for semantics)."""
+    """outputs [B,T,H], h_n, c_n, cache — the raw op (see fusedlstm.lstm_forward for semantics).
+    training=False keeps no cache (the cache output is empty); its gradient, if one is taken
+    anyway, runs the forward again with a cache first."""
     return load_ops().fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
                                  training=training)
