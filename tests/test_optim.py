@@ -58,6 +58,41 @@ def test_float32_matches_textbook_in_float64(rng):
         np.testing.assert_allclose(e, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scale_and_average_ride_in_the_same_pass(rng, dtype):
+    """step(scale=, average=) is bit-identical to scaling the gradients in place, stepping, then
+    updating the moving average with NumPy (the clip-then-average loop it replaces), dense and
+    by rows, over lengths that exercise the vector body and its tail."""
+    for n in (1, 17, 1000):
+        w0, e0 = rng.standard_normal((n, 3)).astype(dtype), rng.standard_normal((6, 3)).astype(dtype)
+        fused = {"w": w0.copy(), "e": e0.copy()}
+        plain = {"w": w0.copy(), "e": e0.copy()}
+        avg_f, avg_p = {"w": w0.copy()}, {"w": w0.copy()}
+        of, op = Adam(dict(fused), lr=0.01), Adam(dict(plain), lr=0.01)
+        for step, scale in enumerate((0.37, 1.0, 2.5e-3)):
+            g = rng.standard_normal((n, 3)).astype(dtype)
+            rows, rg = np.array([0, 4]), rng.standard_normal((2, 3)).astype(dtype)
+            keep = min(0.999, (2 + step) / (11 + step))
+            of.step({"w": g.copy()}, {"e": (rows, rg.copy())}, scale=scale, average=(avg_f, keep))
+            gs, rgs = g.copy(), rg.copy()
+            gs *= scale
+            rgs *= scale
+            op.step({"w": gs}, {"e": (rows, rgs)})
+            avg_p["w"] -= (1 - keep) * (avg_p["w"] - plain["w"])
+            for k in ("w", "e"):
+                np.testing.assert_array_equal(fused[k], plain[k])
+            np.testing.assert_array_equal(avg_f["w"], avg_p["w"])
+        assert not np.array_equal(avg_f["w"], fused["w"])  # the average lags the weights
+    with pytest.raises(ValueError, match="keep must be in"):
+        of.step({"w": g}, average=(avg_f, 1.0))
+    with pytest.raises(ValueError, match="average 'w' must be"):
+        of.step({"w": g}, average=({"w": avg_f["w"].astype(np.float16)}, 0.5))
+    with pytest.raises(KeyError, match="no dense gradient"):
+        of.step({}, average=(avg_f, 0.5))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        of.step({"w": g}, scale=float("nan"))
+
+
 def test_bad_arguments_are_named():
     w = np.zeros((3, 2), np.float32)
     with pytest.raises(ValueError, match="'w' must be a writeable C-contiguous"):

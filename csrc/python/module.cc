@@ -9,6 +9,7 @@
 
 #include <Eigen/Core>
 #include <atomic>
+#include <cmath>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -452,26 +453,40 @@ S* WritableData(const py::array& a, const char* name) {
   return static_cast<S*>(const_cast<void*>(a.data()));
 }
 
-AdamCoefficients Coefficients(double lr_t, double eps_t, double beta1, double beta2) {
+AdamCoefficients Coefficients(double lr_t, double eps_t, double beta1, double beta2,
+                              double grad_scale, double average_keep = 0) {
+  if (!std::isfinite(grad_scale)) throw py::value_error("grad_scale must be finite");
+  if (!(average_keep >= 0 && average_keep < 1)) {
+    throw py::value_error("average_keep must be in [0, 1), got " + std::to_string(average_keep));
+  }
   AdamCoefficients c;
   c.lr_t = lr_t;
   c.eps_t = eps_t;
   c.beta1 = beta1;
   c.beta2 = beta2;
+  c.grad_scale = grad_scale;
+  c.average_keep = average_keep;
   return c;
 }
 
 template <typename S>
 void AdamDenseChecked(const py::array& p, const py::array& g, const py::array& m,
-                      const py::array& v, const AdamCoefficients& c) {
+                      const py::array& v, const py::object& average, const AdamCoefficients& c) {
   const std::vector<int64_t> shape = Dims(p);
   CheckedPtr<S>(p, "param", shape);
   const S* gp = CheckedPtr<S>(g, "grad", shape);
   CheckedPtr<S>(m, "m", shape);
   CheckedPtr<S>(v, "v", shape);
+  S* ap = nullptr;
+  if (!average.is_none()) {
+    if (!py::isinstance<py::array>(average)) throw py::type_error("average: expected an array or None");
+    const py::array a = py::reinterpret_borrow<py::array>(average);
+    CheckedPtr<S>(a, "average", shape);
+    ap = WritableData<S>(a, "average");
+  }
   S *pp = WritableData<S>(p, "param"), *mp = WritableData<S>(m, "m"), *vp = WritableData<S>(v, "v");
   py::gil_scoped_release release;
-  AdamDense<S>(p.size(), pp, gp, mp, vp, c);
+  AdamDense<S>(p.size(), pp, gp, mp, vp, c, ap);
 }
 
 template <typename S>
@@ -556,21 +571,25 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "adam_dense",
       [](const py::array& p, const py::array& g, const py::array& m, const py::array& v,
-         double lr_t, double eps_t, double beta1, double beta2) {
-        const AdamCoefficients c = Coefficients(lr_t, eps_t, beta1, beta2);
-        if (IsDtype(p, py::dtype::of<float>())) return AdamDenseChecked<float>(p, g, m, v, c);
-        if (IsDtype(p, py::dtype::of<double>())) return AdamDenseChecked<double>(p, g, m, v, c);
+         double lr_t, double eps_t, double beta1, double beta2, double grad_scale,
+         const py::object& average, double average_keep) {
+        const AdamCoefficients c = Coefficients(lr_t, eps_t, beta1, beta2, grad_scale, average_keep);
+        if (IsDtype(p, py::dtype::of<float>())) return AdamDenseChecked<float>(p, g, m, v, average, c);
+        if (IsDtype(p, py::dtype::of<double>())) return AdamDenseChecked<double>(p, g, m, v, average, c);
         throw py::type_error("param: dtype must be float32 or float64, got " +
                              std::string(py::str(p.dtype())));
       },
       py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("lr_t"),
-      py::arg("eps_t"), py::arg("beta1"), py::arg("beta2"),
-      "One Adam step on a whole array, in place (see fusedlstm/adam.h).");
+      py::arg("eps_t"), py::arg("beta1"), py::arg("beta2"), py::arg("grad_scale") = 1.0,
+      py::arg("average") = py::none(), py::arg("average_keep") = 0.0,
+      "One Adam step on a whole array, in place (see fusedlstm/adam.h): the gradient read as "
+      "grad_scale * grad; with `average`, that moving average of the weights is updated too.");
   m.def(
       "adam_rows",
       [](const py::array& p, const py::array& m, const py::array& v, const py::array& rows,
-         const py::array& g, double lr_t, double eps_t, double beta1, double beta2) {
-        const AdamCoefficients c = Coefficients(lr_t, eps_t, beta1, beta2);
+         const py::array& g, double lr_t, double eps_t, double beta1, double beta2,
+         double grad_scale) {
+        const AdamCoefficients c = Coefficients(lr_t, eps_t, beta1, beta2, grad_scale);
         if (IsDtype(p, py::dtype::of<float>())) return AdamRowsChecked<float>(p, m, v, rows, g, c);
         if (IsDtype(p, py::dtype::of<double>())) return AdamRowsChecked<double>(p, m, v, rows, g, c);
         throw py::type_error("param: dtype must be float32 or float64, got " +
@@ -578,6 +597,7 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("param"), py::arg("m"), py::arg("v"), py::arg("rows"), py::arg("row_grads"),
       py::arg("lr_t"), py::arg("eps_t"), py::arg("beta1"), py::arg("beta2"),
+      py::arg("grad_scale") = 1.0,
       "Lazy Adam on the given distinct rows of a table, in place; other rows untouched.");
   m.def(
       "embedding_row_grads",

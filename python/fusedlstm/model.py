@@ -381,15 +381,14 @@ class SentimentClassifier:
                     break
                 mask = dropout_mask(rng, (len(b), H), self.config.keep_prob, np.float32)
                 loss, probs, grads, sparse = self.forward_backward(ids[b], lengths[b], y[b], mask)
-                _clip(grads, sparse, opts.clip_norm)
-                opt.step(grads, {"embedding": sparse} if sparse is not None else None)
+                _, scale = _clip_scale(grads, sparse, opts.clip_norm)
                 state["step"] += 1
-                if avg:
-                    # The decay ramps up over the first steps (as tf.train.ExponentialMovingAverage
-                    # with num_updates), so the average does not remember the initial weights.
-                    keep = min(opts.average, (1 + state["step"]) / (10 + state["step"]))
-                    for k, a in avg.items():
-                        a -= (1 - keep) * (a - self.params[k])
+                # The average's decay ramps up over the first steps (as
+                # tf.train.ExponentialMovingAverage with num_updates), so it does not remember the
+                # initial weights. Clipping and averaging run inside the optimizer's one pass.
+                keep = min(opts.average, (1 + state["step"]) / (10 + state["step"]))
+                opt.step(grads, {"embedding": sparse} if sparse is not None else None,
+                         scale=scale, average=(avg, keep) if avg else None)
                 losses.append(loss)
                 correct += int((probs.argmax(1) == y[b]).sum())
                 seen += len(b)
@@ -494,19 +493,16 @@ def _batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int, buc
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def _clip(grads: Dict[str, np.ndarray], sparse, clip_norm: Optional[float]) -> float:
-    """Scale all gradients (dense and the embedding rows) so their global L2 norm <= clip_norm."""
+def _clip_scale(grads: Dict[str, np.ndarray], sparse, clip_norm: Optional[float]):
+    """(global L2 norm of all gradients, dense and the embedding rows; the factor that brings
+    it down to clip_norm, 1.0 when it is within it or clipping is off)."""
     sq = sum(float(np.vdot(g, g)) for g in grads.values())
     if sparse is not None:
         sq += float(np.vdot(sparse[1], sparse[1]))
     norm = math.sqrt(sq)
     if clip_norm is not None and norm > clip_norm:
-        scale = clip_norm / (norm + 1e-12)
-        for g in grads.values():
-            g *= scale
-        if sparse is not None:
-            sparse[1][...] *= scale
-    return norm
+        return norm, clip_norm / (norm + 1e-12)
+    return norm, 1.0
 
 
 def _progress(it, desc: str, enabled: bool):

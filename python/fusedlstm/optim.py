@@ -5,7 +5,7 @@ optimizer is the only code that changes parameters."""
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -30,11 +30,19 @@ class Adam:
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0
 
-    def step(self, grads: Dict[str, np.ndarray], sparse: Dict[str, tuple] = None) -> None:
+    def step(self, grads: Dict[str, np.ndarray], sparse: Dict[str, tuple] = None, *,
+             scale: float = 1.0, average: Optional[Tuple[Dict[str, np.ndarray], float]] = None
+             ) -> None:
         """One update, in place, one compiled pass per array (fusedlstm/adam.h). grads: dense
         gradients by name; sparse: name -> (rows, row_grads) with distinct rows. Parameters
-        without a gradient this step are left alone."""
-        self._check(grads, sparse or {})  # all of it, before anything is written
+        without a gradient this step are left alone.
+
+        scale: every gradient is read multiplied by it (clipping by global norm without
+        touching the gradient arrays). average: (arrays by name, keep), moving averages of
+        parameters with a dense gradient, updated in the same pass after the step:
+        avg -= (1 - keep) (avg - param)."""
+        avgs, keep = average if average is not None else ({}, 0.0)
+        self._check(grads, sparse or {}, avgs, scale, keep)  # all of it, before anything is written
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         # Bias corrections folded into the step size (the textbook form, as in both frameworks).
@@ -44,21 +52,33 @@ class Adam:
             for k, g in grads.items():
                 p = self.params[k]
                 _core.adam_dense(p, np.ascontiguousarray(g, dtype=p.dtype), self.m[k], self.v[k],
-                                 lr_t, eps_t, b1, b2)
+                                 lr_t, eps_t, b1, b2, scale, avgs.get(k), keep)
             for k, (rows, g) in (sparse or {}).items():
                 p = self.params[k]
                 _core.adam_rows(p, self.m[k], self.v[k], np.ascontiguousarray(rows, dtype=np.int64),
-                                np.ascontiguousarray(g, dtype=p.dtype), lr_t, eps_t, b1, b2)
+                                np.ascontiguousarray(g, dtype=p.dtype), lr_t, eps_t, b1, b2, scale)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"Adam.step: {k!r}: {exc}") from None
 
-    def _check(self, grads, sparse) -> None:
+    def _check(self, grads, sparse, avgs, scale, keep) -> None:
+        if not math.isfinite(scale):
+            raise ValueError(f"Adam.step: scale must be finite, got {scale}")
+        if avgs and not 0 <= keep < 1:
+            raise ValueError(f"Adam.step: the average's keep must be in [0, 1), got {keep}")
         for k, g in grads.items():
             if k not in self.params:
                 raise KeyError(f"Adam.step: no parameter named {k!r}")
             if np.shape(g) != self.params[k].shape:
                 raise ValueError(f"Adam.step: {k!r}: grad: expected shape {self.params[k].shape}, "
                                  f"got {np.shape(g)}")
+        for k, a in avgs.items():
+            if k not in grads:
+                raise KeyError(f"Adam.step: average {k!r}: no dense gradient for it this step")
+            p = self.params[k]
+            if (type(a) is not np.ndarray or a.shape != p.shape or a.dtype != p.dtype
+                    or not a.flags.c_contiguous or not a.flags.writeable):
+                raise ValueError(f"Adam.step: average {k!r} must be a writeable C-contiguous "
+                                 f"{p.dtype} array of shape {p.shape}")
         for k, (rows, g) in sparse.items():
             if k not in self.params:
                 raise KeyError(f"Adam.step: no parameter named {k!r}")
