@@ -186,20 +186,33 @@ def test_lengths_accept_any_integer_dtype(rng):
 
 
 def test_big_buffers_are_recycled_without_changing_results(rng):
-    """A consumed cache (or an inference workspace) is reused by the next call of the same
-    size; results stay identical, and empty_cache() frees the spare."""
+    """A consumed cache (or an inference workspace) is reused by the next call that fits in it,
+    whole or as a prefix (a shorter batch); results stay identical, even when the recycled
+    memory is full of NaN, and empty_cache() frees the spare."""
     from fusedlstm import lstm as lstm_mod
 
     p, up = make_problem(rng, 8, 40, 64, 96, dtype=np.float32, lengths="random")  # > 1 MiB cache
+    short, up_short = make_problem(rng, 8, 29, 64, 96, dtype=np.float32, lengths="random")
+    fusedlstm.empty_cache()
+    fresh = fusedlstm.lstm_forward(**short)
+    want_short = fresh[:3] + tuple(fusedlstm.lstm_backward(fresh[3], **up_short))
     fusedlstm.empty_cache()
     runs = []
     for _ in range(3):
         out, h, c, cache = fusedlstm.lstm_forward(**p)
         buf_id = id(cache._buf)
         g = fusedlstm.lstm_backward(cache, **up)
-        assert id(lstm_mod._spare[np.dtype(np.float32)]) == buf_id  # kept for the next forward
+        spare = lstm_mod._spare[np.dtype(np.float32)]
+        assert id(spare) == buf_id  # kept for the next forward
         runs.append((out, h, c) + tuple(g))
-        inf = fusedlstm.lstm_forward(**p, training=False)  # takes the spare (wrong size: dropped)
+        spare[...] = np.nan  # whatever the recycled memory holds must not leak into results
+        o2, h2, c2, cache2 = fusedlstm.lstm_forward(**short)  # a prefix of the spare
+        assert cache2._buf.base is spare
+        got = (o2, h2, c2) + tuple(fusedlstm.lstm_backward(cache2, **up_short))
+        for u, v in zip(got, want_short):
+            np.testing.assert_array_equal(u, v)
+        assert lstm_mod._spare[np.dtype(np.float32)] is spare  # the whole buffer came back
+        inf = fusedlstm.lstm_forward(**p, training=False)  # its workspace is a prefix too
         for u, v in zip(inf[:3], (out, h, c)):
             np.testing.assert_array_equal(u, v)
     for run in runs[1:]:

@@ -105,16 +105,18 @@ S* MutablePtr(py::array_t<S>& a) {
   return a.mutable_data();
 }
 
-// A caller-provided scratch array when it fits exactly (dtype, size, contiguous, writeable),
-// else a fresh one: the Python layer recycles big buffers so a steady training loop does not
-// page-fault through a new mmap every call.
+// A caller-provided scratch array when it is big enough (dtype, 1-d, contiguous, writeable):
+// its first `size` elements, else a fresh one. The Python layer recycles big buffers so a
+// steady training loop does not page-fault through a new mmap every call, even when the
+// sequence length changes from batch to batch (bucketing).
 template <typename S>
 py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
   if (!spare.is_none() && py::isinstance<py::array_t<S>>(spare)) {
     py::array a = py::reinterpret_borrow<py::array>(spare);
-    if (a.dtype().is(py::dtype::of<S>()) && a.ndim() == 1 && a.shape(0) == size &&
+    if (a.dtype().is(py::dtype::of<S>()) && a.ndim() == 1 && a.shape(0) >= size &&
         (a.flags() & py::array::c_style) && a.writeable()) {
-      return py::reinterpret_borrow<py::array_t<S>>(spare);
+      if (a.shape(0) == size) return py::reinterpret_borrow<py::array_t<S>>(spare);
+      return py::reinterpret_borrow<py::array_t<S>>(a[py::slice(0, size, 1)]);
     }
   }
   return py::array_t<S>(std::vector<int64_t>{size});

@@ -16,15 +16,23 @@ __all__ = ["LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "empty_cac
            "cuda_available"]
 
 # One spare scratch buffer per dtype: the cache a backward consumed, or an inference call's
-# workspace. The next forward that needs exactly that many elements reuses it instead of mapping
-# (and zeroing) fresh pages: a steady training loop then allocates its big buffers once. dict
-# pop/set are atomic under the GIL, so two threads never get the same buffer.
+# workspace. The next forward that needs at most that many elements uses a prefix of it instead
+# of mapping (and zeroing) fresh pages: a steady training loop then allocates its big buffers
+# once, whatever length each batch pads to. dict pop/set are atomic under the GIL, so two
+# threads never get the same buffer.
 _spare: dict = {}
 
 
 def _recycle(buf: np.ndarray) -> None:
-    if buf is not None and buf.nbytes >= (1 << 20):  # only big ones are worth keeping
-        _spare[buf.dtype] = buf
+    if buf is None:
+        return
+    base = buf.base
+    if type(base) is np.ndarray and base.ndim == 1 and base.dtype == buf.dtype:
+        buf = base  # a prefix of an earlier spare: keep the whole of it
+    if buf.nbytes >= (1 << 20):  # only big ones are worth keeping
+        old = _spare.get(buf.dtype)
+        if old is None or old.size <= buf.size:  # keep the larger
+            _spare[buf.dtype] = buf
 
 
 def empty_cache() -> None:
