@@ -15,23 +15,10 @@ struct Step {
         eps(S(c.eps_t)), scale(S(c.grad_scale)) {}
 };
 
-// The gradient is scaled only when asked: an unscaled step stays bit-identical to the
-// textbook update, not multiplied by 1.
-template <typename S, bool kScaled>
-inline void Update(int64_t n, S* p, const S* g, S* m, S* v, const Step<S>& s) {
-  for (int64_t i = 0; i < n; ++i) {
-    const S gi = kScaled ? g[i] * s.scale : g[i];
-    const S mi = s.b1 * m[i] + s.ob1 * gi;
-    const S vi = s.b2 * v[i] + s.ob2 * (gi * gi);
-    m[i] = mi;
-    v[i] = vi;
-    p[i] -= s.lr * mi / (std::sqrt(vi) + s.eps);
-  }
-}
-
-template <typename S, bool kScaled>
-inline void UpdateAveraged(int64_t n, S* p, const S* g, S* m, S* v, S* avg, S rate,
-                           const Step<S>& s) {
+// The gradient is scaled and the average kept only when asked: a plain step stays
+// bit-identical to the textbook update (not multiplied by 1), and pays for neither.
+template <typename S, bool kScaled, bool kAveraged>
+inline void Update(int64_t n, S* p, const S* g, S* m, S* v, S* avg, S rate, const Step<S>& s) {
   for (int64_t i = 0; i < n; ++i) {
     const S gi = kScaled ? g[i] * s.scale : g[i];
     const S mi = s.b1 * m[i] + s.ob1 * gi;
@@ -40,22 +27,22 @@ inline void UpdateAveraged(int64_t n, S* p, const S* g, S* m, S* v, S* avg, S ra
     v[i] = vi;
     const S pi = p[i] - s.lr * mi / (std::sqrt(vi) + s.eps);
     p[i] = pi;
-    avg[i] -= rate * (avg[i] - pi);
+    if (kAveraged) avg[i] -= rate * (avg[i] - pi);
   }
 }
 
 template <typename S>
 void Dispatch(int64_t n, S* p, const S* g, S* m, S* v, const AdamCoefficients& c, S* avg) {
   const Step<S> s(c);
+  const S rate = S(1 - c.average_keep);
   const bool scaled = c.grad_scale != 1;
   if (avg != nullptr) {
-    const S rate = S(1 - c.average_keep);
-    if (scaled) UpdateAveraged<S, true>(n, p, g, m, v, avg, rate, s);
-    else UpdateAveraged<S, false>(n, p, g, m, v, avg, rate, s);
+    if (scaled) Update<S, true, true>(n, p, g, m, v, avg, rate, s);
+    else Update<S, false, true>(n, p, g, m, v, avg, rate, s);
   } else if (scaled) {
-    Update<S, true>(n, p, g, m, v, s);
+    Update<S, true, false>(n, p, g, m, v, avg, rate, s);
   } else {
-    Update<S, false>(n, p, g, m, v, s);
+    Update<S, false, false>(n, p, g, m, v, avg, rate, s);
   }
 }
 
