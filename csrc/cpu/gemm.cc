@@ -5,6 +5,7 @@
 // cannot make results depend on position, alignment or threads.
 #include "gemm.h"
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -85,6 +86,31 @@ int64_t PackedRhsSize(int64_t K, int64_t N) {
 
 // Layout: depth blocks of kKc; inside block pc, panel j (columns j..j+NR) is kc × NR row-major
 // at offset pc * Np + j * kc, zero-padded past N.
+// Rows [0, k) of a full panel (returned: kc rounded down to the tile size) from a transposed
+// source: element (k, q) is src[q * col_stride + k]. Each L × L tile is L contiguous loads, an
+// in-register transpose (Eigen's ptranspose) and L contiguous stores; element by element it
+// was a strided store per element (30 µs for R at H = 128, 5 µs this way).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // Eigen's packet types as template args
+template <typename S>
+int64_t PackTransposedTiles(const S* src, int64_t col_stride, int64_t kc, S* dst) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<S>::type;
+  constexpr int L = ei::unpacket_traits<Packet>::size, NR = Traits<S>::kNr;
+  static_assert(NR % L == 0, "a panel is whole tiles wide");
+  int64_t k0 = 0;
+  for (; k0 + L <= kc; k0 += L) {
+    for (int q0 = 0; q0 < NR; q0 += L) {
+      ei::PacketBlock<Packet, L> tile;
+      for (int i = 0; i < L; ++i) tile.packet[i] = ei::ploadu<Packet>(src + (q0 + i) * col_stride + k0);
+      ei::ptranspose(tile);
+      for (int i = 0; i < L; ++i) ei::pstoreu(dst + (k0 + i) * NR + q0, tile.packet[i]);
+    }
+  }
+  return k0;
+}
+#pragma GCC diagnostic pop
+
 template <typename S>
 void PackRhs(const S* b, int64_t row_stride, int64_t col_stride, int64_t K, int64_t N, S* out) {
   constexpr int NR = Traits<S>::kNr;
@@ -102,11 +128,13 @@ void PackRhs(const S* b, int64_t row_stride, int64_t col_stride, int64_t K, int6
         }
         continue;
       }
-      // Otherwise (a transposed matrix) read down each column, contiguous when row_stride is 1.
+      // Otherwise (a transposed matrix) read down each column, contiguous when row_stride is 1;
+      // then whole panels go by square tiles of the SIMD width, transposed in registers.
       if (cols < NR) std::fill(dst, dst + kc * NR, S(0));
+      const int64_t k0 = row_stride == 1 && cols == NR ? PackTransposedTiles(src, col_stride, kc, dst) : 0;
       for (int64_t q = 0; q < cols; ++q) {
         const S* col = src + q * col_stride;
-        for (int64_t k = 0; k < kc; ++k) dst[k * NR + q] = col[k * row_stride];
+        for (int64_t k = k0; k < kc; ++k) dst[k * NR + q] = col[k * row_stride];
       }
     }
   }

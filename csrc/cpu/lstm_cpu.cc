@@ -1,6 +1,8 @@
 // Eigen implementation of the fused LSTM contract (fusedlstm/lstm.h) for CpuDevice.
 //
-// Forward: one input-projection GEMM for all steps, then the recurrence, whose tasks each own a
+// Forward: one parallel region for the input-projection GEMM over all steps, the packing of the
+// recurrent weights and the cache's copies (nothing serial idles the other threads), then the
+// recurrence, whose tasks each own a
 // block of rows × hidden units: per step the task's slice of the recurrent GEMM (one GEMM: the
 // weights are gate-interleaved per unit block, and packed once per call for gemm.h's kernel,
 // not re-packed every step) followed at once by its fused gate/cell/output pass, with no
@@ -172,19 +174,18 @@ struct PackedSteps {
   int64_t total(const StepGrid& grid) const { return offset[grid.unit_parts]; }
 };
 
-// Packs the interleaved weights w ([K, 4H] forward; R, [H, 4H], transposed per block backward).
+// Packs unit block k of the interleaved weights w ([K, 4H] forward; R, [H, 4H], transposed per
+// block backward).
 template <typename S>
-void PackStepWeights(const CpuDevice& device, const LstmShape& s, const StepGrid& grid,
-                     const PackedSteps& packed, const S* w, int64_t K, bool backward, S* out) {
-  const int64_t H = s.H, G = 4 * H;
-  ParallelFor(device, grid.unit_parts, double(K) * G, [&](int64_t k) {
-    const Range u = Part(H, grid.unit_parts, k);
-    if (backward) {  // B(j, n) = Rp[u0 + n, j]
-      PackRhs<S>(w + u.begin * G, 1, G, G, u.size(), out + packed.offset[k]);
-    } else {         // B(j, n) = w[j, 4·u0 + n]
-      PackRhs<S>(w + 4 * u.begin, G, 1, K, 4 * u.size(), out + packed.offset[k]);
-    }
-  });
+void PackStepBlock(const LstmShape& s, const StepGrid& grid, const PackedSteps& packed,
+                   const S* w, int64_t K, bool backward, S* out, int64_t k) {
+  const int64_t G = 4 * s.H;
+  const Range u = Part(s.H, grid.unit_parts, k);
+  if (backward) {  // B(j, n) = Rp[u0 + n, j]
+    PackRhs<S>(w + u.begin * G, 1, G, G, u.size(), out + packed.offset[k]);
+  } else {         // B(j, n) = w[j, 4·u0 + n]
+    PackRhs<S>(w + 4 * u.begin, G, 1, K, 4 * u.size(), out + packed.offset[k]);
+  }
 }
 
 // A fixed grid of output tiles for a GEMM of M × Nc.
@@ -239,7 +240,9 @@ inline int64_t Length(const int32_t* lengths, int64_t n, int64_t T) {
 
 template <typename S>
 bool AllFinite(const S* p, int64_t count) {
-  return CMapA<S>(p, count).allFinite();  // vectorized: x - x is 0 exactly when x is finite
+  // x·0 is 0 for a finite x and NaN for ±Inf and NaN, and a NaN survives the sum: one
+  // vectorized pass (Eigen's allFinite() tests element by element, 6× slower at H = 128).
+  return !std::isnan((CMapA<S>(p, count) * S(0)).sum());
 }
 
 template <typename S>
@@ -250,25 +253,6 @@ void CopyOrZero(S* dst, const S* src, int64_t count) {
   } else {
     std::fill(dst, dst + count, S(0));
   }
-}
-
-// Z[N*T, 4H] = X[N*T, C] · Wp[C, 4H], tiled.
-template <typename S>
-void InputProjection(const CpuDevice& device, const LstmShape& s, const S* x, const S* wp, S* z) {
-  const int64_t M = s.N * s.T, G = 4 * s.H;
-  if (s.C == 0) {
-    std::fill(z, z + M * G, S(0));
-    return;
-  }
-  CMapRM<S> X(x, M, s.C, Eigen::OuterStride<>(s.C));
-  CMapRM<S> W(wp, s.C, G, Eigen::OuterStride<>(G));
-  MapRM<S> Z(z, M, G, Eigen::OuterStride<>(G));
-  const TileGrid tiles(M, G);
-  ParallelFor(device, tiles.count(), 2.0 * M * s.C * G, [&](int64_t task) {
-    const Range r = tiles.rows(task), c = tiles.cols(task);
-    Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
-        X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
-  });
 }
 
 }  // namespace
@@ -310,13 +294,14 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   // cstate[n, t]). Inference: weights in the workspace, h ping-pongs between two [N, H]
   // buffers, c is updated in c_n.
   S *wp, *rp, *bp, *gates, *rpack, *h_hist = nullptr, *c_hist = nullptr, *hbuf = nullptr;
+  S* x_cache = nullptr;
   if (training) {
     CacheView<S> cv(a.cache, s);
     wp = cv.kernel;
     rp = cv.rkernel;
     bp = a.workspace;
     rpack = bp + G;
-    if (C > 0) std::memcpy(cv.x, a.x, sizeof(S) * N * T * C);
+    x_cache = cv.x;
     gates = cv.gates;
     h_hist = cv.hprev;
     c_hist = cv.cstate;
@@ -334,8 +319,18 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     CopyOrZero(hbuf, a.h0, N * H);
     CopyOrZero(a.c_n, a.c0, N * H);
   }
-  Interleave(s, grid, a.kernel, wp, C, true);
-  Interleave(s, grid, a.recurrent_kernel, rp, H, true);
+  // With one unit block the interleaved layout is Keras's: packing and the projection read the
+  // caller's weights, and the training cache's copies of them are tasks of the region below.
+  // Otherwise the interleaved copies come first.
+  const bool keras_order = grid.unit_parts == 1;
+  const S* w_src = a.kernel;
+  const S* r_src = a.recurrent_kernel;
+  if (!keras_order) {
+    Interleave(s, grid, a.kernel, wp, C, true);
+    Interleave(s, grid, a.recurrent_kernel, rp, H, true);
+    w_src = wp;
+    r_src = rp;
+  }
   if (a.bias) {
     Interleave(s, grid, a.bias, bp, 1, true);
   } else {
@@ -344,15 +339,42 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
 
   const PackedSteps packed(s, grid, false, H), wpacked(s, grid, false, C);
   S* wpack = rpack + packed.total(grid);
-  PackStepWeights(device, s, grid, packed, rp, H, false, rpack);
-  // The input projection. Training keeps every step's gates in the cache anyway, so one tiled
-  // GEMM over all steps fills them (the most parallel form). Inference keeps one step's gates:
-  // x_t·Wp runs inside each step's tasks on W packed once, like R.
-  if (training) {
-    InputProjection(device, s, a.x, wp, gates);
-  } else if (C > 0) {
-    PackStepWeights(device, s, grid, wpacked, wp, C, false, wpack);
-  }
+  // Everything before the recurrence, independent tasks of one parallel region (a serial copy
+  // or pack would idle the other threads): the input projection Z = X·Wp in row × column
+  // tiles (training, which keeps every step's gates in the cache anyway: one GEMM over all
+  // steps is the most parallel form), each row tile also copying its rows of x into the cache;
+  // packing R per unit block, and W too for inference (which keeps one step's gates: x_t·Wp
+  // runs inside each step's tasks on W packed once, like R); the cache's copies of W and R.
+  const TileGrid tiles(training && C > 0 ? N * T : 0, G);
+  const int64_t n_tiles = tiles.count(), n_rpack = grid.unit_parts;
+  const int64_t n_wpack = !training && C > 0 ? grid.unit_parts : 0;
+  const int64_t n_copies = training && keras_order ? 2 : 0;
+  if (training && C == 0) std::fill(gates, gates + N * T * G, S(0));
+  CMapRM<S> X(a.x, N * T, C, Eigen::OuterStride<>(C));
+  CMapRM<S> W(w_src, C, G, Eigen::OuterStride<>(G));
+  MapRM<S> Z(gates, training ? N * T : 0, G, Eigen::OuterStride<>(G));
+  ParallelFor(device, n_tiles + n_rpack + n_wpack + n_copies,
+              2.0 * N * T * C * G + double(C + H) * G, [&](int64_t task) {
+    if (task < n_tiles) {
+      const Range r = tiles.rows(task), c = tiles.cols(task);
+      if (c.begin == 0) {
+        std::memcpy(x_cache + r.begin * C, a.x + r.begin * C, sizeof(S) * r.size() * C);
+      }
+      Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
+          X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
+      return;
+    }
+    task -= n_tiles;
+    if (task < n_rpack) return PackStepBlock(s, grid, packed, r_src, H, false, rpack, task);
+    task -= n_rpack;
+    if (task < n_wpack) return PackStepBlock(s, grid, wpacked, w_src, C, false, wpack, task);
+    task -= n_wpack;
+    if (task == 0) {
+      CopyOrZero(wp, a.kernel, C * G);
+    } else {
+      CopyOrZero(rp, a.recurrent_kernel, H * G);
+    }
+  });
   // Gates of step t: rows T·G apart in the cache (training), G apart in the one-step buffer.
   const int64_t z_ld = training ? T * G : G;
 
@@ -476,7 +498,9 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   S* rtpack = a.workspace + (C + H + 1) * G;
   const StepGrid bgrid = BackwardGemmGrid(s);
   const PackedSteps packed(s, bgrid, true, 4 * H);
-  PackStepWeights(device, s, bgrid, packed, cv.rkernel, H, true, rtpack);
+  ParallelFor(device, bgrid.unit_parts, double(H) * G, [&](int64_t k) {
+    PackStepBlock(s, bgrid, packed, cv.rkernel, H, true, rtpack, k);
+  });
   // Padded steps contribute nothing, even when the data there is NaN or Inf (0 · Inf is NaN):
   // the padded rows of the cached x and h_{t-1} are zeroed (the cache is consumed anyway), dX's
   // padded rows are zeroed after its GEMM, and when R holds a non-finite value the per-step dh
