@@ -83,8 +83,8 @@ def test_padding_semantics(rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("B, H", [(67, 40), (15, 190)])  # whole-sequence row tasks; unit tasks
 def test_padding_is_never_read_even_when_not_finite(rng, dtype, B, H):
-    """NaN/Inf at padded steps (x, d_outputs) change no result; with a NaN in the recurrent
-    kernel, length-0 rows still pass d_h_n/d_c_n through exactly (no 0 * NaN). Big enough for
+    """NaN/Inf at padded steps (x, d_outputs) change no result; with a NaN or ±Inf in the
+    recurrent kernel, length-0 rows still pass d_h_n/d_c_n through exactly (no 0 * NaN). Big enough for
     several row blocks, so the per-task row runs are exercised."""
     T, E = 7, 9
     lengths = rng.integers(0, T + 1, size=B)
@@ -102,14 +102,17 @@ def test_padding_is_never_read_even_when_not_finite(rng, dtype, B, H):
     np.testing.assert_array_equal(out2, out)
     for name in g._fields:
         np.testing.assert_array_equal(getattr(g2, name), getattr(g, name), err_msg=name)
-    r = p["recurrent_kernel"].copy()
-    r[3, 5] = np.nan
-    _, _, _, cache3 = fusedlstm.lstm_forward(**dict(p, recurrent_kernel=r))
-    g3 = fusedlstm.lstm_backward(cache3, **up)
     zero = lengths == 0
-    np.testing.assert_array_equal(g3.h0[zero], up["d_h_n"][zero])
-    np.testing.assert_array_equal(g3.c0[zero], up["d_c_n"][zero])
-    assert np.all(g3.x[pad] == 0) and np.isnan(g3.x[~pad]).all(axis=-1).any()
+    for special in (np.nan, np.inf, -np.inf):  # each must be detected as not finite
+        r = p["recurrent_kernel"].copy()
+        r[3, 5] = special
+        _, _, _, cache3 = fusedlstm.lstm_forward(**dict(p, recurrent_kernel=r))
+        g3 = fusedlstm.lstm_backward(cache3, **up)
+        np.testing.assert_array_equal(g3.h0[zero], up["d_h_n"][zero])
+        np.testing.assert_array_equal(g3.c0[zero], up["d_c_n"][zero])
+        assert np.all(g3.x[pad] == 0)
+        if np.isnan(special):
+            assert np.isnan(g3.x[~pad]).all(axis=-1).any()
 
 
 def test_inference_matches_training_and_stores_nothing(rng):
