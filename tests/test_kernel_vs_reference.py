@@ -124,6 +124,27 @@ def test_inference_matches_training_and_stores_nothing(rng):
         np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B, H", [(67, 40), (12, 190)])  # whole-sequence row tasks; unit tasks
+@pytest.mark.parametrize("training", [True, False])
+def test_return_sequences_false_skips_outputs_only(rng, dtype, B, H, training):
+    """Without return_sequences the outputs are None and everything else is bit-identical:
+    final states, and the gradients from its cache (d_outputs still honoured)."""
+    p, up = make_problem(rng, B, 6, 5, H, dtype=dtype, lengths="random")
+    full = fusedlstm.lstm_forward(**p, training=training)
+    last = fusedlstm.lstm_forward(**p, training=training, return_sequences=False)
+    assert last[0] is None and reference.lstm_forward(**p, return_sequences=False)[0] is None
+    np.testing.assert_array_equal(last[1], full[1])
+    np.testing.assert_array_equal(last[2], full[2])
+    if training:
+        g_full = fusedlstm.lstm_backward(full[3], **up)
+        g_last = fusedlstm.lstm_backward(last[3], **up)
+        for name in g_full._fields:
+            np.testing.assert_array_equal(getattr(g_last, name), getattr(g_full, name), name)
+    else:
+        assert last[3] is None
+
+
 def test_cache_owns_its_inputs(rng):
     """Modifying x or the weights after forward does not change the gradients."""
     p, up = make_problem(rng, 2, 4, 3, 5)

@@ -395,7 +395,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
       for (int64_t n = rows.begin; n < rows.end; ++n) {
         PrefetchSpan<1>(zstep + n * z_ld + G + col0, sizeof(S) * 4 * nu);
         PrefetchSpan<1>(c_hist + (n * (T + 1) + t + 2) * H + u0, sizeof(S) * nu);
-        PrefetchSpan<1>(a.outputs + (n * T + t + 1) * H + u0, sizeof(S) * nu);
+        if (a.outputs) PrefetchSpan<1>(a.outputs + (n * T + t + 1) * H + u0, sizeof(S) * nu);
       }
     }
     if (t < active && !training) {
@@ -424,11 +424,11 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
         S* h_next = training
                         ? (t + 1 < T ? h_hist + (n * T + t + 1) * H + u : a.h_n + n * H + u)
                         : hbuf + ((t + 1) % 2) * N * H + n * H + u;
-        S* out = a.outputs + (n * T + t) * H + u;
+        S* out = a.outputs ? a.outputs + (n * T + t) * H + u : nullptr;
         if (!valid) {  // padded step: carry the state, output zero
           if (c_next != c_prev) std::memcpy(c_next, c_prev, sizeof(S) * m);
           std::memcpy(h_next, h_prev, sizeof(S) * m);
-          std::fill(out, out + m, S(0));
+          if (out) std::fill(out, out + m, S(0));
           continue;
         }
         S* z = zrow + j0;
@@ -446,7 +446,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
         }
         std::memcpy(c_next, cell, sizeof(S) * m);
         std::memcpy(h_next, hid, sizeof(S) * m);
-        std::memcpy(out, hid, sizeof(S) * m);
+        if (out) std::memcpy(out, hid, sizeof(S) * m);
       }
     }
   };

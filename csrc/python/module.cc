@@ -160,17 +160,24 @@ LstmShape ReadShapeTNCH(const std::vector<int64_t>& shape_tnch) {
 template <typename S>
 py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& rkernel,
                   const py::object& bias, const py::object& h0, const py::object& c0,
-                  const py::object& lengths, bool training, const py::object& spare) {
+                  const py::object& lengths, bool training, const py::object& spare,
+                  bool return_sequences) {
   ForwardArgs<S> args;
   const LstmShape s = ReadForward<S>(x, kernel, rkernel, bias, h0, c0, lengths, &args);
 
-  py::array_t<S> outputs({s.N, s.T, s.H}), h_n({s.N, s.H}), c_n({s.N, s.H});
+  py::array_t<S> h_n({s.N, s.H}), c_n({s.N, s.H});
+  // Without return_sequences the kernel writes no outputs and None stands in their place.
+  py::object outputs = py::none();
+  if (return_sequences) {
+    py::array_t<S> o({s.N, s.T, s.H});
+    args.outputs = MutablePtr(o);
+    outputs = o;
+  }
   // The spare (if any) serves as the cache in training, as the (large) workspace in inference.
   py::array_t<S> workspace = training
       ? py::array_t<S>(std::vector<int64_t>{ForwardWorkspaceSize(s, true)})
       : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false));
   py::object cache = py::none();
-  args.outputs = MutablePtr(outputs);
   args.h_n = MutablePtr(h_n);
   args.c_n = MutablePtr(c_n);
   args.workspace = MutablePtr(workspace);
@@ -546,17 +553,20 @@ PYBIND11_MODULE(_core, m) {
       "forward",
       [](const py::array& x, const py::array& kernel, const py::array& rkernel,
          const py::object& bias, const py::object& h0, const py::object& c0,
-         const py::object& lengths, bool training, const py::object& spare) {
+         const py::object& lengths, bool training, const py::object& spare,
+         bool return_sequences) {
         if (IsDtype(x, py::dtype::of<float>()))
-          return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare);
+          return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare,
+                                return_sequences);
         if (IsDtype(x, py::dtype::of<double>()))
-          return Forward<double>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare);
+          return Forward<double>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare,
+                                 return_sequences);
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
       py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"),
       py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"),
-      py::arg("spare") = py::none());
+      py::arg("spare") = py::none(), py::arg("return_sequences") = true);
   m.def(
       "backward",
       [](const py::array& cache, const std::vector<int64_t>& shape, const py::object& lengths,

@@ -96,13 +96,14 @@ class LstmCache:
                 f"device={self.device}, {state})")
 
 
-def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training):
+def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training,
+                 return_sequences=True):
     """One compiled CPU forward, reusing the spare scratch buffer; the module checks every
     array itself before it runs (TypeError/ValueError, the spare put back)."""
     spare = _spare.pop(x.dtype, None)
     try:
         outputs, h_n, c_n, buf = _core.forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
-                                               bool(training), spare)
+                                               bool(training), spare, bool(return_sequences))
     except (TypeError, ValueError):
         if spare is not None:
             _spare[x.dtype] = spare
@@ -114,7 +115,7 @@ def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training):
     return outputs, h_n, c_n, LstmCache(buf, (B, T, E, recurrent_kernel.shape[0]), lengths)
 
 
-def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training):
+def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences):
     """The call straight into the compiled module when every argument already is what it takes
     (NumPy arrays of one float dtype, C-contiguous, int32 lengths). None when it refuses: the
     caller then goes through check_forward, which converts what can be converted and words the
@@ -126,13 +127,14 @@ def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training):
             return None
         lengths = lengths.copy()  # the cache must not see later changes to the caller's array
     try:
-        return _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training)
+        return _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training,
+                            return_sequences)
     except (TypeError, ValueError):
         return None
 
 
 def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengths=None,
-                 training: bool = True, device: str = "cpu"):
+                 training: bool = True, device: str = "cpu", return_sequences: bool = True):
     """Run a single-layer LSTM over whole sequences in one compiled call.
 
     Parameters
@@ -149,14 +151,20 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
         "cuda" runs the CUDA kernels (a FUSEDLSTM_CUDA=ON build and a GPU; see
         ``cuda_available()``): the arrays are copied to the GPU and the results back, and the
         training cache stays in GPU memory until ``lstm_backward``.
+    return_sequences : bool
+        False returns None for ``outputs``, which the CPU kernel then never writes (a
+        many-to-one model needs only the final state: B·T·H fewer stores and no [B, T, H]
+        allocation). The backward is the same either way, ``d_outputs`` included.
 
     Returns
     -------
-    outputs [B, T, H], h_n [B, H], c_n [B, H], cache (``LstmCache``, or None when not training)
+    outputs [B, T, H] (None without return_sequences), h_n [B, H], c_n [B, H],
+    cache (``LstmCache``, or None when not training)
     """
     device = _check_device(device)
     if device == "cpu":
-        fast = _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training)
+        fast = _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training,
+                             return_sequences)
         if fast is not None:
             return fast
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
@@ -165,9 +173,9 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
                                                      a.h0, a.c0, a.lengths, bool(training))
         cache = (LstmCache(dbuf, (a.B, a.T, a.E, a.H), a.lengths, a.x.dtype, "cuda")
                  if training else None)
-        return outputs, h_n, c_n, cache
+        return (outputs if return_sequences else None), h_n, c_n, cache
     return _cpu_forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths,
-                        training)
+                        training, return_sequences)
 
 
 def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None,

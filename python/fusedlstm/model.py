@@ -272,7 +272,8 @@ class SentimentClassifier:
         ids = ids[:, :T]  # a batch is only as long as its longest sentence
         x = np.take(p["embedding"], ids, axis=0)  # a row gather: twice as fast as p[ids]
         _, h_n, _, cache = lstm_forward(x, p["kernel"], p["recurrent_kernel"], p["bias"],
-                                        lengths=lengths, training=need_grads)
+                                        lengths=lengths, training=need_grads,
+                                        return_sequences=False)
         d = h_n * mask if mask is not None else h_n
         logits = dense_forward(d, p["dense_w"], p["dense_b"])
         loss, d_logits, probs = softmax_cross_entropy(logits, labels)

@@ -17,7 +17,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengths=None,
-                 training: bool = True):
+                 training: bool = True, return_sequences: bool = True):
     """NumPy reference of :func:`fusedlstm.lstm_forward` (same arguments and results)."""
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     B, T, H, dt = a.B, a.T, a.H, a.x.dtype
@@ -45,7 +45,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
     if training:
         cache = {"x": a.x.copy(), "kernel": W.copy(), "recurrent_kernel": R.copy(),
                  "steps": steps, "shape": (B, T, a.E, H), "dtype": dt}
-    return outputs, h, c, cache
+    return (outputs if return_sequences else None), h, c, cache
 
 
 def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool = True) -> LstmGrads:

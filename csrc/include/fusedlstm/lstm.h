@@ -51,7 +51,9 @@ struct ForwardArgs {
   const Scalar* c0 = nullptr;                // [N, H], or nullptr for zeros
   const int32_t* lengths = nullptr;          // [N] in [0, T], or nullptr for all T
   // Outputs (fully written).
-  Scalar* outputs = nullptr;                 // [N, T, H]; zero at padded steps
+  Scalar* outputs = nullptr;                 // [N, T, H]; zero at padded steps. The CPU kernel
+                                             // takes nullptr: not written (only the final
+                                             // state wanted); the CUDA kernels need it.
   Scalar* h_n = nullptr;                     // [N, H]
   Scalar* c_n = nullptr;                     // [N, H]
   // Scratch: ForwardWorkspaceSize(shape, training) elements.
