@@ -270,6 +270,60 @@ def test_inference_keeps_no_cache_and_still_differentiates():
             np.testing.assert_array_equal(a.numpy(), e)
 
 
+def test_plain_call_under_a_tape_runs_the_forward_once():
+    """A custom loop's `layer(x)` (training not given) keeps the cache: the gradient graph has
+    one FusedLstm op, not a second forward recomputing it. An explicit training=False
+    (predict, evaluate) keeps none and recomputes only if differentiated."""
+    x = tf.constant(np.random.default_rng(14).standard_normal((3, 5, 2)).astype(np.float32))
+    layer = fk.LSTM(4)
+    layer.build((None, 5, 2))
+
+    def forwards(**kw):
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(x, **kw))
+            return tape.gradient(loss, layer.trainable_weights)
+        ops = step.get_concrete_function().graph.get_operations()
+        return sum(op.type == "FusedLstm" for op in ops)
+
+    assert forwards() == 1
+    assert forwards(training=True) == 1
+    assert forwards(training=False) == 2
+
+
+def test_op_without_return_sequences_writes_no_outputs():
+    """return_sequences=False (the layer's default): the op's outputs are an empty [B, 0, H]
+    tensor, the state is bit-identical, and gradients through h_n and c_n are too, eagerly and
+    in a tf.function."""
+    lib = fk.load_ops()
+    rng = np.random.default_rng(13)
+    x = tf.constant(rng.standard_normal((5, 7, 3)).astype(np.float32))
+    k = tf.constant(rng.standard_normal((3, 16)).astype(np.float32) * 0.3)
+    r = tf.constant(rng.standard_normal((4, 16)).astype(np.float32) * 0.3)
+    b = tf.constant(rng.standard_normal(16).astype(np.float32) * 0.1)
+    h0 = tf.zeros((5, 4))
+    lengths = tf.constant([7, 3, 0, 5, 1], tf.int32)
+    full = lib.fused_lstm(x, k, r, b, h0, h0, lengths)
+    last = lib.fused_lstm(x, k, r, b, h0, h0, lengths, return_sequences=False)
+    assert full[0].shape == (5, 7, 4) and last[0].shape == (5, 0, 4)
+    for a, e in zip(last[1:3], full[1:3]):
+        np.testing.assert_array_equal(a.numpy(), e.numpy())
+
+    def grads(return_sequences):
+        with tf.GradientTape() as tape:
+            tape.watch([x, k, r, b])
+            _, hn, cn, _ = lib.fused_lstm(x, k, r, b, h0, h0, lengths,
+                                          return_sequences=return_sequences)
+            loss = tf.reduce_sum(tf.sin(hn)) + 2.0 * tf.reduce_sum(tf.cos(cn))
+        return tape.gradient(loss, [x, k, r, b])
+
+    want = [g.numpy() for g in grads(True)]
+    for got in (grads(False), tf.function(lambda: grads(False))()):
+        for a, e in zip(got, want):
+            np.testing.assert_array_equal(a.numpy(), e)
+
+
 def test_concurrent_tf_function_calls_match_sequential():
     """The op under several Python threads calling one tf.function at once (each with its own
     data): every result equals the one from a sequential call."""

@@ -31,12 +31,13 @@ REGISTER_OP("FusedLstm")
     .Input("h0: T")                // [B, H]
     .Input("c0: T")                // [B, H]
     .Input("lengths: int32")       // [B], 0..T
-    .Output("outputs: T")          // [B, T, H]
+    .Output("outputs: T")          // [B, T, H]; [B, 0, H] when return_sequences = false
     .Output("h_n: T")              // [B, H]
     .Output("c_n: T")              // [B, H]
     .Output("cache: T")            // opaque, 1-d; empty when training = false
     .Attr("T: {float, double}")
     .Attr("training: bool = true")
+    .Attr("return_sequences: bool = true")  // false: the kernel writes no outputs
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x, k, r, b, h0, c0, len;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
@@ -47,7 +48,10 @@ REGISTER_OP("FusedLstm")
       TF_RETURN_IF_ERROR(c->WithRank(c->input(5), 2, &c0));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(6), 1, &len));
       DimensionHandle B = c->Dim(x, 0), T = c->Dim(x, 1), H = c->Dim(r, 0);
-      c->set_output(0, c->MakeShape({B, T, H}));
+      bool return_sequences = true;
+      TF_RETURN_IF_ERROR(c->GetAttr("return_sequences", &return_sequences));
+      c->set_output(0, return_sequences ? c->MakeShape({B, T, H})
+                                        : c->MakeShape({B, c->MakeDim(0), H}));
       c->set_output(1, c->MakeShape({B, H}));
       c->set_output(2, c->MakeShape({B, H}));
       c->set_output(3, c->Vector(InferenceContext::kUnknownDim));
@@ -59,7 +63,7 @@ REGISTER_OP("FusedLstmGrad")
     .Input("recurrent_kernel: T")  // the forward's recurrent_kernel (its shape)
     .Input("lengths: int32")
     .Input("cache: T")
-    .Input("d_outputs: T")         // [B, T, H]
+    .Input("d_outputs: T")         // [B, T, H], or [B, 0, H]: none (return_sequences = false)
     .Input("d_h_n: T")             // [B, H]
     .Input("d_c_n: T")             // [B, H]
     .Output("dx: T")
@@ -173,6 +177,7 @@ class FusedLstmOp : public OpKernel {
  public:
   explicit FusedLstmOp(OpKernelConstruction* c) : OpKernel(c) {
     OP_REQUIRES_OK(c, c->GetAttr("training", &training_));
+    OP_REQUIRES_OK(c, c->GetAttr("return_sequences", &return_sequences_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -187,7 +192,8 @@ class FusedLstmOp : public OpKernel {
     CHECK_SHAPE(ctx, c0, "c0", TensorShape({s.N, s.H}));
     const int32_t* lengths = len.flat<int32>().data();
     Tensor *out, *hn, *cn, *cache;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({s.N, s.T, s.H}), &out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            0, TensorShape({s.N, return_sequences_ ? s.T : 0, s.H}), &out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({s.N, s.H}), &hn));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({s.N, s.H}), &cn));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
@@ -204,7 +210,7 @@ class FusedLstmOp : public OpKernel {
     a.h0 = h0.flat<S>().data();
     a.c0 = c0.flat<S>().data();
     a.lengths = lengths;
-    a.outputs = out->flat<S>().data();
+    a.outputs = return_sequences_ ? out->flat<S>().data() : nullptr;
     a.h_n = hn->flat<S>().data();
     a.c_n = cn->flat<S>().data();
     a.workspace = workspace.flat<S>().data();
@@ -214,6 +220,7 @@ class FusedLstmOp : public OpKernel {
 
  private:
   bool training_;
+  bool return_sequences_;
 };
 
 template <typename S>
@@ -230,7 +237,9 @@ class FusedLstmGradOp : public OpKernel {
     const int64_t G = 4 * s.H;
     CHECK_SHAPE(ctx, cache, "cache (run the forward with training=True)",
                 TensorShape({fusedlstm::CacheSize(s)}));
-    CHECK_SHAPE(ctx, dout, "d_outputs", TensorShape({s.N, s.T, s.H}));
+    // A forward without return_sequences has [B, 0, H] outputs, so their gradient is empty.
+    const bool no_dout = dout.shape() == TensorShape({s.N, 0, s.H}) && s.T > 0;
+    if (!no_dout) CHECK_SHAPE(ctx, dout, "d_outputs", TensorShape({s.N, s.T, s.H}));
     CHECK_SHAPE(ctx, dhn, "d_h_n", TensorShape({s.N, s.H}));
     CHECK_SHAPE(ctx, dcn, "d_c_n", TensorShape({s.N, s.H}));
     const int32_t* lengths = len.flat<int32>().data();
@@ -265,7 +274,7 @@ class FusedLstmGradOp : public OpKernel {
     fusedlstm::BackwardArgs<S> a;
     a.cache = work_cache.flat<S>().data();
     a.lengths = lengths;
-    a.d_outputs = dout.flat<S>().data();
+    a.d_outputs = no_dout ? nullptr : dout.flat<S>().data();
     a.d_h_n = dhn.flat<S>().data();
     a.d_c_n = dcn.flat<S>().data();
     a.dx = dx->flat<S>().data();

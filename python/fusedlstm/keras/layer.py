@@ -105,7 +105,7 @@ class LSTM(keras.layers.Layer):
             self.bias = None
         self.built = True
 
-    def call(self, sequences, initial_state=None, mask=None, training=False):
+    def call(self, sequences, initial_state=None, mask=None, training=None):
         x = tf.convert_to_tensor(sequences, dtype=self.compute_dtype)
         if x.shape.rank != 3:
             raise ValueError(f"inputs must be 3-d [batch, time, features], got shape {x.shape}")
@@ -138,13 +138,16 @@ class LSTM(keras.layers.Layer):
                                 "True per row (right- or left-padded); a mask with holes is not supported")
             # Move each row's run to the front.
             x = tf.gather(x, tf.minimum(steps + starts[:, None], T - 1), batch_dims=1)
-        # Inference (training=False: predict, evaluate) keeps no cache for a backward pass; a
-        # gradient taken anyway recomputes it (see ops.py).
-        keep_cache = training if isinstance(training, bool) else True
+        # Only an explicit training=False (predict, evaluate) keeps no cache for a backward
+        # pass; a gradient taken anyway recomputes the forward (see ops.py). A plain call
+        # (training=None: a custom loop's `layer(x)` under a GradientTape) keeps it, or every
+        # such training step would run the forward twice.
+        keep_cache = training is not False
         outputs, h_n, c_n, _ = fused_lstm(x, tf.cast(self.kernel, x.dtype),
                                           tf.cast(self.recurrent_kernel, x.dtype),
                                           tf.cast(bias, x.dtype), h0, c0, lengths,
-                                          training=keep_cache)
+                                          training=keep_cache,
+                                          return_sequences=self.return_sequences)
         has_steps = (lengths > 0)[:, None]
         last = tf.where(has_steps, h_n, tf.zeros_like(h_n))  # Keras: zeros if nothing was valid
         if self.return_sequences:

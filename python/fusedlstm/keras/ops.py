@@ -34,7 +34,7 @@ def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
         # differentiated: saliency maps, adversarial inputs). Run the forward again with one:
         # the kernel is deterministic, so its outputs are the ones being differentiated.
         cache = load_ops().fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
-                                      training=True)[3]
+                                      training=True, return_sequences=False)[3]
 
     def zeros_if_none(g, like):
         return tf.zeros_like(like) if g is None else g
@@ -46,9 +46,11 @@ def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
     return list(grads) + [None]  # no gradient for lengths
 
 
-def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True):
+def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True,
+               return_sequences=True):
     """outputs [B,T,H], h_n, c_n, cache — the raw op (see fusedlstm.lstm_forward for semantics).
     training=False keeps no cache (the cache output is empty); its gradient, if one is taken
-    anyway, runs the forward again with a cache first."""
+    anyway, runs the forward again with a cache first. return_sequences=False writes no outputs
+    (they come back as an empty [B, 0, H] tensor)."""
     return load_ops().fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
-                                 training=training)
+                                 training=training, return_sequences=return_sequences)
