@@ -440,3 +440,22 @@ def test_saved_model_reloads_in_a_fresh_process(tmp_path):
     run_py(SAVED.replace("{path}", path))
     diff = float(run_py(RELOAD.replace("{path}", path)).strip().splitlines()[-1])
     assert diff < 1e-6
+
+
+def test_op_library_cache_is_keyed_by_what_march_native_means(monkeypatch):
+    # A home directory shared by different CPUs must not hand one of them a library compiled with
+    # -march=native on another (it would die with an illegal instruction): the cache key holds the
+    # instruction sets the flags select here, not only the flags' text.
+    from fusedlstm.keras import build
+
+    cxx = build._compiler()
+    older = build._target_macros(cxx, ["-march=haswell"])
+    newer = build._target_macros(cxx, ["-march=skylake-avx512"])
+    assert "__AVX2__" in older and "__AVX512F__" not in older and "__AVX512F__" in newer
+    here = build.op_library_path()
+    assert build.op_library_path() == here  # stable on one machine
+    if build._simd_flags(cxx):
+        monkeypatch.setattr(build, "_target_macros", lambda c, f: older)
+        as_haswell = build.op_library_path()
+        monkeypatch.setattr(build, "_target_macros", lambda c, f: newer)
+        assert as_haswell != build.op_library_path() and here.parent.parent == as_haswell.parent.parent

@@ -7,9 +7,13 @@ import platform
 import sys
 from typing import Any, Dict
 
-from . import _core, convert, reference
-from ._checks import LstmGrads
-from .lstm import LstmCache, cuda_available, empty_cache, lstm_backward, lstm_forward
+from . import _cpu, _isa
+
+_cpu.require_cpu(_isa)  # before _core: a native build on the wrong CPU is an ImportError, not SIGILL
+
+from . import _core, convert, reference  # noqa: E402
+from ._checks import LstmGrads  # noqa: E402
+from .lstm import LstmCache, cuda_available, empty_cache, lstm_backward, lstm_forward  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -43,4 +47,5 @@ def build_info() -> Dict[str, Any]:
     info["version"] = __version__
     info["python"] = sys.version.split()[0]
     info["machine"] = platform.machine()
+    info["isa_required"] = _isa.required()
     return info

@@ -1,13 +1,14 @@
 """Build (once) and load the TensorFlow op library. TensorFlow's C++ ABI changes between
 releases, so the op is compiled against the *installed* TensorFlow on first use, from the kernel
 sources shipped inside the package, into a per-user cache keyed by TensorFlow's version and a
-hash of the sources and flags; a file lock keeps concurrent processes from colliding.
+hash of the sources, the flags and the instruction sets they select on this CPU; a file lock keeps concurrent processes from colliding.
 `fusedlstm build-tf-op` prebuilds it."""
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -59,6 +60,31 @@ def _simd_flags(cxx: str) -> List[str]:
     return []
 
 
+def _target_macros(cxx: str, flags: List[str]) -> str:
+    """What the SIMD flags mean on this machine: the compiler's predefined macros under them
+    (-march=native names a different instruction set on every CPU model). Part of the cache key,
+    so a home directory shared by different CPUs never hands one a library built for another,
+    which would die with an illegal instruction."""
+    if not flags:
+        return ""
+    r = subprocess.run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull],
+                       capture_output=True, text=True)
+    if r.returncode != 0:  # no macro dump (an unusual compiler): fall back to the CPU's own words
+        return _cpu_flags_line()
+    return "\n".join(sorted(r.stdout.splitlines()))
+
+
+def _cpu_flags_line() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _tf_flags():
     import tensorflow as tf
 
@@ -75,7 +101,9 @@ def op_library_path() -> Path:
         if f.suffix in (".h", ".cc"):
             h.update(str(f.relative_to(src)).encode())
             h.update(f.read_bytes())
-    h.update(" ".join([cxx, *cflags, *lflags, *_simd_flags(cxx)]).encode())
+    simd = _simd_flags(cxx)
+    h.update(" ".join([cxx, *cflags, *lflags, *simd]).encode())
+    h.update(_target_macros(cxx, simd).encode())
     root = Path(os.environ.get("FUSEDLSTM_CACHE") or Path.home() / ".cache" / "fusedlstm")
     return root / "tf-ops" / f"tf{version}-{h.hexdigest()[:16]}" / "_fusedlstm_tf_ops.so"
 
