@@ -325,9 +325,12 @@ class _Worker:
                 return
 
     def ask(self, **msg) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:  # it died before reading this request
+            line = ""
         if not line:
             code = self.proc.wait()
             self.log.seek(0)
@@ -339,10 +342,26 @@ class _Worker:
         return out
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        self.log.close()
+        """End the worker (EOF on its stdin; killed if it does not exit within a minute) and
+        close every pipe and the log, whether it is still running or died already."""
+        try:
+            if self.proc.poll() is None:
+                try:
+                    self.proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            for f in (self.proc.stdin, self.proc.stdout):
+                try:
+                    f.close()
+                except BrokenPipeError:
+                    pass
+            self.log.close()
 
 
 def run_threads(configs, threads: int, quick: bool, impls: List[str], memory: bool) -> dict:
