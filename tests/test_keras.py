@@ -5,6 +5,8 @@ tf.function / model.fit, .keras save/load, and every rejected argument. Skips wi
 TensorFlow; CI installs tensorflow-cpu (extra [tf])."""
 import importlib.util
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -375,9 +377,6 @@ def test_fit_save_load_roundtrip(tmp_path):
 
 
 def run_py(code: str, timeout=600):
-    import subprocess
-    import sys
-
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=timeout, env=env)
@@ -459,3 +458,20 @@ def test_op_library_cache_is_keyed_by_what_march_native_means(monkeypatch):
         as_haswell = build.op_library_path()
         monkeypatch.setattr(build, "_target_macros", lambda c, f: newer)
         assert as_haswell != build.op_library_path() and here.parent.parent == as_haswell.parent.parent
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="needs Keras's torch backend: torch is not installed (CI installs it)")
+def test_another_keras_backend_is_refused_at_construction():
+    # Under another backend the TF op's result sits outside that backend's autodiff: a model
+    # would fit without ever training the LSTM (seen with KERAS_BACKEND=torch). It must refuse
+    # instead, naming the backend. (Keras's numpy backend would need scipy; jax is not installed.)
+    backend = "torch"
+    code = ("import keras, fusedlstm.keras as fk\n"
+            "try:\n    fk.LSTM(4)\nexcept RuntimeError as e:\n    print('refused:', e)\n"
+            "else:\n    print('built')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "refused: fusedlstm.keras.LSTM runs a compiled TensorFlow op" in r.stdout
+    assert repr(backend) in r.stdout and "KERAS_BACKEND=tensorflow" in r.stdout

@@ -25,7 +25,7 @@ class LSTM(keras.layers.Layer):
     """Long short-term memory layer on the fused kernel (arguments as keras.layers.LSTM).
 
     Not supported (a clear ValueError at construction): activations other than tanh/sigmoid,
-    recurrent_dropout, stateful, unroll. A mask with holes raises InvalidArgumentError at call.
+    recurrent_dropout, stateful, unroll; a Keras backend other than TensorFlow (RuntimeError). A mask with holes raises InvalidArgumentError at call.
     XLA cannot compile a custom op, so the layer opts out of jit_compile (``supports_jit``).
     """
 
@@ -36,6 +36,13 @@ class LSTM(keras.layers.Layer):
                  kernel_constraint=None, recurrent_constraint=None, bias_constraint=None,
                  dropout=0.0, recurrent_dropout=0.0, seed=None, return_sequences=False,
                  return_state=False, go_backwards=False, stateful=False, unroll=False, **kwargs):
+        if keras.backend.backend() != "tensorflow":
+            # On another backend the op's output would be a tf.Tensor outside the backend's
+            # autodiff: the model would run, and its LSTM weights would silently never train.
+            raise RuntimeError(
+                "fusedlstm.keras.LSTM runs a compiled TensorFlow op and needs Keras's TensorFlow "
+                f"backend; this process uses the {keras.backend.backend()!r} backend. Set "
+                "KERAS_BACKEND=tensorflow before importing keras, or use keras.layers.LSTM here.")
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise ValueError(f"units must be a positive integer, got {units!r}")
