@@ -475,3 +475,34 @@ def test_another_keras_backend_is_refused_at_construction():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "refused: fusedlstm.keras.LSTM runs a compiled TensorFlow op" in r.stdout
     assert repr(backend) in r.stdout and "KERAS_BACKEND=tensorflow" in r.stdout
+
+
+@pytest.mark.parametrize("policy,tol", [("mixed_float16", 3e-3), ("mixed_bfloat16", 2e-2)])
+def test_mixed_precision_policies_run_in_float32_and_return_the_compute_dtype(policy, tol):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((B, T, E)).astype(np.float32)
+    mask = np.ones((B, T), bool)
+    mask[1, 4:] = False
+    h0 = rng.standard_normal((B, H)).astype(np.float32)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        ref, ours = pair(rng, return_sequences=True, return_state=True)
+        assert ours.compute_dtype == ref.compute_dtype and ours.kernel.dtype == "float32"
+        got = ours(x, mask=tf.constant(mask), initial_state=[tf.cast(h0, ours.compute_dtype)] * 2)
+        want = ref(x, mask=tf.constant(mask), initial_state=[tf.cast(h0, ref.compute_dtype)] * 2)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype
+            np.testing.assert_allclose(np.asarray(tf.cast(g, tf.float32)),
+                                       np.asarray(tf.cast(w, tf.float32)), rtol=tol, atol=tol)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(ours(x)[0], tf.float32) ** 2)
+        grads = tape.gradient(loss, ours.trainable_variables)
+        assert all(g is not None and np.isfinite(g.numpy()).all() and np.abs(g.numpy()).max() > 0
+                   for g in grads)
+        model = keras.Sequential([keras.Input((T, E)), fk.LSTM(H), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.Adam(1e-2), "mse")  # a LossScaleOptimizer under float16
+        before = [w.copy() for w in model.layers[0].get_weights()]
+        model.fit(x, np.ones((B, 1), np.float32), epochs=2, verbose=0)
+        assert all(np.abs(a - b).max() > 0 for a, b in zip(model.layers[0].get_weights(), before))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -114,6 +114,12 @@ class LSTM(keras.layers.Layer):
 
     def call(self, sequences, initial_state=None, mask=None, training=None):
         x = tf.convert_to_tensor(sequences, dtype=self.compute_dtype)
+        # The kernel computes in float32 or float64. Under a mixed-precision policy
+        # (mixed_float16, mixed_bfloat16) it runs in float32 and the results are cast to the
+        # compute dtype, as Keras's layer returns them (a CPU has no faster half-precision path).
+        out_dtype = x.dtype
+        if x.dtype not in (tf.float32, tf.float64):
+            x = tf.cast(x, tf.float32)
         if x.shape.rank != 3:
             raise ValueError(f"inputs must be 3-d [batch, time, features], got shape {x.shape}")
         B, T = tf.shape(x)[0], tf.shape(x)[1]
@@ -127,7 +133,7 @@ class LSTM(keras.layers.Layer):
                                         seed=self.seed_generator)
             x = x * keep
         if initial_state is not None:
-            h0, c0 = [tf.convert_to_tensor(s, x.dtype) for s in initial_state]
+            h0, c0 = [tf.cast(tf.convert_to_tensor(s), x.dtype) for s in initial_state]
         else:
             h0 = c0 = tf.zeros([B, u], x.dtype)
         bias = self.bias if self.bias is not None else tf.zeros([4 * u], x.dtype)
@@ -167,6 +173,8 @@ class LSTM(keras.layers.Layer):
             result = outputs
         else:
             result = last
+        if out_dtype != x.dtype:
+            result, h_n, c_n = (tf.cast(t, out_dtype) for t in (result, h_n, c_n))
         if self.return_state:
             return [result, h_n, c_n]
         return result
