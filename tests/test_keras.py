@@ -506,3 +506,38 @@ def test_mixed_precision_policies_run_in_float32_and_return_the_compute_dtype(po
         assert all(np.abs(a - b).max() > 0 for a, b in zip(model.layers[0].get_weights(), before))
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("mask_kind", ["right", "left"])
+@pytest.mark.parametrize("kw", [{"return_sequences": True},
+                                {"return_sequences": True, "go_backwards": True}],
+                         ids=lambda kw: "-".join(kw))
+def test_zero_output_for_mask_matches_keras(kw, mask_kind):
+    rng = np.random.default_rng(3)
+    ref, ours = pair(rng, zero_output_for_mask=True, **kw)
+    x = rng.standard_normal((B, T, E)).astype(np.float32)
+    compare(ref, ours, x, mask=masks()[mask_kind])
+    # and it changes something: masked steps are zeros, not the repeated last output
+    m = masks()[mask_kind]
+    y = ours(tf.constant(x), mask=tf.constant(m)).numpy()
+    m = m[:, ::-1] if kw.get("go_backwards") else m  # outputs come in reversed time order
+    assert (y[~m] == 0).all() and np.abs(y[m]).min() > 0
+
+
+def test_configs_are_interchangeable_with_keras_lstm():
+    # Swapping the import must keep working for code that rebuilds layers from configs, and
+    # keras.layers.LSTM's own keywords (use_cudnn, zero_output_for_mask) must be accepted.
+    ref = keras.layers.LSTM(8, return_sequences=True, dropout=0.25, seed=3, go_backwards=True,
+                            zero_output_for_mask=True, use_cudnn="auto",
+                            activity_regularizer="l2", kernel_regularizer="l1", name="lstm_x")
+    cfg = ref.get_config()
+    ours = fk.LSTM.from_config(cfg)
+    mine = ours.get_config()
+    assert set(mine) == set(cfg)
+    for k in cfg:
+        assert mine[k] == cfg[k], k
+    back = keras.layers.LSTM.from_config(mine)
+    assert back.get_config() == cfg
+    assert fk.LSTM(4, use_cudnn=False).get_config()["units"] == 4
+    with pytest.raises(ValueError, match="use_cudnn=True"):
+        fk.LSTM(4, use_cudnn=True)

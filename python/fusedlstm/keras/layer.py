@@ -25,7 +25,7 @@ class LSTM(keras.layers.Layer):
     """Long short-term memory layer on the fused kernel (arguments as keras.layers.LSTM).
 
     Not supported (a clear ValueError at construction): activations other than tanh/sigmoid,
-    recurrent_dropout, stateful, unroll; a Keras backend other than TensorFlow (RuntimeError). A mask with holes raises InvalidArgumentError at call.
+    recurrent_dropout, stateful, unroll, use_cudnn=True; a Keras backend other than TensorFlow (RuntimeError). A mask with holes raises InvalidArgumentError at call.
     XLA cannot compile a custom op, so the layer opts out of jit_compile (``supports_jit``).
     """
 
@@ -35,7 +35,8 @@ class LSTM(keras.layers.Layer):
                  recurrent_regularizer=None, bias_regularizer=None, activity_regularizer=None,
                  kernel_constraint=None, recurrent_constraint=None, bias_constraint=None,
                  dropout=0.0, recurrent_dropout=0.0, seed=None, return_sequences=False,
-                 return_state=False, go_backwards=False, stateful=False, unroll=False, **kwargs):
+                 return_state=False, go_backwards=False, stateful=False, unroll=False,
+                 zero_output_for_mask=False, use_cudnn="auto", **kwargs):
         if keras.backend.backend() != "tensorflow":
             # On another backend the op's output would be a tf.Tensor outside the backend's
             # autodiff: the model would run, and its LSTM weights would silently never train.
@@ -60,6 +61,11 @@ class LSTM(keras.layers.Layer):
             raise ValueError("unroll=True is not supported (the fused kernel runs the whole sequence)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if use_cudnn is True:  # "auto" (Keras's default) and False mean: whatever runs here
+            raise ValueError("use_cudnn=True: fusedlstm.keras.LSTM always runs the fused kernel, "
+                             "never cuDNN (use use_cudnn='auto' or False)")
+        if use_cudnn not in ("auto", False):
+            raise ValueError(f"use_cudnn must be 'auto', True or False, got {use_cudnn!r}")
         self.units = units
         self.use_bias = use_bias
         self.unit_forget_bias = unit_forget_bias
@@ -78,6 +84,7 @@ class LSTM(keras.layers.Layer):
         self.return_sequences = return_sequences
         self.return_state = return_state
         self.go_backwards = go_backwards
+        self.zero_output_for_mask = bool(zero_output_for_mask)
         self.stateful = False  # read by keras.layers.Bidirectional
         self.supports_masking = True
         self.supports_jit = False  # a compiled custom op: XLA cannot compile it
@@ -165,11 +172,14 @@ class LSTM(keras.layers.Layer):
         last = tf.where(has_steps, h_n, tf.zeros_like(h_n))  # Keras: zeros if nothing was valid
         if self.return_sequences:
             if mask is not None:
-                # Keras semantics: zeros before the run, the run, then its last output repeated.
+                # Keras semantics: zeros before the run, the run, then its last output repeated
+                # (zero_output_for_mask: zeros there too).
                 idx = tf.clip_by_value(steps - starts[:, None], 0, tf.maximum(lengths - 1, 0)[:, None])
                 outputs = tf.gather(outputs, idx, batch_dims=1)
-                outputs = tf.where(((steps >= starts[:, None]) & has_steps)[:, :, None], outputs,
-                                   tf.zeros_like(outputs))
+                keep = (steps >= starts[:, None]) & has_steps
+                if self.zero_output_for_mask:
+                    keep = keep & (steps < (starts + lengths)[:, None])
+                outputs = tf.where(keep[:, :, None], outputs, tf.zeros_like(outputs))
             result = outputs
         else:
             result = last
@@ -210,6 +220,10 @@ class LSTM(keras.layers.Layer):
             "bias_constraint": ser(self.bias_constraint),
             "dropout": self.dropout, "seed": self.seed,
             "return_sequences": self.return_sequences, "return_state": self.return_state,
-            "go_backwards": self.go_backwards,
+            "go_backwards": self.go_backwards, "zero_output_for_mask": self.zero_output_for_mask,
+            "activity_regularizer": ser(self.activity_regularizer),
+            # Always their defaults here (anything else is refused), kept so the config has
+            # every key keras.layers.LSTM's has and each layer can be built from the other's.
+            "recurrent_dropout": 0.0, "stateful": False, "unroll": False,
         }
         return {**super().get_config(), **config}
