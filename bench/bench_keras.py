@@ -1,8 +1,10 @@
 """A Keras training step, fusedlstm.keras.LSTM vs keras.layers.LSTM, side by side in one run:
-GradientTape, loss on the last state, gradients for the weights and the inputs, each step a
-tf.function, at the kernel benchmark's configs. Prints a table and writes JSON.
+loss on the last state, gradients for the weights and the inputs, at the kernel benchmark's
+configs. On the TensorFlow backend (default) each step is a tf.function around a GradientTape;
+with --backend torch it is an eager forward and loss.backward() on CPU tensors. Prints a table
+and writes JSON (bench/results/keras.json, or keras_torch.json).
 
-    python bench/bench_keras.py [--quick] [--config B,T,E,H ...]
+    python bench/bench_keras.py [--backend tensorflow|torch] [--quick] [--config B,T,E,H ...]
 """
 from __future__ import annotations
 
@@ -14,9 +16,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keras fixes its backend when first imported: read --backend before that.
+BACKEND = "torch" if "torch" in (sys.argv[sys.argv.index("--backend") + 1:][:1]
+                                 if "--backend" in sys.argv else []) else "tensorflow"
+os.environ["KERAS_BACKEND"] = BACKEND
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import fusedlstm  # noqa: E402
 import fusedlstm.keras as fk  # noqa: E402
@@ -28,6 +33,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def step_fn(layer, x):
+    if BACKEND == "torch":
+        return torch_step_fn(layer, x)
+    import tensorflow as tf
+
     weights = layer.trainable_weights
 
     @tf.function
@@ -44,16 +53,34 @@ def step_fn(layer, x):
     return run
 
 
+def torch_step_fn(layer, x):
+    import torch
+
+    xt = torch.tensor(x, requires_grad=True)
+    params = [w.value for w in layer.trainable_weights]
+
+    def run():
+        for t in [xt] + params:
+            t.grad = None
+        _, h, _ = layer(xt)
+        (h * h).sum().backward()
+    return run
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=parse_config, action="append")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--backend", choices=["tensorflow", "torch"], default="tensorflow",
+                    help="Keras backend (default tensorflow)")
     args = ap.parse_args(argv)
     rows = []
     for cfg in args.config or DEFAULT_CONFIGS:
         B, T, E, H = cfg
-        x = tf.constant(np.random.default_rng(0).standard_normal((B, T, E)).astype(np.float32))
+        x = np.random.default_rng(0).standard_normal((B, T, E)).astype(np.float32)
+        if BACKEND == "tensorflow":
+            x = keras.ops.convert_to_tensor(x)
         ref, ours = keras.layers.LSTM(H, return_state=True), fk.LSTM(H, return_state=True)
         ref.build((None, T, E))
         ours.build((None, T, E))
@@ -68,15 +95,23 @@ def main(argv=None):
         r = stats["keras"]["median_s"] / stats["fusedlstm.keras"]["median_s"]
         print(f"{str(cfg):>22}  fusedlstm.keras {stats['fusedlstm.keras']['median_s'] * 1e3:9.2f} ms   "
               f"keras.layers.LSTM {stats['keras']['median_s'] * 1e3:9.2f} ms   speed-up {r:.2f}x", flush=True)
-    out = args.out or HERE / "results" / ("keras_quick.json" if args.quick else "keras.json")
+    name = "keras" if BACKEND == "tensorflow" else "keras_torch"
+    out = args.out or HERE / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"benchmark": "keras_train_step", "commit": git_commit(),
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                               "tensorflow": tf.__version__, "keras": keras.__version__,
+                               "backend": BACKEND, "keras": keras.__version__,
+                               BACKEND: _version(BACKEND),
                                "build": fusedlstm.build_info(), "results": rows}, indent=1))
     os.replace(tmp, out)
     print(f"wrote {out}")
+
+
+def _version(module: str) -> str:
+    import importlib
+
+    return importlib.import_module(module).__version__
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""fusedlstm.keras.LSTM: a drop-in for keras.layers.LSTM (TensorFlow backend) running the fused
-kernel through the compiled FusedLstm op. Same weights (kernel, recurrent_kernel, bias; gate
+"""fusedlstm.keras.LSTM: a drop-in for keras.layers.LSTM running the fused kernel, through the
+compiled FusedLstm op on Keras's TensorFlow backend and through a torch.autograd.Function
+(torch_op.py) on its torch backend; the layer's own logic is keras.ops, shared by both. Same weights (kernel, recurrent_kernel, bias; gate
 order i, f, c, o), same outputs and states, same masking semantics: a mask whose True entries
 form one contiguous run per row (right- or left-padded) is run on the fused path by moving each
 row's run to the front, running with per-row lengths, and putting the outputs back the way
@@ -7,17 +8,56 @@ Keras does (state carried through masked steps, the previous output repeated the
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
-
-from .ops import fused_lstm
 
 __all__ = ["LSTM"]
+
+_BACKENDS = ("tensorflow", "torch")
 
 
 def _is(value, name: str) -> bool:
     if isinstance(value, str):
         return value == name
     return value is getattr(keras.activations, name, None) or getattr(value, "__name__", None) == name
+
+
+_MASK_HOLES = ("fusedlstm.keras.LSTM: the mask must be one contiguous run of True per row "
+               "(right- or left-padded); a mask with holes is not supported")
+
+
+def _check_one_run(run, mask) -> None:
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.debugging.assert_equal(run, mask, message=_MASK_HOLES)  # also inside a tf.function
+    elif not bool(keras.ops.all(run == mask)):
+        raise ValueError(_MASK_HOLES)
+
+
+def _take_steps(x, idx):
+    """x[b, idx[b, t], :] for x [B, T, F] and integer idx [B, T]: whole feature rows per step
+    (keras.ops.take_along_axis gathers element by element, which made TensorFlow's masked
+    training step about 1.5x slower)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.gather(x, idx, batch_dims=1)
+    import torch
+
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx.long()]
+
+
+def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, lengths, keep_cache, return_sequences):
+    """outputs, h_n, c_n of the fused kernel, on the backend's own op: the compiled TensorFlow
+    op (tensorflow) or an autograd Function over fusedlstm's NumPy API (torch)."""
+    if keras.backend.backend() == "tensorflow":
+        from .ops import fused_lstm
+
+        return fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
+                          training=keep_cache, return_sequences=return_sequences)[:3]
+    from .torch_op import fused_lstm
+
+    return fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
+                      return_sequences=return_sequences)
 
 
 @keras.saving.register_keras_serializable(package="fusedlstm")
@@ -37,13 +77,14 @@ class LSTM(keras.layers.Layer):
                  dropout=0.0, recurrent_dropout=0.0, seed=None, return_sequences=False,
                  return_state=False, go_backwards=False, stateful=False, unroll=False,
                  zero_output_for_mask=False, use_cudnn="auto", **kwargs):
-        if keras.backend.backend() != "tensorflow":
-            # On another backend the op's output would be a tf.Tensor outside the backend's
-            # autodiff: the model would run, and its LSTM weights would silently never train.
+        if keras.backend.backend() not in _BACKENDS:
+            # Elsewhere a result would sit outside the backend's autodiff: a model would run and
+            # its LSTM weights would silently never train.
             raise RuntimeError(
-                "fusedlstm.keras.LSTM runs a compiled TensorFlow op and needs Keras's TensorFlow "
-                f"backend; this process uses the {keras.backend.backend()!r} backend. Set "
-                "KERAS_BACKEND=tensorflow before importing keras, or use keras.layers.LSTM here.")
+                "fusedlstm.keras.LSTM runs on Keras's TensorFlow backend (a compiled TensorFlow "
+                "op) or its torch backend (CPU tensors); this process uses the "
+                f"{keras.backend.backend()!r} backend. Set KERAS_BACKEND to tensorflow or torch "
+                "before importing keras, or use keras.layers.LSTM here.")
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise ValueError(f"units must be a positive integer, got {units!r}")
@@ -120,71 +161,73 @@ class LSTM(keras.layers.Layer):
         self.built = True
 
     def call(self, sequences, initial_state=None, mask=None, training=None):
-        x = tf.convert_to_tensor(sequences, dtype=self.compute_dtype)
+        # keras.ops throughout, so one body serves both backends; only the fused op itself and
+        # the mask check differ (_run_fused, _check_one_run).
+        ops = keras.ops
+        x = ops.convert_to_tensor(sequences, dtype=self.compute_dtype)
         # The kernel computes in float32 or float64. Under a mixed-precision policy
         # (mixed_float16, mixed_bfloat16) it runs in float32 and the results are cast to the
         # compute dtype, as Keras's layer returns them (a CPU has no faster half-precision path).
-        out_dtype = x.dtype
-        if x.dtype not in (tf.float32, tf.float64):
-            x = tf.cast(x, tf.float32)
-        if x.shape.rank != 3:
+        out_dtype = keras.backend.standardize_dtype(x.dtype)
+        dtype = out_dtype if out_dtype in ("float32", "float64") else "float32"
+        x = ops.cast(x, dtype)
+        if len(x.shape) != 3:
             raise ValueError(f"inputs must be 3-d [batch, time, features], got shape {x.shape}")
-        B, T = tf.shape(x)[0], tf.shape(x)[1]
+        B, T, E = ops.shape(x)
         u = self.units
         if self.go_backwards:
-            x = tf.reverse(x, [1])
+            x = ops.flip(x, axis=1)
             if mask is not None:
-                mask = tf.reverse(mask, [1])
+                mask = ops.flip(mask, axis=1)
         if training and self.dropout > 0:  # one input mask per sequence, as Keras's LSTM
-            keep = keras.random.dropout(tf.ones([B, 1, tf.shape(x)[2]], x.dtype), self.dropout,
+            keep = keras.random.dropout(ops.ones((B, 1, E), dtype), self.dropout,
                                         seed=self.seed_generator)
             x = x * keep
         if initial_state is not None:
-            h0, c0 = [tf.cast(tf.convert_to_tensor(s), x.dtype) for s in initial_state]
+            h0, c0 = [ops.cast(ops.convert_to_tensor(s), dtype) for s in initial_state]
         else:
-            h0 = c0 = tf.zeros([B, u], x.dtype)
-        bias = self.bias if self.bias is not None else tf.zeros([4 * u], x.dtype)
-        steps = tf.range(T)[None, :]
+            h0 = c0 = ops.zeros((B, u), dtype)
+        bias = ops.cast(self.bias, dtype) if self.bias is not None else ops.zeros((4 * u,), dtype)
+        steps = ops.expand_dims(ops.arange(T, dtype="int32"), 0)
         if mask is None:
-            lengths = tf.fill([B], T)
-            starts = tf.zeros([B], tf.int32)
+            lengths = ops.full((B,), T, dtype="int32")
+            starts = ops.zeros((B,), "int32")
         else:
-            m = tf.cast(mask, tf.bool)
-            lengths = tf.reduce_sum(tf.cast(m, tf.int32), axis=1)
-            starts = tf.cast(tf.argmax(tf.cast(m, tf.int32), axis=1, output_type=tf.int32), tf.int32)
-            run = (steps >= starts[:, None]) & (steps < (starts + lengths)[:, None])
-            tf.debugging.assert_equal(
-                run, m, message="fusedlstm.keras.LSTM: the mask must be one contiguous run of "
-                                "True per row (right- or left-padded); a mask with holes is not supported")
+            m = ops.cast(mask, "bool")
+            lengths = ops.sum(ops.cast(m, "int32"), axis=1)
+            starts = ops.cast(ops.argmax(ops.cast(m, "int32"), axis=1), "int32")
+            run = ((steps >= ops.expand_dims(starts, 1))
+                   & (steps < ops.expand_dims(starts + lengths, 1)))
+            _check_one_run(run, m)
             # Move each row's run to the front.
-            x = tf.gather(x, tf.minimum(steps + starts[:, None], T - 1), batch_dims=1)
+            src = ops.minimum(steps + ops.expand_dims(starts, 1), T - 1)
+            x = _take_steps(x, src)
         # Only an explicit training=False (predict, evaluate) keeps no cache for a backward
         # pass; a gradient taken anyway recomputes the forward (see ops.py). A plain call
         # (training=None: a custom loop's `layer(x)` under a GradientTape) keeps it, or every
         # such training step would run the forward twice.
-        keep_cache = training is not False
-        outputs, h_n, c_n, _ = fused_lstm(x, tf.cast(self.kernel, x.dtype),
-                                          tf.cast(self.recurrent_kernel, x.dtype),
-                                          tf.cast(bias, x.dtype), h0, c0, lengths,
-                                          training=keep_cache,
-                                          return_sequences=self.return_sequences)
-        has_steps = (lengths > 0)[:, None]
-        last = tf.where(has_steps, h_n, tf.zeros_like(h_n))  # Keras: zeros if nothing was valid
+        outputs, h_n, c_n = _run_fused(x, ops.cast(self.kernel, dtype),
+                                       ops.cast(self.recurrent_kernel, dtype), bias, h0, c0,
+                                       lengths, keep_cache=training is not False,
+                                       return_sequences=self.return_sequences)
+        has_steps = ops.expand_dims(lengths > 0, 1)
+        last = ops.where(has_steps, h_n, ops.zeros_like(h_n))  # Keras: zeros if nothing was valid
         if self.return_sequences:
             if mask is not None:
                 # Keras semantics: zeros before the run, the run, then its last output repeated
                 # (zero_output_for_mask: zeros there too).
-                idx = tf.clip_by_value(steps - starts[:, None], 0, tf.maximum(lengths - 1, 0)[:, None])
-                outputs = tf.gather(outputs, idx, batch_dims=1)
-                keep = (steps >= starts[:, None]) & has_steps
+                idx = ops.clip(steps - ops.expand_dims(starts, 1), 0,
+                               ops.expand_dims(ops.maximum(lengths - 1, 0), 1))
+                outputs = _take_steps(outputs, idx)
+                keep = (steps >= ops.expand_dims(starts, 1)) & has_steps
                 if self.zero_output_for_mask:
-                    keep = keep & (steps < (starts + lengths)[:, None])
-                outputs = tf.where(keep[:, :, None], outputs, tf.zeros_like(outputs))
+                    keep = keep & (steps < ops.expand_dims(starts + lengths, 1))
+                outputs = ops.where(ops.expand_dims(keep, -1), outputs, ops.zeros_like(outputs))
             result = outputs
         else:
             result = last
-        if out_dtype != x.dtype:
-            result, h_n, c_n = (tf.cast(t, out_dtype) for t in (result, h_n, c_n))
+        if out_dtype != dtype:
+            result, h_n, c_n = (ops.cast(t, out_dtype) for t in (result, h_n, c_n))
         if self.return_state:
             return [result, h_n, c_n]
         return result
