@@ -57,3 +57,40 @@ def as64(d):
     """The same problem in float64, for a float64 oracle of a float32 run."""
     return {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
             for k, v in d.items()}
+
+
+# The Keras layer against keras.layers.LSTM (tests/test_keras.py on TensorFlow,
+# tests/keras_torch_cases.py on the torch backend): small shapes, masks, a layer pair.
+KERAS_SHAPE = (4, 6, 5, 7)  # B, T, E, H
+
+
+def keras_masks():
+    right = np.array([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5, [0] * 6], bool)
+    return {"none": None, "right": right, "left": right[:, ::-1].copy()}
+
+
+def keras_pair(rng, **kw):
+    """keras.layers.LSTM and fusedlstm.keras.LSTM built alike (kw to both), with the same random,
+    non-default weights (bias included) so every term is exercised."""
+    import keras
+
+    import fusedlstm.keras as fk
+
+    _, T, E, H = KERAS_SHAPE
+    ref, ours = keras.layers.LSTM(H, **kw), fk.LSTM(H, **kw)
+    ref.build((None, T, E))
+    ours.build((None, T, E))
+    ref.set_weights([w + 0.3 * rng.standard_normal(w.shape).astype(w.dtype) for w in ref.get_weights()])
+    ours.set_weights(ref.get_weights())
+    return ref, ours
+
+
+def assert_keras_results_match(want, got, tol=2e-5, grad_tol=1e-4):
+    """(outputs, gradients) of keras.layers.LSTM (want) and of ours (got), as NumPy arrays."""
+    (ya, ga), (yb, gb) = want, got
+    assert len(ya) == len(yb) and len(ga) == len(gb)
+    for a, b in zip(ya, yb):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(b, a, rtol=grad_tol, atol=grad_tol)

@@ -16,23 +16,10 @@ import keras  # noqa: E402
 import torch  # noqa: E402
 
 import fusedlstm.keras as fk  # noqa: E402
+from conftest import KERAS_SHAPE, assert_keras_results_match, keras_masks, keras_pair  # noqa: E402
 
-B, T, E, H = 4, 6, 5, 7
-
-
-def pair(rng, dtype="float32", **kw):
-    ref = keras.layers.LSTM(H, dtype=dtype, **kw)
-    ours = fk.LSTM(H, dtype=dtype, **kw)
-    ref.build((None, T, E))
-    ours.build((None, T, E))
-    ref.set_weights([w + 0.3 * rng.standard_normal(w.shape).astype(w.dtype) for w in ref.get_weights()])
-    ours.set_weights(ref.get_weights())
-    return ref, ours
-
-
-def masks():
-    right = np.array([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5, [0] * 6], bool)
-    return {"none": None, "right": right, "left": right[:, ::-1].copy()}
+B, T, E, H = KERAS_SHAPE
+pair, masks = keras_pair, keras_masks
 
 
 def run(layer, x, mask=None, initial_state=None, training=None):
@@ -50,13 +37,7 @@ def run(layer, x, mask=None, initial_state=None, training=None):
 
 
 def compare(ref, ours, x, tol=2e-5, **kw):
-    (ya, ga), (yb, gb) = run(ref, x, **kw), run(ours, x, **kw)
-    assert len(ya) == len(yb) and len(ga) == len(gb)
-    for a, b in zip(ya, yb):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
-    for a, b in zip(ga, gb):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    assert_keras_results_match(run(ref, x, **kw), run(ours, x, **kw), tol)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "right", "left"])

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import KERAS_SHAPE, assert_keras_results_match, keras_masks, keras_pair
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
                                 reason="TensorFlow is not installed (CI installs tensorflow-cpu)")
 
@@ -21,28 +23,12 @@ if importlib.util.find_spec("tensorflow") is not None:
 
     import fusedlstm.keras as fk
 
-B, T, E, H = 4, 6, 5, 7
+B, T, E, H = KERAS_SHAPE
+pair, masks = keras_pair, keras_masks
 
 
 def as_list(y):
     return list(y) if isinstance(y, (list, tuple)) else [y]
-
-
-def pair(rng, **kw):
-    ref = keras.layers.LSTM(H, **kw)
-    ours = fk.LSTM(H, **kw)
-    ref.build((None, T, E))
-    ours.build((None, T, E))
-    # Random, non-default weights (incl. bias) so every term is exercised.
-    ref.set_weights([w + 0.3 * rng.standard_normal(w.shape).astype(w.dtype) for w in ref.get_weights()])
-    ours.set_weights(ref.get_weights())
-    return ref, ours
-
-
-def masks():
-    right = np.array([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5, [0] * 6], bool)
-    left = right[:, ::-1].copy()
-    return {"none": None, "right": right, "left": left}
 
 
 def compare(ref, ours, x, mask=None, initial_state=None, tol=2e-5):
@@ -62,12 +48,7 @@ def compare(ref, ours, x, mask=None, initial_state=None, tol=2e-5):
                        for i, y in enumerate(ys))
         grads = tape.gradient(loss, [xv] + layer.trainable_weights)
         results.append(([y.numpy() for y in ys], [g.numpy() for g in grads]))
-    (ya, ga), (yb, gb) = results
-    assert len(ya) == len(yb)
-    for a, b in zip(ya, yb):
-        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
-    for a, b in zip(ga, gb):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    assert_keras_results_match(results[0], results[1], tol)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "right", "left"])
