@@ -135,3 +135,18 @@ def test_a_failing_worker_is_reported_with_its_stderr():
             w.ask(cmd="setup", config=[-1, 2, 3, 4], warmup=0)
     finally:
         w.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="TensorFlow is not installed (CI installs tensorflow-cpu)")
+def test_keras_workers_use_tensorflow_whatever_the_shell_exports(monkeypatch):
+    from fusedlstm.benchmark import _Worker
+
+    monkeypatch.setenv("KERAS_BACKEND", "torch")  # a user's shell may export this
+    w = _Worker("keras", 1)
+    try:
+        assert set(w.ask(cmd="setup", config=[2, 3, 4, 5], warmup=1)["number"]) == {
+            "forward", "forward+backward"}
+        assert w.ask(cmd="sample", mode="forward+backward")["seconds"] > 0
+    finally:
+        w.close()

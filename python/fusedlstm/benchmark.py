@@ -289,7 +289,10 @@ def worker(impl: str, threads: int) -> int:
 
 class _Worker:
     def __init__(self, impl: str, threads: int):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="3")
+        # The Keras columns are TensorFlow-backend steps (tf.function), whatever KERAS_BACKEND
+        # the caller's shell exports (bench/bench_keras.py --backend torch measures torch's).
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="3",
+                   KERAS_BACKEND="tensorflow")
         self.impl = impl
         # The worker's stderr (TensorFlow's start-up chatter, warnings) is kept in a file and
         # shown only if the worker fails.
