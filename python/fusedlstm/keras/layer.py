@@ -1,10 +1,11 @@
 """fusedlstm.keras.LSTM: a drop-in for keras.layers.LSTM running the fused kernel, through the
 compiled FusedLstm op on Keras's TensorFlow backend and through a torch.autograd.Function
-(torch_op.py) on its torch backend; the layer's own logic is keras.ops, shared by both. Same weights (kernel, recurrent_kernel, bias; gate
-order i, f, c, o), same outputs and states, same masking semantics: a mask whose True entries
-form one contiguous run per row (right- or left-padded) is run on the fused path by moving each
-row's run to the front, running with per-row lengths, and putting the outputs back the way
-Keras does (state carried through masked steps, the previous output repeated there)."""
+(torch_op.py) on its torch backend; the layer's own logic is keras.ops, shared by both. Same
+weights (kernel, recurrent_kernel, bias; gate order i, f, c, o), same outputs and states, same
+masking semantics: a mask whose True entries form one contiguous run per row (right- or
+left-padded) is run on the fused path by moving each row's run to the front, running with
+per-row lengths, and putting the outputs back the way Keras does (state carried through masked
+steps, the previous output repeated there)."""
 from __future__ import annotations
 
 import keras
@@ -48,7 +49,8 @@ def _take_steps(x, idx):
 
 def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, lengths, keep_cache, return_sequences):
     """outputs, h_n, c_n of the fused kernel, on the backend's own op: the compiled TensorFlow
-    op (tensorflow) or an autograd Function over fusedlstm's NumPy API (torch)."""
+    op (tensorflow) or an autograd Function over fusedlstm's NumPy API (torch, which decides
+    from grad mode whether to keep a cache, so keep_cache applies to TensorFlow only)."""
     if keras.backend.backend() == "tensorflow":
         from .ops import fused_lstm
 
@@ -65,7 +67,9 @@ class LSTM(keras.layers.Layer):
     """Long short-term memory layer on the fused kernel (arguments as keras.layers.LSTM).
 
     Not supported (a clear ValueError at construction): activations other than tanh/sigmoid,
-    recurrent_dropout, stateful, unroll, use_cudnn=True; a Keras backend other than TensorFlow (RuntimeError). A mask with holes raises InvalidArgumentError at call.
+    recurrent_dropout, stateful, unroll, use_cudnn=True; a Keras backend other than TensorFlow
+    or torch (RuntimeError). A mask with holes raises InvalidArgumentError (TensorFlow) or
+    ValueError (torch) at call.
     XLA cannot compile a custom op, so the layer opts out of jit_compile (``supports_jit``).
     """
 
