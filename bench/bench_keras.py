@@ -17,8 +17,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras fixes its backend when first imported: read --backend before that.
-BACKEND = "torch" if "torch" in (sys.argv[sys.argv.index("--backend") + 1:][:1]
-                                 if "--backend" in sys.argv else []) else "tensorflow"
+BACKEND = ("torch" if "--backend=torch" in sys.argv
+           or "torch" in (sys.argv[sys.argv.index("--backend") + 1:][:1] if "--backend" in sys.argv
+                          else []) else "tensorflow")
 os.environ["KERAS_BACKEND"] = BACKEND
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
