@@ -27,7 +27,7 @@ import keras  # noqa: E402
 import fusedlstm  # noqa: E402
 import fusedlstm.keras as fk  # noqa: E402
 
-from fusedlstm.benchmark import (DEFAULT_CONFIGS, fwd_flops, git_commit, parse_config,  # noqa: E402
+from fusedlstm.bench.cli import (DEFAULT_CONFIGS, fwd_flops, git_commit, parse_config,  # noqa: E402
                                  time_interleaved)
 
 HERE = Path(__file__).resolve().parent

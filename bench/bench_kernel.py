@@ -1,4 +1,4 @@
-"""The kernel benchmark from a checkout: `fusedlstm bench` (python/fusedlstm/benchmark.py), its
+"""The kernel benchmark from a checkout: `fusedlstm bench` (python/fusedlstm/bench/), its
 JSON written under bench/results/ (kernel.json; kernel_quick.json with --quick, so a quick run
 never replaces the README's numbers).
 
@@ -7,7 +7,7 @@ never replaces the README's numbers).
 import sys
 from pathlib import Path
 
-from fusedlstm.benchmark import main
+from fusedlstm.bench.cli import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

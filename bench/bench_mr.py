@@ -18,8 +18,8 @@ import numpy as np
 
 import fusedlstm
 from fusedlstm import SentimentClassifier
-from fusedlstm.data import kfold, load_data
-from fusedlstm.model import TrainOptions
+from fusedlstm.sentiment.data import kfold, load_data
+from fusedlstm.sentiment.model import TrainOptions
 
 HERE = Path(__file__).resolve().parent
 

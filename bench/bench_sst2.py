@@ -23,9 +23,9 @@ import numpy as np
 
 import fusedlstm
 from fusedlstm import SentimentClassifier
-from fusedlstm.data import load_data
-from fusedlstm.layers import dropout_mask
-from fusedlstm.model import TrainOptions, _batches
+from fusedlstm.sentiment.data import load_data
+from fusedlstm.sentiment.layers import dropout_mask
+from fusedlstm.sentiment.model import TrainOptions, _batches
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,9 +17,9 @@ import keras
 import numpy as np
 
 import fusedlstm.keras as fk
-from fusedlstm.data import LabelMap, load_data
-from fusedlstm.text import Vocabulary, default_max_len, tokenize
-from fusedlstm.vectors import embedding_from_vectors
+from fusedlstm.sentiment.data import LabelMap, load_data
+from fusedlstm.sentiment.text import Vocabulary, default_max_len, tokenize
+from fusedlstm.sentiment.vectors import embedding_from_vectors
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))

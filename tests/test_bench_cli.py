@@ -126,7 +126,7 @@ def test_keras_bench_script_runs(tmp_path):
 def test_a_failing_worker_is_reported_with_its_stderr():
     """Workers keep TensorFlow's start-up chatter out of the terminal; when one dies, its stderr
     is in the error, and closing it releases its pipes (no unclosed-file warning)."""
-    from fusedlstm.benchmark import _Worker
+    from fusedlstm.bench.cli import _Worker
 
     w = _Worker("fusedlstm", 1)
     try:
@@ -140,7 +140,7 @@ def test_a_failing_worker_is_reported_with_its_stderr():
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
                     reason="TensorFlow is not installed (CI installs tensorflow-cpu)")
 def test_keras_workers_use_tensorflow_whatever_the_shell_exports(monkeypatch):
-    from fusedlstm.benchmark import _Worker
+    from fusedlstm.bench.cli import _Worker
 
     monkeypatch.setenv("KERAS_BACKEND", "torch")  # a user's shell may export this
     w = _Worker("keras", 1)

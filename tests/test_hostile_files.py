@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from fusedlstm import SentimentClassifier
-from fusedlstm.data import load_data, read_polarity, read_table
-from fusedlstm.vectors import read_vectors
+from fusedlstm.sentiment.data import load_data, read_polarity, read_table
+from fusedlstm.sentiment.vectors import read_vectors
 
 from test_model import make_model
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fusedlstm import SentimentClassifier
-from fusedlstm.data import Split, load_data
-from fusedlstm.layers import embedding_backward, softmax_cross_entropy
-from fusedlstm.model import TrainOptions
+from fusedlstm.sentiment.data import Split, load_data
+from fusedlstm.sentiment.layers import embedding_backward, softmax_cross_entropy
+from fusedlstm.sentiment.model import TrainOptions
 
 from conftest import DATA
 
@@ -261,7 +261,7 @@ def test_cli_fine_tunes_vectors_by_default_and_freezes_on_request(tmp_path):
 
 def test_cli_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib", reason="extra [plot] (CI installs it)")
-    from fusedlstm.cli import plot_metrics
+    from fusedlstm.sentiment.cli import plot_metrics
 
     metrics = [{"epoch": 1, "train_loss": 0.7, "train_acc": 0.5, "dev_loss": 0.69, "dev_acc": 0.55},
                {"epoch": 2, "train_loss": 0.5, "train_acc": 0.7, "dev_loss": 0.6, "dev_acc": 0.65}]

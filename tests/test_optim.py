@@ -3,7 +3,7 @@ torch.optim.Adam / torch.optim.SparseAdam."""
 import numpy as np
 import pytest
 
-from fusedlstm.optim import Adam
+from fusedlstm.sentiment.optim import Adam
 
 from conftest import requires_torch
 

@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from fusedlstm.data import LabelMap, kfold, load_data, read_polarity, read_table
-from fusedlstm.text import Vocabulary, default_max_len, tokenize
-from fusedlstm.vectors import embedding_from_vectors, read_vectors
+from fusedlstm.sentiment.data import LabelMap, kfold, load_data, read_polarity, read_table
+from fusedlstm.sentiment.text import Vocabulary, default_max_len, tokenize
+from fusedlstm.sentiment.vectors import embedding_from_vectors, read_vectors
 
 from conftest import DATA
 

@@ -1,6 +1,7 @@
 """fusedlstm: a fused, multi-threaded C++ LSTM for NumPy (forward and BPTT, each one call over
-whole sequences), with Keras's weight layout. This module is the public API; it never imports
-TensorFlow or PyTorch."""
+whole sequences), with Keras's weight layout. This module is the kernel API; it never imports
+TensorFlow, PyTorch or the sentiment application (``fusedlstm.sentiment``, loaded on first use
+of ``fusedlstm.SentimentClassifier``)."""
 from __future__ import annotations
 
 import platform
@@ -15,15 +16,31 @@ from . import _core, convert, reference  # noqa: E402
 from ._checks import LstmGrads  # noqa: E402
 from .lstm import LstmCache, cuda_available, empty_cache, lstm_backward, lstm_forward  # noqa: E402
 
-__version__ = "0.1.0"
+try:  # the one version source is the package metadata (pyproject.toml)
+    from importlib.metadata import PackageNotFoundError, version as _dist_version
 
-from .model import SentimentClassifier  # noqa: E402  (needs __version__)
+    __version__ = _dist_version("fusedlstm")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
 
 __all__ = [
     "LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "reference", "convert",
     "set_num_threads", "get_num_threads", "build_info", "empty_cache", "cuda_available",
     "SentimentClassifier", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The sentiment application loads on first use: `import fusedlstm` is the kernel API alone.
+    if name == "SentimentClassifier":
+        from .sentiment import SentimentClassifier
+
+        return SentimentClassifier
+    if name == "sentiment":
+        import importlib
+
+        return importlib.import_module(".sentiment", __name__)
+    raise AttributeError(f"module 'fusedlstm' has no attribute {name!r}")
 
 
 def set_num_threads(n: int) -> None:

@@ -165,7 +165,7 @@ def _available(quick: bool, wanted: List[str]) -> Tuple[List[str], List[str]]:
             notes.append(f"{name}: TensorFlow not installed (pip install 'fusedlstm[tf]')")
             continue
         if name == "fusedlstm.keras" and quick:
-            from .keras.build import op_library_path
+            from ..keras.build import op_library_path
 
             if not op_library_path().exists():
                 notes.append("fusedlstm.keras: op library not built yet (fusedlstm build-tf-op; "
@@ -297,7 +297,7 @@ class _Worker:
         # The worker's stderr (TensorFlow's start-up chatter, warnings) is kept in a file and
         # shown only if the worker fails.
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fusedlstm.benchmark", "--worker", impl,
+        self.proc = subprocess.Popen([sys.executable, "-m", "fusedlstm.bench.cli", "--worker", impl,
                                       "--worker-threads", str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env=env)

@@ -18,11 +18,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from .data import LabelMap, Split
 from .layers import (dense_backward, dense_forward, dropout_mask, embedding_backward,
                      softmax_cross_entropy, truncated_normal)
-from .lstm import lstm_backward, lstm_forward
+from ..lstm import lstm_backward, lstm_forward
 from .optim import Adam
 from .text import Vocabulary, default_max_len, tokenize
 from .vectors import embedding_from_vectors

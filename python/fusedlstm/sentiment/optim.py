@@ -9,7 +9,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from . import _core
+from .. import _core
 
 __all__ = ["Adam"]
 

@@ -7,7 +7,7 @@ from typing import Tuple
 
 import numpy as np
 
-from . import _core
+from .. import _core
 
 __all__ = ["embedding_backward", "dropout_mask", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "truncated_normal"]
