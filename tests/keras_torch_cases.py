@@ -16,7 +16,7 @@ import keras  # noqa: E402
 import torch  # noqa: E402
 
 import fusedlstm.keras as fk  # noqa: E402
-from conftest import KERAS_SHAPE, assert_keras_results_match, keras_masks, keras_pair  # noqa: E402
+from helpers import KERAS_SHAPE, assert_keras_results_match, keras_masks, keras_pair  # noqa: E402
 
 B, T, E, H = KERAS_SHAPE
 pair, masks = keras_pair, keras_masks

@@ -6,7 +6,7 @@ import pytest
 import fusedlstm
 from fusedlstm import _core, reference
 
-from conftest import make_problem
+from helpers import make_problem
 
 
 @pytest.fixture

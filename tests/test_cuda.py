@@ -9,7 +9,7 @@ import pytest
 import fusedlstm
 from fusedlstm import _core
 
-from conftest import make_problem
+from helpers import make_problem
 
 BUILT = bool(fusedlstm.build_info()["cuda"])
 GPU = fusedlstm.cuda_available()

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import fusedlstm
 from fusedlstm import reference
 
-from conftest import as64
+from helpers import as64
 
 LAYOUTS = ("C", "F", "strided", "reversed")
 

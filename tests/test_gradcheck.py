@@ -7,7 +7,7 @@ import pytest
 import fusedlstm
 from fusedlstm import reference
 
-from conftest import make_problem
+from helpers import make_problem
 
 NAMES = ["x", "kernel", "recurrent_kernel", "bias", "h0", "c0"]
 

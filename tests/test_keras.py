@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import KERAS_SHAPE, assert_keras_results_match, keras_masks, keras_pair
+from helpers import KERAS_SHAPE, assert_keras_results_match, keras_masks, keras_pair
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
                                 reason="TensorFlow is not installed (CI installs tensorflow-cpu)")

@@ -7,7 +7,7 @@ import pytest
 import fusedlstm
 from fusedlstm import reference
 
-from conftest import as64, assert_close, make_problem
+from helpers import as64, assert_close, make_problem
 
 SHAPES = [  # (B, T, E, H)
     (1, 1, 1, 1), (1, 7, 3, 5), (4, 1, 8, 16), (3, 6, 5, 17), (5, 4, 33, 9),

@@ -13,7 +13,7 @@ from fusedlstm.sentiment.data import Split, load_data
 from fusedlstm.sentiment.layers import embedding_backward, softmax_cross_entropy
 from fusedlstm.sentiment.model import TrainOptions
 
-from conftest import DATA
+from helpers import DATA
 
 
 def tiny_split(n=40, seed=0):

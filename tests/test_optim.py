@@ -5,7 +5,7 @@ import pytest
 
 from fusedlstm.sentiment.optim import Adam
 
-from conftest import requires_torch
+from helpers import requires_torch
 
 
 def textbook(p, grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):

@@ -11,7 +11,7 @@ import pytest
 import fusedlstm
 from fusedlstm import reference
 
-from conftest import as64, make_problem
+from helpers import as64, make_problem
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -11,7 +11,7 @@ from fusedlstm.sentiment.data import LabelMap, kfold, load_data, read_polarity, 
 from fusedlstm.sentiment.text import Vocabulary, default_max_len, tokenize
 from fusedlstm.sentiment.vectors import embedding_from_vectors, read_vectors
 
-from conftest import DATA
+from helpers import DATA
 
 
 @pytest.mark.parametrize("text,tokens", [

@@ -8,7 +8,7 @@ import pytest
 
 import fusedlstm
 
-from conftest import make_problem
+from helpers import make_problem
 
 
 @pytest.fixture

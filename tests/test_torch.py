@@ -6,7 +6,7 @@ import pytest
 import fusedlstm
 from fusedlstm.convert import keras_to_torch, torch_to_keras
 
-from conftest import make_problem, requires_torch
+from helpers import make_problem, requires_torch
 
 pytestmark = requires_torch
 
