@@ -7,7 +7,6 @@
 
 #include <Eigen/Core>
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 
 namespace fusedlstm {
@@ -162,31 +161,6 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
               cols);
     }
   }
-}
-
-double FmaPeakFlopsOneThread(double seconds) {
-  using V = Traits<float>::Vec;
-  constexpr int kAcc = 16;  // independent chains: enough to hide FMA latency
-  V acc[kAcc];
-  for (int i = 0; i < kAcc; ++i) acc[i] = V{} + 1e-3f * static_cast<float>(i);
-  const V a = V{} + 0.999999f, b = V{} + 1e-7f;
-  const int64_t chunk = 1 << 20;
-  int64_t iters = 0;
-  const auto start = std::chrono::steady_clock::now();
-  double elapsed = 0;
-  do {
-    for (int64_t k = 0; k < chunk; ++k) {
-      // Dependent FMA chains: without fast-math the compiler can neither fold nor skip them.
-      for (int i = 0; i < kAcc; ++i) acc[i] = acc[i] * a + b;
-    }
-    iters += chunk;
-    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  } while (elapsed < seconds);
-  float sink = 0;  // the result is used, so the loop is not dead code
-  for (int i = 0; i < kAcc; ++i) sink += acc[i][0];
-  volatile float keep = sink;
-  (void)keep;
-  return 2.0 * Traits<float>::kLanes * kAcc * double(iters) / elapsed;
 }
 
 #define FUSEDLSTM_INSTANTIATE(S)                                                          \

@@ -25,11 +25,6 @@ template <typename S>
 void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, const S* packed_b,
                    S* c, int64_t ldc);
 
-// Floating-point operations per second of a register-only FMA loop of the micro-kernel's vector
-// width (no memory traffic): the ceiling the GEMMs are measured against. Runs on the calling
-// thread for about `seconds`.
-double FmaPeakFlopsOneThread(double seconds);
-
 }  // namespace fusedlstm
 
 #endif  // FUSEDLSTM_CPU_GEMM_H_

@@ -15,7 +15,7 @@
 #include <thread>
 #include <vector>
 
-#include "../cpu/gemm.h"
+#include "../cpu/peak.h"
 #include "fusedlstm/device.h"
 #include "fusedlstm/adam.h"
 #include "fusedlstm/embedding.h"
