@@ -17,7 +17,7 @@ from fusedlstm import SentimentClassifier
 from fusedlstm.sentiment.data import load_data, read_polarity, read_table
 from fusedlstm.sentiment.vectors import read_vectors
 
-from test_model import make_model
+from helpers import make_model
 
 
 class Evil:

@@ -1,7 +1,9 @@
 """The whole classifier: float64 gradient check of every parameter (embedding, LSTM, dropout
 with a fixed mask, dense, loss) against central differences; seeded reproducibility; save/load
-round trip; checkpoint resume; hostile model directories; the CLI."""
+round trip; checkpoint resume; hostile model directories; the CLI end to end on a synthetic
+corpus (and on the real data sets when FUSEDLSTM_TEST_DATA names them)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -9,29 +11,11 @@ import numpy as np
 import pytest
 
 from fusedlstm import SentimentClassifier
-from fusedlstm.sentiment.data import Split, load_data
 from fusedlstm.sentiment.layers import embedding_backward, softmax_cross_entropy
 from fusedlstm.sentiment.model import TrainOptions
 
-from helpers import DATA
-
-
-def tiny_split(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    good, bad = ["great", "fun", "moving", "witty"], ["dull", "awful", "boring", "flat"]
-    texts, labels = [], []
-    for i in range(n):
-        pos = i % 2 == 0
-        words = list(rng.choice(good if pos else bad, 3)) + list(rng.choice(["the", "film", "a"], 2))
-        rng.shuffle(words)
-        texts.append(" ".join(words[: rng.integers(2, 6)]))
-        labels.append("positive" if pos else "negative")
-    return Split(texts, labels, [f"tiny:{i}" for i in range(n)])
-
-
-def make_model(seed=0, train_embeddings=True, units=5):
-    return SentimentClassifier.create(tiny_split(), units=units, embedding_dim=4, seed=seed,
-                                      train_embeddings=train_embeddings, log=lambda *a: None)
+from helpers import (make_model, real_data, requires_data, tiny_split, write_synthetic_glue,
+                     write_synthetic_polarity)
 
 
 def test_whole_model_gradient_check():
@@ -216,45 +200,101 @@ def run_cli(*args, input=None):
                           text=True, input=input, timeout=600)
 
 
+# Small and fast on the synthetic corpus: a few hundred sentences, 16 units, a few epochs at a
+# learning rate that suits so small a problem.
+FAST = ("--units", "16", "--embedding-dim", "16", "--batch-size", "16", "--epochs", "6", "--lr", "0.01",
+        "--quiet")
+
+
 def test_cli_train_eval_predict(tmp_path):
+    data = write_synthetic_glue(tmp_path / "glue")
     out = tmp_path / "model"
-    r = run_cli("train", "--data", str(DATA / "sst2"), "--out", str(out), "--batch-size", "4",
+    r = run_cli("train", "--data", str(data), "--out", str(out), *FAST)
+    assert r.returncode == 0, r.stderr
+    acc = float(re.search(r"test accuracy (\S+)", r.stdout).group(1))
+    assert acc >= 0.8, r.stdout  # chance is 0.5
+    assert (out / "weights.npz").exists() and not list(out.glob(".*.tmp"))
+    r = run_cli("eval", str(out), "--data", str(data), "--json")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert ev["n"] == 120 and ev["accuracy"] == pytest.approx(acc, abs=1e-4)
+    assert len(ev["confusion_matrix"]) == 2 and sum(map(sum, ev["confusion_matrix"])) == 120
+    r = run_cli("predict", str(out), "--json", input="a wonderful film\nthe plot is terrible\n")
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [x["label"] for x in rows] == ["1", "0"], rows
+    assert all(0.5 <= x["probability"] <= 1 for x in rows)
+    r = run_cli("train", "--data", str(data), "--out", str(out), "--steps", "5")
+    assert r.returncode != 0 and "--resume" in (r.stderr + r.stdout)
+    r = run_cli("eval", str(tmp_path / "nope"), "--data", str(data))
+    assert r.returncode == 2 and "model directory not found" in r.stderr
+
+
+@requires_data
+def test_cli_train_eval_predict_real_sst2(tmp_path):
+    data = real_data("sst2")
+    out = tmp_path / "model"
+    r = run_cli("train", "--data", str(data), "--out", str(out), "--batch-size", "4",
                 "--units", "16", "--max-len", "4", "--embedding-dim", "64", "--steps", "200",
                 "--quiet")
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout and (out / "weights.npz").exists()
     assert not list(out.glob(".*.tmp"))
-    r = run_cli("eval", str(out), "--data", str(DATA / "sst2"), "--json")
+    r = run_cli("eval", str(out), "--data", str(data), "--json")
     ev = json.loads(r.stdout)
     assert ev["n"] == 1821 and 0 <= ev["accuracy"] <= 1 and len(ev["confusion_matrix"]) == 2
     r = run_cli("predict", str(out), "--json", input="a gorgeous, witty film\nawful\n")
     rows = [json.loads(l) for l in r.stdout.splitlines()]
     assert len(rows) == 2 and all(0.5 <= x["probability"] <= 1 for x in rows)
-    r = run_cli("train", "--data", str(DATA / "sst2"), "--out", str(out), "--steps", "5")
-    assert r.returncode != 0 and "--resume" in (r.stderr + r.stdout)
-    r = run_cli("eval", str(tmp_path / "nope"), "--data", str(DATA / "sst2"))
-    assert r.returncode == 2 and "model directory not found" in r.stderr
 
 
 def test_cli_polarity_cross_validation_fold(tmp_path):
-    r = run_cli("train", "--data", str(DATA / "mr"), "--out", str(tmp_path / "mr"), "--folds",
+    """Pang & Lee files (Windows-1252 with 0x85 inside lines), one fold of 5-fold CV as test."""
+    data = write_synthetic_polarity(tmp_path / "mr", n=500)
+    r = run_cli("train", "--data", str(data), "--out", str(tmp_path / "mr_model"), "--folds", "5",
+                "--fold", "3", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "holding out 40 training sentences" in r.stdout  # 10% of the 4 training folds
+    assert float(re.search(r"test accuracy (\S+)", r.stdout).group(1)) >= 0.8, r.stdout
+    labels = json.loads((tmp_path / "mr_model" / "config.json").read_text())["labels"]
+    assert labels == ["negative", "positive"]
+
+
+@requires_data
+def test_cli_polarity_cross_validation_fold_real_mr(tmp_path):
+    r = run_cli("train", "--data", str(real_data("mr")), "--out", str(tmp_path / "mr"), "--folds",
                 "10", "--fold", "3", "--units", "8", "--embedding-dim", "8", "--steps", "20",
                 "--quiet")
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout
 
 
-def test_cli_fine_tunes_vectors_by_default_and_freezes_on_request(tmp_path):
+def _vectors_file(path, words, dim=6):
+    rows = {w: [((i * 7 + j) % 5) / 10 - 0.2 for j in range(dim)] for i, w in enumerate(words)}
+    path.write_text("".join(f"{w} " + " ".join(f"{v:.1f}" for v in r) + "\n" for w, r in rows.items()))
+    return rows
+
+
+@pytest.mark.parametrize("source", ["synthetic", pytest.param("real", marks=requires_data)])
+def test_cli_fine_tunes_vectors_by_default_and_freezes_on_request(tmp_path, source):
+    data = write_synthetic_polarity(tmp_path / "mr") if source == "synthetic" else real_data("mr")
     vec = tmp_path / "tiny.vec"
-    vec.write_text("".join(f"{w} " + " ".join(str((i * 7 + j) % 5 / 10) for j in range(6)) + "\n"
-                           for i, w in enumerate(["great", "fun", "dull", "boring", "film", "the"])))
+    rows = _vectors_file(vec, ["great", "good", "dull", "boring", "film", "the"])
     for flags, trained in (([], True), (["--freeze-embeddings"], False)):
         out = tmp_path / ("frozen" if flags else "tuned")
-        r = run_cli("train", "--data", str(DATA / "mr"), "--out", str(out), "--vectors", str(vec),
+        r = run_cli("train", "--data", str(data), "--out", str(out), "--vectors", str(vec),
                     "--units", "8", "--steps", "10", "--quiet", "--no-test", *flags)
         assert r.returncode == 0, r.stderr
         assert json.loads((out / "config.json").read_text())["train_embeddings"] is trained
-    r = run_cli("train", "--data", str(DATA / "mr"), "--out", str(tmp_path / "x"),
+        tokens = json.loads((out / "vocab.json").read_text())["tokens"]
+        with np.load(out / "weights.npz", allow_pickle=False) as z:
+            emb = z["embedding"]
+        got = np.stack([emb[tokens.index(w)] for w in rows])
+        want = np.array(list(rows.values()), np.float32)
+        if trained:  # the vectors' rows moved
+            assert not np.allclose(got, want, atol=1e-6)
+        else:        # the vectors' rows are exactly as read
+            np.testing.assert_array_equal(got, want)
+    r = run_cli("train", "--data", str(data), "--out", str(tmp_path / "x"),
                 "--train-embeddings", "--freeze-embeddings")
     assert r.returncode == 2 and "not allowed with" in r.stderr
 

@@ -1,5 +1,6 @@
-"""Tokenizer, vocabulary, data-set readers (small files written here, plus the real files in
-../shared/data) and word-vector readers, including every bad-input path."""
+"""Tokenizer, vocabulary, data-set readers (small files written here, the synthetic corpus, and
+the real files when FUSEDLSTM_TEST_DATA names them) and word-vector readers, including every
+bad-input path."""
 import gzip
 import importlib.util
 import struct
@@ -11,7 +12,8 @@ from fusedlstm.sentiment.data import LabelMap, kfold, load_data, read_polarity, 
 from fusedlstm.sentiment.text import Vocabulary, default_max_len, tokenize
 from fusedlstm.sentiment.vectors import embedding_from_vectors, read_vectors
 
-from helpers import DATA
+from helpers import (real_data, requires_data, synthetic_sentences, write_synthetic_glue,
+                     write_synthetic_polarity)
 
 
 @pytest.mark.parametrize("text,tokens", [
@@ -111,10 +113,27 @@ def test_kfold():
         kfold(5, 1, 0)
 
 
+def test_synthetic_corpus(tmp_path):
+    """The stand-in for the real data: seeded, balanced, read back whole by both readers."""
+    assert synthetic_sentences(50, seed=3) == synthetic_sentences(50, seed=3)
+    assert synthetic_sentences(50, seed=3) != synthetic_sentences(50, seed=4)
+    d = load_data(write_synthetic_glue(tmp_path / "glue"))
+    assert {k: len(v) for k, v in d.items()} == {"train": 400, "dev": 100, "test": 120}
+    assert d["train"].labels.count("1") == d["train"].labels.count("0") == 200
+    assert any(" not " in f" {t} " for t in d["train"].texts)
+    mr = load_data(write_synthetic_polarity(tmp_path / "mr", n=500))["all"]
+    assert len(mr) == 500 and not mr.skipped  # 0x85 inside lines splits nothing
+    assert mr.labels.count("positive") == mr.labels.count("negative") == 250
+    assert any("\u2026" in t for t in mr.texts) and any("\u2019" in t for t in mr.texts)
+    raw = (tmp_path / "mr" / "rt-polarity.pos").read_bytes()
+    assert b"\x85" in raw and b"\x92" in raw
+
+
+@requires_data
 def test_real_data():
-    d = load_data(DATA / "sst2")
+    d = load_data(real_data("sst2"))
     assert {k: len(v) for k, v in d.items()} == {"train": 6920, "dev": 872, "test": 1821}
-    mr = load_data(DATA / "mr")["all"]  # Windows-1252 with 0x85 inside lines: nothing dropped
+    mr = load_data(real_data("mr"))["all"]  # Windows-1252 with 0x85 inside lines: nothing dropped
     assert len(mr) == 10662
     assert mr.labels.count("positive") == 5331 and mr.labels.count("negative") == 5331
     assert any("\u2026" in t for t in mr.texts)
