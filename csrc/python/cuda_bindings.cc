@@ -1,0 +1,265 @@
+// fusedlstm._core.forward_cuda / backward_cuda / cuda_device_count: the CUDA kernels
+// (fusedlstm/lstm_cuda.h) on NumPy arrays, copied to the GPU and back; the training cache stays on
+// the GPU. Without a CUDA build only cuda_device_count exists (and answers 0).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "bindings.h"
+#include "checks.h"
+
+#ifdef FUSEDLSTM_WITH_CUDA
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "fusedlstm/lstm.h"
+#include "fusedlstm/lstm_cuda.h"
+#endif
+
+namespace fusedlstm {
+
+#ifdef FUSEDLSTM_WITH_CUDA
+namespace {
+
+void CudaCheck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+// Device memory owned by a Python object (the training cache) or by a scope (temporaries).
+class DeviceBuffer {
+ public:
+  DeviceBuffer(int64_t elems, size_t elem_size, bool is_double)
+      : elems_(elems), bytes_(size_t(elems) * elem_size), is_double_(is_double) {
+    if (bytes_ > 0) CudaCheck(cudaMalloc(&ptr_, bytes_), "cudaMalloc");
+  }
+  ~DeviceBuffer() { Release(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void Release() {
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = nullptr;
+    elems_ = 0;
+    bytes_ = 0;
+  }
+  template <typename S>
+  S* get() const { return static_cast<S*>(ptr_); }
+  int64_t elems() const { return elems_; }
+  size_t nbytes() const { return bytes_; }
+  bool is_double() const { return is_double_; }
+  bool released() const { return ptr_ == nullptr && elems_ == 0; }
+
+ private:
+  void* ptr_ = nullptr;
+  int64_t elems_;
+  size_t bytes_;
+  bool is_double_;
+};
+
+// One cuBLAS handle and stream per process; calls are serialized (the GPU is one device).
+struct CudaRuntime {
+  std::mutex mu;
+  cublasHandle_t blas = nullptr;
+  cudaStream_t stream = nullptr;
+  CudaContext Context() {
+    if (!blas) {
+      CudaCheck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+      if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate failed");
+    }
+    CudaContext c;
+    c.stream = stream;
+    c.cublas = blas;
+    return c;
+  }
+};
+CudaRuntime& Runtime() {
+  static CudaRuntime* rt = new CudaRuntime();  // never destroyed: no teardown order at exit
+  return *rt;
+}
+
+int CudaDeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear: no driver or no device is an answer, not an error
+    return 0;
+  }
+  return n;
+}
+
+template <typename S>
+const S* Upload(std::vector<std::unique_ptr<DeviceBuffer>>& keep, const void* host, int64_t elems,
+                size_t elem_size, cudaStream_t st) {
+  if (!host) return nullptr;
+  keep.emplace_back(new DeviceBuffer(elems, elem_size, false));
+  if (elems > 0) {
+    CudaCheck(cudaMemcpyAsync(keep.back()->get<void>(), host, size_t(elems) * elem_size,
+                              cudaMemcpyHostToDevice, st), "cudaMemcpy to device");
+  }
+  return keep.back()->get<S>();
+}
+
+template <typename S>
+S* Scratch(std::vector<std::unique_ptr<DeviceBuffer>>& keep, int64_t elems) {
+  keep.emplace_back(new DeviceBuffer(elems, sizeof(S), std::is_same<S, double>::value));
+  return keep.back()->get<S>();
+}
+
+template <typename S>
+void Download(py::array_t<S>& dst, const S* src, cudaStream_t st) {
+  if (dst.size() > 0) {
+    CudaCheck(cudaMemcpyAsync(dst.mutable_data(), src, sizeof(S) * dst.size(),
+                              cudaMemcpyDeviceToHost, st), "cudaMemcpy to host");
+  }
+}
+
+// The scope of one GPU call: the GIL released, the runtime locked (members initialize in this
+// order), the context, and the temporaries freed at the end.
+struct CudaCall {
+  py::gil_scoped_release release;
+  std::lock_guard<std::mutex> lock;
+  CudaContext ctx;
+  cudaStream_t stream;
+  std::vector<std::unique_ptr<DeviceBuffer>> keep;
+  CudaCall()
+      : lock(Runtime().mu), ctx(Runtime().Context()),
+        stream(static_cast<cudaStream_t>(ctx.stream)) {}
+};
+
+template <typename S>
+py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::array& rkernel,
+                      const py::object& bias, const py::object& h0, const py::object& c0,
+                      const py::object& lengths, bool training) {
+  ForwardArgs<S> host;
+  const LstmShape s = ReadForward<S>(x, kernel, rkernel, bias, h0, c0, lengths, &host);
+  const int64_t G = 4 * s.H;
+  py::array_t<S> outputs({s.N, s.T, s.H}), h_n({s.N, s.H}), c_n({s.N, s.H});
+  std::shared_ptr<DeviceBuffer> cache;
+  if (training) {
+    cache = std::make_shared<DeviceBuffer>(CacheSize(s), sizeof(S), std::is_same<S, double>::value);
+  }
+  {
+    CudaCall call;  // GIL released, the runtime locked
+    const CudaContext& ctx = call.ctx;
+    cudaStream_t st = call.stream;
+    auto& keep = call.keep;
+    ForwardArgs<S> d;
+    d.x = Upload<S>(keep, host.x, s.N * s.T * s.C, sizeof(S), st);
+    d.kernel = Upload<S>(keep, host.kernel, s.C * G, sizeof(S), st);
+    d.recurrent_kernel = Upload<S>(keep, host.recurrent_kernel, s.H * G, sizeof(S), st);
+    d.bias = Upload<S>(keep, host.bias, G, sizeof(S), st);
+    d.h0 = Upload<S>(keep, host.h0, s.N * s.H, sizeof(S), st);
+    d.c0 = Upload<S>(keep, host.c0, s.N * s.H, sizeof(S), st);
+    d.lengths = Upload<int32_t>(keep, host.lengths, s.N, sizeof(int32_t), st);
+    d.outputs = Scratch<S>(keep, s.N * s.T * s.H);
+    d.h_n = Scratch<S>(keep, s.N * s.H);
+    d.c_n = Scratch<S>(keep, s.N * s.H);
+    d.workspace = Scratch<S>(keep, CudaForwardWorkspaceSize(s, training));
+    d.cache = training ? cache->get<S>() : nullptr;
+    LstmForwardCuda<S>(ctx, s, d);
+    Download(outputs, d.outputs, st);
+    Download(h_n, d.h_n, st);
+    Download(c_n, d.c_n, st);
+    CudaCheck(cudaStreamSynchronize(st), "LSTM forward on the GPU");
+  }
+  py::object c = training ? py::cast(cache) : py::none();
+  return py::make_tuple(outputs, h_n, c_n, c);
+}
+
+template <typename S>
+py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tnch,
+                       const py::object& lengths, const py::object& d_outputs,
+                       const py::object& d_h_n, const py::object& d_c_n, bool need_dx) {
+  const LstmShape s = ReadShapeTNCH(shape_tnch);
+  const int64_t G = 4 * s.H;
+  if (cache.released()) throw py::value_error("cache: already used by a backward");
+  if (cache.elems() != CacheSize(s) || cache.is_double() != std::is_same<S, double>::value) {
+    throw py::value_error("cache: does not match the shape or dtype given");
+  }
+  const int32_t* len = CheckedLengths(lengths, s.N, s.T);
+  const S* dout = OptionalPtr<S>(d_outputs, "d_outputs", {s.N, s.T, s.H});
+  const S* dhn = OptionalPtr<S>(d_h_n, "d_h_n", {s.N, s.H});
+  const S* dcn = OptionalPtr<S>(d_c_n, "d_c_n", {s.N, s.H});
+  py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
+      dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
+  {
+    CudaCall call;  // GIL released, the runtime locked
+    const CudaContext& ctx = call.ctx;
+    cudaStream_t st = call.stream;
+    auto& keep = call.keep;
+    BackwardArgs<S> d;
+    d.cache = cache.get<S>();
+    d.lengths = Upload<int32_t>(keep, len, s.N, sizeof(int32_t), st);
+    d.d_outputs = Upload<S>(keep, dout, s.N * s.T * s.H, sizeof(S), st);
+    d.d_h_n = Upload<S>(keep, dhn, s.N * s.H, sizeof(S), st);
+    d.d_c_n = Upload<S>(keep, dcn, s.N * s.H, sizeof(S), st);
+    d.dx = need_dx ? Scratch<S>(keep, s.N * s.T * s.C) : nullptr;
+    d.d_kernel = Scratch<S>(keep, s.C * G);
+    d.d_recurrent_kernel = Scratch<S>(keep, s.H * G);
+    d.d_bias = Scratch<S>(keep, G);
+    d.d_h0 = Scratch<S>(keep, s.N * s.H);
+    d.d_c0 = Scratch<S>(keep, s.N * s.H);
+    d.workspace = Scratch<S>(keep, CudaBackwardWorkspaceSize(s));
+    LstmBackwardCuda<S>(ctx, s, d);
+    if (need_dx) Download(dx, d.dx, st);
+    Download(dk, d.d_kernel, st);
+    Download(dr, d.d_recurrent_kernel, st);
+    Download(db, d.d_bias, st);
+    Download(dh0, d.d_h0, st);
+    Download(dc0, d.d_c0, st);
+    CudaCheck(cudaStreamSynchronize(st), "LSTM backward on the GPU");
+    cache.Release();  // consumed, as on the CPU
+  }
+  py::object dx_out = need_dx ? py::object(dx) : py::none();
+  return py::make_tuple(dx_out, dk, dr, db, dh0, dc0);
+}
+
+void RegisterCudaKernels(py::module_& m) {
+  py::class_<DeviceBuffer, std::shared_ptr<DeviceBuffer>>(m, "DeviceBuffer")
+      .def_property_readonly("nbytes", &DeviceBuffer::nbytes)
+      .def_property_readonly("released", &DeviceBuffer::released);
+  m.def(
+      "forward_cuda",
+      [](const py::array& x, const py::array& kernel, const py::array& rkernel,
+         const py::object& bias, const py::object& h0, const py::object& c0,
+         const py::object& lengths, bool training) {
+        if (IsDtype(x, py::dtype::of<float>()))
+          return ForwardCuda<float>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+        if (IsDtype(x, py::dtype::of<double>()))
+          return ForwardCuda<double>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+        throw py::type_error("x: dtype must be float32 or float64, got " +
+                             std::string(py::str(x.dtype())));
+      },
+      py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"),
+      py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"));
+  m.def(
+      "backward_cuda",
+      [](DeviceBuffer& cache, const std::vector<int64_t>& shape, const py::object& lengths,
+         const py::object& d_outputs, const py::object& d_h_n, const py::object& d_c_n,
+         bool need_dx) {
+        if (cache.is_double())
+          return BackwardCuda<double>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
+        return BackwardCuda<float>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
+      },
+      py::arg("cache"), py::arg("shape"), py::arg("lengths"), py::arg("d_outputs"),
+      py::arg("d_h_n"), py::arg("d_c_n"), py::arg("need_dx") = true);
+}
+}  // namespace
+
+void RegisterCuda(py::module_& m) {
+  RegisterCudaKernels(m);
+  m.def("cuda_device_count", &CudaDeviceCount, "CUDA devices visible (0 without a driver).");
+}
+#else
+void RegisterCuda(py::module_& m) {
+  m.def("cuda_device_count", []() { return 0; }, "CUDA devices visible (this build has no CUDA).");
+}
+#endif  // FUSEDLSTM_WITH_CUDA
+
+}  // namespace fusedlstm
