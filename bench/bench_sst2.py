@@ -4,10 +4,15 @@ as ours, or with --freeze-embeddings frozen -> nn.LSTM -> dropout -> nn.Linear o
 sentence's last valid output, Adam, the same clipping and weight averaging, same
 hyper-parameters and the very same batches), trained side by side
 in one run over several seeds. Reports test accuracy at the dev-selected epoch (mean ± std) and
-seconds per epoch, prints a table and writes JSON.
+seconds per epoch, prints a table and, with --out, writes JSON.
 
-    python bench/bench_sst2.py [--data ../shared/data/sst2] [--seeds 0,1,2] [--epochs 10]
-                               [--freeze-embeddings] [--no-torch] [--torch-dense-embedding-adam]
+    python bench/bench_sst2.py --dataset sst2        # download (GLUE SST-2) into the cache
+    python bench/bench_sst2.py --data DIR            # a GLUE-style dir: train/dev[/test].tsv
+        [--seeds 0,1,2] [--epochs 20] [--freeze-embeddings] [--no-torch]
+        [--torch-dense-embedding-adam] [--out results.json]
+
+Without a labelled test split (GLUE's test labels are not public), the dev split is the test set
+and a tenth of train is held out as dev.
 """
 from __future__ import annotations
 
@@ -23,12 +28,9 @@ import numpy as np
 
 import fusedlstm
 from fusedlstm import SentimentClassifier
-from fusedlstm.sentiment.data import load_data
+from fusedlstm.sentiment.data import Split, fetch, load_data
 from fusedlstm.sentiment.layers import dropout_mask
 from fusedlstm.sentiment.model import TrainOptions, _batches
-
-HERE = Path(__file__).resolve().parent
-
 
 def torch_run(model: SentimentClassifier, init, splits, opts: TrainOptions, epochs: int,
               result: dict, dense_embedding_adam: bool = False):
@@ -147,9 +149,32 @@ def torch_run(model: SentimentClassifier, init, splits, opts: TrainOptions, epoc
         yield
 
 
+def load_splits(data: str | None, dataset: str | None) -> dict[str, Split]:
+    """train/dev/test from --data or the --dataset download; dev becomes test (and a tenth of
+    train dev) when there is no labelled test split."""
+    if data is None:
+        try:
+            data = fetch(dataset)
+        except RuntimeError as exc:
+            raise SystemExit(f"error: {exc}\nDownload it yourself and pass --data DIR.") from None
+    splits = load_data(data)
+    if "dev" not in splits:
+        raise SystemExit(f"error: {data}: needs a dev split (dev.tsv) for model selection")
+    if "test" not in splits:
+        train = splits["train"]
+        perm = np.random.default_rng(7).permutation(len(train))
+        k = len(train) // 10
+        splits = {"train": train.subset(perm[k:]), "dev": train.subset(perm[:k]), "test": splits["dev"]}
+        print(f"no labelled test split: {data}'s dev split is the test set, {k} training sentences "
+              "are held out as dev", flush=True)
+    return splits
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "sst2"))
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", help="a GLUE-style directory: train.tsv, dev.tsv and (labelled) test.tsv")
+    where.add_argument("--dataset", choices=["sst2"], help="download SST-2 (GLUE) into the cache; needs network")
     ap.add_argument("--vectors", default="glove-6b-50d")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=20)
@@ -158,9 +183,9 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--torch-dense-embedding-adam", action="store_true",
                     help="PyTorch twin: dense embedding gradient and Adam (default: sparse + SparseAdam, ours)")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here (default: print only)")
     args = ap.parse_args(argv)
-    splits = load_data(args.data)
+    splits = load_splits(args.data, args.dataset)
     have_torch = not args.no_torch
     if have_torch:
         try:
@@ -216,7 +241,9 @@ def main(argv=None):
     if "torch" in summary:
         print(f"  epoch speed-up vs torch: "
               f"{summary['torch']['epoch_s_median'] / summary['fusedlstm']['epoch_s_median']:.2f}x")
-    out = args.out or HERE / "results" / ("sst2_frozen.json" if args.freeze_embeddings else "sst2.json")
+    if args.out is None:
+        return 0
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"benchmark": "sst2", "args": vars(args) | {"out": str(out)},
@@ -224,6 +251,7 @@ def main(argv=None):
                                "rows": rows, "summary": summary}, indent=1))
     os.replace(tmp, out)
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
