@@ -21,7 +21,7 @@ import numpy as np
 import fusedlstm
 from fusedlstm import SentimentClassifier
 from fusedlstm.sentiment.data import fetch, kfold, load_data
-from fusedlstm.sentiment.model import TrainOptions
+from fusedlstm.sentiment import TrainOptions
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -30,7 +30,7 @@ import fusedlstm
 from fusedlstm import SentimentClassifier
 from fusedlstm.sentiment.data import Split, fetch, load_data
 from fusedlstm.sentiment.layers import dropout_mask
-from fusedlstm.sentiment.model import TrainOptions, _batches
+from fusedlstm.sentiment.training import Callback, TrainOptions, batches
 
 def torch_run(model: SentimentClassifier, init, splits, opts: TrainOptions, epochs: int,
               result: dict, dense_embedding_adam: bool = False):
@@ -119,7 +119,7 @@ def torch_run(model: SentimentClassifier, init, splits, opts: TrainOptions, epoc
     for epoch in range(epochs):
         rng = np.random.default_rng([opts.seed, epoch])
         t0 = time.perf_counter()
-        for b in _batches(rng, tr_len, opts.batch_size, opts.bucket):
+        for b in batches(rng, tr_len, opts.batch_size, opts.bucket):
             mask = torch.from_numpy(dropout_mask(rng, (len(b), H), model.config.keep_prob, np.float32))
             bt = torch.from_numpy(b)
             loss = torch.nn.functional.cross_entropy(logits_of(tr_ids[bt], tr_len[b], mask), tr_y[bt])
@@ -200,17 +200,17 @@ def main(argv=None):
         init = {k: v.copy() for k, v in model.params.items()}
         # patience=epochs: train every epoch in both, select on dev, like the torch run.
         opts = TrainOptions(epochs=args.epochs, seed=seed, progress=False, patience=args.epochs)
-        # Epochs alternate, ours then torch's (fit logs one line per epoch), so the machine's
-        # drift hits both alike.
+        # Epochs alternate, ours then torch's (a callback at the end of each of ours), so the
+        # machine's drift hits both alike.
         theirs: dict = {}
         twin = (torch_run(model, init, splits, opts, args.epochs, theirs,
                           args.torch_dense_embedding_adam) if have_torch else iter(()))
 
-        def after_epoch(line, twin=twin):
-            if line.startswith("epoch="):
+        class Interleave(Callback):
+            def on_epoch_end(self, epoch, logs, twin=twin):
                 next(twin, None)
 
-        metrics = model.fit(splits["train"], splits["dev"], opts, log=after_epoch)
+        metrics = model.fit(splits["train"], splits["dev"], opts, log=lambda *a: None, callbacks=[Interleave()])
         for _ in twin:  # any epochs left (none: both train every epoch)
             pass
         ours = {"test_acc": model.evaluate(splits["test"])["accuracy"],

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fusedlstm import SentimentClassifier
-from fusedlstm.sentiment.model import CHECKPOINT_FILES
+from fusedlstm.sentiment.checkpoint import CHECKPOINT_FILES
 
 EPOCHS = 4
 

@@ -1,33 +1,29 @@
-"""SentimentClassifier: word ids -> embedding (pre-trained vectors, frozen by default) -> fused
-LSTM -> dropout (keep 0.8) on each sentence's last valid output -> dense (truncated-normal
-weights, bias 0.1) -> softmax cross-entropy -> Adam. Training is seeded and bit-reproducible,
-checkpoints after every epoch are written atomically, and a killed run resumes to the same
-weights. A model directory holds config.json, vocab.json, weights.npz (and, while training,
-state.npz and metrics.jsonl); loading never unpickles anything."""
+"""SentimentClassifier: word ids -> embedding (random, or pre-trained vectors, fine-tuned unless
+frozen on request) -> fused LSTM -> dropout on each sentence's last valid output -> dense
+(truncated-normal weights, bias 0.1) -> softmax. Training (sentiment.training) is seeded and
+bit-reproducible; a model directory (sentiment.checkpoint) holds config.json, vocab.json and
+weights.npz, and loading never unpickles anything."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import __version__
-from .data import LabelMap, Split
-from .layers import (dense_backward, dense_forward, dropout_mask, embedding_backward,
-                     softmax_cross_entropy, truncated_normal)
 from ..lstm import lstm_backward, lstm_forward
-from .optim import Adam
+from .checkpoint import MODEL_FILES, atomic_write, load_npz, npz_bytes
+from .data import LabelMap, Split
+from .layers import dense_backward, dense_forward, embedding_backward, softmax_cross_entropy, truncated_normal
 from .text import Vocabulary, default_max_len, tokenize
+from .training import TrainOptions
+from .training import fit as _fit
 from .vectors import embedding_from_vectors
 
-__all__ = ["ModelConfig", "SentimentClassifier", "TrainOptions"]
+__all__ = ["ModelConfig", "SentimentClassifier", "TrainOptions", "WEIGHT_NAMES"]
 
 WEIGHT_NAMES = ("embedding", "kernel", "recurrent_kernel", "bias", "dense_w", "dense_b")
 # Sanity bounds checked before anything is allocated from a config file.
@@ -38,9 +34,14 @@ _MAX_PARAMS = 2**31  # all weights together (8 GiB of float32)
 
 @dataclass
 class ModelConfig:
+    """The sizes and options of a model, saved as its config.json. max_len 0 and vocab_size 0
+    mean "not chosen yet" (set from the training data). train_embeddings: whether the embedding
+    table is trained (pre-trained vectors are fine-tuned by default); vectors: where the initial
+    table came from (informational)."""
+
     units: int = 128
     embedding_dim: int = 50
-    max_len: int = 0                 # 0: not chosen yet (set from the training data)
+    max_len: int = 0
     num_classes: int = 2
     vocab_size: int = 0
     keep_prob: float = 0.8
@@ -50,6 +51,7 @@ class ModelConfig:
     format_version: int = 1
 
     def validate(self, source: str = "config") -> "ModelConfig":
+        """Check every field (named, with `source`, in the error); returns self."""
         for name, limit in _LIMITS.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
@@ -67,13 +69,15 @@ class ModelConfig:
                              f"{_MAX_PARAMS:,} this loader accepts")
         return self
 
-    def weight_shapes(self) -> Dict[str, tuple]:
+    def weight_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """{weight name: shape} (WEIGHT_NAMES) for these sizes."""
         E, H, C, V = self.embedding_dim, self.units, self.num_classes, self.vocab_size
         return {"embedding": (V, E), "kernel": (E, 4 * H), "recurrent_kernel": (H, 4 * H),
                 "bias": (4 * H,), "dense_w": (H, C), "dense_b": (C,)}
 
     @classmethod
     def from_json(cls, text: str, source: str) -> "ModelConfig":
+        """Parse and validate a config.json's text; unknown keys are refused."""
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -87,117 +91,13 @@ class ModelConfig:
         return cls(**data).validate(source)
 
 
-@dataclass
-class TrainOptions:
-    epochs: int = 20
-    steps: Optional[int] = None      # stop after this many updates in all (the toy config)
-    batch_size: int = 32
-    lr: float = 1e-3
-    clip_norm: Optional[float] = 5.0
-    patience: int = 5                # early stopping on dev accuracy
-    seed: int = 0
-    progress: bool = True
-    bucket: bool = True              # batch sentences of similar length (less padding work)
-    average: float = 0.999           # >0: evaluate/keep an exponential moving average of the
-                                     # dense weights with this decay (0: off)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary, not the result
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-CHECKPOINT_FILES = ("config.json", "vocab.json", "weights.npz", "metrics.jsonl", "state.npz")
-
-
-def _remove_stale_temporaries(out_dir: Path) -> List[str]:
-    """Delete the hidden temporaries a killed run left next to its checkpoint files (only
-    those named like ours: `.weights.npz.<random>.tmp`); returns their names."""
-    removed = []
-    for name in CHECKPOINT_FILES:
-        for tmp in out_dir.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp.name)
-    return removed
-
-
-def _npz_bytes(arrays: Dict[str, np.ndarray]) -> bytes:
-    import io
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _npz_headers(path: Path) -> Dict[str, tuple]:
-    """{name: (shape, dtype)} of every member, from the .npy headers alone: nothing is
-    allocated from a size the file claims before it is checked against what the file holds."""
-    import zipfile
-
-    out = {}
-    fsize = os.path.getsize(path)
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            if not info.filename.endswith(".npy"):
-                raise ValueError(f"member {info.filename!r} is not a .npy array")
-            with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read(f)
-            name = info.filename[:-4]
-            if dtype.hasobject:
-                raise ValueError(f"array {name!r} holds Python objects (pickled data)")
-            nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-            # A stored member's bytes are in the file; deflate expands them at most ~1032x.
-            held = min(info.compress_size, fsize)
-            if nbytes > (held if info.compress_type == zipfile.ZIP_STORED else 1100 * held):
-                raise ValueError(f"array {name!r} claims shape {shape} ({nbytes} bytes), more "
-                                 f"than its {held} bytes in the file can hold")
-            out[name] = (tuple(shape), dtype)
-    return out
-
-
-def _load_npz(path: Path, expected: Optional[Dict[str, tuple]] = None) -> Dict[str, np.ndarray]:
-    """All arrays of an .npz: headers checked first (no object arrays, sizes the file can hold,
-    shapes as `expected` when given), then read with allow_pickle=False. The file is named in
-    every error."""
-    try:
-        headers = _npz_headers(path)
-        for name, shape in (expected or {}).items():
-            if name not in headers:
-                raise ValueError(f"missing array {name!r}")
-            if headers[name][0] != shape:
-                raise ValueError(f"weights[{name!r}]: shape {headers[name][0]}, expected {shape} "
-                                 "from the config")
-        if expected is not None and set(headers) - set(expected):
-            raise ValueError(f"unexpected arrays {sorted(set(headers) - set(expected))}")
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing") from None
-    except ValueError as exc:  # object arrays need pickle: refused
-        raise ValueError(f"{path}: refused ({exc})") from None
-    except Exception as exc:   # truncated or not a zip
-        raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
-
-
 class SentimentClassifier:
-    """The classic many-to-one LSTM sentiment model over the fused kernel."""
+    """The classic many-to-one LSTM sentiment model over the fused kernel. ``params`` holds the
+    weights by name (WEIGHT_NAMES, shapes from ``config.weight_shapes()``), ``vocab`` the
+    tokens, ``label_map`` the class names. Build one with ``create`` (from a training split) or
+    ``load`` (a saved model directory)."""
 
-    def __init__(self, config: ModelConfig, vocab: Vocabulary, weights: Dict[str, np.ndarray]):
+    def __init__(self, config: ModelConfig, vocab: Vocabulary, weights: Dict[str, np.ndarray]) -> None:
         self.config = config
         self.vocab = vocab
         self.params = weights
@@ -210,10 +110,12 @@ class SentimentClassifier:
                embedding_dim: Optional[int] = None, max_len: Optional[int] = None,
                min_count: int = 1, max_vocab: Optional[int] = None, keep_prob: float = 0.8,
                train_embeddings: bool = True, num_classes: Optional[int] = None, seed: int = 0,
-               log=print) -> "SentimentClassifier":
-        """A fresh model whose vocabulary, labels and max_len come from the training split.
-        Pre-trained vectors are fine-tuned unless train_embeddings=False (the original model's
-        frozen table): chosen on the SST-2 dev set, where fine-tuning wins by about 1.5 points."""
+               log: Callable[[str], Any] = print) -> "SentimentClassifier":
+        """A fresh, untrained model whose vocabulary, labels and max_len come from the training
+        split. vectors: a word-vectors file or ``glove-6b-50d`` (see sentiment.vectors); without
+        it a random embedding_dim-wide table. Pre-trained vectors are fine-tuned unless
+        train_embeddings=False (the original model's frozen table); a random table is always
+        trained. max_len None: the length that covers 95% of the training sentences."""
         rng = np.random.default_rng([seed, 10**6])
         tokenized = [tokenize(t) for t in train.texts]
         vocab = Vocabulary.build(tokenized, min_count=min_count, max_size=max_vocab)
@@ -257,16 +159,22 @@ class SentimentClassifier:
                 raise ValueError(f"weights[{k!r}]: dtype {a.dtype} is not floating point")
 
     # -- the math ----------------------------------------------------------------------
-    def encode(self, texts: Sequence[str]):
+    def encode(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """(ids [N, max_len] int32, lengths [N]) of the sentences; an empty sentence is an error."""
         tokenized = [tokenize(t) for t in texts]
         for i, t in enumerate(tokenized):
             if not t:
                 raise ValueError(f"sentence {i} is empty")
         return self.vocab.encode(tokenized, self.config.max_len)
 
-    def forward_backward(self, ids, lengths, labels, mask=None, need_grads=True):
+    def forward_backward(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
+                         mask: Optional[np.ndarray] = None, need_grads: bool = True
+                         ) -> Tuple[float, np.ndarray, Optional[Dict[str, np.ndarray]],
+                                    Optional[Tuple[np.ndarray, np.ndarray]]]:
         """Loss (and gradients) of one batch. mask: the dropout multiplier [B, H] (None: no
-        dropout). Returns loss, probabilities, dense grads dict, sparse embedding grad or None."""
+        dropout). Returns (loss, probabilities [B, C], the dense weights' gradients by name or
+        None, the embedding's sparse gradient (rows, row grads) or None when it is frozen or
+        need_grads is False)."""
         p = self.params
         T = int(lengths.max()) if len(lengths) else 1
         ids = ids[:, :T]  # a batch is only as long as its longest sentence
@@ -300,13 +208,16 @@ class SentimentClassifier:
             out[sl] = probs
         return out
 
-    def predict(self, texts: Sequence[str]) -> List[dict]:
+    def predict(self, texts: Sequence[str]) -> List[Dict[str, Any]]:
+        """One {"text", "label", "probability"} per sentence: the most probable class."""
         probs = self.predict_proba(texts)
         k = probs.argmax(axis=1)
         return [{"text": t, "label": self.label_map.names[i], "probability": float(p[i])}
                 for t, i, p in zip(texts, k, probs)]
 
-    def evaluate(self, split: Split) -> dict:
+    def evaluate(self, split: Split) -> Dict[str, Any]:
+        """accuracy, macro_f1, loss (mean cross-entropy), n, labels and confusion_matrix (rows:
+        true class, columns: predicted) on a labelled split."""
         y = self.label_map.encode(split.labels, split.origins)
         probs = self.predict_proba(split.texts)
         pred = probs.argmax(axis=1)
@@ -323,139 +234,36 @@ class SentimentClassifier:
                 "confusion_matrix": cm.tolist()}
 
     # -- training ----------------------------------------------------------------------
-    def fit(self, train: Split, dev: Optional[Split], opts: TrainOptions,
-            out_dir: Optional[Path] = None, resume: bool = False, log=print) -> List[dict]:
+    def fit(self, train: Split, dev: Optional[Split], opts: TrainOptions, out_dir: Optional[Path] = None,
+            resume: bool = False, log: Callable[[str], Any] = print, callbacks: Sequence[object] = ()
+            ) -> List[dict]:
         """Train with Adam; evaluate on dev each epoch; keep the best-dev weights (early
-        stopping); checkpoint atomically to out_dir after every epoch. Returns the metrics."""
-        y = self.label_map.encode(train.labels, train.origins)
-        ids, lengths = self.encode(train.texts)
-        trainable = ["kernel", "recurrent_kernel", "bias", "dense_w", "dense_b"]
-        if self.config.train_embeddings:
-            trainable.append("embedding")
-        opt = Adam({k: self.params[k] for k in trainable}, lr=opts.lr)
-        state = {"epoch": 0, "step": 0, "best_dev": -1.0, "bad_epochs": 0}
-        metrics: List[dict] = []
-        best = {k: v.copy() for k, v in self.params.items()}
-        if not 0 <= opts.average < 1:
-            raise ValueError(f"average must be in [0, 1), got {opts.average}")
-        # Weight averaging (Polyak): the dense weights' moving average is what dev sees and what
-        # is kept; the embedding (sparse updates) is used as trained.
-        avg = ({k: self.params[k].copy() for k in trainable if k != "embedding"}
-               if opts.average > 0 else {})
-        if out_dir is not None and out_dir.is_dir():
-            stale = _remove_stale_temporaries(out_dir)
-            if stale:
-                log(f"removed {len(stale)} temporary file(s) left by an interrupted run: "
-                    + ", ".join(stale))
-        if resume:
-            if out_dir is None or not (out_dir / "state.npz").exists():
-                raise FileNotFoundError(f"--resume: no checkpoint state in {out_dir}")
-            st = _load_npz(out_dir / "state.npz")
-            opt.load_state({k[4:]: v for k, v in st.items() if k.startswith("opt/")})
-            for k in self.params:
-                self.params[k][...] = st[f"cur/{k}"]
-                best[k] = st[f"best/{k}"].copy()
-            for k in avg:
-                if f"avg/{k}" not in st:
-                    raise ValueError(f"--resume: {out_dir / 'state.npz'} has no weight average; "
-                                     "resume with the options the run started with")
-                avg[k][...] = st[f"avg/{k}"]
-            state = json.loads(str(st["meta"]))
-            # The metrics saved with the state: metrics.jsonl may be one epoch ahead if a crash
-            # fell between the two writes.
-            metrics = state.pop("metrics")
-            log(f"resuming after epoch {state['epoch']} (step {state['step']})")
-        n = len(y)
-        steps_per_epoch = math.ceil(n / opts.batch_size)
-        total_epochs = opts.epochs if opts.steps is None else math.ceil(opts.steps / steps_per_epoch)
-        H = self.config.units
-        for epoch in range(state["epoch"], total_epochs):
-            if opts.steps is None and state["bad_epochs"] >= opts.patience:
-                break
-            t0 = time.perf_counter()
-            rng = np.random.default_rng([opts.seed, epoch])  # per epoch: resumable exactly
-            batches = _batches(rng, lengths, opts.batch_size, opts.bucket)
-            losses, correct, seen = [], 0, 0
-            bar = _progress(batches, f"epoch {epoch + 1}/{total_epochs}", opts.progress)
-            for b in bar:
-                if opts.steps is not None and state["step"] >= opts.steps:
-                    break
-                mask = dropout_mask(rng, (len(b), H), self.config.keep_prob, np.float32)
-                loss, probs, grads, sparse = self.forward_backward(ids[b], lengths[b], y[b], mask)
-                _, scale = _clip_scale(grads, sparse, opts.clip_norm)
-                state["step"] += 1
-                # The average's decay ramps up over the first steps (as
-                # tf.train.ExponentialMovingAverage with num_updates), so it does not remember the
-                # initial weights. Clipping and averaging run inside the optimizer's one pass.
-                keep = min(opts.average, (1 + state["step"]) / (10 + state["step"]))
-                opt.step(grads, {"embedding": sparse} if sparse is not None else None,
-                         scale=scale, average=(avg, keep) if avg else None)
-                losses.append(loss)
-                correct += int((probs.argmax(1) == y[b]).sum())
-                seen += len(b)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{correct / seen:.3f}")
-            row = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)),
-                   "train_acc": correct / max(seen, 1), "seconds": time.perf_counter() - t0}
-            current = {k: self.params[k].copy() for k in avg}
-            for k, a in avg.items():  # evaluate and keep the averaged weights
-                self.params[k][...] = a
-            if dev is not None:
-                ev = self.evaluate(dev)
-                row.update(dev_acc=ev["accuracy"], dev_loss=ev["loss"])
-                if ev["accuracy"] > state["best_dev"]:
-                    state["best_dev"], state["bad_epochs"] = ev["accuracy"], 0
-                    best = {k: v.copy() for k, v in self.params.items()}
-                else:
-                    state["bad_epochs"] += 1
-            else:
-                best = {k: v.copy() for k, v in self.params.items()}
-            for k in avg:
-                self.params[k][...] = current[k]
-            state["epoch"] = epoch + 1
-            metrics.append(row)
-            log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if out_dir is not None:
-                self._checkpoint(out_dir, best, opt, state, metrics, avg)
-        for k in self.params:
-            self.params[k][...] = best[k]
-        return metrics
-
-    def _checkpoint(self, out_dir: Path, best, opt: Adam, state: dict, metrics, avg) -> None:
-        """The best weights as the model, and everything --resume needs; each file atomic, in
-        this order: metrics.jsonl, the model files, state.npz (the commit point --resume reads).
-        A crash between files leaves a loadable model and the previous consistent state; the
-        model files are ahead of state.npz only if metrics.jsonl is too."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / "metrics.jsonl",
-                      "".join(json.dumps(m) + "\n" for m in metrics).encode())
-        self.save(out_dir, weights=best)
-        arrays = {f"cur/{k}": v for k, v in self.params.items()}
-        arrays.update({f"best/{k}": v for k, v in best.items()})
-        arrays.update({f"opt/{k}": v for k, v in opt.state().items()})
-        arrays.update({f"avg/{k}": v for k, v in avg.items()})
-        arrays["meta"] = np.asarray(json.dumps(dict(state, metrics=metrics)))
-        _atomic_write(out_dir / "state.npz", _npz_bytes(arrays))
+        stopping); checkpoint atomically to out_dir after every epoch; `resume` continues the
+        run checkpointed there. callbacks: objects with on_step_end(step, logs) and/or
+        on_epoch_end(epoch, logs) (see fusedlstm.sentiment.training). Returns the metrics, one
+        row per epoch."""
+        return _fit(self, train, dev, opts, out_dir=out_dir, resume=resume, log=log, callbacks=callbacks)
 
     # -- persistence -------------------------------------------------------------------
-    def save(self, path, weights: Optional[Dict[str, np.ndarray]] = None) -> None:
-        """config.json, vocab.json and weights.npz, each written atomically."""
+    def save(self, path: str | Path, weights: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """config.json, vocab.json and weights.npz, each written atomically (weights: instead of
+        self.params)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         w = weights if weights is not None else self.params
         cfg = asdict(self.config)
-        _atomic_write(path / "vocab.json", self.vocab.to_json().encode("utf-8"))
-        _atomic_write(path / "weights.npz", _npz_bytes({k: w[k] for k in WEIGHT_NAMES}))
-        _atomic_write(path / "config.json",
-                      (json.dumps(dict(cfg, fusedlstm_version=__version__), indent=1) + "\n").encode())
+        atomic_write(path / "vocab.json", self.vocab.to_json().encode("utf-8"))
+        atomic_write(path / "weights.npz", npz_bytes({k: w[k] for k in WEIGHT_NAMES}))
+        atomic_write(path / "config.json",
+                     (json.dumps(dict(cfg, fusedlstm_version=__version__), indent=1) + "\n").encode())
 
     @classmethod
-    def load(cls, path) -> "SentimentClassifier":
+    def load(cls, path: str | Path) -> "SentimentClassifier":
         """Load a model directory; validates everything before allocating; never unpickles."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory not found: {path}")
-        for f in ("config.json", "vocab.json", "weights.npz"):
+        for f in MODEL_FILES:
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path / f}: missing (not a complete model directory)")
         text = (path / "config.json").read_text(encoding="utf-8")
@@ -468,7 +276,7 @@ class SentimentClassifier:
         cfg = ModelConfig.from_json(json.dumps(raw), str(path / "config.json"))
         vocab = Vocabulary.from_json((path / "vocab.json").read_text(encoding="utf-8"),
                                      str(path / "vocab.json"))
-        weights = _load_npz(path / "weights.npz", cfg.weight_shapes())
+        weights = load_npz(path / "weights.npz", cfg.weight_shapes())
         weights = {k: np.ascontiguousarray(v, dtype=np.float32) if v.dtype.kind == "f" else v
                    for k, v in weights.items()}
         try:
@@ -476,41 +284,3 @@ class SentimentClassifier:
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 
-
-def _batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int, bucket: bool,
-             chunk_batches: int = 50) -> List[np.ndarray]:
-    """Index batches for one epoch: a seeded shuffle; with `bucket`, each chunk of
-    chunk_batches batches is sorted by length before it is cut into batches and the batch
-    order is shuffled again, so a batch pads to about its own sentences' length."""
-    perm = rng.permutation(len(lengths))
-    if not bucket:
-        return [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
-    out = []
-    size = batch_size * chunk_batches
-    for c in range(0, len(perm), size):
-        idx = perm[c:c + size]
-        idx = idx[np.argsort(lengths[idx], kind="stable")]
-        out.extend(idx[s:s + batch_size] for s in range(0, len(idx), batch_size))
-    return [out[i] for i in rng.permutation(len(out))]
-
-
-def _clip_scale(grads: Dict[str, np.ndarray], sparse, clip_norm: Optional[float]):
-    """(global L2 norm of all gradients, dense and the embedding rows; the factor that brings
-    it down to clip_norm, 1.0 when it is within it or clipping is off)."""
-    sq = sum(float(np.vdot(g, g)) for g in grads.values())
-    if sparse is not None:
-        sq += float(np.vdot(sparse[1], sparse[1]))
-    norm = math.sqrt(sq)
-    if clip_norm is not None and norm > clip_norm:
-        return norm, clip_norm / (norm + 1e-12)
-    return norm, 1.0
-
-
-def _progress(it, desc: str, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return it
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, desc=desc, leave=False, unit="batch")
