@@ -3,23 +3,64 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .data import Split
 
 __all__ = ["add_commands"]
 
 
-def _splits(args):
-    from .data import fetch, kfold, load_data
+# Library arguments and the flags that set them: errors from the library name the argument, the
+# CLI says the flag.
+_FLAGS = {"text_column": "--text-column", "label_column": "--label-column", "embedding_dim": "--embedding-dim",
+          "max_len": "--max-len", "keep_prob": "--keep-prob", "batch_size": "--batch-size",
+          "clip_norm": "--clip-norm", "min_count": "--min-count", "max_size": "--max-vocab"}
+
+
+def _reword(exc: Exception, prefix: str = "") -> Exception:
+    """The same exception type with flag names for argument names (and an optional prefix)."""
+    msg = str(exc)
+    for name, flag in _FLAGS.items():
+        msg = re.sub(rf"\b{name}\b", flag, msg)
+    return type(exc)(prefix + msg)
+
+
+def _load(path, args) -> Dict[str, Split]:
+    from .data import load_data
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            splits = load_data(path, args.text_column, args.label_column)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--data {exc}") from None
+    except ValueError as exc:
+        raise _reword(exc) from None
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    report_skipped(splits)
+    return splits
+
+
+def _splits(args) -> Dict[str, Split]:
+    from .data import ChecksumError, DownloadError, fetch, kfold
 
     if args.data is None and getattr(args, "dataset", None) is None:
         raise SystemExit("error: give --data PATH (or --dataset sst2|mr|imdb to download)")
-    path = args.data if args.data is not None else fetch(args.dataset)
-    splits = load_data(path, args.text_column, args.label_column)
-    report_skipped(splits)
+    path = args.data
+    if path is None:
+        try:
+            path = fetch(args.dataset)
+        except (DownloadError, ChecksumError) as exc:
+            raise type(exc)(f"--dataset {args.dataset}: {exc}; or pass --data PATH") from None
+    splits = _load(path, args)
     if "all" in splits:  # polarity files: k-fold cross-validation
         all_ = splits.pop("all")
         folds = kfold(len(all_), args.folds, args.seed)
@@ -28,7 +69,7 @@ def _splits(args):
     return splits
 
 
-def report_skipped(splits) -> None:
+def report_skipped(splits: Dict[str, Split]) -> None:
     """Say on stderr which rows a reader left out, and why (the first few of them)."""
     for name, split in splits.items():
         if split.skipped:
@@ -37,13 +78,13 @@ def report_skipped(splits) -> None:
                   file=sys.stderr)
 
 
-def _dev_from_train(train, seed: int, fraction: float = 0.1):
+def _dev_from_train(train: Split, seed: int, fraction: float = 0.1) -> Tuple[Split, Split]:
     perm = np.random.default_rng([seed, 7]).permutation(len(train))
     k = max(1, int(len(train) * fraction))
     return train.subset(perm[k:]), train.subset(perm[:k])
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from .model import SentimentClassifier, TrainOptions
 
     if args.embedding_dim is None and args.vectors is None:
@@ -61,15 +102,23 @@ def cmd_train(args) -> int:
         if (out / "state.npz").exists() and not args.overwrite:
             raise SystemExit(f"error: {out} already holds a training run; use --resume to "
                              "continue it or --overwrite to start again")
-        model = SentimentClassifier.create(
-            train, units=args.units, vectors=args.vectors, embedding_dim=args.embedding_dim,
-            max_len=args.max_len, min_count=args.min_count, max_vocab=args.max_vocab,
-            keep_prob=args.keep_prob, train_embeddings=args.train_embeddings, seed=args.seed)
+        try:
+            model = SentimentClassifier.create(
+                train, units=args.units, vectors=args.vectors, embedding_dim=args.embedding_dim,
+                max_len=args.max_len, min_count=args.min_count, max_vocab=args.max_vocab,
+                keep_prob=args.keep_prob, train_embeddings=args.train_embeddings, seed=args.seed)
+        except (ValueError, FileNotFoundError, ImportError) as exc:
+            raise _reword(exc) from None
     opts = TrainOptions(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, clip_norm=args.clip_norm if args.clip_norm > 0 else None,
                         patience=args.patience, seed=args.seed, progress=not args.quiet,
                         average=args.average)
-    metrics = model.fit(train, dev, opts, out_dir=out, resume=args.resume)
+    try:
+        metrics = model.fit(train, dev, opts, out_dir=out, resume=args.resume)
+    except (ValueError, FileNotFoundError) as exc:
+        if args.resume:
+            raise _reword(exc, "--resume: ") from None
+        raise _reword(exc) from None
     if not metrics:  # nothing left to train (resumed a finished run)
         model.save(out)
     if args.plot:
@@ -103,18 +152,17 @@ def plot_metrics(metrics: List[dict], path: Path) -> None:
     print(f"learning curves written to {path}")
 
 
-def cmd_eval(args) -> int:
-    from .data import load_data
+def cmd_eval(args: argparse.Namespace) -> int:
     from .model import SentimentClassifier
 
     model = SentimentClassifier.load(args.model)
-    splits = load_data(args.data, args.text_column, args.label_column)
-    report_skipped(splits)
-    split = splits.get("test") or splits.get("all") or splits["train"]
-    ev = model.evaluate(split)
+    splits = _load(args.data, args)
+    name = next(n for n in ("test", "dev", "all", "train") if n in splits)  # the most held-out one
+    ev = model.evaluate(splits[name])
     if args.json:
         print(json.dumps(ev))
     else:
+        print(f"{name} split of {args.data}")
         print(f"accuracy {ev['accuracy']:.4f}  macro-F1 {ev['macro_f1']:.4f}  (n={ev['n']})")
         print("confusion matrix (rows: true, columns: predicted), labels", ev["labels"])
         for row in ev["confusion_matrix"]:
@@ -122,7 +170,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
+def cmd_predict(args: argparse.Namespace) -> int:
     from .model import SentimentClassifier
 
     model = SentimentClassifier.load(args.model)
@@ -140,12 +188,12 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _data_args(p):
+def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", help="text column of a TSV/CSV (default: sentence/text/...)")
     p.add_argument("--label-column", help="label column of a TSV/CSV (default: label/...)")
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: "argparse._SubParsersAction") -> None:
     """Add train, eval and predict to an argparse subparsers object."""
     t = sub.add_parser("train", help="train a classifier")
     t.add_argument("--data", help="TSV/CSV file, GLUE dir (train/dev/test.tsv), *.pos/*.neg dir, or aclImdb dir")
@@ -187,7 +235,8 @@ def add_commands(sub) -> None:
 
     e = sub.add_parser("eval", help="accuracy, macro-F1 and confusion matrix of a model")
     e.add_argument("model")
-    e.add_argument("--data", required=True, help="a file, or a directory's test split")
+    e.add_argument("--data", required=True,
+                   help="a file, or a directory (its test split; else dev; else all of it)")
     e.add_argument("--json", action="store_true")
     _data_args(e)
     e.set_defaults(func=cmd_eval)

@@ -2,25 +2,28 @@
 directories (train/dev/test.tsv, e.g. SST-2), Pang & Lee polarity files (*.pos / *.neg,
 Windows-1252 bytes; k-fold cross-validation) and the aclImdb layout. Labels are integers
 0..C-1 or strings (mapped in sorted order, the mapping kept). ``fetch`` downloads the public
-data sets into a cache when online and fails at once, naming ``--data``, when not."""
+data sets into a cache (checksummed, unpacked safely) when online and fails at once when not."""
 from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import os
 import re
+import shutil
 import tarfile
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Split", "load_data", "read_table", "read_polarity", "read_imdb", "kfold",
-           "LabelMap", "fetch", "DATASETS"]
+__all__ = ["Split", "load_data", "read_table", "read_polarity", "read_imdb", "kfold", "LabelMap", "fetch",
+           "DATASETS", "Dataset", "DownloadError", "ChecksumError", "cache_dir", "safe_extract_tar"]
 
 _TEXT_COLS = ("sentence", "text", "review", "sentence1", "content")
 _LABEL_COLS = ("label", "labels", "sentiment", "polarity", "class", "y")
@@ -59,7 +62,7 @@ class LabelMap:
     """Raw labels <-> class ids. Integer labels map to themselves (0..C-1); strings in sorted
     order. Saved with the model, so predictions come back with the user's names."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str]) -> None:
         self.names = [str(n) for n in names]
         self.index = {n: i for i, n in enumerate(self.names)}
 
@@ -121,7 +124,7 @@ def _lines(raw: bytes, path: str) -> Iterator[Tuple[int, str]]:
     yield from enumerate(_split_lines(text), 1)
 
 
-def read_table(path, text_column: Optional[str] = None, label_column: Optional[str] = None,
+def read_table(path: str | os.PathLike, text_column: Optional[str] = None, label_column: Optional[str] = None,
                delimiter: Optional[str] = None) -> Split:
     """A delimited file with a header row (tab for .tsv, else sniffed comma/tab/semicolon)."""
     path = str(path)
@@ -149,8 +152,8 @@ def read_table(path, text_column: Optional[str] = None, label_column: Optional[s
         for d in defaults:
             if d in lower:
                 return lower.index(d)
-        raise ValueError(f"{path}: cannot find the {what} column among {header}; name it with "
-                         f"--{what}-column")
+        raise ValueError(f"{path}: cannot find the {what} column among {header}; name it "
+                         f"({what}_column)")
 
     ti = pick(text_column, _TEXT_COLS, "text")
     li = pick(label_column, _LABEL_COLS, "label")
@@ -182,7 +185,7 @@ def read_table(path, text_column: Optional[str] = None, label_column: Optional[s
     return out.check_skipped(path, rows)
 
 
-def read_polarity(directory) -> Split:
+def read_polarity(directory: str | os.PathLike) -> Split:
     """Pang & Lee sentence polarity: every *.pos and *.neg file in `directory`, one sentence a
     line, bytes decoded as Windows-1252 (0x85 is an ellipsis there, not a line break)."""
     d = Path(directory)
@@ -206,7 +209,7 @@ def read_polarity(directory) -> Split:
     return out.check_skipped(str(d), rows)
 
 
-def read_imdb(root) -> Dict[str, Split]:
+def read_imdb(root: str | os.PathLike) -> Dict[str, Split]:
     """The aclImdb layout: root/{train,test}/{pos,neg}/*.txt."""
     root = Path(root)
     splits = {}
@@ -229,7 +232,7 @@ def read_imdb(root) -> Dict[str, Split]:
     return splits
 
 
-def load_data(path, text_column: Optional[str] = None,
+def load_data(path: str | os.PathLike, text_column: Optional[str] = None,
               label_column: Optional[str] = None) -> Dict[str, Split]:
     """Splits found at `path`: a file gives {'train': …}; a GLUE directory its train/dev/test
     files; a polarity directory {'all': …} (use kfold); an aclImdb directory train/test."""
@@ -237,13 +240,18 @@ def load_data(path, text_column: Optional[str] = None,
     if p.is_file():
         return {"train": read_table(p, text_column, label_column)}
     if not p.is_dir():
-        raise FileNotFoundError(f"--data {path}: no such file or directory")
+        raise FileNotFoundError(f"{path}: no such file or directory")
     tables = {}
     for name in ("train", "dev", "validation", "test"):
         for ext in (".tsv", ".csv"):
-            if (p / f"{name}{ext}").is_file():
-                tables["dev" if name == "validation" else name] = read_table(
-                    p / f"{name}{ext}", text_column, label_column)
+            f = p / f"{name}{ext}"
+            if f.is_file():
+                if name == "test" and label_column is None and not _has_label_column(f):
+                    # GLUE's test files carry no labels (they are kept for its leaderboard).
+                    warnings.warn(f"{f}: no label column, so no test split (GLUE's test labels are "
+                                  "not public)", stacklevel=2)
+                    break
+                tables["dev" if name == "validation" else name] = read_table(f, text_column, label_column)
                 break
     if tables:
         if "train" not in tables:
@@ -258,6 +266,13 @@ def load_data(path, text_column: Optional[str] = None,
     raise ValueError(f"{p}: no train/dev/test .tsv/.csv files, *.pos/*.neg files or aclImdb layout")
 
 
+def _has_label_column(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head, _ = _decode(f.readline(65536), str(path))
+    cells = re.split(r"[\t,;]", head.strip().lower())
+    return any(c.strip().strip('"') in _LABEL_COLS for c in cells)
+
+
 def kfold(n: int, k: int, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
     """(train_idx, test_idx) for k folds of a seeded permutation of range(n)."""
     if not 2 <= k <= n:
@@ -267,44 +282,110 @@ def kfold(n: int, k: int, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
     return [(np.concatenate(folds[:i] + folds[i + 1:]), folds[i]) for i in range(k)]
 
 
-# Canonical public sources. Names, not code: nothing here runs what it downloads.
-DATASETS = {
-    "sst2": ("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip", "SST-2"),
-    "mr": ("https://www.cs.cornell.edu/people/pabo/movie-review-data/rt-polaritydata.tar.gz",
-           "rt-polaritydata"),
-    "imdb": ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz", "aclImdb"),
+class Dataset(NamedTuple):
+    """A public data set ``fetch`` knows: where the archive is, the folder inside it, and the
+    SHA-256 of the archive when it is known (None: not recorded; the download is then not
+    checked, and fetch says so)."""
+
+    url: str
+    folder: str
+    sha256: Optional[str] = None
+
+
+# Canonical public sources. Names, not code: nothing here runs what it downloads. The IMDB digest
+# is the one TensorFlow Datasets records for this archive; SST-2 (GLUE) and MR have none
+# recorded yet (add them here once verified).
+DATASETS: Dict[str, Dataset] = {
+    "sst2": Dataset("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip", "SST-2"),
+    "mr": Dataset("https://www.cs.cornell.edu/people/pabo/movie-review-data/rt-polaritydata.tar.gz",
+                  "rt-polaritydata"),
+    "imdb": Dataset("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz", "aclImdb",
+                    "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"),
 }
 
 
+class DownloadError(RuntimeError):
+    """A data set could not be downloaded (offline, server error)."""
+
+
+class ChecksumError(ValueError):
+    """A downloaded archive is not the one recorded: its SHA-256 differs."""
+
+
 def cache_dir() -> Path:
+    """Where fetch keeps downloads: $FUSEDLSTM_DATA, else ~/.cache/fusedlstm."""
     return Path(os.environ.get("FUSEDLSTM_DATA") or Path.home() / ".cache" / "fusedlstm")
 
 
-def fetch(name: str, timeout: float = 15.0) -> Path:
-    """Download and unpack a public data set once; return its directory."""
+def fetch(name: str, timeout: float = 15.0, log: Callable[[str], Any] = print) -> Path:
+    """Download and unpack a public data set (a key of DATASETS) once; return its directory.
+    The archive's SHA-256 is checked against the recorded one (ChecksumError on a mismatch,
+    nothing unpacked); a data set without a recorded digest is unpacked unchecked, with a note
+    through `log`. Archive members that would land outside the target (absolute paths, '..',
+    links, devices) are refused. Raises DownloadError when offline."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
-    url, sub = DATASETS[name]
+    ds = DATASETS[name]
     dest = cache_dir() / name
-    if (dest / sub).exists():
-        return dest / sub
+    if (dest / ds.folder).exists():
+        return dest / ds.folder
     dest.mkdir(parents=True, exist_ok=True)
+    archive = ds.url.rsplit("/", 1)[-1]
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(ds.url, timeout=timeout) as r:
             blob = r.read()
     except OSError as exc:
-        raise RuntimeError(f"could not download {name} from {url} ({exc}). Offline? Download "
-                           f"it yourself and pass --data PATH instead of --dataset.") from None
-    tmp = dest / (sub + ".partial")
-    if url.endswith(".zip"):
+        raise DownloadError(f"could not download {name} from {ds.url} ({exc}); offline? Download "
+                            f"{archive} yourself, unpack it and load its folder by path") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if ds.sha256 is None:
+        log(f"note: {archive} has no recorded SHA-256 to check; it is {digest}")
+    elif digest != ds.sha256.lower():
+        raise ChecksumError(f"{archive} from {ds.url}: SHA-256 {digest}, expected {ds.sha256}; "
+                            "the download is corrupt or not the published archive, nothing was unpacked")
+    tmp = dest / (ds.folder + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if archive.endswith(".zip"):
         with zipfile.ZipFile(io.BytesIO(blob)) as z:
-            for m in z.namelist():  # refuse absolute paths and '..' members
-                if m.startswith("/") or ".." in Path(m).parts:
-                    raise RuntimeError(f"{url}: unsafe member {m!r}")
+            for m in z.namelist():
+                _check_member_name(m, archive)
             z.extractall(tmp)
     else:
         with tarfile.open(fileobj=io.BytesIO(blob)) as t:
-            t.extractall(tmp, filter="data")
-    inner = tmp / sub
-    os.replace(inner if inner.exists() else tmp, dest / sub)
-    return dest / sub
+            safe_extract_tar(t, tmp, archive)
+    inner = tmp / ds.folder
+    os.replace(inner if inner.exists() else tmp, dest / ds.folder)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return dest / ds.folder
+
+
+def _check_member_name(member: str, archive: str) -> None:
+    """Refuse absolute paths, drive letters and '..' components (either slash)."""
+    parts = member.replace("\\", "/").split("/")
+    if member.startswith(("/", "\\")) or (len(member) > 1 and member[1] == ":") or ".." in parts:
+        raise ValueError(f"{archive}: unsafe member {member!r} (outside the target folder)")
+
+
+def safe_extract_tar(tar: tarfile.TarFile, dest: Path, archive: str = "archive") -> None:
+    """Extract an archive's members inside `dest`, refusing any absolute or '..' name. Uses
+    tarfile's "data" filter where this Python has it (3.10.12+, 3.11.4+: links must stay inside,
+    no special files); elsewhere (3.10.0-3.10.11, where extractall(filter=...) is a TypeError)
+    checks every member itself first and extracts regular files and folders only."""
+    members = tar.getmembers()
+    for m in members:  # refused alike with or without the filter (which would strip a leading /)
+        _check_member_name(m.name, archive)
+    if hasattr(tarfile, "data_filter"):
+        try:
+            tar.extractall(dest, filter="data")
+        except tarfile.FilterError as exc:
+            raise ValueError(f"{archive}: unsafe member ({exc})") from None
+        return
+    for m in members:
+        if not (m.isfile() or m.isdir()):
+            raise ValueError(f"{archive}: member {m.name!r} is a link or special file; only files "
+                             "and folders are extracted")
+    for m in members:  # no set-uid bits or odd permissions from the archive
+        m.mode = (0o755 if m.isdir() else 0o644) | (m.mode & 0o111 if m.isfile() else 0)
+    tar.extractall(dest, members=members)

