@@ -247,7 +247,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"benchmark": "sst2", "args": vars(args) | {"out": str(out)},
-                               "build": fusedlstm.build_info(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "build": fusedlstm.build_info(),
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "rows": rows, "summary": summary}, indent=1))
     os.replace(tmp, out)
     print(f"wrote {out}")

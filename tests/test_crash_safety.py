@@ -42,7 +42,7 @@ def train_cmd(data, out, *extra):
 
 def metrics_lines(out):
     try:
-        return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     except (FileNotFoundError, json.JSONDecodeError):
         return []
 

@@ -140,7 +140,8 @@ def test_fetch_refuses_unsafe_zip_members(tmp_path, monkeypatch):
     path = tmp_path / "SST-2.zip"
     path.write_bytes(buf.getvalue())
     monkeypatch.setenv("FUSEDLSTM_DATA", str(tmp_path / "cache"))
-    monkeypatch.setitem(data.DATASETS, "toy", Dataset(path.as_uri(), "SST-2", hashlib.sha256(buf.getvalue()).hexdigest()))
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    monkeypatch.setitem(data.DATASETS, "toy", Dataset(path.as_uri(), "SST-2", digest))
     with pytest.raises(ValueError, match=r"SST-2.zip: unsafe member '../evil.txt'"):
         fetch("toy")
     assert not list(tmp_path.rglob("evil.txt"))

@@ -155,7 +155,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     for k in full.params:
         np.testing.assert_array_equal(resumed.params[k], full.params[k])
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
 
 
 def test_hostile_model_directories(tmp_path):
@@ -220,7 +220,7 @@ def test_cli_train_eval_predict(tmp_path):
     assert ev["n"] == 120 and ev["accuracy"] == pytest.approx(acc, abs=1e-4)
     assert len(ev["confusion_matrix"]) == 2 and sum(map(sum, ev["confusion_matrix"])) == 120
     r = run_cli("predict", str(out), "--json", input="a wonderful film\nthe plot is terrible\n")
-    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["label"] for x in rows] == ["1", "0"], rows
     assert all(0.5 <= x["probability"] <= 1 for x in rows)
     r = run_cli("train", "--data", str(data), "--out", str(out), "--steps", "5")
@@ -243,7 +243,7 @@ def test_cli_train_eval_predict_real_sst2(tmp_path):
     ev = json.loads(r.stdout)
     assert ev["n"] == 1821 and 0 <= ev["accuracy"] <= 1 and len(ev["confusion_matrix"]) == 2
     r = run_cli("predict", str(out), "--json", input="a gorgeous, witty film\nawful\n")
-    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 2 and all(0.5 <= x["probability"] <= 1 for x in rows)
 
 

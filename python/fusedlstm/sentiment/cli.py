@@ -200,7 +200,8 @@ def add_commands(sub: "argparse._SubParsersAction") -> None:
     t.add_argument("--dataset", choices=["sst2", "mr", "imdb"], help="download a public data set (needs network)")
     t.add_argument("--out", required=True, help="model directory")
     t.add_argument("--vectors", help="word vectors: a .txt/.vec(.gz)/word2vec .bin file, or glove-6b-50d")
-    t.add_argument("--embedding-dim", type=int, default=None, help="without --vectors: random embedding size (default 64)")
+    t.add_argument("--embedding-dim", type=int, default=None,
+                   help="without --vectors: random embedding size (default 64)")
     emb = t.add_mutually_exclusive_group()
     emb.add_argument("--train-embeddings", dest="train_embeddings", action="store_true", default=True,
                      help="fine-tune the vectors with sparse (lazy Adam) updates (the default)")

@@ -68,7 +68,7 @@ class LabelMap:
 
     @classmethod
     def fit(cls, labels: Sequence[object], num_classes: Optional[int] = None) -> "LabelMap":
-        raw = {str(l).strip() for l in labels}
+        raw = {str(lab).strip() for lab in labels}
         if raw and all(r.lstrip("-").isdigit() for r in raw):
             ints = sorted(int(r) for r in raw)
             c = num_classes or max(2, ints[-1] + 1)
@@ -84,8 +84,8 @@ class LabelMap:
 
     def encode(self, labels: Sequence[object], origins: Sequence[str] = ()) -> np.ndarray:
         out = np.empty(len(labels), np.int64)
-        for i, l in enumerate(labels):
-            key = str(l).strip()
+        for i, lab in enumerate(labels):
+            key = str(lab).strip()
             if key not in self.index:
                 where = f" at {origins[i]}" if i < len(origins) else ""
                 raise ValueError(f"label {key!r}{where} is not one of {self.names}")
@@ -131,7 +131,7 @@ def read_table(path: str | os.PathLike, text_column: Optional[str] = None, label
     raw = Path(path).read_bytes()
     text, _ = _decode(raw, path)
     lines = _split_lines(text)
-    if not any(l.strip() for l in lines):
+    if not any(line.strip() for line in lines):
         raise ValueError(f"{path}: empty file")
     if _binary(lines[0]):
         raise ValueError(f"{path}:1: the header line holds binary data; is this a text table?")
@@ -144,7 +144,7 @@ def read_table(path: str | os.PathLike, text_column: Optional[str] = None, label
     header = [h.strip() for h in next(reader)]
     lower = [h.lower() for h in header]
 
-    def pick(wanted, defaults, what):
+    def pick(wanted: Optional[str], defaults: Sequence[str], what: str) -> int:
         if wanted is not None:
             if wanted.lower() not in lower:
                 raise ValueError(f"{path}: no column {wanted!r} (columns: {header})")

@@ -3,7 +3,7 @@ autograd): embedding lookup with sparse row gradients, inverted dropout with an 
 dense, and softmax cross-entropy. The LSTM itself is fusedlstm.lstm_forward/backward."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,7 +38,8 @@ def embedding_backward(ids: np.ndarray, lengths: np.ndarray, d_x: np.ndarray
                                      np.ascontiguousarray(d_x))
 
 
-def dropout_mask(rng: np.random.Generator, shape, keep_prob: float, dtype) -> np.ndarray:
+def dropout_mask(rng: np.random.Generator, shape: Union[int, Sequence[int]], keep_prob: float,
+                 dtype: type) -> np.ndarray:
     """Inverted-dropout multiplier: 0 with probability 1-keep_prob, else 1/keep_prob."""
     if not 0.0 < keep_prob <= 1.0:
         raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}")
@@ -51,12 +52,12 @@ def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x @ w + b
 
 
-def dense_backward(x: np.ndarray, w: np.ndarray, d_y: np.ndarray):
+def dense_backward(x: np.ndarray, w: np.ndarray, d_y: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(d_x, d_w, d_b) of y = x·w + b."""
     return d_y @ w.T, x.T @ d_y, d_y.sum(axis=0)
 
 
-def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray):
+def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
     """(mean loss, d loss / d logits, probabilities) with a max-shifted, overflow-free softmax."""
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -69,7 +70,8 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray):
     return loss, d / n, probs
 
 
-def truncated_normal(rng: np.random.Generator, shape, stddev: float, dtype) -> np.ndarray:
+def truncated_normal(rng: np.random.Generator, shape: Union[int, Sequence[int]], stddev: float,
+                     dtype: type) -> np.ndarray:
     """Normal(0, stddev) redrawn outside ±2 stddev (TensorFlow's truncated_normal)."""
     out = rng.standard_normal(shape)
     bad = np.abs(out) > 2

@@ -59,7 +59,7 @@ class ModelConfig:
         if not isinstance(self.keep_prob, (int, float)) or not 0 < self.keep_prob <= 1:
             raise ValueError(f"{source}: keep_prob must be in (0, 1], got {self.keep_prob!r}")
         if (not isinstance(self.labels, list) or len(self.labels) != self.num_classes
-                or not all(isinstance(l, str) for l in self.labels)):
+                or not all(isinstance(name, str) for name in self.labels)):
             raise ValueError(f"{source}: labels must be a list of {self.num_classes} strings")
         if not isinstance(self.train_embeddings, bool):
             raise ValueError(f"{source}: train_embeddings must be true or false")

@@ -16,7 +16,7 @@ __all__ = ["Adam"]
 
 class Adam:
     def __init__(self, params: Dict[str, np.ndarray], lr: float = 1e-3, beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8):
+                 beta2: float = 0.999, eps: float = 1e-8) -> None:
         if lr <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or eps <= 0:
             raise ValueError(f"bad Adam hyper-parameters lr={lr} beta1={beta1} beta2={beta2} eps={eps}")
         for k, p in params.items():
@@ -30,7 +30,7 @@ class Adam:
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0
 
-    def step(self, grads: Dict[str, np.ndarray], sparse: Dict[str, tuple] = None, *,
+    def step(self, grads: Dict[str, np.ndarray], sparse: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None, *,
              scale: float = 1.0, average: Optional[Tuple[Dict[str, np.ndarray], float]] = None
              ) -> None:
         """One update, in place, one compiled pass per array (fusedlstm/adam.h). grads: dense

@@ -47,7 +47,7 @@ def default_max_len(lengths: Sequence[int], coverage: float = 0.95) -> int:
 class Vocabulary:
     """Token <-> id map. ``tokens[0]`` is padding, ``tokens[1]`` the out-of-vocabulary token."""
 
-    def __init__(self, tokens: Sequence[str]):
+    def __init__(self, tokens: Sequence[str]) -> None:
         tokens = list(tokens)
         if tokens[:2] != [PAD, UNK]:
             raise ValueError(f"vocabulary must start with {PAD!r}, {UNK!r}, got {tokens[:2]}")
