@@ -143,31 +143,142 @@ void PackRhs(const S* b, int64_t row_stride, int64_t col_stride, int64_t K, int6
   }
 }
 
+namespace {
+
+// A few rows against P panels at once: with one row and one panel the micro-kernel has two
+// accumulators, and each k waits on the previous FMA (latency bound, a quarter of the FMA
+// rate); P panels give 2·P independent chains. Each element's sum runs over k in the same
+// order as in MicroKernel, so results are identical to it.
+template <typename S, int MR, int P>
+inline void MicroKernelWide(int64_t kc, const S* a, int64_t lda, const S* panels, S* c,
+                            int64_t ldc) {
+  using T = Traits<S>;
+  using V = typename T::Vec;
+  constexpr int L = T::kLanes, NR = T::kNr;
+  V acc[MR][P][2];
+  for (int r = 0; r < MR; ++r) {
+    for (int p = 0; p < P; ++p) acc[r][p][0] = acc[r][p][1] = V{};
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    V b[P][2];
+    for (int p = 0; p < P; ++p) {
+      std::memcpy(&b[p][0], panels + p * kc * NR + k * NR, sizeof(V));
+      std::memcpy(&b[p][1], panels + p * kc * NR + k * NR + L, sizeof(V));
+    }
+    for (int r = 0; r < MR; ++r) {
+      const S x = a[r * lda + k];
+      for (int p = 0; p < P; ++p) {
+        acc[r][p][0] += x * b[p][0];
+        acc[r][p][1] += x * b[p][1];
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int p = 0; p < P; ++p) {
+      S* row = c + r * ldc + p * NR;
+      V c0, c1;
+      std::memcpy(&c0, row, sizeof(V));
+      std::memcpy(&c1, row + L, sizeof(V));
+      c0 += acc[r][p][0];
+      c1 += acc[r][p][1];
+      std::memcpy(row, &c0, sizeof(V));
+      std::memcpy(row + L, &c1, sizeof(V));
+    }
+  }
+}
+
+// All M rows (a multiple of MR) against the P whole panels starting at `panels`.
+template <typename S, int MR, int P>
+inline void WideRows(int64_t M, int64_t kc, const S* a, int64_t lda, const S* panels, S* c,
+                     int64_t ldc) {
+  for (int64_t i = 0; i + MR <= M; i += MR) {
+    MicroKernelWide<S, MR, P>(kc, a + i * lda, lda, panels, c + i * ldc, ldc);
+  }
+}
+
+}  // namespace
+
+template <typename S>
+int64_t PanelWidth() {
+  return Traits<S>::kNr;
+}
+
+template <typename S>
+void PackGateGroup(const S* w, int64_t K, int64_t H, int64_t q, S* out) {
+  constexpr int NR = Traits<S>::kNr, U = NR / 4;
+  const int64_t Np = RoundUp(4 * H, NR), u0 = q * U, u = std::min<int64_t>(U, H - u0);
+  for (int64_t pc = 0; pc < K; pc += kKc) {
+    const int64_t kc = std::min(kKc, K - pc);
+    S* dst = out + pc * Np + q * NR * kc;
+    for (int64_t k = 0; k < kc; ++k) {
+      const S* src = w + (pc + k) * 4 * H + u0;
+      S* row = dst + k * NR;
+      for (int g = 0; g < 4; ++g) std::memcpy(row + g * u, src + g * H, sizeof(S) * u);
+      std::fill(row + 4 * u, row + NR, S(0));
+    }
+  }
+}
+
+template <typename S>
+void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
+                       const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc) {
+  constexpr int NR = Traits<S>::kNr;
+  const int64_t Np = RoundUp(N, NR);
+  col_end = std::min(col_end, N);
+  for (int64_t pc = 0; pc < K; pc += kKc) {
+    const int64_t kc = std::min(kKc, K - pc);
+    const S* ak = a + pc;
+    int64_t j = col_begin;
+    if (M < kMr) {
+      // Few rows (small-batch inference): several panels per pass, while whole panels remain.
+      // M = 1 or 2 rows: 4 panels; 3 or 4 rows: 2 panels; the rows left over go below.
+      const int64_t m4 = M <= 2 ? M : 0, m2 = M <= 4 ? M - m4 : 0;
+      for (; m4 > 0 && j + 4 * NR <= col_end; j += 4 * NR) {
+        const S* panel = packed_b + pc * Np + j * kc;
+        if (m4 == 2) {
+          WideRows<S, 2, 4>(M, kc, ak, lda, panel, c + j, ldc);
+        } else {
+          WideRows<S, 1, 4>(M, kc, ak, lda, panel, c + j, ldc);
+        }
+      }
+      for (; m2 > 0 && j + 2 * NR <= col_end; j += 2 * NR) {
+        const S* panel = packed_b + pc * Np + j * kc;
+        if (m2 == 4) {
+          WideRows<S, 4, 2>(M, kc, ak, lda, panel, c + j, ldc);
+        } else if (m2 == 3) {
+          WideRows<S, 3, 2>(M, kc, ak, lda, panel, c + j, ldc);
+        } else {
+          WideRows<S, 2, 2>(M, kc, ak, lda, panel, c + j, ldc);
+        }
+      }
+    }
+    for (; j < col_end; j += NR) {
+      const S* panel = packed_b + pc * Np + j * kc;
+      const int64_t cols = std::min<int64_t>(NR, col_end - j);
+      int64_t i = 0;
+      for (; i + kMr <= M; i += kMr) {
+        MicroKernel<S, kMr>(kc, ak + i * lda, lda, panel, c + i * ldc + j, ldc, cols);
+      }
+      Tail<S>(static_cast<int>(M - i), kc, ak + i * lda, lda, panel, c + i * ldc + j, ldc, cols);
+    }
+  }
+}
+
 template <typename S>
 void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, const S* packed_b,
                    S* c, int64_t ldc) {
-  constexpr int NR = Traits<S>::kNr;
-  const int64_t Np = RoundUp(N, NR);
-  for (int64_t pc = 0; pc < K; pc += kKc) {
-    const int64_t kc = std::min(kKc, K - pc);
-    for (int64_t j = 0; j < Np; j += NR) {
-      const S* panel = packed_b + pc * Np + j * kc;
-      const int64_t cols = std::min<int64_t>(NR, N - j);
-      int64_t i = 0;
-      for (; i + kMr <= M; i += kMr) {
-        MicroKernel<S, kMr>(kc, a + i * lda + pc, lda, panel, c + i * ldc + j, ldc, cols);
-      }
-      Tail<S>(static_cast<int>(M - i), kc, a + i * lda + pc, lda, panel, c + i * ldc + j, ldc,
-              cols);
-    }
-  }
+  GemmPackedRhsCols<S>(M, N, K, 0, N, a, lda, packed_b, c, ldc);
 }
 
 #define FUSEDLSTM_INSTANTIATE(S)                                                          \
   template int64_t PackedRhsSize<S>(int64_t, int64_t);                                    \
   template void PackRhs<S>(const S*, int64_t, int64_t, int64_t, int64_t, S*);             \
   template void GemmPackedRhs<S>(int64_t, int64_t, int64_t, const S*, int64_t, const S*, \
-                                 S*, int64_t);
+                                 S*, int64_t);                                            \
+  template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*, \
+                                     int64_t, const S*, S*, int64_t);                     \
+  template int64_t PanelWidth<S>();                                                       \
+  template void PackGateGroup<S>(const S*, int64_t, int64_t, int64_t, S*);
 FUSEDLSTM_INSTANTIATE(float)
 FUSEDLSTM_INSTANTIATE(double)
 #undef FUSEDLSTM_INSTANTIATE

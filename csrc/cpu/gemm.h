@@ -25,6 +25,26 @@ template <typename S>
 void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, const S* packed_b,
                    S* c, int64_t ldc);
 
+// Columns [col_begin, col_end) of the same product, col_begin a multiple of PanelWidth<S>():
+// a task's share of the columns, reading its panels of a B packed whole. c points at column 0.
+// Each element gets exactly the sum GemmPackedRhs gives it.
+template <typename S>
+void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
+                       const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc);
+
+// Packs panel q of an LSTM weight w [K, 4H] (gate blocks i, f, c, o of H columns each) as a
+// K × 4H right-hand side in "gate groups": U = PanelWidth<S>() / 4 units per panel, panel q
+// holding the four gates of units [qU, qU + u) as columns [i(u) f(u) c(u) o(u)] (u = U but
+// for the last, zero-padded panel). So a product's columns [q·4U, q·4U + 4u) are unit group
+// q's gates, and a range of panels is a range of units. Writes PackedRhsSize(K, 4H)'s share of
+// panel q in `out`; packing every q gives the whole packed matrix.
+template <typename S>
+void PackGateGroup(const S* w, int64_t K, int64_t H, int64_t q, S* out);
+
+// Columns per packed panel (two SIMD registers of S).
+template <typename S>
+int64_t PanelWidth();
+
 }  // namespace fusedlstm
 
 #endif  // FUSEDLSTM_CPU_GEMM_H_

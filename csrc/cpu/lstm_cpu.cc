@@ -1,6 +1,6 @@
 // Eigen implementation of the fused LSTM contract (fusedlstm/lstm.h) for CpuDevice.
 //
-// Forward: one parallel region for the input-projection GEMM over all steps, the packing of the
+// Training forward: one parallel region for the input-projection GEMM over all steps, the packing of the
 // recurrent weights and the cache's copies (nothing serial idles the other threads), then the
 // recurrence, whose tasks each own a
 // block of rows × hidden units: per step the task's slice of the recurrent GEMM (one GEMM: the
@@ -34,7 +34,11 @@
 
 #include "../common/activations.h"
 #include "fusedlstm/lstm.h"
+#include "fusedlstm/lstm_infer.h"
 #include "gemm.h"
+
+#include <atomic>
+#include <thread>
 
 #ifndef EIGEN_DONT_PARALLELIZE
 #error "Build with EIGEN_DONT_PARALLELIZE: threads come only through CpuDevice."
@@ -257,15 +261,265 @@ void CopyOrZero(S* dst, const S* src, int64_t count) {
 
 }  // namespace
 
+// ---- Inference (lstm_infer.h) ----
+//
+// The input projection is hoisted out of the recurrence whenever its result fits a budget:
+// Zx = X·W over all steps in the training forward's own tiles (so inference gives the training
+// forward's values bit for bit), and each step adds only h_{t-1}·R. For one row that turns T
+// passes over W (a GEMV each, streaming W from cache) into one GEMM that reads it once. Past
+// the budget (large batches, where each task has rows enough to reuse W from registers) x_t·W
+// runs inside the step on W packed once. Both choices depend on the shape alone.
+//
+// The recurrence's weights are packed in gate groups (gemm.h), so a task's share of the hidden
+// units is a range of packed panels. Tasks are row blocks running every step of their rows
+// (rows never interact), or, when there are too few rows to give every thread a block worth
+// the micro-kernel, unit blocks of all rows pipelined step by step: a worker claims (step,
+// block) items in order and starts one only once the previous step is complete. Any row or
+// unit partition gives the same results (unit blocks are whole multiples of kInferUnitAlign,
+// so the gate pass's packet/scalar split is the same), so the grid may follow the thread count.
+namespace {
+
+constexpr double kHoistElements = 16.0 * 1024 * 1024;  // Zx for all steps: 64 MiB of float
+constexpr int64_t kInferUnitAlign = 16;                // units per pipelined block, a multiple
+constexpr int64_t kMinRowsPerTask = 8;                  // the micro-kernel's row tile
+// Step FLOPs a pipelined unit block must carry to pay for waiting on the previous step.
+constexpr double kMinPipelineBlockFlops = 1.0e5;
+
+inline bool HoistProjection(const LstmShape& s) {
+  return double(s.N) * double(s.T) * 4.0 * double(s.H) <= kHoistElements;
+}
+
+template <typename S>
+struct PreparedView {
+  const S *w, *wpack, *rpack, *b;
+  PreparedView(const S* base, int64_t C, int64_t H) {
+    const int64_t G = 4 * H;
+    w = base;
+    wpack = w + C * G;
+    rpack = wpack + PackedRhsSize<S>(C, G);
+    b = rpack + PackedRhsSize<S>(H, G);
+  }
+};
+
+// The packing tasks of a prepared buffer: W's and R's gate groups, the copies of W and b.
+template <typename S>
+void PrepareInto(const CpuDevice& device, int64_t C, int64_t H, const S* kernel,
+                 const S* recurrent_kernel, const S* bias, S* prepared, bool copy_w,
+                 bool pack_w) {
+  const int64_t G = 4 * H, groups = CeilDiv(H, PanelWidth<S>() / 4);
+  const PreparedView<S> pv(prepared, C, H);
+  S* wpack = const_cast<S*>(pv.wpack);
+  S* rpack = const_cast<S*>(pv.rpack);
+  const int64_t n_w = pack_w && C > 0 ? groups : 0;
+  ParallelFor(device, groups + n_w + 2, double(C + H) * G, [&](int64_t task) {
+    if (task < groups) return PackGateGroup<S>(recurrent_kernel, H, H, task, rpack);
+    task -= groups;
+    if (task < n_w) return PackGateGroup<S>(kernel, C, H, task, wpack);
+    task -= n_w;
+    if (task == 0) {
+      if (copy_w) CopyOrZero(const_cast<S*>(pv.w), kernel, C * G);
+    } else {
+      CopyOrZero(const_cast<S*>(pv.b), bias, G);
+    }
+  });
+}
+
+struct InferGrid {
+  int64_t row_parts = 1, unit_parts = 1;  // unit_parts > 1: pipelined unit blocks, all rows
+  InferGrid(const LstmShape& s, int threads, bool hoisted) {
+    if (threads <= 1) return;
+    row_parts = CeilDiv(s.N, kWholeSequenceRowBlock);
+    if (row_parts > 1) row_parts = CeilDiv(row_parts, 4) * 4;
+    row_parts = std::max<int64_t>(row_parts, std::min<int64_t>(threads, s.N / kMinRowsPerTask));
+    row_parts = std::max<int64_t>(1, std::min<int64_t>(row_parts, s.N));
+    if (row_parts >= threads) return;
+    const double step_flops = 2.0 * s.N * double(s.H + (hoisted ? 0 : s.C)) * 4.0 * s.H;
+    const int64_t k = std::min<int64_t>(
+        {int64_t(threads), CeilDiv(s.H, kInferUnitAlign), int64_t(step_flops / kMinPipelineBlockFlops)});
+    if (k >= 2) {
+      unit_parts = k;
+      row_parts = 1;
+    }
+  }
+  Range units(const LstmShape& s, int64_t k) const {
+    const Range blocks = Part(CeilDiv(s.H, kInferUnitAlign), unit_parts, k);
+    return {blocks.begin * kInferUnitAlign, std::min(s.H, blocks.end * kInferUnitAlign)};
+  }
+};
+
+template <typename S>
+void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<S>& a,
+                   const S* kernel) {
+  const int64_t T = s.T, N = s.N, H = s.H, C = s.C, G = 4 * H;
+  if (N == 0) return;
+  if (T == 0 || H == 0) {
+    CopyOrZero(a.h_n, a.h0, N * H);
+    CopyOrZero(a.c_n, a.c0, N * H);
+    return;
+  }
+  const PreparedView<S> pv(a.prepared, C, H);
+  const bool hoisted = HoistProjection(s);
+  S* zx = hoisted ? a.workspace : nullptr;       // [N, T, 4H], Keras gate order
+  S* zh = a.workspace + (hoisted ? N * T * G : 0);  // [N, 4H], gate groups: one step
+  S* hbuf = zh + N * G;                           // h_{t-1} and h_t, [2, N, H]
+  CopyOrZero(hbuf, a.h0, N * H);
+  CopyOrZero(a.c_n, a.c0, N * H);
+  if (hoisted) {
+    if (C == 0) {
+      std::fill(zx, zx + N * T * G, S(0));
+    } else {  // the training forward's tiles: the same values
+      const TileGrid tiles(N * T, G);
+      CMapRM<S> X(a.x, N * T, C, Eigen::OuterStride<>(C));
+      CMapRM<S> W(kernel, C, G, Eigen::OuterStride<>(G));
+      MapRM<S> Z(zx, N * T, G, Eigen::OuterStride<>(G));
+      ParallelFor(device, tiles.count(), 2.0 * N * T * C * G, [&](int64_t task) {
+        const Range r = tiles.rows(task), c = tiles.cols(task);
+        Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
+            X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
+      });
+    }
+  }
+  const int64_t NR = PanelWidth<S>(), U = NR / 4;
+
+  // Step t for rows × units: the step's products into zh, then the fused gate pass.
+  auto step = [&](int64_t t, Range rows, Range units) {
+    const S* h_in = hbuf + (t % 2) * N * H;
+    S* h_out = hbuf + ((t + 1) % 2) * N * H;
+    const int64_t col0 = units.begin / U * NR, col1 = std::min(G, CeilDiv(units.end, U) * NR);
+    S* zrows = zh + rows.begin * G;
+    for (int64_t n = 0; n < rows.size(); ++n) {
+      std::fill(zrows + n * G + col0, zrows + n * G + col1, S(0));
+    }
+    if (!hoisted && C > 0) {
+      GemmPackedRhsCols<S>(rows.size(), G, C, col0, col1, a.x + (rows.begin * T + t) * C, T * C,
+                           pv.wpack, zrows, G);
+    }
+    GemmPackedRhsCols<S>(rows.size(), G, H, col0, col1, h_in + rows.begin * H, H, pv.rpack,
+                         zrows, G);
+    alignas(64) S gate[4][kChunk], cell[kChunk], hid[kChunk];
+    for (int64_t n = rows.begin; n < rows.end; ++n) {
+      const bool valid = t < Length(a.lengths, n, T);
+      S* c_row = a.c_n + n * H;
+      if (!valid) {  // padded step: carry h (c stays in place); the output is zeroed later
+        std::memcpy(h_out + n * H + units.begin, h_in + n * H + units.begin,
+                    sizeof(S) * units.size());
+        continue;
+      }
+      const S* zrow = zh + n * G;
+      const S* xrow = hoisted ? zx + (n * T + t) * G : nullptr;
+      for (int64_t j0 = units.begin; j0 < units.end; j0 += kChunk) {
+        const int64_t m = std::min(kChunk, units.end - j0);
+        for (int64_t j = 0; j < m;) {  // gather the chunk's gates from their groups
+          const int64_t u = j0 + j, q = u / U, in = u - q * U;
+          const int64_t gu = std::min(U, H - q * U), run = std::min(gu - in, m - j);
+          const S* zg = zrow + q * NR + in;
+          for (int g = 0; g < 4; ++g) {
+            S* dst = gate[g] + j;
+            const S* src = zg + g * gu;
+            if (xrow) {
+              const S* xs = xrow + g * H + u;
+              for (int64_t r = 0; r < run; ++r) dst[r] = xs[r] + src[r];
+            } else {
+              std::memcpy(dst, src, sizeof(S) * run);
+            }
+          }
+          j += run;
+        }
+        const S* b = pv.b + j0;
+        AMapA<S> i(gate[0], m), f(gate[1], m), g(gate[2], m), o(gate[3], m);
+        AMapA<S> cn(cell, m), hn(hid, m);
+        i = Sigmoid(i + CMapA<S>(b, m));
+        f = Sigmoid(f + CMapA<S>(b + H, m));
+        g = Tanh(g + CMapA<S>(b + 2 * H, m));
+        o = Sigmoid(o + CMapA<S>(b + 3 * H, m));
+        cn = f * CMapA<S>(c_row + j0, m) + i * g;
+        hn = o * Tanh(cn);
+        std::memcpy(c_row + j0, cell, sizeof(S) * m);
+        std::memcpy(h_out + n * H + j0, hid, sizeof(S) * m);
+        if (a.outputs) std::memcpy(a.outputs + (n * T + t) * H + j0, hid, sizeof(S) * m);
+      }
+    }
+  };
+  // Outputs of padded steps are zero; h_n is h after a block's last active step.
+  auto finish = [&](Range rows, Range units, int64_t active) {
+    for (int64_t n = rows.begin; n < rows.end; ++n) {
+      std::memcpy(a.h_n + n * H + units.begin, hbuf + (active % 2) * N * H + n * H + units.begin,
+                  sizeof(S) * units.size());
+      if (!a.outputs) continue;
+      for (int64_t t = std::min<int64_t>(Length(a.lengths, n, T), active); t < T; ++t) {
+        std::fill(a.outputs + (n * T + t) * H + units.begin,
+                  a.outputs + (n * T + t) * H + units.end, S(0));
+      }
+    }
+  };
+
+  const InferGrid grid(s, device.num_threads, hoisted);
+  const double flops = 2.0 * N * T * double(H + (hoisted ? 0 : C)) * G;
+  if (grid.unit_parts == 1) {
+    ParallelFor(device, grid.row_parts, flops, [&](int64_t task) {
+      const Range rows = Part(N, grid.row_parts, task), units{0, H};
+      const int64_t active = ActiveSteps(a.lengths, rows, T);
+      for (int64_t t = 0; t < active; ++t) step(t, rows, units);
+      finish(rows, units, active);
+    });
+    return;
+  }
+  const int64_t K = grid.unit_parts, active = ActiveSteps(a.lengths, Range{0, N}, T);
+  const int64_t items = active * K;
+  std::atomic<int64_t> next{0}, done{0};
+  ParallelFor(device, K, flops, [&](int64_t) {
+    for (;;) {
+      const int64_t item = next.fetch_add(1, std::memory_order_relaxed);
+      if (item >= items) break;
+      const int64_t t = item / K;
+      // Items are claimed in order, so all of step t-1 is done once `done` reaches t·K. A
+      // worker run after another has drained the queue never waits: no deadlock on one thread.
+      for (int spins = 0; done.load(std::memory_order_acquire) < t * K; ++spins) {
+        if (spins < 4096) {
+          __builtin_ia32_pause();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+      step(t, Range{0, N}, grid.units(s, item % K));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  });
+  for (int64_t k = 0; k < K; ++k) finish(Range{0, N}, grid.units(s, k), active);
+}
+
+}  // namespace
+
+template <typename S>
+int64_t PreparedWeightsSize(int64_t C, int64_t H) {
+  const int64_t G = 4 * H;
+  return C * G + PackedRhsSize<S>(C, G) + PackedRhsSize<S>(H, G) + G;
+}
+
+template <typename S>
+void PrepareWeights(const CpuDevice& device, int64_t C, int64_t H, const S* kernel,
+                    const S* recurrent_kernel, const S* bias, S* prepared) {
+  PrepareInto(device, C, H, kernel, recurrent_kernel, bias, prepared, true, true);
+}
+
+template <typename S>
+int64_t InferWorkspaceSize(const LstmShape& s) {
+  const int64_t G = 4 * s.H;
+  return (HoistProjection(s) ? s.N * s.T * G : 0) + s.N * G + 2 * s.N * s.H;
+}
+
+template <typename S>
+void LstmInfer(const CpuDevice& device, const LstmShape& s, const InferArgs<S>& a) {
+  LstmInferImpl(device, s, a, PreparedView<S>(a.prepared, s.C, s.H).w);
+}
+
 int64_t ForwardWorkspaceSize(const LstmShape& s, bool training) {
   const int64_t G = 4 * s.H;
   const StepGrid grid(s);
-  const int64_t packed_r = PackedSteps(s, grid, false, s.H).total(grid);
   // Training: the interleaved bias and the packed R; everything else is in the cache.
-  // Inference: also the interleaved weights, the packed W, one step's gates, two h buffers.
-  if (training) return G + packed_r;
-  return (s.C + s.H + 1) * G + s.N * G + 2 * s.N * s.H + packed_r +
-         PackedSteps(s, grid, false, s.C).total(grid);
+  // Inference: prepared weights and LstmInfer's scratch (float's sizes bound double's).
+  if (training) return G + PackedSteps(s, grid, false, s.H).total(grid);
+  return PreparedWeightsSize<float>(s.C, s.H) + InferWorkspaceSize<float>(s);
 }
 
 int64_t CacheSize(const LstmShape& s) {
@@ -281,7 +535,22 @@ int64_t BackwardWorkspaceSize(const LstmShape& s) {
 template <typename S>
 void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<S>& a) {
   const int64_t T = s.T, N = s.N, H = s.H, C = s.C, G = 4 * H;
-  const bool training = a.cache != nullptr;
+  if (a.cache == nullptr) {  // inference: R (and W where the step projects) packed per call
+    S* prepared = a.workspace;
+    PrepareInto<S>(device, C, H, a.kernel, a.recurrent_kernel, a.bias, prepared, false,
+                   !HoistProjection(s));
+    InferArgs<S> ia;
+    ia.x = a.x;
+    ia.prepared = prepared;
+    ia.h0 = a.h0;
+    ia.c0 = a.c0;
+    ia.lengths = a.lengths;
+    ia.outputs = a.outputs;
+    ia.h_n = a.h_n;
+    ia.c_n = a.c_n;
+    ia.workspace = prepared + PreparedWeightsSize<S>(C, H);
+    return LstmInferImpl<S>(device, s, ia, a.kernel);
+  }
   if (N == 0) return;
   if (T == 0 || H == 0) {
     CopyOrZero(a.h_n, a.h0, N * H);
@@ -290,34 +559,19 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   }
   const StepGrid grid(s);
 
-  // Storage. Training: weights and history in the cache (h_{t-1} at hprev[n, t], c at
-  // cstate[n, t]). Inference: weights in the workspace, h ping-pongs between two [N, H]
-  // buffers, c is updated in c_n.
-  S *wp, *rp, *bp, *gates, *rpack, *h_hist = nullptr, *c_hist = nullptr, *hbuf = nullptr;
-  S* x_cache = nullptr;
-  if (training) {
-    CacheView<S> cv(a.cache, s);
-    wp = cv.kernel;
-    rp = cv.rkernel;
-    bp = a.workspace;
-    rpack = bp + G;
-    x_cache = cv.x;
-    gates = cv.gates;
-    h_hist = cv.hprev;
-    c_hist = cv.cstate;
-    for (int64_t n = 0; n < N; ++n) {
-      CopyOrZero(h_hist + n * T * H, a.h0 ? a.h0 + n * H : nullptr, H);
-      CopyOrZero(c_hist + n * (T + 1) * H, a.c0 ? a.c0 + n * H : nullptr, H);
-    }
-  } else {
-    wp = a.workspace;
-    rp = wp + C * G;
-    bp = rp + H * G;
-    gates = bp + G;
-    hbuf = gates + N * G;  // inference keeps one step's gates
-    rpack = hbuf + 2 * N * H;
-    CopyOrZero(hbuf, a.h0, N * H);
-    CopyOrZero(a.c_n, a.c0, N * H);
+  // Storage: weights and history in the cache (h_{t-1} at hprev[n, t], c at cstate[n, t]).
+  CacheView<S> cv(a.cache, s);
+  S* wp = cv.kernel;
+  S* rp = cv.rkernel;
+  S* bp = a.workspace;
+  S* rpack = bp + G;
+  S* x_cache = cv.x;
+  S* gates = cv.gates;
+  S* h_hist = cv.hprev;
+  S* c_hist = cv.cstate;
+  for (int64_t n = 0; n < N; ++n) {
+    CopyOrZero(h_hist + n * T * H, a.h0 ? a.h0 + n * H : nullptr, H);
+    CopyOrZero(c_hist + n * (T + 1) * H, a.c0 ? a.c0 + n * H : nullptr, H);
   }
   // With one unit block the interleaved layout is Keras's: packing and the projection read the
   // caller's weights, and the training cache's copies of them are tasks of the region below.
@@ -337,23 +591,20 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     std::fill(bp, bp + G, S(0));
   }
 
-  const PackedSteps packed(s, grid, false, H), wpacked(s, grid, false, C);
-  S* wpack = rpack + packed.total(grid);
+  const PackedSteps packed(s, grid, false, H);
   // Everything before the recurrence, independent tasks of one parallel region (a serial copy
   // or pack would idle the other threads): the input projection Z = X·Wp in row × column
-  // tiles (training, which keeps every step's gates in the cache anyway: one GEMM over all
-  // steps is the most parallel form), each row tile also copying its rows of x into the cache;
-  // packing R per unit block, and W too for inference (which keeps one step's gates: x_t·Wp
-  // runs inside each step's tasks on W packed once, like R); the cache's copies of W and R.
-  const TileGrid tiles(training && C > 0 ? N * T : 0, G);
+  // tiles (every step's gates are kept in the cache anyway: one GEMM over all steps is the
+  // most parallel form), each row tile also copying its rows of x into the cache; packing R
+  // per unit block; the cache's copies of W and R.
+  const TileGrid tiles(C > 0 ? N * T : 0, G);
   const int64_t n_tiles = tiles.count(), n_rpack = grid.unit_parts;
-  const int64_t n_wpack = !training && C > 0 ? grid.unit_parts : 0;
-  const int64_t n_copies = training && keras_order ? 2 : 0;
-  if (training && C == 0) std::fill(gates, gates + N * T * G, S(0));
+  const int64_t n_copies = keras_order ? 2 : 0;
+  if (C == 0) std::fill(gates, gates + N * T * G, S(0));
   CMapRM<S> X(a.x, N * T, C, Eigen::OuterStride<>(C));
   CMapRM<S> W(w_src, C, G, Eigen::OuterStride<>(G));
-  MapRM<S> Z(gates, training ? N * T : 0, G, Eigen::OuterStride<>(G));
-  ParallelFor(device, n_tiles + n_rpack + n_wpack + n_copies,
+  MapRM<S> Z(gates, N * T, G, Eigen::OuterStride<>(G));
+  ParallelFor(device, n_tiles + n_rpack + n_copies,
               2.0 * N * T * C * G + double(C + H) * G, [&](int64_t task) {
     if (task < n_tiles) {
       const Range r = tiles.rows(task), c = tiles.cols(task);
@@ -367,44 +618,31 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     task -= n_tiles;
     if (task < n_rpack) return PackStepBlock(s, grid, packed, r_src, H, false, rpack, task);
     task -= n_rpack;
-    if (task < n_wpack) return PackStepBlock(s, grid, wpacked, w_src, C, false, wpack, task);
-    task -= n_wpack;
     if (task == 0) {
       CopyOrZero(wp, a.kernel, C * G);
     } else {
       CopyOrZero(rp, a.recurrent_kernel, H * G);
     }
   });
-  // Gates of step t: rows T·G apart in the cache (training), G apart in the one-step buffer.
-  const int64_t z_ld = training ? T * G : G;
-
-  const double step_flops = 2.0 * N * (training ? H : C + H) * G;
+  const int64_t z_ld = T * G;  // gates of step t: rows T·G apart in the cache
+  const double step_flops = 2.0 * N * H * G;
   // Step t of one task: its GEMM slice, then the fused pass over its rows × units. `active`:
   // the task's rows are all padded from that step on (no GEMM needed, only carries).
   auto step = [&](int64_t t, int64_t task, int64_t active) {
-    const S* h_in = training ? h_hist + t * H : hbuf + (t % 2) * N * H;
-    const int64_t h_in_ld = training ? T * H : H;
-    S* zstep = training ? gates + t * G : gates;
+    const S* h_in = h_hist + t * H;
+    const int64_t h_in_ld = T * H;
+    S* zstep = gates + t * G;
     const Range rows = grid.rows(s, task), units = grid.units(s, task);
     const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
     const int64_t block = grid.unit_block(task);
-    // Z[rows, t, block] (+)= x_t[rows] · Wp[:, block] (inference; training has it already),
-    // then += h_{t-1}[rows] · Rp[:, block]; the step's gates stay in cache for the fused pass.
+    // Z[rows, t, block] += h_{t-1}[rows] · Rp[:, block]; the step's gates stay in cache for
+    // the fused pass.
     S* zblock = zstep + rows.begin * z_ld + col0;
-    if (training && t + 1 < T) {  // step t+1's slices of these rows
+    if (t + 1 < T) {  // step t+1's slices of these rows
       for (int64_t n = rows.begin; n < rows.end; ++n) {
         PrefetchSpan<1>(zstep + n * z_ld + G + col0, sizeof(S) * 4 * nu);
         PrefetchSpan<1>(c_hist + (n * (T + 1) + t + 2) * H + u0, sizeof(S) * nu);
         if (a.outputs) PrefetchSpan<1>(a.outputs + (n * T + t + 1) * H + u0, sizeof(S) * nu);
-      }
-    }
-    if (t < active && !training) {
-      for (int64_t n = 0; n < rows.size(); ++n) {
-        std::fill(zblock + n * z_ld, zblock + n * z_ld + 4 * nu, S(0));
-      }
-      if (C > 0) {
-        GemmPackedRhs<S>(rows.size(), 4 * nu, C, a.x + (rows.begin * T + t) * C, T * C,
-                         wpack + wpacked.offset[block], zblock, z_ld);
       }
     }
     if (t < active) {
@@ -418,15 +656,13 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
       S* zrow = zstep + n * z_ld + col0;
       for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
         const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
-        const S* c_prev = training ? c_hist + (n * (T + 1) + t) * H + u : a.c_n + n * H + u;
-        S* c_next = training ? c_hist + (n * (T + 1) + t + 1) * H + u : a.c_n + n * H + u;
+        const S* c_prev = c_hist + (n * (T + 1) + t) * H + u;
+        S* c_next = c_hist + (n * (T + 1) + t + 1) * H + u;
         const S* h_prev = h_in + n * h_in_ld + u;
-        S* h_next = training
-                        ? (t + 1 < T ? h_hist + (n * T + t + 1) * H + u : a.h_n + n * H + u)
-                        : hbuf + ((t + 1) % 2) * N * H + n * H + u;
+        S* h_next = t + 1 < T ? h_hist + (n * T + t + 1) * H + u : a.h_n + n * H + u;
         S* out = a.outputs ? a.outputs + (n * T + t) * H + u : nullptr;
         if (!valid) {  // padded step: carry the state, output zero
-          if (c_next != c_prev) std::memcpy(c_next, c_prev, sizeof(S) * m);
+          std::memcpy(c_next, c_prev, sizeof(S) * m);
           std::memcpy(h_next, h_prev, sizeof(S) * m);
           if (out) std::fill(out, out + m, S(0));
           continue;
@@ -441,9 +677,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
         o = Sigmoid(CMapA<S>(z + 3 * nu, m) + CMapA<S>(b + 3 * nu, m));
         cn = f * CMapA<S>(c_prev, m) + i * g;
         hn = o * Tanh(cn);
-        if (training) {
-          for (int64_t k = 0; k < 4; ++k) std::memcpy(z + k * nu, gate[k], sizeof(S) * m);
-        }
+        for (int64_t k = 0; k < 4; ++k) std::memcpy(z + k * nu, gate[k], sizeof(S) * m);
         std::memcpy(c_next, cell, sizeof(S) * m);
         std::memcpy(h_next, hid, sizeof(S) * m);
         if (out) std::memcpy(out, hid, sizeof(S) * m);
@@ -463,12 +697,8 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     }
   }
 
-  if (training) {
-    for (int64_t n = 0; n < N; ++n) {
-      std::memcpy(a.c_n + n * H, c_hist + (n * (T + 1) + T) * H, sizeof(S) * H);
-    }
-  } else {
-    std::memcpy(a.h_n, hbuf + (T % 2) * N * H, sizeof(S) * N * H);
+  for (int64_t n = 0; n < N; ++n) {
+    std::memcpy(a.c_n + n * H, c_hist + (n * (T + 1) + T) * H, sizeof(S) * H);
   }
 }
 
@@ -655,9 +885,15 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   }
 }
 
+
 #define FUSEDLSTM_INSTANTIATE(S)                                                        \
   template void LstmForward<S>(const CpuDevice&, const LstmShape&, const ForwardArgs<S>&); \
-  template void LstmBackward<S>(const CpuDevice&, const LstmShape&, const BackwardArgs<S>&);
+  template void LstmBackward<S>(const CpuDevice&, const LstmShape&, const BackwardArgs<S>&); \
+  template int64_t PreparedWeightsSize<S>(int64_t, int64_t);                                 \
+  template void PrepareWeights<S>(const CpuDevice&, int64_t, int64_t, const S*, const S*,   \
+                                  const S*, S*);                                             \
+  template int64_t InferWorkspaceSize<S>(const LstmShape&);                                  \
+  template void LstmInfer<S>(const CpuDevice&, const LstmShape&, const InferArgs<S>&);
 FUSEDLSTM_INSTANTIATE(float)
 FUSEDLSTM_INSTANTIATE(double)
 #undef FUSEDLSTM_INSTANTIATE

@@ -1,0 +1,56 @@
+// The inference contract: weights prepared (packed) once, then any number of forward passes
+// that store nothing for a backward. Notation, gate order, lengths and the meaning of every
+// array are those of lstm.h; this header adds only what differs.
+//
+// PrepareWeights copies kernel [C, 4H], recurrent_kernel [H, 4H] and bias [4H] (nullptr: zeros)
+// into `prepared`, in the layouts LstmInfer reads (packed panels for the per-step products), so
+// a caller that keeps `prepared` pays for packing once instead of at every call. The buffer is
+// read only by LstmInfer and may be shared by concurrent calls.
+//
+// LstmInfer gives the results of LstmForward with cache == nullptr (which calls it), bit for
+// bit, and the same for any thread count. Streaming: a sequence split into chunks, each call
+// starting from the previous one's h_n and c_n, gives the results of one call over the whole
+// sequence (the per-step arithmetic does not depend on T) up to the last bit of the input
+// projection, whose GEMM blocking may differ with the number of steps.
+#ifndef FUSEDLSTM_LSTM_INFER_H_
+#define FUSEDLSTM_LSTM_INFER_H_
+
+#include <cstdint>
+
+#include "fusedlstm/device.h"
+#include "fusedlstm/lstm.h"
+
+namespace fusedlstm {
+
+// Elements of Scalar in a prepared-weights buffer for C input features and H units.
+template <typename Scalar>
+int64_t PreparedWeightsSize(int64_t C, int64_t H);
+
+template <typename Scalar>
+void PrepareWeights(const CpuDevice& device, int64_t C, int64_t H, const Scalar* kernel,
+                    const Scalar* recurrent_kernel, const Scalar* bias, Scalar* prepared);
+
+// Elements of Scalar LstmInfer needs as scratch.
+template <typename Scalar>
+int64_t InferWorkspaceSize(const LstmShape& s);
+
+template <typename Scalar>
+struct InferArgs {
+  const Scalar* x = nullptr;         // [N, T, C]
+  const Scalar* prepared = nullptr;  // PrepareWeights's output for this C and H
+  const Scalar* h0 = nullptr;        // [N, H], or nullptr for zeros
+  const Scalar* c0 = nullptr;        // [N, H], or nullptr for zeros
+  const int32_t* lengths = nullptr;  // [N] in [0, T], or nullptr for all T
+  Scalar* outputs = nullptr;         // [N, T, H] (zero at padded steps), or nullptr: not written
+  Scalar* h_n = nullptr;             // [N, H]
+  Scalar* c_n = nullptr;             // [N, H]
+  Scalar* workspace = nullptr;       // InferWorkspaceSize(shape) elements
+};
+
+// No output may alias an input or another output; arguments are trusted (adapters validate).
+template <typename Scalar>
+void LstmInfer(const CpuDevice& device, const LstmShape& shape, const InferArgs<Scalar>& args);
+
+}  // namespace fusedlstm
+
+#endif  // FUSEDLSTM_LSTM_INFER_H_
