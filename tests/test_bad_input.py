@@ -75,7 +75,7 @@ def test_raw_core_checks_for_itself(p):
         _core.forward(x, k[:4].copy(), r, None, None, None, None, True)
     with pytest.raises(ValueError, match="outside"):
         _core.forward(x, k, r, None, None, None, np.array([9, 0, 0], np.int32), True)
-    with pytest.raises(ValueError, match="recurrent_kernel: expected a 2-d"):
+    with pytest.raises(ValueError, match=r"recurrent_kernel: expected rank 2 \[H, 4H\], got shape \(3,\)"):
         _core.forward(x, k, np.zeros(3), None, None, None, None, True)
     _, _, _, buf = _core.forward(x, k, r, None, None, None, None, True)
     with pytest.raises(ValueError, match="cache: expected shape"):
@@ -84,6 +84,38 @@ def test_raw_core_checks_for_itself(p):
         _core.backward(buf, (4, 3, 5, 7), None, None, None, None)
     with pytest.raises(TypeError):
         _core.backward(buf.astype(np.int32), (4, 3, 5, 6), None, None, None, None)
+
+
+@pytest.mark.parametrize("change,msg", [
+    (dict(kernel=np.zeros((4, 24))),
+     r"kernel: expected shape \(5, 24\) \[C, 4H\], got \(4, 24\): dimension 0 \(C\) is 4, expected 5 = x's C"),
+    (dict(recurrent_kernel=np.zeros((6, 20))),
+     r"recurrent_kernel: expected shape \(6, 24\) \[H, 4H\], got \(6, 20\): dimension 1 \(4H\) is 20, "
+     r"expected 24"),
+    (dict(h0=np.zeros((2, 6))), r"h0: expected shape \(3, 6\) \[N, H\], got \(2, 6\): dimension 0 \(N\) is 2, expected 3"),
+    (dict(c0=np.zeros((3, 7))), r"c0: expected shape \(3, 6\) \[N, H\], got \(3, 7\): dimension 1 \(H\) is 7, expected 6"),
+    (dict(bias=np.zeros((24, 1))), r"bias: expected shape \(24,\) \[4H\], got \(24, 1\): rank 2, expected 1"),
+    (dict(lengths=np.zeros(2, np.int32)), r"lengths: expected shape \(3,\) \[N\], got \(2,\): dimension 0 \(N\) is 2"),
+    (dict(lengths=np.array([1, 5, 2], np.int32)), r"lengths\[1\] = 5 is outside \[0, T=4\]"),
+    (dict(x=np.zeros((3, 4))), r"x: expected rank 3 \[N, T, C\], got shape \(3, 4\)"),
+])
+def test_raw_core_messages_name_argument_dimension_and_both_values(p, change, msg):
+    """The compiled module's own checks (fusedlstm/validate.h, shared with the TensorFlow op) say
+    which argument, which dimension, what it is and what it should be."""
+    a = {**p, "bias": None, "h0": None, "c0": None, "lengths": None, **change}
+    with pytest.raises(ValueError, match=msg):
+        _core.forward(a["x"], a["kernel"], a["recurrent_kernel"], a["bias"], a["h0"], a["c0"], a["lengths"],
+                      True)
+
+
+def test_shapes_whose_buffers_overflow_are_rejected():
+    """An empty x can have any dimensions; sizes computed from them must not wrap around."""
+    x = np.zeros((1 << 29, 1 << 29, 0))
+    k, r = np.zeros((0, 4)), np.zeros((1, 4))
+    with pytest.raises(ValueError, match=r"shape: T=536870912, N=536870912, C=0, H=1 is too large"):
+        _core.forward(x, k, r, None, None, None, None, True)
+    with pytest.raises(ValueError, match="too large"):
+        fusedlstm.lstm_forward(x, k, r, training=False)
 
 
 def test_weird_but_valid_inputs(rng):

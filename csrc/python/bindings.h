@@ -16,8 +16,7 @@ void RegisterCuda(pybind11::module_& m);
 void RegisterOptim(pybind11::module_& m);
 // set_num_threads, get_num_threads, build_info, fma_peak_gflops (runtime_bindings.cc).
 void RegisterRuntime(pybind11::module_& m);
-// Prepared (packed-weight) inference: prepared_bindings.cc, to come; declared here so that
-// module.cc's call site is the only other line it needs.
+// prepare and the Prepared class: inference on weights packed once (prepared_bindings.cc).
 void RegisterPrepared(pybind11::module_& m);
 
 // Threads the kernels run on: set_num_threads's value, else OpenMP's default.

@@ -1,8 +1,9 @@
-// Argument checks shared by every binding of fusedlstm._core: each array's dtype, rank, shape,
-// contiguity and writeability, checked before its pointer is taken. The friendly argument
-// handling (conversion, defaults, messages naming user arguments) lives in the Python package;
-// these checks are the last line that keeps a direct _core call from ever reaching a kernel with
-// a bad pointer.
+// Argument checks shared by every binding of fusedlstm._core: each array's type, dtype,
+// contiguity and writeability, checked before its pointer is taken, and the kernels' shapes,
+// lengths and sizes through fusedlstm/validate.h (the checks the TensorFlow op makes too), its
+// messages raised as ValueError. The friendly argument handling (conversion, defaults, messages
+// in the Python API's words) lives in the Python package; these checks are the last line that
+// keeps a direct _core call from ever reaching a kernel with a bad pointer.
 #ifndef FUSEDLSTM_PYTHON_CHECKS_H_
 #define FUSEDLSTM_PYTHON_CHECKS_H_
 
@@ -10,50 +11,68 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "fusedlstm/lstm.h"
+#include "fusedlstm/validate.h"
 
 namespace fusedlstm {
 namespace py = pybind11;
 
-inline std::string ShapeStr(const std::vector<int64_t>& dims) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
-  if (dims.size() == 1) os << ",";
-  os << ")";
-  return os.str();
+// A message from validate.h as a ValueError (nothing when it is empty).
+inline void Require(const std::string& error) {
+  if (!error.empty()) throw py::value_error(error);
 }
 
 inline std::vector<int64_t> Dims(const py::array& a) {
   return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
 }
 
-inline bool IsDtype(const py::array& a, const py::dtype& d) { return a.dtype().is(d); }
+// Equal dtypes, not only the same object: an unpickled array's dtype is a fresh, equal one.
+// Native byte order only (a byte-swapped array's data is not the kernel's numbers).
+inline bool IsDtype(const py::array& a, const py::dtype& d) {
+  const py::dtype t = a.dtype();
+  if (t.is(d)) return true;
+  if (t.num() != d.num()) return false;
+  const uint16_t probe = 1;
+  const char native = *reinterpret_cast<const char*>(&probe) == 1 ? '<' : '>';
+  return t.byteorder() == '=' || t.byteorder() == '|' || t.byteorder() == native;
+}
 
-// Checks an array argument: exact dtype, C-contiguous, exact shape. Rank first, then dimensions.
+inline py::array AsArray(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + ": expected a numpy array, got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+// The dimensions of an optional array argument, stored in `dims`; nullptr for None.
+inline const std::vector<int64_t>* OptionalDims(const py::object& obj, const char* name,
+                                                std::vector<int64_t>* dims) {
+  if (obj.is_none()) return nullptr;
+  *dims = Dims(AsArray(obj, name));
+  return dims;
+}
+
+// Checks an array argument: exact dtype, exact shape (rank first), C-contiguous.
 template <typename S>
 const S* CheckedPtr(const py::handle& obj, const char* name, const std::vector<int64_t>& shape) {
-  if (!py::isinstance<py::array>(obj)) {
-    throw py::type_error(std::string(name) + ": expected a numpy array");
-  }
-  py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!py::isinstance<py::array_t<S>>(a) || !a.dtype().is(py::dtype::of<S>())) {
+  py::array a = AsArray(obj, name);
+  if (!IsDtype(a, py::dtype::of<S>())) {
     throw py::type_error(std::string(name) + ": expected dtype " +
                          std::string(py::str(py::dtype::of<S>())) + ", got " +
                          std::string(py::str(a.dtype())));
   }
-  if (a.ndim() != static_cast<py::ssize_t>(shape.size())) {
-    throw py::value_error(std::string(name) + ": expected " + std::to_string(shape.size()) +
-                          "-d array of shape " + ShapeStr(shape) + ", got shape " +
-                          ShapeStr(Dims(a)));
+  const std::vector<int64_t> dims = Dims(a);
+  if (dims.size() != shape.size()) {
+    throw py::value_error(std::string(name) + ": expected rank " + std::to_string(shape.size()) +
+                          " (shape " + ShapeString(shape) + "), got shape " + ShapeString(dims));
   }
-  if (Dims(a) != shape) {
-    throw py::value_error(std::string(name) + ": expected shape " + ShapeStr(shape) + ", got " +
-                          ShapeStr(Dims(a)));
+  if (dims != shape) {
+    throw py::value_error(std::string(name) + ": expected shape " + ShapeString(shape) +
+                          ", got " + ShapeString(dims));
   }
   if (!(a.flags() & py::array::c_style)) {
     throw py::value_error(std::string(name) + ": array must be C-contiguous");
@@ -66,15 +85,11 @@ const S* OptionalPtr(const py::object& obj, const char* name, const std::vector<
   return obj.is_none() ? nullptr : CheckedPtr<S>(obj, name, shape);
 }
 
-inline const int32_t* CheckedLengths(const py::object& obj, int64_t N, int64_t T) {
+// lengths [N] of int32, each in [0, T]; nullptr for None (all T).
+inline const int32_t* CheckedLengths(const py::object& obj, const LstmShape& s) {
   if (obj.is_none()) return nullptr;
-  const int32_t* p = CheckedPtr<int32_t>(obj, "lengths", {N});
-  for (int64_t n = 0; n < N; ++n) {
-    if (p[n] < 0 || p[n] > T) {
-      throw py::value_error("lengths[" + std::to_string(n) + "] = " + std::to_string(p[n]) +
-                            " is outside [0, T=" + std::to_string(T) + "]");
-    }
-  }
+  const int32_t* p = CheckedPtr<int32_t>(obj, "lengths", {s.N});
+  Require(ValidateLengths(p, s));
   return p;
 }
 
@@ -86,18 +101,19 @@ S* WritableData(const py::array& a, const char* name) {
 }
 
 // The shape and the checked input pointers of a forward call (outputs not set); the CPU and the
-// CUDA bindings read their arguments alike.
+// CUDA bindings read their arguments alike. Shapes first (validate.h), then dtypes and layout.
 template <typename S>
 LstmShape ReadForward(const py::array& x, const py::array& kernel, const py::array& rkernel,
                       const py::object& bias, const py::object& h0, const py::object& c0,
                       const py::object& lengths, ForwardArgs<S>* args) {
-  if (x.ndim() != 3) throw py::value_error("x: expected a 3-d array [B, T, E], got shape " + ShapeStr(Dims(x)));
-  if (rkernel.ndim() != 2) throw py::value_error("recurrent_kernel: expected a 2-d array [H, 4H], got shape " + ShapeStr(Dims(rkernel)));
+  std::vector<int64_t> bias_dims, h0_dims, c0_dims, len_dims;
+  const std::vector<int64_t>* len = OptionalDims(lengths, "lengths", &len_dims);
   LstmShape s;
-  s.N = x.shape(0);
-  s.T = x.shape(1);
-  s.C = x.shape(2);
-  s.H = rkernel.shape(0);
+  Require(ValidateProblem(Dims(x), Dims(rkernel), len, &s));
+  Require(ValidateForwardInputs(s, Dims(kernel), OptionalDims(bias, "bias", &bias_dims),
+                                OptionalDims(h0, "h0", &h0_dims),
+                                OptionalDims(c0, "c0", &c0_dims)));
+  Require(ValidateSizes(s));
   const int64_t G = 4 * s.H;
   args->x = CheckedPtr<S>(x, "x", {s.N, s.T, s.C});
   args->kernel = CheckedPtr<S>(kernel, "kernel", {s.C, G});
@@ -105,8 +121,38 @@ LstmShape ReadForward(const py::array& x, const py::array& kernel, const py::arr
   args->bias = OptionalPtr<S>(bias, "bias", {G});
   args->h0 = OptionalPtr<S>(h0, "h0", {s.N, s.H});
   args->c0 = OptionalPtr<S>(c0, "c0", {s.N, s.H});
-  args->lengths = CheckedLengths(lengths, s.N, s.T);
+  args->lengths = CheckedLengths(lengths, s);
   return s;
+}
+
+// The checked upstream gradients of a backward call (nullptr for None).
+template <typename S>
+void ReadUpstream(const LstmShape& s, const py::object& d_outputs, const py::object& d_h_n,
+                  const py::object& d_c_n, BackwardArgs<S>* args) {
+  std::vector<int64_t> dout_dims, dhn_dims, dcn_dims;
+  Require(ValidateUpstream(s, OptionalDims(d_outputs, "d_outputs", &dout_dims),
+                           OptionalDims(d_h_n, "d_h_n", &dhn_dims),
+                           OptionalDims(d_c_n, "d_c_n", &dcn_dims)));
+  args->d_outputs = OptionalPtr<S>(d_outputs, "d_outputs", {s.N, s.T, s.H});
+  args->d_h_n = OptionalPtr<S>(d_h_n, "d_h_n", {s.N, s.H});
+  args->d_c_n = OptionalPtr<S>(d_c_n, "d_c_n", {s.N, s.H});
+}
+
+// A caller-provided scratch array when it is big enough (dtype, 1-d, contiguous, writeable):
+// its first `size` elements, else a fresh one. The Python layer recycles big buffers so a
+// steady training loop does not page-fault through a new mmap every call, even when the
+// sequence length changes from batch to batch (bucketing).
+template <typename S>
+py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
+  if (!spare.is_none() && py::isinstance<py::array_t<S>>(spare)) {
+    py::array a = py::reinterpret_borrow<py::array>(spare);
+    if (IsDtype(a, py::dtype::of<S>()) && a.ndim() == 1 && a.shape(0) >= size &&
+        (a.flags() & py::array::c_style) && a.writeable()) {
+      if (a.shape(0) == size) return py::reinterpret_borrow<py::array_t<S>>(spare);
+      return py::reinterpret_borrow<py::array_t<S>>(a[py::slice(0, size, 1)]);
+    }
+  }
+  return py::array_t<S>(std::vector<int64_t>{size});
 }
 
 // The shape of a backward call from (T, N, C, H).
@@ -117,7 +163,7 @@ inline LstmShape ReadShapeTNCH(const std::vector<int64_t>& shape_tnch) {
   s.N = shape_tnch[1];
   s.C = shape_tnch[2];
   s.H = shape_tnch[3];
-  if (s.T < 0 || s.N < 0 || s.C < 0 || s.H < 0) throw py::value_error("shape: negative dimension");
+  Require(ValidateSizes(s));
   return s;
 }
 

@@ -182,10 +182,10 @@ py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tn
   if (cache.elems() != CacheSize(s) || cache.is_double() != std::is_same<S, double>::value) {
     throw py::value_error("cache: does not match the shape or dtype given");
   }
-  const int32_t* len = CheckedLengths(lengths, s.N, s.T);
-  const S* dout = OptionalPtr<S>(d_outputs, "d_outputs", {s.N, s.T, s.H});
-  const S* dhn = OptionalPtr<S>(d_h_n, "d_h_n", {s.N, s.H});
-  const S* dcn = OptionalPtr<S>(d_c_n, "d_c_n", {s.N, s.H});
+  const int32_t* len = CheckedLengths(lengths, s);
+  BackwardArgs<S> up;
+  ReadUpstream<S>(s, d_outputs, d_h_n, d_c_n, &up);
+  const S *dout = up.d_outputs, *dhn = up.d_h_n, *dcn = up.d_c_n;
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
   {

@@ -22,23 +22,6 @@ S* MutablePtr(py::array_t<S>& a) {
   return a.mutable_data();
 }
 
-// A caller-provided scratch array when it is big enough (dtype, 1-d, contiguous, writeable):
-// its first `size` elements, else a fresh one. The Python layer recycles big buffers so a
-// steady training loop does not page-fault through a new mmap every call, even when the
-// sequence length changes from batch to batch (bucketing).
-template <typename S>
-py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
-  if (!spare.is_none() && py::isinstance<py::array_t<S>>(spare)) {
-    py::array a = py::reinterpret_borrow<py::array>(spare);
-    if (a.dtype().is(py::dtype::of<S>()) && a.ndim() == 1 && a.shape(0) >= size &&
-        (a.flags() & py::array::c_style) && a.writeable()) {
-      if (a.shape(0) == size) return py::reinterpret_borrow<py::array_t<S>>(spare);
-      return py::reinterpret_borrow<py::array_t<S>>(a[py::slice(0, size, 1)]);
-    }
-  }
-  return py::array_t<S>(std::vector<int64_t>{size});
-}
-
 template <typename S>
 py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& rkernel,
                   const py::object& bias, const py::object& h0, const py::object& c0,
@@ -86,10 +69,8 @@ py::tuple Backward(const py::array& cache, const std::vector<int64_t>& shape_tnc
   BackwardArgs<S> args;
   if (!cache.writeable()) throw py::value_error("cache: must be writeable");
   args.cache = const_cast<S*>(CheckedPtr<S>(cache, "cache", {CacheSize(s)}));
-  args.lengths = CheckedLengths(lengths, s.N, s.T);
-  args.d_outputs = OptionalPtr<S>(d_outputs, "d_outputs", {s.N, s.T, s.H});
-  args.d_h_n = OptionalPtr<S>(d_h_n, "d_h_n", {s.N, s.H});
-  args.d_c_n = OptionalPtr<S>(d_c_n, "d_c_n", {s.N, s.H});
+  args.lengths = CheckedLengths(lengths, s);
+  ReadUpstream<S>(s, d_outputs, d_h_n, d_c_n, &args);
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
   py::array_t<S> workspace(std::vector<int64_t>{BackwardWorkspaceSize(s)});

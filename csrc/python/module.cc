@@ -10,5 +10,5 @@ PYBIND11_MODULE(_core, m) {
   fusedlstm::RegisterOptim(m);
   fusedlstm::RegisterRuntime(m);
   fusedlstm::RegisterCuda(m);
-  // Call site for prepared inference: fusedlstm::RegisterPrepared(m) (prepared_bindings.cc).
+  fusedlstm::RegisterPrepared(m);
 }

@@ -56,12 +56,12 @@ void AdamDenseChecked(const py::array& p, const py::array& g, const py::array& m
 template <typename S>
 void AdamRowsChecked(const py::array& p, const py::array& m, const py::array& v,
                      const py::array& rows, const py::array& g, const AdamCoefficients& c) {
-  if (p.ndim() != 2) throw py::value_error("param: expected a 2-d table, got shape " + ShapeStr(Dims(p)));
+  Require(CheckRank("param", Dims(p), 2, "[rows, columns]"));
   const std::vector<int64_t> shape = Dims(p);
   CheckedPtr<S>(p, "param", shape);
   CheckedPtr<S>(m, "m", shape);
   CheckedPtr<S>(v, "v", shape);
-  if (rows.ndim() != 1) throw py::value_error("rows: expected a 1-d array, got shape " + ShapeStr(Dims(rows)));
+  Require(CheckRank("rows", Dims(rows), 1, "[R]"));
   const int64_t n = rows.shape(0);
   const int64_t* rp = CheckedPtr<int64_t>(rows, "rows", {n});
   const S* gp = CheckedPtr<S>(g, "row grads", {n, shape[1]});
@@ -80,18 +80,25 @@ void AdamRowsChecked(const py::array& p, const py::array& m, const py::array& v,
 template <typename S>
 py::tuple EmbeddingRowGradsChecked(const py::array& ids, const py::object& lengths,
                                    const py::array& dx) {
-  if (ids.ndim() != 2) throw py::value_error("ids: expected a 2-d array [B, T], got shape " + ShapeStr(Dims(ids)));
-  if (dx.ndim() != 3) throw py::value_error("d_x: expected a 3-d array [B, T, D], got shape " + ShapeStr(Dims(dx)));
-  const int64_t B = ids.shape(0), T = ids.shape(1), D = dx.shape(2);
-  const int64_t* ip = CheckedPtr<int64_t>(ids, "ids", {B, T});
-  const S* gp = CheckedPtr<S>(dx, "d_x", {B, T, D});
-  const int32_t* lp = CheckedLengths(lengths, B, T);
-  py::array_t<int64_t> rows(std::vector<int64_t>{B * T});
-  py::array_t<S> grads(std::vector<int64_t>{B * T, D});
+  Require(CheckRank("ids", Dims(ids), 2, "[N, T]"));
+  Require(CheckRank("d_x", Dims(dx), 3, "[N, T, C]"));
+  // The LSTM's names: the lookup's output is the LSTM's input x [N, T, C].
+  LstmShape s;
+  s.N = ids.shape(0);
+  s.T = ids.shape(1);
+  s.C = dx.shape(2);
+  Require(CheckShape("d_x", Dims(dx),
+                     {{s.N, "N", "ids' N"}, {s.T, "T", "ids' T"}, {s.C, "C", "its own C"}},
+                     "[N, T, C]"));
+  const int64_t* ip = CheckedPtr<int64_t>(ids, "ids", {s.N, s.T});
+  const S* gp = CheckedPtr<S>(dx, "d_x", {s.N, s.T, s.C});
+  const int32_t* lp = CheckedLengths(lengths, s);
+  py::array_t<int64_t> rows(std::vector<int64_t>{s.N * s.T});
+  py::array_t<S> grads(std::vector<int64_t>{s.N * s.T, s.C});
   int64_t r;
   {
     py::gil_scoped_release release;
-    r = EmbeddingRowGrads<S>(B, T, D, ip, lp, gp, rows.mutable_data(), grads.mutable_data());
+    r = EmbeddingRowGrads<S>(s.N, s.T, s.C, ip, lp, gp, rows.mutable_data(), grads.mutable_data());
   }
   // The first r entries (views of C-contiguous prefixes, so still C-contiguous).
   py::slice first(0, r, 1);

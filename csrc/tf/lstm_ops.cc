@@ -8,8 +8,10 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "fusedlstm/lstm.h"
+#include "fusedlstm/validate.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -24,16 +26,16 @@ using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 
 REGISTER_OP("FusedLstm")
-    .Input("x: T")                 // [B, T, E]
-    .Input("kernel: T")            // [E, 4H]
+    .Input("x: T")                 // [N, T, C] (the attr T is the dtype, not the steps)
+    .Input("kernel: T")            // [C, 4H]
     .Input("recurrent_kernel: T")  // [H, 4H]
     .Input("bias: T")              // [4H]
-    .Input("h0: T")                // [B, H]
-    .Input("c0: T")                // [B, H]
-    .Input("lengths: int32")       // [B], 0..T
-    .Output("outputs: T")          // [B, T, H]; [B, 0, H] when return_sequences = false
-    .Output("h_n: T")              // [B, H]
-    .Output("c_n: T")              // [B, H]
+    .Input("h0: T")                // [N, H]
+    .Input("c0: T")                // [N, H]
+    .Input("lengths: int32")       // [N], 0..T
+    .Output("outputs: T")          // [N, T, H]; [N, 0, H] when return_sequences = false
+    .Output("h_n: T")              // [N, H]
+    .Output("c_n: T")              // [N, H]
     .Output("cache: T")            // opaque, 1-d; empty when training = false
     .Attr("T: {float, double}")
     .Attr("training: bool = true")
@@ -47,13 +49,13 @@ REGISTER_OP("FusedLstm")
       TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 2, &h0));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(5), 2, &c0));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(6), 1, &len));
-      DimensionHandle B = c->Dim(x, 0), T = c->Dim(x, 1), H = c->Dim(r, 0);
+      DimensionHandle N = c->Dim(x, 0), T = c->Dim(x, 1), H = c->Dim(r, 0);
       bool return_sequences = true;
       TF_RETURN_IF_ERROR(c->GetAttr("return_sequences", &return_sequences));
-      c->set_output(0, return_sequences ? c->MakeShape({B, T, H})
-                                        : c->MakeShape({B, c->MakeDim(0), H}));
-      c->set_output(1, c->MakeShape({B, H}));
-      c->set_output(2, c->MakeShape({B, H}));
+      c->set_output(0, return_sequences ? c->MakeShape({N, T, H})
+                                        : c->MakeShape({N, c->MakeDim(0), H}));
+      c->set_output(1, c->MakeShape({N, H}));
+      c->set_output(2, c->MakeShape({N, H}));
       c->set_output(3, c->Vector(InferenceContext::kUnknownDim));
       return OkStatus();
     });
@@ -63,9 +65,9 @@ REGISTER_OP("FusedLstmGrad")
     .Input("recurrent_kernel: T")  // the forward's recurrent_kernel (its shape)
     .Input("lengths: int32")
     .Input("cache: T")
-    .Input("d_outputs: T")         // [B, T, H], or [B, 0, H]: none (return_sequences = false)
-    .Input("d_h_n: T")             // [B, H]
-    .Input("d_c_n: T")             // [B, H]
+    .Input("d_outputs: T")         // [N, T, H], or [N, 0, H]: none (return_sequences = false)
+    .Input("d_h_n: T")             // [N, H]
+    .Input("d_c_n: T")             // [N, H]
     .Output("dx: T")
     .Output("d_kernel: T")
     .Output("d_recurrent_kernel: T")
@@ -77,14 +79,14 @@ REGISTER_OP("FusedLstmGrad")
       ShapeHandle x, r;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &r));
-      DimensionHandle B = c->Dim(x, 0), E = c->Dim(x, 2), H = c->Dim(r, 0), G;
+      DimensionHandle N = c->Dim(x, 0), C = c->Dim(x, 2), H = c->Dim(r, 0), G;
       TF_RETURN_IF_ERROR(c->Multiply(H, 4, &G));
       c->set_output(0, x);
-      c->set_output(1, c->MakeShape({E, G}));
+      c->set_output(1, c->MakeShape({C, G}));
       c->set_output(2, c->MakeShape({H, G}));
       c->set_output(3, c->Vector(G));
-      c->set_output(4, c->MakeShape({B, H}));
-      c->set_output(5, c->MakeShape({B, H}));
+      c->set_output(4, c->MakeShape({N, H}));
+      c->set_output(5, c->MakeShape({N, H}));
       return OkStatus();
     });
 
@@ -129,47 +131,27 @@ fusedlstm::CpuDevice MakeDevice(OpKernelContext* ctx) {
   return d;
 }
 
-std::string Shape(const Tensor& t) { return t.shape().DebugString(); }
+std::vector<int64_t> Dims(const Tensor& t) {
+  std::vector<int64_t> d;
+  for (int i = 0; i < t.dims(); ++i) d.push_back(t.dim_size(i));
+  return d;
+}
 
-#define CHECK_SHAPE(ctx, tensor, name, expected)                                          \
-  OP_REQUIRES(ctx, (tensor).shape() == (expected),                                        \
-              errors::InvalidArgument(name, ": expected shape ", (expected).DebugString(), \
-                                      ", got ", Shape(tensor)))
+// A message from fusedlstm/validate.h as InvalidArgument: false (the error set) when not empty.
+bool Valid(OpKernelContext* ctx, const std::string& error) {
+  if (error.empty()) return true;
+  ctx->CtxFailure(errors::InvalidArgument(error));
+  return false;
+}
 
-// The problem shape from x [B, T, E] and recurrent_kernel [H, 4H] (ranks checked first), and
-// lengths checked as [B] with values in 0..T. False (with the error set) on bad input.
+// The problem shape from x [N, T, C] and recurrent_kernel [H, 4H], and lengths [N] with values
+// in 0..T (fusedlstm/validate.h). False (with the error set) on bad input.
 bool ReadShape(OpKernelContext* ctx, const Tensor& x, const Tensor& r, const Tensor& len,
                fusedlstm::LstmShape* s) {
-  if (x.dims() != 3) {
-    ctx->CtxFailure(errors::InvalidArgument("x: expected rank 3 [B, T, E], got ", Shape(x)));
-    return false;
-  }
-  if (r.dims() != 2) {
-    ctx->CtxFailure(errors::InvalidArgument("recurrent_kernel: expected rank 2 [H, 4H], got ", Shape(r)));
-    return false;
-  }
-  s->N = x.dim_size(0);
-  s->T = x.dim_size(1);
-  s->C = x.dim_size(2);
-  s->H = r.dim_size(0);
-  if (r.shape() != TensorShape({s->H, 4 * s->H})) {
-    ctx->CtxFailure(errors::InvalidArgument("recurrent_kernel: expected shape [", s->H, ",",
-                                            4 * s->H, "], got ", Shape(r)));
-    return false;
-  }
-  if (len.shape() != TensorShape({s->N})) {
-    ctx->CtxFailure(errors::InvalidArgument("lengths: expected shape [", s->N, "], got ", Shape(len)));
-    return false;
-  }
-  const int32_t* lengths = len.flat<int32>().data();
-  for (int64_t n = 0; n < s->N; ++n) {
-    if (lengths[n] < 0 || lengths[n] > s->T) {
-      ctx->CtxFailure(errors::InvalidArgument("lengths[", n, "] = ", lengths[n],
-                                              " is outside [0, T=", s->T, "]"));
-      return false;
-    }
-  }
-  return true;
+  const std::vector<int64_t> len_dims = Dims(len);
+  return Valid(ctx, fusedlstm::ValidateProblem(Dims(x), Dims(r), &len_dims, s)) &&
+         Valid(ctx, fusedlstm::ValidateSizes(*s)) &&
+         Valid(ctx, fusedlstm::ValidateLengths(len.flat<int32>().data(), *s));
 }
 
 template <typename S>
@@ -185,11 +167,10 @@ class FusedLstmOp : public OpKernel {
                  &h0 = ctx->input(4), &c0 = ctx->input(5), &len = ctx->input(6);
     fusedlstm::LstmShape s;
     if (!ReadShape(ctx, x, r, len, &s)) return;
-    const int64_t G = 4 * s.H;
-    CHECK_SHAPE(ctx, k, "kernel", TensorShape({s.C, G}));
-    CHECK_SHAPE(ctx, b, "bias", TensorShape({G}));
-    CHECK_SHAPE(ctx, h0, "h0", TensorShape({s.N, s.H}));
-    CHECK_SHAPE(ctx, c0, "c0", TensorShape({s.N, s.H}));
+    const std::vector<int64_t> b_dims = Dims(b), h0_dims = Dims(h0), c0_dims = Dims(c0);
+    if (!Valid(ctx, fusedlstm::ValidateForwardInputs(s, Dims(k), &b_dims, &h0_dims, &c0_dims))) {
+      return;
+    }
     const int32_t* lengths = len.flat<int32>().data();
     Tensor *out, *hn, *cn, *cache;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
@@ -235,13 +216,20 @@ class FusedLstmGradOp : public OpKernel {
     fusedlstm::LstmShape s;
     if (!ReadShape(ctx, x, r, len, &s)) return;
     const int64_t G = 4 * s.H;
-    CHECK_SHAPE(ctx, cache, "cache (run the forward with training=True)",
-                TensorShape({fusedlstm::CacheSize(s)}));
-    // A forward without return_sequences has [B, 0, H] outputs, so their gradient is empty.
+    if (!Valid(ctx, fusedlstm::CheckShape("cache (run the forward with training=True)",
+                                          Dims(cache),
+                                          {{fusedlstm::CacheSize(s), "CacheSize(T, N, C, H)",
+                                            "the size for x's and recurrent_kernel's shape"}},
+                                          "[CacheSize]"))) {
+      return;
+    }
+    // A forward without return_sequences has [N, 0, H] outputs, so their gradient is empty.
     const bool no_dout = dout.shape() == TensorShape({s.N, 0, s.H}) && s.T > 0;
-    if (!no_dout) CHECK_SHAPE(ctx, dout, "d_outputs", TensorShape({s.N, s.T, s.H}));
-    CHECK_SHAPE(ctx, dhn, "d_h_n", TensorShape({s.N, s.H}));
-    CHECK_SHAPE(ctx, dcn, "d_c_n", TensorShape({s.N, s.H}));
+    const std::vector<int64_t> dout_dims = Dims(dout), dhn_dims = Dims(dhn), dcn_dims = Dims(dcn);
+    if (!Valid(ctx, fusedlstm::ValidateUpstream(s, no_dout ? nullptr : &dout_dims, &dhn_dims,
+                                                &dcn_dims))) {
+      return;
+    }
     const int32_t* lengths = len.flat<int32>().data();
     // Backward consumes its cache in place. When this op holds the only reference to the cache
     // buffer (the usual case: nothing else reads the forward's cache), TensorFlow lets it take the
