@@ -1,18 +1,17 @@
 """A Keras training step, fusedlstm.keras.LSTM vs keras.layers.LSTM, side by side in one run:
 loss on the last state, gradients for the weights and the inputs, at the kernel benchmark's
 configs. On the TensorFlow backend (default) each step is a tf.function around a GradientTape;
-with --backend torch it is an eager forward and loss.backward() on CPU tensors. Prints a table
-and writes JSON (bench/results/keras.json, or keras_torch.json).
+with --backend torch it is an eager forward and loss.backward() on CPU tensors. Prints a table;
+writes JSON only with --out (the README's are bench/results/keras.json and keras_torch.json).
 
-    python bench/bench_keras.py [--backend tensorflow|torch] [--quick] [--config B,T,E,H ...]
+    python bench/bench_keras.py [--backend tensorflow|torch] [--quick] [--config B,T,E,H ...] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,10 +26,10 @@ import keras  # noqa: E402
 import fusedlstm  # noqa: E402
 import fusedlstm.keras as fk  # noqa: E402
 
-from fusedlstm.bench.cli import (DEFAULT_CONFIGS, fwd_flops, git_commit, parse_config,  # noqa: E402
-                                 time_interleaved)
-
-HERE = Path(__file__).resolve().parent
+from fusedlstm.bench.cli import parse_config  # noqa: E402
+from fusedlstm.bench.implementations import DEFAULT_CONFIGS, is_big, mode_flops  # noqa: E402
+from fusedlstm.bench.report import git_commit, utc_date, write_json  # noqa: E402
+from fusedlstm.bench.timing import time_interleaved  # noqa: E402
 
 
 def step_fn(layer, x):
@@ -72,7 +71,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=parse_config, action="append")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON report there (default: none)")
     ap.add_argument("--backend", choices=["tensorflow", "torch"], default="tensorflow",
                     help="Keras backend (default tensorflow)")
     args = ap.parse_args(argv)
@@ -86,33 +85,24 @@ def main(argv=None):
         ref.build((None, T, E))
         ours.build((None, T, E))
         ours.set_weights(ref.get_weights())
-        big = B * T * (E + H) * H > 2e8
+        big = is_big(cfg)
         stats = time_interleaved({"fusedlstm.keras": step_fn(ours, x), "keras": step_fn(ref, x)},
                                  reps=5 if args.quick else (9 if big else 31), warmup=2,
                                  budget_s=5 if args.quick else 30)
         for st in stats.values():
-            st["gflops"] = 3 * fwd_flops(*cfg) / st["median_s"] / 1e9
+            st["gflops"] = mode_flops("forward+backward", cfg) / st["median_s"] / 1e9
         rows.append({"config": list(cfg), "impls": stats})
         r = stats["keras"]["median_s"] / stats["fusedlstm.keras"]["median_s"]
         print(f"{str(cfg):>22}  fusedlstm.keras {stats['fusedlstm.keras']['median_s'] * 1e3:9.2f} ms   "
               f"keras.layers.LSTM {stats['keras']['median_s'] * 1e3:9.2f} ms   speed-up {r:.2f}x", flush=True)
-    name = "keras" if BACKEND == "tensorflow" else "keras_torch"
-    out = args.out or HERE / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"benchmark": "keras_train_step", "commit": git_commit(),
-                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                               "backend": BACKEND, "keras": keras.__version__,
-                               BACKEND: _version(BACKEND),
-                               "build": fusedlstm.build_info(), "results": rows}, indent=1))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
-
-
-def _version(module: str) -> str:
-    import importlib
-
-    return importlib.import_module(module).__version__
+    if args.out is None:
+        print("note: no JSON written (--out FILE writes one)", file=sys.stderr)
+        return
+    write_json(args.out, {"benchmark": "keras_train_step", "commit": git_commit(), "date": utc_date(),
+                          "backend": BACKEND, "keras": keras.__version__,
+                          BACKEND: importlib.import_module(BACKEND).__version__,
+                          "build": fusedlstm.build_info(), "results": rows})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
