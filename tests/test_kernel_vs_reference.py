@@ -116,12 +116,13 @@ def test_padding_is_never_read_even_when_not_finite(rng, dtype, B, H):
 
 
 def test_inference_matches_training_and_stores_nothing(rng):
+    # Not bit for bit: inference projects the inputs on W packed for its own GEMM.
     p, _ = make_problem(rng, 4, 5, 3, 7, lengths="random")
     a = fusedlstm.lstm_forward(**p, training=True)
     b = fusedlstm.lstm_forward(**p, training=False)
     assert b[3] is None
     for u, v in zip(a[:3], b[:3]):
-        np.testing.assert_array_equal(u, v)
+        assert_close(v, u, np.float64)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

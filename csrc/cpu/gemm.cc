@@ -204,17 +204,38 @@ int64_t PanelWidth() {
 }
 
 template <typename S>
-void PackGateGroup(const S* w, int64_t K, int64_t H, int64_t q, S* out) {
-  constexpr int NR = Traits<S>::kNr, U = NR / 4;
-  const int64_t Np = RoundUp(4 * H, NR), u0 = q * U, u = std::min<int64_t>(U, H - u0);
+int64_t GateGroupUnits() {
+  return Traits<S>::kNr / 2;
+}
+
+template <typename S>
+void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
+  constexpr int NR = Traits<S>::kNr, U = NR / 2;
+  const int64_t Np = RoundUp(4 * H, NR), c0 = panel * NR, c1 = std::min(c0 + NR, 4 * H);
+  // The panel's columns as runs of one gate of one group: (first column, source column, n).
+  int64_t runs[8][3], n_runs = 0;
+  for (int64_t q = c0 / (4 * U); q * 4 * U < c1; ++q) {
+    const int64_t u = std::min<int64_t>(U, H - q * U);
+    for (int64_t g = 0; g < 4; ++g) {
+      const int64_t b = std::max(c0, q * 4 * U + g * u), e = std::min(c1, q * 4 * U + (g + 1) * u);
+      if (b < e) {
+        runs[n_runs][0] = b - c0;
+        runs[n_runs][1] = g * H + q * U + (b - q * 4 * U - g * u);
+        runs[n_runs][2] = e - b;
+        ++n_runs;
+      }
+    }
+  }
   for (int64_t pc = 0; pc < K; pc += kKc) {
     const int64_t kc = std::min(kKc, K - pc);
-    S* dst = out + pc * Np + q * NR * kc;
+    S* dst = out + pc * Np + c0 * kc;
     for (int64_t k = 0; k < kc; ++k) {
-      const S* src = w + (pc + k) * 4 * H + u0;
+      const S* src = w + (pc + k) * 4 * H;
       S* row = dst + k * NR;
-      for (int g = 0; g < 4; ++g) std::memcpy(row + g * u, src + g * H, sizeof(S) * u);
-      std::fill(row + 4 * u, row + NR, S(0));
+      if (c1 - c0 < NR) std::fill(row, row + NR, S(0));
+      for (int64_t r = 0; r < n_runs; ++r) {
+        std::memcpy(row + runs[r][0], src + runs[r][1], sizeof(S) * runs[r][2]);
+      }
     }
   }
 }
@@ -278,7 +299,8 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
   template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*, \
                                      int64_t, const S*, S*, int64_t);                     \
   template int64_t PanelWidth<S>();                                                       \
-  template void PackGateGroup<S>(const S*, int64_t, int64_t, int64_t, S*);
+  template void PackGatePanel<S>(const S*, int64_t, int64_t, int64_t, S*);                \
+  template int64_t GateGroupUnits<S>();
 FUSEDLSTM_INSTANTIATE(float)
 FUSEDLSTM_INSTANTIATE(double)
 #undef FUSEDLSTM_INSTANTIATE

@@ -32,14 +32,17 @@ template <typename S>
 void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
                        const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc);
 
-// Packs panel q of an LSTM weight w [K, 4H] (gate blocks i, f, c, o of H columns each) as a
-// K × 4H right-hand side in "gate groups": U = PanelWidth<S>() / 4 units per panel, panel q
-// holding the four gates of units [qU, qU + u) as columns [i(u) f(u) c(u) o(u)] (u = U but
-// for the last, zero-padded panel). So a product's columns [q·4U, q·4U + 4u) are unit group
-// q's gates, and a range of panels is a range of units. Writes PackedRhsSize(K, 4H)'s share of
-// panel q in `out`; packing every q gives the whole packed matrix.
+// LSTM weights in "gate groups": U = GateGroupUnits<S>() units (two panels' width over 4)
+// per group, group q's columns [q·4U, q·4U + 4u) holding the four gates of units [qU, qU + u)
+// as [i(u) f(u) c(u) o(u)] (u = U but for the last group). So a product's gates for a range of
+// whole groups are a range of whole panels, and each gate of a full group is U contiguous
+// values (one SIMD register of S). PackGatePanel packs panel `panel` of w [K, 4H] (Keras gate
+// blocks i, f, c, o of H columns each) reordered so, as PackRhs(…, K, 4H, …) lays it out;
+// packing every panel gives the whole packed matrix.
 template <typename S>
-void PackGateGroup(const S* w, int64_t K, int64_t H, int64_t q, S* out);
+int64_t GateGroupUnits();
+template <typename S>
+void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out);
 
 // Columns per packed panel (two SIMD registers of S).
 template <typename S>

@@ -263,24 +263,23 @@ void CopyOrZero(S* dst, const S* src, int64_t count) {
 
 // ---- Inference (lstm_infer.h) ----
 //
-// The input projection is hoisted out of the recurrence whenever its result fits a budget:
-// Zx = X·W over all steps in the training forward's own tiles (so inference gives the training
-// forward's values bit for bit), and each step adds only h_{t-1}·R. For one row that turns T
-// passes over W (a GEMV each, streaming W from cache) into one GEMM that reads it once. Past
-// the budget (large batches, where each task has rows enough to reuse W from registers) x_t·W
-// runs inside the step on W packed once. Both choices depend on the shape alone.
+// Weights are packed in gate groups (gemm.h): a task's share of the hidden units is a range of
+// packed panels, and each gate of a group is one SIMD register wide, so the gate pass reads
+// the GEMM's output in place. The input projection is hoisted out of the recurrence whenever
+// its result fits a budget: Zx = X·W for all steps in one GEMM on W packed once (for one row
+// that turns T passes over W, each a GEMV streaming all of W, into one pass), and each step
+// adds h_{t-1}·R onto its slice. Past the budget (large batches, where each task has rows
+// enough to reuse W from registers) x_t·W runs inside the step. The choice depends on the
+// shape alone.
 //
-// The recurrence's weights are packed in gate groups (gemm.h), so a task's share of the hidden
-// units is a range of packed panels. Tasks are row blocks running every step of their rows
-// (rows never interact), or, when there are too few rows to give every thread a block worth
-// the micro-kernel, unit blocks of all rows pipelined step by step: a worker claims (step,
-// block) items in order and starts one only once the previous step is complete. Any row or
-// unit partition gives the same results (unit blocks are whole multiples of kInferUnitAlign,
-// so the gate pass's packet/scalar split is the same), so the grid may follow the thread count.
+// Tasks are row blocks running every step of their rows (rows never interact), or, when there
+// are too few rows to give every thread a block worth the micro-kernel, unit blocks of all rows
+// pipelined step by step: a worker claims (step, block) items in order and starts one only
+// once the previous step is complete. Every element's arithmetic is the same in any partition
+// (unit blocks are whole groups), so the grid may follow the thread count.
 namespace {
 
 constexpr double kHoistElements = 16.0 * 1024 * 1024;  // Zx for all steps: 64 MiB of float
-constexpr int64_t kInferUnitAlign = 16;                // units per pipelined block, a multiple
 constexpr int64_t kMinRowsPerTask = 8;                  // the micro-kernel's row tile
 // Step FLOPs a pipelined unit block must carry to pay for waiting on the previous step.
 constexpr double kMinPipelineBlockFlops = 1.0e5;
@@ -291,42 +290,35 @@ inline bool HoistProjection(const LstmShape& s) {
 
 template <typename S>
 struct PreparedView {
-  const S *w, *wpack, *rpack, *b;
+  const S *wpack, *rpack, *b;
   PreparedView(const S* base, int64_t C, int64_t H) {
     const int64_t G = 4 * H;
-    w = base;
-    wpack = w + C * G;
+    wpack = base;
     rpack = wpack + PackedRhsSize<S>(C, G);
     b = rpack + PackedRhsSize<S>(H, G);
   }
 };
 
-// The packing tasks of a prepared buffer: W's and R's gate groups, the copies of W and b.
+// Packing tasks: W's and R's panels and the bias (Keras order: the gate pass reads it so).
 template <typename S>
 void PrepareInto(const CpuDevice& device, int64_t C, int64_t H, const S* kernel,
-                 const S* recurrent_kernel, const S* bias, S* prepared, bool copy_w,
-                 bool pack_w) {
-  const int64_t G = 4 * H, groups = CeilDiv(H, PanelWidth<S>() / 4);
+                 const S* recurrent_kernel, const S* bias, S* prepared) {
+  const int64_t G = 4 * H, panels = CeilDiv(G, PanelWidth<S>());
   const PreparedView<S> pv(prepared, C, H);
   S* wpack = const_cast<S*>(pv.wpack);
   S* rpack = const_cast<S*>(pv.rpack);
-  const int64_t n_w = pack_w && C > 0 ? groups : 0;
-  ParallelFor(device, groups + n_w + 2, double(C + H) * G, [&](int64_t task) {
-    if (task < groups) return PackGateGroup<S>(recurrent_kernel, H, H, task, rpack);
-    task -= groups;
-    if (task < n_w) return PackGateGroup<S>(kernel, C, H, task, wpack);
-    task -= n_w;
-    if (task == 0) {
-      if (copy_w) CopyOrZero(const_cast<S*>(pv.w), kernel, C * G);
-    } else {
-      CopyOrZero(const_cast<S*>(pv.b), bias, G);
-    }
+  const int64_t n_w = C > 0 ? panels : 0;
+  ParallelFor(device, panels + n_w + 1, double(C + H) * G, [&](int64_t task) {
+    if (task < panels) return PackGatePanel<S>(recurrent_kernel, H, H, task, rpack);
+    task -= panels;
+    if (task < n_w) return PackGatePanel<S>(kernel, C, H, task, wpack);
+    CopyOrZero(const_cast<S*>(pv.b), bias, G);
   });
 }
 
 struct InferGrid {
   int64_t row_parts = 1, unit_parts = 1;  // unit_parts > 1: pipelined unit blocks, all rows
-  InferGrid(const LstmShape& s, int threads, bool hoisted) {
+  InferGrid(const LstmShape& s, int threads, bool hoisted, int64_t group) {
     if (threads <= 1) return;
     row_parts = CeilDiv(s.N, kWholeSequenceRowBlock);
     if (row_parts > 1) row_parts = CeilDiv(row_parts, 4) * 4;
@@ -334,22 +326,49 @@ struct InferGrid {
     row_parts = std::max<int64_t>(1, std::min<int64_t>(row_parts, s.N));
     if (row_parts >= threads) return;
     const double step_flops = 2.0 * s.N * double(s.H + (hoisted ? 0 : s.C)) * 4.0 * s.H;
-    const int64_t k = std::min<int64_t>(
-        {int64_t(threads), CeilDiv(s.H, kInferUnitAlign), int64_t(step_flops / kMinPipelineBlockFlops)});
+    const int64_t k = std::min<int64_t>({int64_t(threads), CeilDiv(s.H, group),
+                                         int64_t(step_flops / kMinPipelineBlockFlops)});
     if (k >= 2) {
       unit_parts = k;
       row_parts = 1;
     }
   }
-  Range units(const LstmShape& s, int64_t k) const {
-    const Range blocks = Part(CeilDiv(s.H, kInferUnitAlign), unit_parts, k);
-    return {blocks.begin * kInferUnitAlign, std::min(s.H, blocks.end * kInferUnitAlign)};
-  }
 };
 
+// The gate pass of one group of u units for one row: z holds [i(u) f(u) c(u) o(u)], b, c and
+// h are the group's slices. Fixed-size maps for a full group: one SIMD register per gate.
+template <typename S, int U>
+inline void GroupGates(const S* z, const S* b, int64_t H, int64_t u, S* c, S* h, S* out) {
+  using A = Eigen::Array<S, U, 1>;
+  if (u == U) {
+    alignas(64) S gi[U], gf[U], gg[U], go[U], cn[U], hn[U];
+    Eigen::Map<A, Eigen::Aligned64> I(gi), F(gf), Gg(gg), O(go), CN(cn), HN(hn);
+    I = Sigmoid(Eigen::Map<const A>(z) + Eigen::Map<const A>(b));
+    F = Sigmoid(Eigen::Map<const A>(z + U) + Eigen::Map<const A>(b + H));
+    Gg = Tanh(Eigen::Map<const A>(z + 2 * U) + Eigen::Map<const A>(b + 2 * H));
+    O = Sigmoid(Eigen::Map<const A>(z + 3 * U) + Eigen::Map<const A>(b + 3 * H));
+    CN = F * Eigen::Map<const A>(c) + I * Gg;
+    HN = O * Tanh(CN);
+    std::memcpy(c, cn, sizeof(S) * U);
+    std::memcpy(h, hn, sizeof(S) * U);
+    if (out) std::memcpy(out, hn, sizeof(S) * U);
+    return;
+  }
+  alignas(64) S gate[4][U], cell[U], hid[U];
+  AMapA<S> i(gate[0], u), f(gate[1], u), g(gate[2], u), o(gate[3], u), cn(cell, u), hn(hid, u);
+  i = Sigmoid(CMapA<S>(z, u) + CMapA<S>(b, u));
+  f = Sigmoid(CMapA<S>(z + u, u) + CMapA<S>(b + H, u));
+  g = Tanh(CMapA<S>(z + 2 * u, u) + CMapA<S>(b + 2 * H, u));
+  o = Sigmoid(CMapA<S>(z + 3 * u, u) + CMapA<S>(b + 3 * H, u));
+  cn = f * CMapA<S>(c, u) + i * g;
+  hn = o * Tanh(cn);
+  std::memcpy(c, cell, sizeof(S) * u);
+  std::memcpy(h, hid, sizeof(S) * u);
+  if (out) std::memcpy(out, hid, sizeof(S) * u);
+}
+
 template <typename S>
-void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<S>& a,
-                   const S* kernel) {
+void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<S>& a) {
   const int64_t T = s.T, N = s.N, H = s.H, C = s.C, G = 4 * H;
   if (N == 0) return;
   if (T == 0 || H == 0) {
@@ -357,110 +376,88 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
     CopyOrZero(a.c_n, a.c0, N * H);
     return;
   }
+  constexpr int U = 64 / sizeof(S);  // gemm.h's gate-group width: one 64-byte register
+  const int64_t NR = PanelWidth<S>(), panels = CeilDiv(G, NR);
   const PreparedView<S> pv(a.prepared, C, H);
   const bool hoisted = HoistProjection(s);
-  S* zx = hoisted ? a.workspace : nullptr;       // [N, T, 4H], Keras gate order
-  S* zh = a.workspace + (hoisted ? N * T * G : 0);  // [N, 4H], gate groups: one step
-  S* hbuf = zh + N * G;                           // h_{t-1} and h_t, [2, N, H]
+  // Gates of step t for row n: z + n·z_ld + t·z_t. Hoisted: every step's, [N, T, 4H], the
+  // projection's output; else one step's, [N, 4H], zeroed each step.
+  S* z = a.workspace;
+  const int64_t z_ld = hoisted ? T * G : G, z_t = hoisted ? G : 0;
+  S* hbuf = z + (hoisted ? N * T * G : N * G);  // h_{t-1} and h_t, [2, N, H]
   CopyOrZero(hbuf, a.h0, N * H);
   CopyOrZero(a.c_n, a.c0, N * H);
-  if (hoisted) {
-    if (C == 0) {
-      std::fill(zx, zx + N * T * G, S(0));
-    } else {  // the training forward's tiles: the same values
-      const TileGrid tiles(N * T, G);
-      CMapRM<S> X(a.x, N * T, C, Eigen::OuterStride<>(C));
-      CMapRM<S> W(kernel, C, G, Eigen::OuterStride<>(G));
-      MapRM<S> Z(zx, N * T, G, Eigen::OuterStride<>(G));
-      ParallelFor(device, tiles.count(), 2.0 * N * T * C * G, [&](int64_t task) {
-        const Range r = tiles.rows(task), c = tiles.cols(task);
-        Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
-            X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
-      });
-    }
+  if (hoisted) {  // Zx = X·W, in tiles of rows × panels (any tiling gives the same sums)
+    const int64_t M = N * T, row_parts = CeilDiv(M, 256);
+    const double flops = 2.0 * M * C * G;
+    const int64_t col_parts = flops < 2e6 ? 1 : std::min<int64_t>(panels, 2 * device.num_threads);
+    ParallelFor(device, row_parts * col_parts, flops, [&](int64_t task) {
+      const Range r = Part(M, row_parts, task / col_parts);
+      const Range c = Part(panels, col_parts, task % col_parts);
+      for (int64_t i = r.begin; i < r.end; ++i) {
+        std::fill(z + i * G + c.begin * NR, z + i * G + std::min(G, c.end * NR), S(0));
+      }
+      if (C > 0) {
+        GemmPackedRhsCols<S>(r.size(), G, C, c.begin * NR, c.end * NR, a.x + r.begin * C, C,
+                             pv.wpack, z + r.begin * G, G);
+      }
+    });
   }
-  const int64_t NR = PanelWidth<S>(), U = NR / 4;
 
-  // Step t for rows × units: the step's products into zh, then the fused gate pass.
-  auto step = [&](int64_t t, Range rows, Range units) {
+  // Step t for rows × groups [q0, q1): the step's products, then the gate pass.
+  auto step = [&](int64_t t, Range rows, Range groups) {
     const S* h_in = hbuf + (t % 2) * N * H;
     S* h_out = hbuf + ((t + 1) % 2) * N * H;
-    const int64_t col0 = units.begin / U * NR, col1 = std::min(G, CeilDiv(units.end, U) * NR);
-    S* zrows = zh + rows.begin * G;
-    for (int64_t n = 0; n < rows.size(); ++n) {
-      std::fill(zrows + n * G + col0, zrows + n * G + col1, S(0));
-    }
-    if (!hoisted && C > 0) {
-      GemmPackedRhsCols<S>(rows.size(), G, C, col0, col1, a.x + (rows.begin * T + t) * C, T * C,
-                           pv.wpack, zrows, G);
+    const int64_t col0 = groups.begin * 4 * U, col1 = std::min(G, groups.end * 4 * U);
+    S* zrows = z + rows.begin * z_ld + t * z_t;
+    if (!hoisted) {
+      for (int64_t n = 0; n < rows.size(); ++n) {
+        std::fill(zrows + n * z_ld + col0, zrows + n * z_ld + col1, S(0));
+      }
+      if (C > 0) {
+        GemmPackedRhsCols<S>(rows.size(), G, C, col0, col1, a.x + (rows.begin * T + t) * C,
+                             T * C, pv.wpack, zrows, z_ld);
+      }
     }
     GemmPackedRhsCols<S>(rows.size(), G, H, col0, col1, h_in + rows.begin * H, H, pv.rpack,
-                         zrows, G);
-    alignas(64) S gate[4][kChunk], cell[kChunk], hid[kChunk];
+                         zrows, z_ld);
     for (int64_t n = rows.begin; n < rows.end; ++n) {
-      const bool valid = t < Length(a.lengths, n, T);
-      S* c_row = a.c_n + n * H;
-      if (!valid) {  // padded step: carry h (c stays in place); the output is zeroed later
-        std::memcpy(h_out + n * H + units.begin, h_in + n * H + units.begin,
-                    sizeof(S) * units.size());
+      if (t >= Length(a.lengths, n, T)) {  // padded: carry h (c stays); output zeroed later
+        const int64_t u0 = groups.begin * U, u1 = std::min(H, groups.end * U);
+        std::memcpy(h_out + n * H + u0, h_in + n * H + u0, sizeof(S) * (u1 - u0));
         continue;
       }
-      const S* zrow = zh + n * G;
-      const S* xrow = hoisted ? zx + (n * T + t) * G : nullptr;
-      for (int64_t j0 = units.begin; j0 < units.end; j0 += kChunk) {
-        const int64_t m = std::min(kChunk, units.end - j0);
-        for (int64_t j = 0; j < m;) {  // gather the chunk's gates from their groups
-          const int64_t u = j0 + j, q = u / U, in = u - q * U;
-          const int64_t gu = std::min(U, H - q * U), run = std::min(gu - in, m - j);
-          const S* zg = zrow + q * NR + in;
-          for (int g = 0; g < 4; ++g) {
-            S* dst = gate[g] + j;
-            const S* src = zg + g * gu;
-            if (xrow) {
-              const S* xs = xrow + g * H + u;
-              for (int64_t r = 0; r < run; ++r) dst[r] = xs[r] + src[r];
-            } else {
-              std::memcpy(dst, src, sizeof(S) * run);
-            }
-          }
-          j += run;
-        }
-        const S* b = pv.b + j0;
-        AMapA<S> i(gate[0], m), f(gate[1], m), g(gate[2], m), o(gate[3], m);
-        AMapA<S> cn(cell, m), hn(hid, m);
-        i = Sigmoid(i + CMapA<S>(b, m));
-        f = Sigmoid(f + CMapA<S>(b + H, m));
-        g = Tanh(g + CMapA<S>(b + 2 * H, m));
-        o = Sigmoid(o + CMapA<S>(b + 3 * H, m));
-        cn = f * CMapA<S>(c_row + j0, m) + i * g;
-        hn = o * Tanh(cn);
-        std::memcpy(c_row + j0, cell, sizeof(S) * m);
-        std::memcpy(h_out + n * H + j0, hid, sizeof(S) * m);
-        if (a.outputs) std::memcpy(a.outputs + (n * T + t) * H + j0, hid, sizeof(S) * m);
+      const S* zrow = z + n * z_ld + t * z_t;
+      for (int64_t q = groups.begin; q < groups.end; ++q) {
+        const int64_t u0 = q * U, u = std::min<int64_t>(U, H - u0);
+        GroupGates<S, U>(zrow + q * 4 * U, pv.b + u0, H, u, a.c_n + n * H + u0,
+                         h_out + n * H + u0,
+                         a.outputs ? a.outputs + (n * T + t) * H + u0 : nullptr);
       }
     }
   };
   // Outputs of padded steps are zero; h_n is h after a block's last active step.
-  auto finish = [&](Range rows, Range units, int64_t active) {
+  auto finish = [&](Range rows, Range groups, int64_t active) {
+    const int64_t u0 = groups.begin * U, u1 = std::min(H, groups.end * U);
     for (int64_t n = rows.begin; n < rows.end; ++n) {
-      std::memcpy(a.h_n + n * H + units.begin, hbuf + (active % 2) * N * H + n * H + units.begin,
-                  sizeof(S) * units.size());
+      std::memcpy(a.h_n + n * H + u0, hbuf + (active % 2) * N * H + n * H + u0,
+                  sizeof(S) * (u1 - u0));
       if (!a.outputs) continue;
       for (int64_t t = std::min<int64_t>(Length(a.lengths, n, T), active); t < T; ++t) {
-        std::fill(a.outputs + (n * T + t) * H + units.begin,
-                  a.outputs + (n * T + t) * H + units.end, S(0));
+        std::fill(a.outputs + (n * T + t) * H + u0, a.outputs + (n * T + t) * H + u1, S(0));
       }
     }
   };
 
-  const InferGrid grid(s, device.num_threads, hoisted);
+  const int64_t n_groups = CeilDiv(H, U);
+  const InferGrid grid(s, device.num_threads, hoisted, U);
   const double flops = 2.0 * N * T * double(H + (hoisted ? 0 : C)) * G;
   if (grid.unit_parts == 1) {
     ParallelFor(device, grid.row_parts, flops, [&](int64_t task) {
-      const Range rows = Part(N, grid.row_parts, task), units{0, H};
+      const Range rows = Part(N, grid.row_parts, task), groups{0, n_groups};
       const int64_t active = ActiveSteps(a.lengths, rows, T);
-      for (int64_t t = 0; t < active; ++t) step(t, rows, units);
-      finish(rows, units, active);
+      for (int64_t t = 0; t < active; ++t) step(t, rows, groups);
+      finish(rows, groups, active);
     });
     return;
   }
@@ -481,11 +478,11 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
           std::this_thread::yield();
         }
       }
-      step(t, Range{0, N}, grid.units(s, item % K));
+      step(t, Range{0, N}, Part(n_groups, K, item % K));
       done.fetch_add(1, std::memory_order_release);
     }
   });
-  for (int64_t k = 0; k < K; ++k) finish(Range{0, N}, grid.units(s, k), active);
+  for (int64_t k = 0; k < K; ++k) finish(Range{0, N}, Part(n_groups, K, k), active);
 }
 
 }  // namespace
@@ -493,24 +490,24 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
 template <typename S>
 int64_t PreparedWeightsSize(int64_t C, int64_t H) {
   const int64_t G = 4 * H;
-  return C * G + PackedRhsSize<S>(C, G) + PackedRhsSize<S>(H, G) + G;
+  return PackedRhsSize<S>(C, G) + PackedRhsSize<S>(H, G) + G;
 }
 
 template <typename S>
 void PrepareWeights(const CpuDevice& device, int64_t C, int64_t H, const S* kernel,
                     const S* recurrent_kernel, const S* bias, S* prepared) {
-  PrepareInto(device, C, H, kernel, recurrent_kernel, bias, prepared, true, true);
+  PrepareInto(device, C, H, kernel, recurrent_kernel, bias, prepared);
 }
 
 template <typename S>
 int64_t InferWorkspaceSize(const LstmShape& s) {
   const int64_t G = 4 * s.H;
-  return (HoistProjection(s) ? s.N * s.T * G : 0) + s.N * G + 2 * s.N * s.H;
+  return (HoistProjection(s) ? s.N * s.T * G : s.N * G) + 2 * s.N * s.H;
 }
 
 template <typename S>
 void LstmInfer(const CpuDevice& device, const LstmShape& s, const InferArgs<S>& a) {
-  LstmInferImpl(device, s, a, PreparedView<S>(a.prepared, s.C, s.H).w);
+  LstmInferImpl(device, s, a);
 }
 
 int64_t ForwardWorkspaceSize(const LstmShape& s, bool training) {
@@ -535,10 +532,9 @@ int64_t BackwardWorkspaceSize(const LstmShape& s) {
 template <typename S>
 void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<S>& a) {
   const int64_t T = s.T, N = s.N, H = s.H, C = s.C, G = 4 * H;
-  if (a.cache == nullptr) {  // inference: R (and W where the step projects) packed per call
+  if (a.cache == nullptr) {  // inference: the weights packed for this call
     S* prepared = a.workspace;
-    PrepareInto<S>(device, C, H, a.kernel, a.recurrent_kernel, a.bias, prepared, false,
-                   !HoistProjection(s));
+    PrepareInto<S>(device, C, H, a.kernel, a.recurrent_kernel, a.bias, prepared);
     InferArgs<S> ia;
     ia.x = a.x;
     ia.prepared = prepared;
@@ -549,7 +545,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     ia.h_n = a.h_n;
     ia.c_n = a.c_n;
     ia.workspace = prepared + PreparedWeightsSize<S>(C, H);
-    return LstmInferImpl<S>(device, s, ia, a.kernel);
+    return LstmInferImpl<S>(device, s, ia);
   }
   if (N == 0) return;
   if (T == 0 || H == 0) {

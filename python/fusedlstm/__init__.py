@@ -15,6 +15,7 @@ _cpu.require_cpu(_isa)  # before _core: a native build on the wrong CPU is an Im
 from . import _core, convert, reference  # noqa: E402
 from ._checks import LstmGrads  # noqa: E402
 from .lstm import LstmCache, cuda_available, empty_cache, lstm_backward, lstm_forward  # noqa: E402
+from .prepared import PreparedLSTM, prepare  # noqa: E402
 
 try:  # the one version source is the package metadata (pyproject.toml)
     from importlib.metadata import PackageNotFoundError, version as _dist_version
@@ -24,7 +25,8 @@ except PackageNotFoundError:  # a source tree on sys.path without an install
     __version__ = "0+unknown"
 
 __all__ = [
-    "LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "reference", "convert",
+    "LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "prepare", "PreparedLSTM",
+    "reference", "convert",
     "set_num_threads", "get_num_threads", "build_info", "empty_cache", "cuda_available",
     "SentimentClassifier", "__version__",
 ]

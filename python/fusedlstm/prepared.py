@@ -1,0 +1,148 @@
+"""Inference on weights packed once. ``prepare(kernel, recurrent_kernel, bias)`` copies and
+packs the weights into the kernel's own layout and returns a ``PreparedLSTM``; its ``infer``
+runs the forward pass (nothing stored for a backward) without re-packing them, which is what a
+server answering small batches, or a stream fed one step at a time, pays for on every call of
+``lstm_forward``. Results equal ``lstm_forward(..., training=False)`` bit for bit."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._checks import as_float_array, check_forward
+
+__all__ = ["PreparedLSTM", "prepare"]
+
+
+def _frozen_copy(a: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    if a is None:
+        return None
+    out = np.array(a, copy=True, order="C")
+    out.flags.writeable = False
+    return out
+
+
+class PreparedLSTM:
+    """LSTM weights packed once for inference (see ``prepare``).
+
+    Immutable: it keeps read-only copies of the weights it was built from (``kernel``,
+    ``recurrent_kernel``, ``bias``), so changing the caller's arrays afterwards changes nothing.
+    Thread-safe: any number of Python threads may call ``infer`` at once (the GIL is released
+    while the kernel runs). Picklable: it pickles as its weights and packs them again on load.
+    """
+
+    __slots__ = ("_core", "_kernel", "_recurrent_kernel", "_bias")
+
+    def __init__(self, kernel, recurrent_kernel, bias=None) -> None:
+        k = as_float_array("kernel", kernel, None, 2)
+        r = as_float_array("recurrent_kernel", recurrent_kernel, k.dtype, 2)
+        b = None if bias is None else as_float_array("bias", bias, k.dtype, 1)
+        H = r.shape[0]
+        if r.shape != (H, 4 * H):
+            raise ValueError(f"recurrent_kernel: expected shape (H, 4H), got {tuple(r.shape)}")
+        if k.shape[1] != 4 * H:
+            raise ValueError(f"kernel: expected shape (E, {4 * H}) to match recurrent_kernel "
+                             f"{tuple(r.shape)}, got {tuple(k.shape)}")
+        if b is not None and b.shape != (4 * H,):
+            raise ValueError(f"bias: expected shape ({4 * H},), got {tuple(b.shape)}")
+        object.__setattr__(self, "_kernel", _frozen_copy(k))
+        object.__setattr__(self, "_recurrent_kernel", _frozen_copy(r))
+        object.__setattr__(self, "_bias", _frozen_copy(b))
+        object.__setattr__(self, "_core", _core.prepare(self._kernel, self._recurrent_kernel,
+                                                         self._bias))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("PreparedLSTM is immutable: prepare new weights instead")
+
+    def __reduce__(self):
+        return (PreparedLSTM, (self._kernel, self._recurrent_kernel, self._bias))
+
+    @property
+    def kernel(self) -> np.ndarray:
+        """[E, 4H], read-only."""
+        return self._kernel
+
+    @property
+    def recurrent_kernel(self) -> np.ndarray:
+        """[H, 4H], read-only."""
+        return self._recurrent_kernel
+
+    @property
+    def bias(self) -> Optional[np.ndarray]:
+        """[4H] or None, read-only."""
+        return self._bias
+
+    @property
+    def input_size(self) -> int:
+        return int(self._kernel.shape[0])
+
+    @property
+    def units(self) -> int:
+        return int(self._recurrent_kernel.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._kernel.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weights (beside the read-only copies of the originals)."""
+        return int(self._core.nbytes)
+
+    def __repr__(self) -> str:
+        return f"PreparedLSTM(input_size={self.input_size}, units={self.units}, dtype={self.dtype})"
+
+    def infer(self, x, h0=None, c0=None, lengths=None,
+              return_sequences: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+        """Run the LSTM over x with the prepared weights; store nothing for a backward.
+
+        Parameters
+        ----------
+        x : array [B, T, E] of the prepared dtype (E = ``input_size``)
+        h0, c0 : arrays [B, H] or None (zeros). To stream a sequence in chunks (T = 1 for one
+            step at a time), pass the previous call's ``h_n`` and ``c_n``: the result is the
+            one call over the whole sequence would give.
+        lengths : integer array [B] in 0..T, or None (all T); right padding as in
+            ``lstm_forward``.
+        return_sequences : bool
+            False returns None for ``outputs`` and never writes them.
+
+        Returns
+        -------
+        outputs [B, T, H] (None without return_sequences), h_n [B, H], c_n [B, H]
+        """
+        if (type(x) is np.ndarray and (lengths is None or (type(lengths) is np.ndarray
+                                                           and lengths.dtype == np.int32))):
+            try:  # already what the compiled call takes: skip the conversions
+                outputs, h_n, c_n, _ = self._core.infer(x, h0, c0, lengths, bool(return_sequences))
+                return outputs, h_n, c_n
+            except (TypeError, ValueError):
+                pass  # the checks below convert what they can and word the error
+        if isinstance(x, np.ndarray) and x.dtype != self.dtype and x.dtype.kind == "f":
+            raise TypeError(f"x: dtype {x.dtype} does not match the prepared weights' dtype "
+                            f"{self.dtype}; convert x or prepare weights of that dtype")
+        xa = as_float_array("x", x, self.dtype, 3)
+        if xa.shape[2] != self.input_size:
+            raise ValueError(f"x: expected shape (B, T, {self.input_size}) for weights prepared "
+                             f"with kernel {tuple(self._kernel.shape)}, got {tuple(xa.shape)}")
+        a = check_forward(xa, self._kernel, self._recurrent_kernel, self._bias, h0, c0, lengths)
+        outputs, h_n, c_n, _ = self._core.infer(a.x, a.h0, a.c0, a.lengths, bool(return_sequences))
+        return outputs, h_n, c_n
+
+
+def prepare(kernel, recurrent_kernel, bias=None) -> PreparedLSTM:
+    """Pack LSTM weights once for fast repeated inference.
+
+    Parameters
+    ----------
+    kernel : array [E, 4H]; recurrent_kernel : array [H, 4H]; bias : array [4H] or None
+        Keras layout, gate order i, f, c, o (as ``lstm_forward``), float32 or float64.
+
+    Returns
+    -------
+    PreparedLSTM, whose ``infer(x, h0=None, c0=None, lengths=None, return_sequences=True)``
+    returns ``(outputs, h_n, c_n)``.
+    """
+    return PreparedLSTM(kernel, recurrent_kernel, bias)
