@@ -307,3 +307,14 @@ def test_cli_plot_writes_png(tmp_path):
                {"epoch": 2, "train_loss": 0.5, "train_acc": 0.7, "dev_loss": 0.6, "dev_acc": 0.65}]
     plot_metrics(metrics, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_proba_on_prepared_weights_equals_the_training_forward():
+    """predict_proba packs the LSTM once (fusedlstm.prepare) for all its batches; its
+    probabilities equal the training path's forward (need_grads=False) within float32 rounding."""
+    model, split = make_model(units=20), tiny_split()
+    ids, lengths = model.encode(split.texts)
+    _, want, _, _ = model.forward_backward(ids, lengths, np.zeros(len(lengths), np.int64), need_grads=False)
+    got = model.predict_proba(split.texts, batch_size=3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1))

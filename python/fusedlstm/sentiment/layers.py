@@ -57,11 +57,21 @@ def dense_backward(x: np.ndarray, w: np.ndarray, d_y: np.ndarray) -> Tuple[np.nd
     return d_y @ w.T, x.T @ d_y, d_y.sum(axis=0)
 
 
+def _shifted_exp(logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    z = logits - logits.max(axis=1, keepdims=True)  # max-shifted: exp never overflows
+    e = np.exp(z)
+    return z, e, e.sum(axis=1, keepdims=True)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise probabilities of logits [B, C]."""
+    _, e, s = _shifted_exp(logits)
+    return e / s
+
+
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
     """(mean loss, d loss / d logits, probabilities) with a max-shifted, overflow-free softmax."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    s = e.sum(axis=1, keepdims=True)
+    z, e, s = _shifted_exp(logits)
     probs = e / s
     n = logits.shape[0]
     loss = float(np.mean(np.log(s[:, 0]) - z[np.arange(n), labels]))

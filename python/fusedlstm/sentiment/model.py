@@ -15,9 +15,11 @@ import numpy as np
 
 from .. import __version__
 from ..lstm import lstm_backward, lstm_forward
+from ..prepared import PreparedLSTM, prepare
 from .checkpoint import MODEL_FILES, atomic_write, load_npz, npz_bytes
 from .data import LabelMap, Split
-from .layers import dense_backward, dense_forward, embedding_backward, softmax_cross_entropy, truncated_normal
+from .layers import (dense_backward, dense_forward, embedding_backward, softmax, softmax_cross_entropy,
+                     truncated_normal)
 from .text import Vocabulary, default_max_len, tokenize
 from .training import TrainOptions
 from .training import fit as _fit
@@ -199,14 +201,28 @@ class SentimentClassifier:
     def predict_proba(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Class probabilities [N, C] (no dropout)."""
         ids, lengths = self.encode(texts)
+        lstm = self.prepared_lstm()  # packed once for every batch
         out = np.zeros((len(texts), self.config.num_classes), np.float32)
         for s in range(0, len(texts), batch_size):
             sl = slice(s, s + batch_size)
-            no_labels = np.zeros(len(lengths[sl]), np.int64)  # the loss is not used here
-            _, probs, _, _ = self.forward_backward(ids[sl], lengths[sl], no_labels,
-                                                   need_grads=False)
-            out[sl] = probs
+            out[sl] = self.probabilities(ids[sl], lengths[sl], lstm)
         return out
+
+    def prepared_lstm(self) -> PreparedLSTM:
+        """The LSTM's current weights packed for inference (fusedlstm.prepare): a snapshot, not
+        updated by later training."""
+        p = self.params
+        return prepare(p["kernel"], p["recurrent_kernel"], p["bias"])
+
+    def probabilities(self, ids: np.ndarray, lengths: np.ndarray,
+                      lstm: Optional[PreparedLSTM] = None) -> np.ndarray:
+        """Class probabilities [B, C] of encoded sentences (ids, lengths from ``encode``), no
+        dropout. lstm: ``prepared_lstm()`` reused across batches (packed here when None)."""
+        p = self.params
+        T = int(lengths.max()) if len(lengths) else 1
+        x = np.take(p["embedding"], ids[:, :T], axis=0)
+        _, h_n, _ = (lstm or self.prepared_lstm()).infer(x, lengths=lengths, return_sequences=False)
+        return softmax(dense_forward(h_n, p["dense_w"], p["dense_b"]))
 
     def predict(self, texts: Sequence[str]) -> List[Dict[str, Any]]:
         """One {"text", "label", "probability"} per sentence: the most probable class."""
