@@ -441,6 +441,96 @@ def test_op_library_cache_is_keyed_by_what_march_native_means(monkeypatch):
         assert as_haswell != build.op_library_path() and here.parent.parent == as_haswell.parent.parent
 
 
+def _defines(cmd):
+    return {a[2:] for a in cmd if a.startswith("-D")}
+
+
+def test_op_is_compiled_from_the_build_definition_cmake_reads():
+    # One build definition: csrc/build.json lists the sources and flags; the op's builder and
+    # CMakeLists.txt both read it. TensorFlow's headers are system headers, no warning is muted.
+    import json
+    from pathlib import Path
+
+    from fusedlstm.keras import build
+
+    src = build.source_dir()
+    manifest = json.loads((src / "build.json").read_text())
+    _, cflags, _ = build._tf_flags()
+    cmds = {rel: cmd for rel, _, cmd in build.compile_commands("c++", src, cflags, ["-march=native"], Path("/x"))}
+    assert list(cmds) == manifest["lstm_sources"] + manifest["tf_op_sources"]
+    assert "EIGEN_MPL2_ONLY" in manifest["definitions"]
+    for rel, cmd in cmds.items():
+        assert _defines(cmd) >= set(manifest["definitions"]), rel
+        assert "-w" not in cmd and "-march=native" in cmd, rel
+        assert not any(a.startswith("-I") and "tensorflow" in a for a in cmd), rel  # -isystem only
+        assert cmd.index("-ffp-contract=off") < max(i for i, a in enumerate(cmd) if a.startswith("-ffp-contract"))\
+            or rel not in manifest["source_options"]
+    gemm = cmds["cpu/gemm.cc"]
+    assert gemm[max(i for i, a in enumerate(gemm) if a.startswith("-ffp-contract"))] == "-ffp-contract=fast"
+
+
+def test_cmake_compiles_the_kernels_with_the_same_definition(tmp_path):
+    # Configure only (seconds): CMake's compile commands for the LSTM kernels carry the same
+    # definitions and per-file options as the op's.
+    import json
+    import shutil
+    from pathlib import Path
+
+    from fusedlstm.keras import build
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not on PATH")
+    pybind11 = pytest.importorskip("pybind11")
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "CMakeLists.txt").is_file():
+        pytest.skip("not a source checkout (no CMakeLists.txt)")
+    args = [cmake, "-S", str(root), "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Release",
+            "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+    r = subprocess.run(args, capture_output=True, text=True, check=False)
+    if r.returncode != 0 and "Eigen3" in r.stdout + r.stderr:
+        pytest.skip("Eigen 3.4 is not installed for CMake (pip install cmeel-eigen)")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    units = {Path(u["file"]).resolve(): u["command"].split() for u in
+             json.loads((tmp_path / "compile_commands.json").read_text())}
+    src = build.source_dir()
+    manifest = json.loads((src / "build.json").read_text())
+    ours = {rel: cmd for rel, _, cmd in build.compile_commands("c++", src, [], [], tmp_path)}
+    for rel in manifest["lstm_sources"]:
+        theirs = units[(root / "csrc" / rel).resolve()]
+        # CMake adds only what the Python module needs (OpenMP) and NDEBUG (its Release default).
+        assert _defines(theirs) - {"FUSEDLSTM_WITH_OPENMP", "NDEBUG"} == _defines(ours[rel]), rel
+        contract = [a for a in theirs if a.startswith("-ffp-contract")]
+        assert contract == [a for a in ours[rel] if a.startswith("-ffp-contract")], rel
+        assert set(manifest["release_options"]) <= set(theirs), rel
+
+
+def test_an_installed_package_builds_from_its_own_manifest(tmp_path):
+    # Installed, the sources and build.json sit in fusedlstm/csrc beside the package (CMake's
+    # install rule); the builder reads that copy, and says what is missing when it is not there.
+    import shutil
+
+    from fusedlstm.keras import build
+
+    pkg = tmp_path / "site" / "fusedlstm"
+    (pkg / "keras").mkdir(parents=True)
+    shutil.copy(build.__file__, pkg / "keras" / "build.py")
+    shutil.copytree(build.source_dir(), pkg / "csrc", ignore=shutil.ignore_patterns("python", "cuda"))
+    (pkg / "csrc" / "build.json").write_text((pkg / "csrc" / "build.json").read_text().replace(
+        '"EIGEN_MPL2_ONLY"', '"EIGEN_MPL2_ONLY", "FUSEDLSTM_MANIFEST_PROBE"'))
+    spec = importlib.util.spec_from_file_location("installed_build", pkg / "keras" / "build.py")
+    installed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(installed)
+    assert installed.source_dir() == pkg / "csrc"
+    cmds = installed.compile_commands("c++", installed.source_dir(), [], [], tmp_path)
+    assert all("FUSEDLSTM_MANIFEST_PROBE" in _defines(cmd) for _, _, cmd in cmds)
+    assert all(str(pkg / "csrc") in cmd[cmd.index("-c") + 1] for _, _, cmd in cmds)
+    (pkg / "csrc" / "build.json").unlink()  # an incomplete installation
+    with pytest.raises(FileNotFoundError, match=r"build\.json"):
+        installed.source_dir()
+
+
 def test_an_unsupported_keras_backend_is_refused_at_construction(monkeypatch):
     # Under a backend with no fused op (jax, numpy, openvino) a result would sit outside that
     # backend's autodiff: a model would fit without ever training the LSTM (seen under the torch

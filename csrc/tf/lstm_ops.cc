@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "fusedlstm/lstm.h"
 #include "fusedlstm/validate.h"
 #include "tensorflow/core/framework/op.h"
@@ -57,7 +58,7 @@ REGISTER_OP("FusedLstm")
       c->set_output(1, c->MakeShape({N, H}));
       c->set_output(2, c->MakeShape({N, H}));
       c->set_output(3, c->Vector(InferenceContext::kUnknownDim));
-      return OkStatus();
+      return absl::OkStatus();
     });
 
 REGISTER_OP("FusedLstmGrad")
@@ -87,7 +88,7 @@ REGISTER_OP("FusedLstmGrad")
       c->set_output(3, c->Vector(G));
       c->set_output(4, c->MakeShape({N, H}));
       c->set_output(5, c->MakeShape({N, H}));
-      return OkStatus();
+      return absl::OkStatus();
     });
 
 // TensorFlow's intra-op pool as a CpuDevice. The kernels call this once or twice per time step,
@@ -140,7 +141,7 @@ std::vector<int64_t> Dims(const Tensor& t) {
 // A message from fusedlstm/validate.h as InvalidArgument: false (the error set) when not empty.
 bool Valid(OpKernelContext* ctx, const std::string& error) {
   if (error.empty()) return true;
-  ctx->CtxFailure(errors::InvalidArgument(error));
+  ctx->CtxFailure(absl::InvalidArgumentError(error));
   return false;
 }
 
@@ -151,7 +152,7 @@ bool ReadShape(OpKernelContext* ctx, const Tensor& x, const Tensor& r, const Ten
   const std::vector<int64_t> len_dims = Dims(len);
   return Valid(ctx, fusedlstm::ValidateProblem(Dims(x), Dims(r), &len_dims, s)) &&
          Valid(ctx, fusedlstm::ValidateSizes(*s)) &&
-         Valid(ctx, fusedlstm::ValidateLengths(len.flat<int32>().data(), *s));
+         Valid(ctx, fusedlstm::ValidateLengths(len.flat<int32_t>().data(), *s));
 }
 
 template <typename S>
@@ -171,7 +172,7 @@ class FusedLstmOp : public OpKernel {
     if (!Valid(ctx, fusedlstm::ValidateForwardInputs(s, Dims(k), &b_dims, &h0_dims, &c0_dims))) {
       return;
     }
-    const int32_t* lengths = len.flat<int32>().data();
+    const int32_t* lengths = len.flat<int32_t>().data();
     Tensor *out, *hn, *cn, *cache;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             0, TensorShape({s.N, return_sequences_ ? s.T : 0, s.H}), &out));
@@ -230,7 +231,7 @@ class FusedLstmGradOp : public OpKernel {
                                                 &dcn_dims))) {
       return;
     }
-    const int32_t* lengths = len.flat<int32>().data();
+    const int32_t* lengths = len.flat<int32_t>().data();
     // Backward consumes its cache in place. When this op holds the only reference to the cache
     // buffer (the usual case: nothing else reads the forward's cache), TensorFlow lets it take the
     // buffer over; otherwise (a persistent tape may take the gradient twice, or the cache is
