@@ -77,13 +77,18 @@ def test_raw_core_checks_for_itself(p):
         _core.forward(x, k, r, None, None, None, np.array([9, 0, 0], np.int32), True)
     with pytest.raises(ValueError, match=r"recurrent_kernel: expected rank 2 \[H, 4H\], got shape \(3,\)"):
         _core.forward(x, k, np.zeros(3), None, None, None, None, True)
-    _, _, _, buf = _core.forward(x, k, r, None, None, None, None, True)
-    with pytest.raises(ValueError, match="cache: expected shape"):
-        _core.backward(buf[:-1].copy(), (4, 3, 5, 6), None, None, None, None)
-    with pytest.raises(ValueError, match="cache: expected shape"):
-        _core.backward(buf, (4, 3, 5, 7), None, None, None, None)
-    with pytest.raises(TypeError):
-        _core.backward(buf.astype(np.int32), (4, 3, 5, 6), None, None, None, None)
+    _, _, _, cache = _core.forward(x, k, r, None, None, None, None, True)
+    with pytest.raises(TypeError):  # a bare buffer is not a cache
+        _core.backward(cache.buffer, None, None, None)
+    with pytest.raises(ValueError, match=r"d_outputs: expected shape \(3, 4, 6\) \[N, T, H\], got \(4, 3, 6\)"):
+        _core.backward(cache, np.zeros((4, 3, 6)), None, None)
+    with pytest.raises(TypeError, match="d_h_n: expected dtype float64"):
+        _core.backward(cache, None, np.zeros((3, 6), np.float32), None)
+    assert not cache.used  # refused calls consume nothing
+    _core.backward(cache, None, None, None)
+    assert cache.used and cache.buffer is None and cache.nbytes == 0
+    with pytest.raises(ValueError, match="already used"):
+        _core.backward(cache, None, None, None)
 
 
 @pytest.mark.parametrize("change,msg", [
@@ -116,6 +121,45 @@ def test_shapes_whose_buffers_overflow_are_rejected():
         _core.forward(x, k, r, None, None, None, None, True)
     with pytest.raises(ValueError, match="too large"):
         fusedlstm.lstm_forward(x, k, r, training=False)
+
+
+def test_the_cache_carries_its_own_shape_and_a_forged_one_cannot_reach_the_kernel(rng):
+    """N == T: a cache read with N and T swapped has the right size but gives wrong gradients.
+    The compiled cache records the shape, dtype and lengths it was written with; backward takes
+    only it, so there is no shape to hand in, and nothing of it can be changed from Python."""
+    p, up = make_problem(rng, 4, 4, 3, 5, lengths=[4, 1, 0, 3])
+    ref = reference.lstm_backward(reference.lstm_forward(**p)[3], **up)
+    out = _core.forward(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], p["h0"], p["c0"],
+                        p["lengths"].astype(np.int32), True)
+    cache = out[3]
+    assert isinstance(cache, _core.Cache)
+    assert cache.shape == (4, 4, 3, 5) and cache.dtype == np.float64
+    np.testing.assert_array_equal(cache.lengths, [4, 1, 0, 3])
+    # The old entry point's shape and lengths arguments are gone: nothing to forge.
+    with pytest.raises(TypeError):
+        _core.backward(cache, (4, 4, 3, 5), None, None, None, None, True)
+    with pytest.raises(TypeError):  # not constructible from Python
+        _core.Cache()
+    for name, value in [("shape", (4, 4, 5, 3)), ("dtype", np.float32), ("lengths", None), ("buffer", None)]:
+        with pytest.raises(AttributeError):
+            setattr(cache, name, value)
+    cache.lengths[:] = 0  # a copy: the backward still sees [4, 1, 0, 3]
+    # The buffer is rechecked before the kernel writes to it.
+    cache.buffer.flags.writeable = False
+    with pytest.raises(ValueError, match="cache: array is read-only"):
+        _core.backward(cache, up["d_outputs"], up["d_h_n"], up["d_c_n"])
+    cache.buffer.flags.writeable = True
+    got = _core.backward(cache, up["d_outputs"], up["d_h_n"], up["d_c_n"])
+    for name, a, b in zip(ref._fields, got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9, err_msg=name)
+    # Through the package: LstmCache's shape, dtype and lengths are the compiled cache's, read-only.
+    lc = fusedlstm.lstm_forward(**p)[3]
+    assert lc.shape == (4, 4, 3, 5)
+    with pytest.raises(AttributeError):
+        lc.shape = (4, 4, 5, 3)
+    g = fusedlstm.lstm_backward(lc, **up)
+    for name, a, b in zip(ref._fields, g, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9, err_msg=name)
 
 
 def test_weird_but_valid_inputs(rng):

@@ -155,18 +155,6 @@ py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
   return py::array_t<S>(std::vector<int64_t>{size});
 }
 
-// The shape of a backward call from (T, N, C, H).
-inline LstmShape ReadShapeTNCH(const std::vector<int64_t>& shape_tnch) {
-  if (shape_tnch.size() != 4) throw py::value_error("shape: expected (T, N, C, H)");
-  LstmShape s;
-  s.T = shape_tnch[0];
-  s.N = shape_tnch[1];
-  s.C = shape_tnch[2];
-  s.H = shape_tnch[3];
-  Require(ValidateSizes(s));
-  return s;
-}
-
 }  // namespace fusedlstm
 
 #endif  // FUSEDLSTM_PYTHON_CHECKS_H_

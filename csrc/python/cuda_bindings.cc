@@ -1,11 +1,12 @@
 // fusedlstm._core.forward_cuda / backward_cuda / cuda_device_count: the CUDA kernels
-// (fusedlstm/lstm_cuda.h) on NumPy arrays, copied to the GPU and back; the training cache stays on
+// (fusedlstm/lstm.h) on NumPy arrays, copied to the GPU and back; the training cache stays on
 // the GPU. Without a CUDA build only cuda_device_count exists (and answers 0).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "bindings.h"
+#include "cache.h"
 #include "checks.h"
 
 #ifdef FUSEDLSTM_WITH_CUDA
@@ -21,7 +22,6 @@
 #include <vector>
 
 #include "fusedlstm/lstm.h"
-#include "fusedlstm/lstm_cuda.h"
 #endif
 
 namespace fusedlstm {
@@ -33,34 +33,47 @@ void CudaCheck(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
-// Device memory owned by a Python object (the training cache) or by a scope (temporaries).
+// Device memory owned by a cache or by a scope (temporaries).
 class DeviceBuffer {
  public:
-  DeviceBuffer(int64_t elems, size_t elem_size, bool is_double)
-      : elems_(elems), bytes_(size_t(elems) * elem_size), is_double_(is_double) {
+  DeviceBuffer(int64_t elems, size_t elem_size) : bytes_(size_t(elems) * elem_size) {
     if (bytes_ > 0) CudaCheck(cudaMalloc(&ptr_, bytes_), "cudaMalloc");
   }
-  ~DeviceBuffer() { Release(); }
+  ~DeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);
+  }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void Release() {
-    if (ptr_) cudaFree(ptr_);
-    ptr_ = nullptr;
-    elems_ = 0;
-    bytes_ = 0;
-  }
   template <typename S>
   S* get() const { return static_cast<S*>(ptr_); }
-  int64_t elems() const { return elems_; }
   size_t nbytes() const { return bytes_; }
-  bool is_double() const { return is_double_; }
-  bool released() const { return ptr_ == nullptr && elems_ == 0; }
 
  private:
   void* ptr_ = nullptr;
-  int64_t elems_;
   size_t bytes_;
-  bool is_double_;
+};
+
+// A CUDA training cache (cache.h): GPU memory, freed by the backward that consumes it.
+class CudaCache {
+ public:
+  CudaCache(const LstmShape& s, bool is_double, const int32_t* lengths)
+      : mem_(new DeviceBuffer(CacheSize(s), is_double ? sizeof(double) : sizeof(float))),
+        info_(s, is_double, lengths) {}
+  const CacheInfo& info() const { return info_; }
+  bool used() const { return mem_ == nullptr; }
+  int64_t nbytes() const { return mem_ ? static_cast<int64_t>(mem_->nbytes()) : 0; }
+  template <typename S>
+  S* get() const { return mem_->get<S>(); }
+  // Consumed (call with the GIL held, so no two backwards take it): the memory is the caller's
+  // until it drops it.
+  std::unique_ptr<DeviceBuffer> Take() {
+    if (used()) throw py::value_error("cache: already used by a backward (good for one)");
+    return std::move(mem_);
+  }
+
+ private:
+  std::unique_ptr<DeviceBuffer> mem_;
+  CacheInfo info_;
 };
 
 // One cuBLAS handle and stream per process; calls are serialized (the GPU is one device).
@@ -97,7 +110,7 @@ template <typename S>
 const S* Upload(std::vector<std::unique_ptr<DeviceBuffer>>& keep, const void* host, int64_t elems,
                 size_t elem_size, cudaStream_t st) {
   if (!host) return nullptr;
-  keep.emplace_back(new DeviceBuffer(elems, elem_size, false));
+  keep.emplace_back(new DeviceBuffer(elems, elem_size));
   if (elems > 0) {
     CudaCheck(cudaMemcpyAsync(keep.back()->get<void>(), host, size_t(elems) * elem_size,
                               cudaMemcpyHostToDevice, st), "cudaMemcpy to device");
@@ -107,7 +120,7 @@ const S* Upload(std::vector<std::unique_ptr<DeviceBuffer>>& keep, const void* ho
 
 template <typename S>
 S* Scratch(std::vector<std::unique_ptr<DeviceBuffer>>& keep, int64_t elems) {
-  keep.emplace_back(new DeviceBuffer(elems, sizeof(S), std::is_same<S, double>::value));
+  keep.emplace_back(new DeviceBuffer(elems, sizeof(S)));
   return keep.back()->get<S>();
 }
 
@@ -138,11 +151,13 @@ py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::arr
                       const py::object& lengths, bool training) {
   ForwardArgs<S> host;
   const LstmShape s = ReadForward<S>(x, kernel, rkernel, bias, h0, c0, lengths, &host);
+  Require(ValidateCudaSizes(s));  // cuBLAS takes int sizes
   const int64_t G = 4 * s.H;
   py::array_t<S> outputs({s.N, s.T, s.H}), h_n({s.N, s.H}), c_n({s.N, s.H});
-  std::shared_ptr<DeviceBuffer> cache;
+  std::shared_ptr<CudaCache> cache;
   if (training) {
-    cache = std::make_shared<DeviceBuffer>(CacheSize(s), sizeof(S), std::is_same<S, double>::value);
+    cache = std::make_shared<CudaCache>(s, std::is_same<S, double>::value, host.lengths);
+    host.lengths = cache->info().lengths();  // the forward runs on the copy the backward sees
   }
   {
     CudaCall call;  // GIL released, the runtime locked
@@ -173,28 +188,26 @@ py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::arr
 }
 
 template <typename S>
-py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tnch,
-                       const py::object& lengths, const py::object& d_outputs,
-                       const py::object& d_h_n, const py::object& d_c_n, bool need_dx) {
-  const LstmShape s = ReadShapeTNCH(shape_tnch);
+py::tuple BackwardCuda(CudaCache& cache, const py::object& d_outputs, const py::object& d_h_n,
+                       const py::object& d_c_n, bool need_dx) {
+  const LstmShape s = cache.info().shape();
   const int64_t G = 4 * s.H;
-  if (cache.released()) throw py::value_error("cache: already used by a backward");
-  if (cache.elems() != CacheSize(s) || cache.is_double() != std::is_same<S, double>::value) {
-    throw py::value_error("cache: does not match the shape or dtype given");
-  }
-  const int32_t* len = CheckedLengths(lengths, s);
+  if (cache.used()) throw py::value_error("cache: already used by a backward (good for one)");
+  const int32_t* len = cache.info().lengths();
   BackwardArgs<S> up;
   ReadUpstream<S>(s, d_outputs, d_h_n, d_c_n, &up);
   const S *dout = up.d_outputs, *dhn = up.d_h_n, *dcn = up.d_c_n;
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
+  // Consumed, as on the CPU (the kernel overwrites it); freed once the GPU is done with it.
+  std::unique_ptr<DeviceBuffer> mem = cache.Take();
   {
     CudaCall call;  // GIL released, the runtime locked
     const CudaContext& ctx = call.ctx;
     cudaStream_t st = call.stream;
     auto& keep = call.keep;
     BackwardArgs<S> d;
-    d.cache = cache.get<S>();
+    d.cache = mem->get<S>();
     d.lengths = Upload<int32_t>(keep, len, s.N, sizeof(int32_t), st);
     d.d_outputs = Upload<S>(keep, dout, s.N * s.T * s.H, sizeof(S), st);
     d.d_h_n = Upload<S>(keep, dhn, s.N * s.H, sizeof(S), st);
@@ -214,16 +227,17 @@ py::tuple BackwardCuda(DeviceBuffer& cache, const std::vector<int64_t>& shape_tn
     Download(dh0, d.d_h0, st);
     Download(dc0, d.d_c0, st);
     CudaCheck(cudaStreamSynchronize(st), "LSTM backward on the GPU");
-    cache.Release();  // consumed, as on the CPU
+    mem.reset();
   }
   py::object dx_out = need_dx ? py::object(dx) : py::none();
   return py::make_tuple(dx_out, dk, dr, db, dh0, dc0);
 }
 
 void RegisterCudaKernels(py::module_& m) {
-  py::class_<DeviceBuffer, std::shared_ptr<DeviceBuffer>>(m, "DeviceBuffer")
-      .def_property_readonly("nbytes", &DeviceBuffer::nbytes)
-      .def_property_readonly("released", &DeviceBuffer::released);
+  py::class_<CudaCache, std::shared_ptr<CudaCache>> cache(
+      m, "CudaCache",
+      "A training forward's cache in GPU memory, with its shape, dtype and lengths.");
+  DefCacheProperties(cache);
   m.def(
       "forward_cuda",
       [](const py::array& x, const py::array& kernel, const py::array& rkernel,
@@ -240,15 +254,15 @@ void RegisterCudaKernels(py::module_& m) {
       py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"));
   m.def(
       "backward_cuda",
-      [](DeviceBuffer& cache, const std::vector<int64_t>& shape, const py::object& lengths,
-         const py::object& d_outputs, const py::object& d_h_n, const py::object& d_c_n,
-         bool need_dx) {
-        if (cache.is_double())
-          return BackwardCuda<double>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
-        return BackwardCuda<float>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
+      [](CudaCache& cache, const py::object& d_outputs, const py::object& d_h_n,
+         const py::object& d_c_n, bool need_dx) {
+        if (cache.info().is_double())
+          return BackwardCuda<double>(cache, d_outputs, d_h_n, d_c_n, need_dx);
+        return BackwardCuda<float>(cache, d_outputs, d_h_n, d_c_n, need_dx);
       },
-      py::arg("cache"), py::arg("shape"), py::arg("lengths"), py::arg("d_outputs"),
-      py::arg("d_h_n"), py::arg("d_c_n"), py::arg("need_dx") = true);
+      py::arg("cache"), py::arg("d_outputs"), py::arg("d_h_n"), py::arg("d_c_n"),
+      py::arg("need_dx") = true,
+      "Gradients from a training forward_cuda's CudaCache, which it consumes (one backward each).");
 }
 }  // namespace
 

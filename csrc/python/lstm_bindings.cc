@@ -6,10 +6,13 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bindings.h"
+#include "cache.h"
 #include "checks.h"
 #include "fusedlstm/device.h"
 #include "fusedlstm/lstm.h"
@@ -21,6 +24,39 @@ template <typename S>
 S* MutablePtr(py::array_t<S>& a) {
   return a.mutable_data();
 }
+
+// A CPU training cache (cache.h): a NumPy buffer, possibly a prefix of a recycled spare. Python
+// sees the buffer (to recycle it once consumed) but never passes it to a backward by itself.
+class Cache {
+ public:
+  Cache(py::array buffer, const LstmShape& s, bool is_double, const int32_t* lengths)
+      : buffer_(std::move(buffer)), info_(s, is_double, lengths) {}
+  const CacheInfo& info() const { return info_; }
+  bool used() const { return buffer_.is_none(); }
+  int64_t nbytes() const {
+    return used() ? 0 : static_cast<int64_t>(py::reinterpret_borrow<py::array>(buffer_).nbytes());
+  }
+  const py::object& buffer() const { return buffer_; }
+  // The buffer, checked against the shape and dtype it was written for, as the kernel's pointer.
+  template <typename S>
+  S* Data() const {
+    if (used()) throw py::value_error("cache: already used by a backward (good for one)");
+    const py::array a = py::reinterpret_borrow<py::array>(buffer_);
+    CheckedPtr<S>(a, "cache", {CacheSize(info_.shape())});
+    return WritableData<S>(a, "cache");
+  }
+  // Consumed: the buffer is handed back (kept alive while the kernel runs) and no second
+  // backward can take it.
+  py::object Take() {
+    py::object b = buffer_;
+    buffer_ = py::none();
+    return b;
+  }
+
+ private:
+  py::object buffer_;
+  CacheInfo info_;
+};
 
 template <typename S>
 py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& rkernel,
@@ -49,7 +85,9 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
   if (training) {
     py::array_t<S> c = ReuseOrAllocate<S>(spare, CacheSize(s));
     args.cache = MutablePtr(c);
-    cache = c;
+    auto owner = std::make_shared<Cache>(c, s, std::is_same<S, double>::value, args.lengths);
+    args.lengths = owner->info().lengths();  // the forward runs on the copy the backward sees
+    cache = py::cast(owner);
   } else {
     cache = workspace;  // handed back so the caller can recycle it
   }
@@ -61,15 +99,13 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
 }
 
 template <typename S>
-py::tuple Backward(const py::array& cache, const std::vector<int64_t>& shape_tnch,
-                   const py::object& lengths, const py::object& d_outputs,
-                   const py::object& d_h_n, const py::object& d_c_n, bool need_dx) {
-  const LstmShape s = ReadShapeTNCH(shape_tnch);
+py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& d_h_n,
+                   const py::object& d_c_n, bool need_dx) {
+  const LstmShape s = cache.info().shape();
   const int64_t G = 4 * s.H;
   BackwardArgs<S> args;
-  if (!cache.writeable()) throw py::value_error("cache: must be writeable");
-  args.cache = const_cast<S*>(CheckedPtr<S>(cache, "cache", {CacheSize(s)}));
-  args.lengths = CheckedLengths(lengths, s);
+  args.cache = cache.Data<S>();
+  args.lengths = cache.info().lengths();
   ReadUpstream<S>(s, d_outputs, d_h_n, d_c_n, &args);
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
@@ -81,6 +117,7 @@ py::tuple Backward(const py::array& cache, const std::vector<int64_t>& shape_tnc
   args.d_h0 = MutablePtr(dh0);
   args.d_c0 = MutablePtr(dc0);
   args.workspace = MutablePtr(workspace);
+  const py::object buffer = cache.Take();  // consumed: the kernel overwrites it
   {
     py::gil_scoped_release release;
     LstmBackward<S>(OpenMpDevice(NumThreads()), s, args);
@@ -110,19 +147,25 @@ void RegisterLstm(py::module_& m) {
       py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"),
       py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"),
       py::arg("spare") = py::none(), py::arg("return_sequences") = true);
+  py::class_<Cache, std::shared_ptr<Cache>> cache(
+      m, "Cache",
+      "A training forward's cache: what backward reads, with its shape, dtype and lengths.");
+  DefCacheProperties(cache);
+  cache.def_property_readonly(
+      "buffer", &Cache::buffer,
+      "the memory (a NumPy array; backward overwrites it), or None once used");
   m.def(
       "backward",
-      [](const py::array& cache, const std::vector<int64_t>& shape, const py::object& lengths,
-         const py::object& d_outputs, const py::object& d_h_n, const py::object& d_c_n,
-         bool need_dx) {
-        if (IsDtype(cache, py::dtype::of<float>()))
-          return Backward<float>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
-        if (IsDtype(cache, py::dtype::of<double>()))
-          return Backward<double>(cache, shape, lengths, d_outputs, d_h_n, d_c_n, need_dx);
-        throw py::type_error("cache: dtype must be float32 or float64");
+      [](Cache& cache, const py::object& d_outputs, const py::object& d_h_n,
+         const py::object& d_c_n, bool need_dx) {
+        if (cache.info().is_double()) {
+          return Backward<double>(cache, d_outputs, d_h_n, d_c_n, need_dx);
+        }
+        return Backward<float>(cache, d_outputs, d_h_n, d_c_n, need_dx);
       },
-      py::arg("cache"), py::arg("shape"), py::arg("lengths"), py::arg("d_outputs"),
-      py::arg("d_h_n"), py::arg("d_c_n"), py::arg("need_dx") = true);
+      py::arg("cache"), py::arg("d_outputs"), py::arg("d_h_n"), py::arg("d_c_n"),
+      py::arg("need_dx") = true,
+      "Gradients from a training forward's Cache, which it consumes (one backward each).");
 }
 
 }  // namespace fusedlstm

@@ -5,7 +5,7 @@ allocates nothing the kernel could overrun, and knows nothing about text or mode
 from __future__ import annotations
 
 import threading
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -65,29 +65,48 @@ def _check_device(device: str) -> str:
 class LstmCache:
     """What ``lstm_backward`` needs from a training forward: opaque, and good for one backward.
 
-    It owns copies of x and the weights, so the caller may change those arrays after the
-    forward. Backward overwrites it in place (to save memory) and then releases it. With
-    ``device="cuda"`` it lives in GPU memory.
+    It owns copies of x, the weights and the lengths, so the caller may change those arrays after
+    the forward, and it records the shape and dtype it was written for, so a backward always reads
+    it as exactly that. Backward overwrites it in place (to save memory) and then releases it.
+    With ``device="cuda"`` it lives in GPU memory.
     """
 
-    __slots__ = ("_buf", "_lock", "shape", "dtype", "lengths", "device")
+    __slots__ = ("_core", "_lock", "device")
 
-    def __init__(self, buf, shape: Tuple[int, int, int, int], lengths, dtype=None,
-                 device: str = "cpu"):
-        self._buf = buf
+    def __init__(self, core_cache, device: str = "cpu"):
+        self._core = core_cache  # _core.Cache or _core.CudaCache
         self._lock = threading.Lock()
-        self.shape = shape  # (B, T, E, H)
-        self.dtype = np.dtype(dtype) if dtype is not None else buf.dtype
-        self.lengths = lengths
         self.device = device
 
     @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """(B, T, E, H) of the forward that wrote it."""
+        return tuple(int(d) for d in self._core.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._core.dtype
+
+    @property
+    def lengths(self) -> Optional[np.ndarray]:
+        """A copy of the lengths the forward ran with, or None (all T)."""
+        return self._core.lengths
+
+    @property
+    def _buf(self):
+        """The memory a CPU backward will overwrite (recycled once it is consumed), or None once
+        used; on the GPU the device cache itself."""
+        if self._core.used:
+            return None
+        return self._core.buffer if self.device == "cpu" else self._core
+
+    @property
     def used(self) -> bool:
-        return self._buf is None
+        return bool(self._core.used)
 
     @property
     def nbytes(self) -> int:
-        return 0 if self._buf is None else int(self._buf.nbytes)
+        return int(self._core.nbytes)
 
     def __repr__(self) -> str:
         B, T, E, H = self.shape
@@ -111,8 +130,7 @@ def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training,
     if not training:
         _recycle(buf)  # the workspace
         return outputs, h_n, c_n, None
-    B, T, E = x.shape
-    return outputs, h_n, c_n, LstmCache(buf, (B, T, E, recurrent_kernel.shape[0]), lengths)
+    return outputs, h_n, c_n, LstmCache(buf)  # a _core.Cache: the buffer with its shape
 
 
 def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences):
@@ -122,10 +140,8 @@ def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, 
     errors for users."""
     if type(x) is not np.ndarray:
         return None
-    if lengths is not None:
-        if type(lengths) is not np.ndarray or lengths.dtype != np.int32:
-            return None
-        lengths = lengths.copy()  # the cache must not see later changes to the caller's array
+    if lengths is not None and (type(lengths) is not np.ndarray or lengths.dtype != np.int32):
+        return None  # (the compiled cache keeps its own copy of the lengths)
     try:
         return _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training,
                             return_sequences)
@@ -171,8 +187,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
     if device == "cuda":
         outputs, h_n, c_n, dbuf = _core.forward_cuda(a.x, a.kernel, a.recurrent_kernel, a.bias,
                                                      a.h0, a.c0, a.lengths, bool(training))
-        cache = (LstmCache(dbuf, (a.B, a.T, a.E, a.H), a.lengths, a.x.dtype, "cuda")
-                 if training else None)
+        cache = LstmCache(dbuf, "cuda") if training else None
         return (outputs if return_sequences else None), h_n, c_n, cache
     return _cpu_forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths,
                         training, return_sequences)
@@ -220,16 +235,15 @@ def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None,
 
 def _consume(cache: LstmCache, d_outputs, d_h_n, d_c_n, need_dx) -> LstmGrads:
     """The compiled backward on the cache's device; the cache is used up (one backward each,
-    even from several threads) and a CPU buffer is recycled for the next forward."""
-    B, T, E, H = cache.shape
+    even from several threads) and a CPU buffer is recycled for the next forward. The compiled
+    cache carries its own shape, dtype and lengths: nothing here can pair it with others."""
     with cache._lock:
         buf = cache._buf
         if buf is None:
             raise ValueError("cache was already used by lstm_backward (a cache is good for one "
                              "backward: run the forward again)")
         run = _core.backward_cuda if cache.device == "cuda" else _core.backward
-        grads = run(buf, (T, B, E, H), cache.lengths, d_outputs, d_h_n, d_c_n, bool(need_dx))
-        cache._buf = None  # consumed (in place on the CPU; GPU memory freed)
+        grads = run(cache._core, d_outputs, d_h_n, d_c_n, bool(need_dx))
     if cache.device == "cpu":
         _recycle(buf)
     return LstmGrads(*grads)

@@ -1,0 +1,71 @@
+// What a training forward hands its backward, on either device: the cache memory together with
+// what it was written for (shape, dtype, lengths). A backward takes only this object, so it reads
+// a cache as exactly what it is: no caller can pair a buffer with another shape (a swapped N and
+// T has the same size) or other lengths. Python cannot construct one, and its fields are
+// read-only there.
+#ifndef FUSEDLSTM_PYTHON_CACHE_H_
+#define FUSEDLSTM_PYTHON_CACHE_H_
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "fusedlstm/lstm.h"
+
+namespace fusedlstm {
+namespace py = pybind11;
+
+class CacheInfo {
+ public:
+  // `lengths` (nullptr: all T) is copied: the caller's array may change before the backward.
+  CacheInfo(const LstmShape& s, bool is_double, const int32_t* lengths)
+      : shape_(s), is_double_(is_double), has_lengths_(lengths != nullptr) {
+    if (lengths) lengths_.assign(lengths, lengths + s.N);
+  }
+  const LstmShape& shape() const { return shape_; }
+  bool is_double() const { return is_double_; }
+  // The copy the forward ran with (and the backward must see); nullptr for all T.
+  const int32_t* lengths() const { return has_lengths_ ? lengths_.data() : nullptr; }
+
+ private:
+  LstmShape shape_;
+  bool is_double_;
+  bool has_lengths_;
+  std::vector<int32_t> lengths_;
+};
+
+// The read-only properties every cache class shows Python: shape (N, T, C, H: x's shape, then
+// H), dtype, lengths (a copy, or None), used, nbytes. Class must have info(), used(), nbytes().
+template <typename Class>
+void DefCacheProperties(py::class_<Class, std::shared_ptr<Class>>& c) {
+  c.def_property_readonly("shape",
+                          [](const Class& k) {
+                            const LstmShape& s = k.info().shape();
+                            return py::make_tuple(s.N, s.T, s.C, s.H);
+                          },
+                          "(N, T, C, H) of the forward that wrote it")
+      .def_property_readonly("dtype",
+                             [](const Class& k) {
+                               return k.info().is_double() ? py::dtype::of<double>()
+                                                           : py::dtype::of<float>();
+                             })
+      .def_property_readonly("lengths",
+                             [](const Class& k) -> py::object {
+                               const int32_t* p = k.info().lengths();
+                               if (!p) return py::none();
+                               py::array_t<int32_t> a(std::vector<int64_t>{k.info().shape().N});
+                               std::copy(p, p + k.info().shape().N, a.mutable_data());
+                               return a;
+                             },
+                             "a copy of the lengths the forward ran with, or None (all T)")
+      .def_property_readonly("used", &Class::used, "True once a backward has consumed it")
+      .def_property_readonly("nbytes", &Class::nbytes, "bytes it holds (0 once used)");
+}
+
+}  // namespace fusedlstm
+
+#endif  // FUSEDLSTM_PYTHON_CACHE_H_
