@@ -29,6 +29,18 @@ def test_device_argument_is_checked(rng):
     assert _core.cuda_device_count() >= (1 if GPU else 0)
 
 
+@pytest.mark.skipif(not BUILT, reason="this build has no CUDA (see .ci/cuda_build)")
+def test_cuda_refuses_sizes_cublas_cannot_take():
+    # cuBLAS takes int sizes: N*T = 2^32 would be truncated. Refused before any GPU work, so
+    # this runs in a CUDA build without a GPU too.
+    x = np.zeros((1 << 16, 1 << 16, 0), np.float32)
+    k, r = np.zeros((0, 4), np.float32), np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match=r"N\*T exceeds 2147483647 \(INT_MAX"):
+        _core.forward_cuda(x, k, r, None, None, None, None, True)
+    with pytest.raises(TypeError):  # the backward takes only a CudaCache, which carries its shape
+        _core.backward_cuda(np.zeros(8, np.float32), None, None, None)
+
+
 SHAPES = [(1, 1, 1, 1), (3, 6, 5, 17), (7, 5, 12, 70), (33, 9, 20, 129)]
 
 
@@ -42,7 +54,7 @@ def test_cuda_matches_cpu(rng, dtype, shape, lengths, state):
                          bias=shape[0] % 2 == 1)
     cpu = fusedlstm.lstm_forward(**p)
     gpu = fusedlstm.lstm_forward(**p, device="cuda")
-    assert gpu[3].device == "cuda" and gpu[3].nbytes > 0
+    assert gpu[3].device == "cuda" and gpu[3].nbytes > 0 and gpu[3].shape == shape
     g_cpu = fusedlstm.lstm_backward(cpu[3], **up)
     g_gpu = fusedlstm.lstm_backward(gpu[3], **up)
     tol = dict(rtol=1e-10, atol=1e-11) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)

@@ -1,14 +1,16 @@
-// CUDA implementation of the fused LSTM contract (fusedlstm/lstm_cuda.h). Layouts are those of
+// CUDA implementation of the fused LSTM contract (fusedlstm/lstm.h). Layouts are those of
 // lstm.h, row-major; cuBLAS is column-major, so a row-major [m, n] matrix is passed as its
 // column-major transpose [n, m] (leading dimension n) and every product below is written in
 // that view, with the row-major equation it computes beside it.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <stdexcept>
 #include <string>
 
-#include "fusedlstm/lstm_cuda.h"
+#include "fusedlstm/lstm.h"
+#include "fusedlstm/validate.h"
 
 namespace fusedlstm {
 namespace {
@@ -25,22 +27,41 @@ void Check(cublasStatus_t e, const char* what) {
 #define FL_LAUNCH(what) Check(cudaGetLastError(), what)
 
 constexpr int kThreads = 256;
-inline unsigned Blocks(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+static_assert(kMaxCudaLaunchElements == int64_t(INT_MAX) * kThreads, "validate.h's launch limit");
+// Blocks of a launch over n elements; ValidateCudaSizes keeps n within one grid's 2^31 - 1 blocks.
+inline unsigned Blocks(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  if (blocks > INT_MAX) {
+    throw std::invalid_argument("CUDA LSTM: " + std::to_string(n) +
+                                " elements exceed one launch's grid");
+  }
+  return static_cast<unsigned>(blocks);
+}
+
+// cuBLAS takes int sizes: a larger one is refused, never truncated (adapters check the shape
+// first with ValidateCudaSizes, validate.h; this is the last line).
+inline int Int(int64_t v, const char* what) {
+  if (v < 0 || v > INT_MAX) {
+    throw std::invalid_argument(std::string("CUDA LSTM: ") + what + " = " + std::to_string(v) +
+                                " exceeds INT_MAX, the largest size cuBLAS takes");
+  }
+  return static_cast<int>(v);
+}
 
 // Column-major GEMM, C = alpha·op(A)·op(B) + beta·C, in float or double.
 void Gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n,
           int64_t k, float beta, const float* a, int64_t lda, const float* b, int64_t ldb,
           float* c, int64_t ldc) {
   const float one = 1.0f;
-  Check(cublasSgemm(h, ta, tb, int(m), int(n), int(k), &one, a, int(lda), b, int(ldb), &beta, c,
-                    int(ldc)), "cublasSgemm");
+  Check(cublasSgemm(h, ta, tb, Int(m, "m"), Int(n, "n"), Int(k, "k"), &one, a, Int(lda, "lda"), b,
+                    Int(ldb, "ldb"), &beta, c, Int(ldc, "ldc")), "cublasSgemm");
 }
 void Gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n,
           int64_t k, double beta, const double* a, int64_t lda, const double* b, int64_t ldb,
           double* c, int64_t ldc) {
   const double one = 1.0;
-  Check(cublasDgemm(h, ta, tb, int(m), int(n), int(k), &one, a, int(lda), b, int(ldb), &beta, c,
-                    int(ldc)), "cublasDgemm");
+  Check(cublasDgemm(h, ta, tb, Int(m, "m"), Int(n, "n"), Int(k, "k"), &one, a, Int(lda, "lda"), b,
+                    Int(ldb, "ldb"), &beta, c, Int(ldc, "ldc")), "cublasDgemm");
 }
 
 // The activations exactly as the CPU reference formulas (no fast-math): exp overflows to inf
@@ -199,6 +220,8 @@ int64_t CudaBackwardWorkspaceSize(const LstmShape& s) { return s.N * s.H; }
 
 template <typename S>
 void LstmForwardCuda(const CudaContext& ctx, const LstmShape& s, const ForwardArgs<S>& a) {
+  const std::string too_large = ValidateCudaSizes(s);
+  if (!too_large.empty()) throw std::invalid_argument(too_large);
   const int64_t T = s.T, N = s.N, H = s.H, C = s.C, G = 4 * H;
   const bool training = a.cache != nullptr;
   if (N == 0) return;
@@ -261,6 +284,8 @@ void LstmForwardCuda(const CudaContext& ctx, const LstmShape& s, const ForwardAr
 
 template <typename S>
 void LstmBackwardCuda(const CudaContext& ctx, const LstmShape& s, const BackwardArgs<S>& a) {
+  const std::string too_large = ValidateCudaSizes(s);
+  if (!too_large.empty()) throw std::invalid_argument(too_large);
   const int64_t T = s.T, N = s.N, H = s.H, C = s.C, G = 4 * H, M = N * T;
   Bound b(ctx);
   // The running dh and dc live in d_h0 / d_c0: that is where they end.

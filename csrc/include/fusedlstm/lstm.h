@@ -1,6 +1,7 @@
-// THE contract of the fused LSTM kernels: notation, layouts, every pointer's shape and direction,
-// aliasing, and what the caller must provide. Every adapter (pybind11 module, TensorFlow op, a
-// future CUDA build) is written against this header alone.
+// THE contract of the fused LSTM kernels, CPU and CUDA: notation, layouts, every pointer's shape
+// and direction, aliasing, and what the caller must provide. Every adapter (the pybind11 module,
+// the TensorFlow op) is written against this header; fusedlstm/validate.h checks their arguments
+// against it. This header has no CUDA includes.
 //
 // Notation: T time steps, N batch rows, C input features, H hidden units. Gates are ordered
 // i, f, c, o (Keras order) in blocks of H columns: z = x_t·W + h_{t-1}·R + b, shape [N, 4H];
@@ -86,14 +87,45 @@ struct BackwardArgs {
   Scalar* workspace = nullptr;
 };
 
+// -- CPU kernels (csrc/cpu) -----------------------------------------------------------------
 // No output may alias an input or another output. The arguments are trusted: adapters validate
-// shapes, lengths and pointers before calling.
+// shapes, lengths and sizes (validate.h) and pointers before calling.
 template <typename Scalar>
 void LstmForward(const CpuDevice& device, const LstmShape& shape, const ForwardArgs<Scalar>& args);
 
 template <typename Scalar>
 void LstmBackward(const CpuDevice& device, const LstmShape& shape,
                   const BackwardArgs<Scalar>& args);
+
+// -- CUDA kernels (csrc/cuda; built only with FUSEDLSTM_CUDA=ON) ----------------------------
+// The same contract as the CPU kernels: the same shapes, Keras weight layout and gate order,
+// lengths semantics, ForwardArgs/BackwardArgs (outputs required, never nullptr) and cache size
+// (CacheSize), in elements of Scalar. Every pointer is device memory. The cache is laid out as
+// the CPU kernels' but with the weights in Keras order, not interleaved: caches do not cross
+// devices. cuBLAS does the input projection over all steps, the per-step recurrent products and
+// the hoisted weight/input gradients; one fused elementwise kernel per step does the gates and
+// cell update (one more the backward gate pass); the bias gradient is a per-column sequential
+// sum (no atomics), so results are bit-reproducible on a given GPU. cuBLAS takes int sizes: a
+// shape ValidateCudaSizes (validate.h) refuses throws std::invalid_argument; a failing CUDA or
+// cuBLAS call throws std::runtime_error naming it.
+
+// Where the kernels run: a cudaStream_t and a cublasHandle_t bound to it (opaque here).
+struct CudaContext {
+  void* stream = nullptr;  // cudaStream_t; nullptr is the legacy default stream
+  void* cublas = nullptr;  // cublasHandle_t, required
+};
+
+// Scratch sizes of the CUDA kernels (elements of Scalar).
+int64_t CudaForwardWorkspaceSize(const LstmShape& s, bool training);
+int64_t CudaBackwardWorkspaceSize(const LstmShape& s);
+
+template <typename Scalar>
+void LstmForwardCuda(const CudaContext& ctx, const LstmShape& shape,
+                     const ForwardArgs<Scalar>& args);
+
+template <typename Scalar>
+void LstmBackwardCuda(const CudaContext& ctx, const LstmShape& shape,
+                      const BackwardArgs<Scalar>& args);
 
 }  // namespace fusedlstm
 
