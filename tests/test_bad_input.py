@@ -95,8 +95,7 @@ def test_raw_core_checks_for_itself(p):
     (dict(kernel=np.zeros((4, 24))),
      r"kernel: expected shape \(5, 24\) \[C, 4H\], got \(4, 24\): dimension 0 \(C\) is 4, expected 5 = x's C"),
     (dict(recurrent_kernel=np.zeros((6, 20))),
-     r"recurrent_kernel: expected shape \(6, 24\) \[H, 4H\], got \(6, 20\): dimension 1 \(4H\) is 20, "
-     r"expected 24"),
+     r"recurrent_kernel: expected shape \(6, 24\) \[H, 4H\], got \(6, 20\): dimension 1 \(4H\) is 20, expected 24"),
     (dict(h0=np.zeros((2, 6))), r"h0: expected shape \(3, 6\) \[N, H\], got \(2, 6\): dimension 0 \(N\) is 2, expected 3"),
     (dict(c0=np.zeros((3, 7))), r"c0: expected shape \(3, 6\) \[N, H\], got \(3, 7\): dimension 1 \(H\) is 7, expected 6"),
     (dict(bias=np.zeros((24, 1))), r"bias: expected shape \(24,\) \[4H\], got \(24, 1\): rank 2, expected 1"),

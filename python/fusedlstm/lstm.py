@@ -5,7 +5,6 @@ allocates nothing the kernel could overrun, and knows nothing about text or mode
 from __future__ import annotations
 
 import threading
-from typing import Optional, Tuple
 
 import numpy as np
 
@@ -79,7 +78,7 @@ class LstmCache:
         self.device = device
 
     @property
-    def shape(self) -> Tuple[int, int, int, int]:
+    def shape(self) -> tuple[int, int, int, int]:
         """(B, T, E, H) of the forward that wrote it."""
         return tuple(int(d) for d in self._core.shape)
 
@@ -88,7 +87,7 @@ class LstmCache:
         return self._core.dtype
 
     @property
-    def lengths(self) -> Optional[np.ndarray]:
+    def lengths(self) -> np.ndarray | None:
         """A copy of the lengths the forward ran with, or None (all T)."""
         return self._core.lengths
 
