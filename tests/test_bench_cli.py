@@ -86,17 +86,20 @@ def test_bench_writes_nothing_without_out(tmp_path):
 
 
 def test_default_plan_has_the_small_batch_inference_rows():
-    from fusedlstm.bench.cli import make_plan
-    from fusedlstm.bench.implementations import DEFAULT_CONFIGS, SMALL_BATCH_CONFIGS
+    from fusedlstm.bench.implementations import DEFAULT_CONFIGS, IMPLS, SMALL_BATCH_CONFIGS, make_plan
 
     small = [(1, 20, 50, 128), (1, 50, 300, 256), (1, 100, 300, 512), (4, 30, 100, 256), (16, 20, 50, 128),
              (32, 20, 50, 128)]
     assert SMALL_BATCH_CONFIGS == small
-    plan = make_plan(None, None)
-    assert plan == ([(c, ("forward", "forward+backward")) for c in DEFAULT_CONFIGS]
-                    + [(c, ("infer-last-state",)) for c in small])
-    assert make_plan(None, ["infer-last-state"]) == [(c, ("infer-last-state",)) for c in small]
-    assert make_plan([(2, 3, 4, 5)], ["forward"]) == [((2, 3, 4, 5), ("forward",))]
+    assert [tuple(r[:2]) for r in make_plan()] == ([(c, ("forward", "forward+backward")) for c in DEFAULT_CONFIGS]
+                                                   + [(c, ("infer-last-state",)) for c in small])
+    assert all(r.skip == () for r in make_plan())
+    assert [tuple(r[:2]) for r in make_plan(None, ["infer-last-state"])] == [(c, ("infer-last-state",)) for c in small]
+    assert make_plan([(2, 3, 4, 5)], ["forward"]) == [((2, 3, 4, 5), ("forward",), ())]
+    # --quick: the small-batch rows against onnxruntime only, no NumPy at the biggest config.
+    quick = {r.config: set(IMPLS) - set(r.skip) for r in make_plan(quick=True)}
+    assert all(quick[c] == {"fusedlstm", "fusedlstm.prepared", "onnxruntime"} for c in small)
+    assert "numpy" not in quick[(128, 100, 256, 512)] and "numpy" in quick[(64, 50, 300, 128)]
 
 
 def test_prepared_column_runs_exactly_when_fusedlstm_has_prepare():

@@ -22,11 +22,11 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
-from .implementations import DEFAULT_CONFIGS, IMPLS, MODES, SMALL_BATCH_CONFIGS, Config, available, default_plan
+from .implementations import DEFAULT_CONFIGS, IMPLS, MODES, SMALL_BATCH_CONFIGS, Config, available, make_plan
 
-__all__ = ["build_parser", "run_args", "main", "parse_config", "parse_threads", "parse_modes", "make_plan"]
+__all__ = ["build_parser", "run_args", "main", "parse_config", "parse_threads", "parse_modes"]
 
 
 def parse_config(text: str) -> Config:
@@ -59,19 +59,6 @@ def parse_modes(text: str) -> List[str]:
     return modes
 
 
-def make_plan(configs: Optional[Sequence[Config]], modes: Optional[Sequence[str]]):
-    """(config, modes) pairs: user configs run the modes asked for (default all); the standard
-    configs run their own modes, filtered by --modes."""
-    if configs:
-        return [(tuple(c), tuple(modes or MODES)) for c in configs]
-    plan = []
-    for cfg, own in default_plan():
-        keep = tuple(m for m in own if modes is None or m in modes)
-        if keep:
-            plan.append((cfg, keep))
-    return plan
-
-
 def _fmt(configs) -> str:
     return " ".join(f"({','.join(map(str, c))})" for c in configs)
 
@@ -87,7 +74,8 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     p.add_argument("--threads", type=parse_threads, default=None,
                    help="comma-separated thread counts or 'all' (default: 1,all; --quick: all)")
     p.add_argument("--quick", action="store_true",
-                   help="few repetitions, all cores only, no NumPy at the largest size: about a minute")
+                   help="few repetitions, all cores only, no NumPy at the largest size, the small-batch rows "
+                        "against onnxruntime only: about a minute")
     p.add_argument("--impls", default=",".join(IMPLS),
                    help=f"comma-separated subset of {','.join(IMPLS)} (those installed run)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report there (default: none)")
@@ -120,7 +108,7 @@ def run_args(args: argparse.Namespace) -> int:
         print(f"note: {n}", file=sys.stderr)
     if not impls:
         raise SystemExit("error: --impls: none of those asked for can run here (see the notes above)")
-    plan = make_plan(args.config, args.modes)
+    plan = make_plan(args.config, args.modes, args.quick)
     threads = args.threads or parse_threads("all" if args.quick else "1,all")
     runs = [run_threads(plan, t, args.quick, impls, memory=t == threads[-1]) for t in threads]
     report = make_report(runs, notes)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = ["MODES", "IMPLS", "IMPL_MODES", "DEFAULT_CONFIGS", "SMALL_BATCH_CONFIGS", "PRECISION",
-           "Config", "default_plan", "is_big", "fwd_flops", "mode_flops", "make_inputs", "onnx_weights",
+           "Config", "PlanRow", "QUICK_SMALL_BATCH_IMPLS", "make_plan", "is_big", "fwd_flops", "mode_flops", "make_inputs", "onnx_weights",
            "onnx_lstm_model", "available", "configure", "impl_fns", "memory_report"]
 
 Config = Tuple[int, int, int, int]  # (B, T, E, H)
@@ -49,10 +49,42 @@ SMALL_BATCH_CONFIGS: List[Config] = [(1, 20, 50, 128), (1, 50, 300, 256), (1, 10
                                      (4, 30, 100, 256), (16, 20, 50, 128), (32, 20, 50, 128)]
 
 
-def default_plan() -> List[Tuple[Config, Tuple[str, ...]]]:
-    """The standard run: (config, modes) pairs."""
-    return ([(c, ("forward", "forward+backward")) for c in DEFAULT_CONFIGS]
-            + [(c, ("infer-last-state",)) for c in SMALL_BATCH_CONFIGS])
+class PlanRow(NamedTuple):
+    """One config of a run: the modes it is measured in, and implementations left out of it."""
+
+    config: Config
+    modes: Tuple[str, ...]
+    skip: Tuple[str, ...] = ()
+
+
+# --quick compares the small-batch rows with onnxruntime only (the prepared and plain calls).
+QUICK_SMALL_BATCH_IMPLS = ("fusedlstm", "fusedlstm.prepared", "onnxruntime")
+
+
+def make_plan(configs: Optional[Sequence[Config]] = None, modes: Optional[Sequence[str]] = None,
+              quick: bool = False) -> List[PlanRow]:
+    """The rows of a run. User configs run the modes asked for (default: all); without them the
+    standard configs run their own modes (DEFAULT_CONFIGS forward and forward+backward,
+    SMALL_BATCH_CONFIGS infer-last-state), filtered by `modes`. --quick leaves out NumPy at the
+    big configs (a second per call) and, in the standard small-batch rows, all but
+    QUICK_SMALL_BATCH_IMPLS."""
+
+    def skip(cfg: Config, small: bool) -> Tuple[str, ...]:
+        if not quick:
+            return ()
+        if small:
+            return tuple(n for n in IMPLS if n not in QUICK_SMALL_BATCH_IMPLS)
+        return ("numpy",) if is_big(cfg) else ()
+
+    if configs:
+        return [PlanRow(tuple(c), tuple(modes or MODES), skip(tuple(c), False)) for c in configs]
+    rows = []
+    for cfgs, own, small in ((DEFAULT_CONFIGS, ("forward", "forward+backward"), False),
+                             (SMALL_BATCH_CONFIGS, ("infer-last-state",), True)):
+        keep = tuple(m for m in own if modes is None or m in modes)
+        if keep:
+            rows += [PlanRow(c, keep, skip(c, small)) for c in cfgs]
+    return rows
 
 
 def is_big(cfg: Config) -> bool:
@@ -307,7 +339,12 @@ def available(quick: bool, wanted: List[str]) -> Tuple[List[str], List[str]]:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the op path asks TensorFlow in a subprocess
             from ..keras.build import op_library_path
 
-            if not op_library_path().exists():
+            try:
+                built = op_library_path().exists()
+            except (RuntimeError, OSError) as exc:  # e.g. an installation without the op's sources
+                notes.append(f"fusedlstm.keras: {exc}")
+                continue
+            if not built:
                 notes.append("fusedlstm.keras: op library not built yet (fusedlstm build-tf-op; "
                              "--quick does not spend a minute compiling it)")
                 continue

@@ -92,7 +92,8 @@ def make_report(runs: List[dict], notes: List[str]) -> dict:
         "fma_peak_source": "register-only float32 FMA loop, one per thread (fusedlstm._core)",
         "onnxruntime_input": "an ONNX graph of one LSTM node, weights as initializers, built in the benchmark; "
                              "x goes in time-major [T, B, E], transposed once outside the timed call "
-                             "(onnxruntime's CPU LSTM refuses layout=1)",
+                             "(onnxruntime's CPU LSTM refuses layout=1); infer-last-state returns Y_h, "
+                             "forward Y [T, 1, B, H]",
         "results": results,
         "left_out": notes,
     }
@@ -108,6 +109,12 @@ def _peaks(report: dict) -> str:
     return f"register-only FMA peak {fma}; NumPy (BLAS) sgemm 2048³ {sgemm} GFLOP/s"
 
 
+def _mode(row: dict, report: dict) -> str:
+    """The row's mode, with its precision once a report holds more than one."""
+    multi = "," in _precisions(report)
+    return f"{row['mode']} {row.get('precision', PRECISION)}" if multi else row["mode"]
+
+
 def _ratio(x: Optional[float]) -> str:
     return f"{x:.2f}x" if x is not None else "-"
 
@@ -120,7 +127,7 @@ def format_table(report: dict) -> str:
     lines += [head, "-" * len(head)]
     for r in report["results"]:
         for name, st in r["impls"].items():
-            lines.append(f"{str(tuple(r['config'])):>22} {r['threads']:>3} {r['mode']:>16} {name:>18} "
+            lines.append(f"{str(tuple(r['config'])):>22} {r['threads']:>3} {_mode(r, report):>16} {name:>18} "
                          f"{st['median_s'] * 1e3:>10.3f} {st['min_s'] * 1e3:>9.3f} "
                          f"{st['gflops']:>8.1f} {st['pct_fma_peak']:>6.1f} "
                          f"{_ratio(speedup(r, name, 'torch')):>8} {_ratio(speedup(r, name, 'onnxruntime')):>7}")
@@ -142,7 +149,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _markdown(rows: List[dict], baseline: str) -> str:
+def _markdown(report: dict, rows: List[dict], baseline: str) -> str:
     """One Markdown table: ms per implementation measured in any row, then fusedlstm's (and the
     prepared call's) speed-up over `baseline`, then fusedlstm's GFLOP/s."""
     names = [n for n in IMPLS if any(n in r["impls"] for r in rows)]
@@ -160,7 +167,7 @@ def _markdown(rows: List[dict], baseline: str) -> str:
             ratios.append(f"**{x:.2f}×**" if x is not None else "–")
         f = im.get("fusedlstm")
         perf = f"{f['gflops']:.0f} ({f['pct_fma_peak']:.0f}%)" if f else "–"
-        out.append(f"| {tuple(r['config'])} | {r['threads']} | {r['mode']} | " + " | ".join(ms + ratios)
+        out.append(f"| {tuple(r['config'])} | {r['threads']} | {_mode(r, report)} | " + " | ".join(ms + ratios)
                    + f" | {perf} |")
     return "\n".join(out)
 
@@ -173,9 +180,9 @@ def markdown_tables(report: dict) -> str:
     small = [r for r in rows if r["mode"] == "infer-last-state"]
     parts = []
     if big:
-        parts.append(_markdown(big, "torch"))
+        parts.append(_markdown(report, big, "torch"))
     if small:
-        parts.append(_markdown(small, "onnxruntime"))
+        parts.append(_markdown(report, small, "onnxruntime"))
     vers = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())
     parts.append(f"Medians, {_precisions(report)}, commit `{report['commit']}`, {report['date']}, "
                  f"{report['machine']['cpu_count']} cores ({report['build']['simd'].split(',')[0]}); {vers}. "
@@ -241,10 +248,10 @@ def plot(report: dict, path: Path) -> None:
     if not rows:
         raise SystemExit("error: --plot shows speed-ups over torch, and torch was not measured")
     names = [n for n in IMPLS if n != "torch" and any(n in r["impls"] for r in rows)]
-    groups = sorted({(r["mode"], r["threads"]) for r in rows})
+    groups = sorted({(_mode(r, report), r["threads"]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
     for ax, (mode, thr) in zip(axes[0], groups):
-        sub = [r for r in rows if r["mode"] == mode and r["threads"] == thr]
+        sub = [r for r in rows if _mode(r, report) == mode and r["threads"] == thr]
         xs = np.arange(len(sub))
         w = 0.8 / max(len(names), 1)
         for i, n in enumerate(names):

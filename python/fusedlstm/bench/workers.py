@@ -20,10 +20,10 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 from . import timing
-from .implementations import (IMPL_MODES, PRECISION, Config, configure, impl_fns, is_big, make_inputs, memory_report,
+from .implementations import (IMPL_MODES, PRECISION, PlanRow, configure, impl_fns, is_big, make_inputs, memory_report,
                               mode_flops)
 
 __all__ = ["worker", "Worker", "run_threads"]
@@ -115,22 +115,21 @@ class Worker:
             self.log.close()
 
 
-def run_threads(plan: Sequence[Tuple[Config, Sequence[str]]], threads: int, quick: bool, impls: List[str],
-                memory: bool, precision: str = PRECISION) -> dict:
-    """One thread count: a worker per implementation, every (config, modes) of the plan, the
-    implementations' samples interleaved. With `memory`, fusedlstm's memory report is attached
-    to the last row of every config that trains."""
+def run_threads(plan: Sequence[PlanRow], threads: int, quick: bool, impls: List[str], memory: bool,
+                precision: str = PRECISION) -> dict:
+    """One thread count: a worker per implementation, every row of the plan, the implementations'
+    samples interleaved. With `memory`, fusedlstm's memory report is attached to the last result
+    of every config that trains."""
     workers = {n: Worker(n, threads) for n in impls}
     try:
         for w in workers.values():  # every worker idle before anything is measured
             w.ask(cmd="ready")
         peaks = workers[impls[0]].ask(cmd="peaks")
         results = []
-        for cfg, modes in plan:
+        for cfg, modes, skip in plan:
             first_row = len(results)
             big = is_big(cfg)
-            # NumPy's reference takes a second per call at the largest size: not in --quick.
-            active = [n for n in impls if set(modes) & set(IMPL_MODES[n]) and not (n == "numpy" and quick and big)]
+            active = [n for n in impls if set(modes) & set(IMPL_MODES[n]) and n not in skip]
             number = {n: workers[n].ask(cmd="setup", config=list(cfg), modes=list(modes), warmup=1 if big else 3,
                                         precision=precision)["number"] for n in active}
             reps = 5 if quick else (11 if big else 31)
