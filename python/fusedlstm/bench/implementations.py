@@ -22,9 +22,9 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 
 import numpy as np
 
-__all__ = ["MODES", "IMPLS", "IMPL_MODES", "DEFAULT_CONFIGS", "SMALL_BATCH_CONFIGS", "PRECISION",
-           "Config", "PlanRow", "QUICK_SMALL_BATCH_IMPLS", "make_plan", "is_big", "fwd_flops", "mode_flops", "make_inputs", "onnx_weights",
-           "onnx_lstm_model", "available", "configure", "impl_fns", "memory_report"]
+__all__ = ["MODES", "IMPLS", "IMPL_MODES", "DEFAULT_CONFIGS", "SMALL_BATCH_CONFIGS", "PRECISION", "Config",
+           "PlanRow", "QUICK_SMALL_BATCH_IMPLS", "make_plan", "is_big", "fwd_flops", "mode_flops", "make_inputs",
+           "onnx_weights", "onnx_lstm_model", "onnx_session", "available", "configure", "impl_fns", "memory_report"]
 
 Config = Tuple[int, int, int, int]  # (B, T, E, H)
 
@@ -44,7 +44,7 @@ IMPL_MODES: Dict[str, Tuple[str, ...]] = {
 PRECISION = "float32"  # the one precision measured today
 
 DEFAULT_CONFIGS: List[Config] = [(4, 4, 64, 16), (64, 50, 300, 128), (128, 100, 256, 512)]
-# Serving: one request or a few, inference only (issue 17's table).
+# Serving: one request or a few, inference of the last state only.
 SMALL_BATCH_CONFIGS: List[Config] = [(1, 20, 50, 128), (1, 50, 300, 256), (1, 100, 300, 512),
                                      (4, 30, 100, 256), (16, 20, 50, 128), (32, 20, 50, 128)]
 

@@ -250,7 +250,7 @@ def plot(report: dict, path: Path) -> None:
     names = [n for n in IMPLS if n != "torch" and any(n in r["impls"] for r in rows)]
     groups = sorted({(_mode(r, report), r["threads"]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
-    for ax, (mode, thr) in zip(axes[0], groups):
+    for ax, (mode, thr) in zip(axes[0], groups, strict=True):
         sub = [r for r in rows if _mode(r, report) == mode and r["threads"] == thr]
         xs = np.arange(len(sub))
         w = 0.8 / max(len(names), 1)
