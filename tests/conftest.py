@@ -1,4 +1,5 @@
 """Fixtures for every test: a seeded RNG. Shared helpers live in helpers.py."""
+
 from __future__ import annotations
 
 import numpy as np

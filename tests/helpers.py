@@ -2,12 +2,12 @@
 tolerance per dtype, optional-dependency markers, the Keras comparison helpers, the location
 of the real data sets (FUSEDLSTM_TEST_DATA) and a synthetic sentiment corpus that stands in for
 them when they are absent."""
+
 from __future__ import annotations
 
 import importlib.util
 import os
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # The real data sets are not in the repository: a folder with sst2/ (GLUE layout) and mr/
 # (rt-polarity.pos/.neg) named by this variable. Unset: the tests that need them skip.
 DATA_ENV = "FUSEDLSTM_TEST_DATA"
-DATA: Optional[Path] = Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None
+DATA: Path | None = Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None
 
 requires_data = pytest.mark.skipif(
-    DATA is None, reason=f"real data sets not available: set {DATA_ENV} to a folder with sst2/ and mr/")
+    DATA is None, reason=f"real data sets not available: set {DATA_ENV} to a folder with sst2/ and mr/"
+)
 
 
 def real_data(name: str) -> Path:
@@ -31,21 +32,28 @@ def real_data(name: str) -> Path:
     assert path.is_dir(), f"{DATA_ENV}={DATA}: no {name}/ folder there"
     return path
 
-requires_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                                    reason="torch is not installed (CI installs torch==2.13.0)")
+
+requires_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="torch is not installed (CI installs torch==2.13.0)"
+)
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-5, atol=0.0)}
 
 
-def make_problem(rng, B, T, E, H, dtype=np.float64, lengths="none", state=True, bias=True,
-                 scale=0.5):
+def make_problem(rng, B, T, E, H, dtype=np.float64, lengths="none", state=True, bias=True, scale=0.5):
     """Random inputs for lstm_forward plus upstream gradients."""
+
     def r(*shape, s=1.0):
         return (rng.standard_normal(shape) * s).astype(dtype)
 
-    p = dict(x=r(B, T, E), kernel=r(E, 4 * H, s=scale), recurrent_kernel=r(H, 4 * H, s=scale),
-             bias=r(4 * H, s=0.2) if bias else None,
-             h0=r(B, H) if state else None, c0=r(B, H) if state else None)
+    p = dict(
+        x=r(B, T, E),
+        kernel=r(E, 4 * H, s=scale),
+        recurrent_kernel=r(H, 4 * H, s=scale),
+        bias=r(4 * H, s=0.2) if bias else None,
+        h0=r(B, H) if state else None,
+        c0=r(B, H) if state else None,
+    )
     if lengths == "none":
         p["lengths"] = None
     elif lengths == "random":
@@ -64,14 +72,14 @@ def assert_close(actual, expected, dtype, what=""):
     tol = TOL[dtype]
     expected = np.asarray(expected)
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    np.testing.assert_allclose(actual, expected, err_msg=what, rtol=tol["rtol"],
-                               atol=max(tol["atol"], tol["rtol"] * scale))
+    np.testing.assert_allclose(
+        actual, expected, err_msg=what, rtol=tol["rtol"], atol=max(tol["atol"], tol["rtol"] * scale)
+    )
 
 
 def as64(d):
     """The same problem in float64, for a float64 oracle of a float32 run."""
-    return {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
-            for k, v in d.items()}
+    return {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in d.items()}
 
 
 # The Keras layer against keras.layers.LSTM (tests/test_keras.py on TensorFlow,
@@ -115,23 +123,50 @@ def assert_keras_results_match(want, got, tol=2e-5, grad_tol=1e-4):
 # cue being a positive or negative word, sometimes negated ("not good" is negative). The label is
 # carried by the cues alone, so a model that reads them (and their negation) scores far above
 # chance; one that ignores word order cannot get the negated cues right.
-POSITIVE = ["good", "great", "wonderful", "superb", "charming", "moving", "witty", "fresh",
-            "brilliant", "delightful"]
-NEGATIVE = ["bad", "awful", "dull", "boring", "tedious", "flat", "stale", "terrible", "clumsy",
-            "lifeless"]
-NEUTRAL = ["the", "film", "movie", "story", "plot", "cast", "a", "this", "is", "was", "and", "its",
-           "director", "script", "scenes", "ending", "acting", "music", "quite", "really", "with",
-           "of", "in", "it", "seems", "feels", "overall", "simply", "on", "screen"]
+POSITIVE = ["good", "great", "wonderful", "superb", "charming", "moving", "witty", "fresh", "brilliant", "delightful"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "tedious", "flat", "stale", "terrible", "clumsy", "lifeless"]
+NEUTRAL = [
+    "the",
+    "film",
+    "movie",
+    "story",
+    "plot",
+    "cast",
+    "a",
+    "this",
+    "is",
+    "was",
+    "and",
+    "its",
+    "director",
+    "script",
+    "scenes",
+    "ending",
+    "acting",
+    "music",
+    "quite",
+    "really",
+    "with",
+    "of",
+    "in",
+    "it",
+    "seems",
+    "feels",
+    "overall",
+    "simply",
+    "on",
+    "screen",
+]
 NEGATORS = ["not", "never", "hardly"]
 
 
-def synthetic_sentences(n: int, seed: int = 0, negate: float = 0.3) -> List[Tuple[str, int]]:
+def synthetic_sentences(n: int, seed: int = 0, negate: float = 0.3) -> list[tuple[str, int]]:
     """n (sentence, label) pairs, labels 1 (positive) / 0 (negative) alternating, seeded."""
     rng = np.random.default_rng([seed, 2024])
     out = []
     for i in range(n):
         y = (i + seed) % 2
-        words: List[str] = list(rng.choice(NEUTRAL, int(rng.integers(1, 5))))
+        words: list[str] = list(rng.choice(NEUTRAL, int(rng.integers(1, 5))))
         for _ in range(int(rng.integers(1, 3))):
             negated = rng.random() < negate
             polar = POSITIVE if (y == 1) != negated else NEGATIVE
@@ -144,7 +179,7 @@ def synthetic_sentences(n: int, seed: int = 0, negate: float = 0.3) -> List[Tupl
 SYNTHETIC_SIZES = {"train": 400, "dev": 100, "test": 120}
 
 
-def write_synthetic_glue(path: Path, seed: int = 0, sizes: Optional[dict] = None) -> Path:
+def write_synthetic_glue(path: Path, seed: int = 0, sizes: dict | None = None) -> Path:
     """A GLUE-style directory: train/dev/test.tsv with the header `sentence<TAB>label`."""
     path.mkdir(parents=True, exist_ok=True)
     for k, (split, n) in enumerate((sizes or SYNTHETIC_SIZES).items()):
@@ -190,5 +225,6 @@ def make_model(seed: int = 0, train_embeddings: bool = True, units: int = 5):
     """An untrained SentimentClassifier over tiny_split() (4-d random embedding)."""
     from fusedlstm import SentimentClassifier
 
-    return SentimentClassifier.create(tiny_split(), units=units, embedding_dim=4, seed=seed,
-                                      train_embeddings=train_embeddings, log=lambda *a: None)
+    return SentimentClassifier.create(
+        tiny_split(), units=units, embedding_dim=4, seed=seed, train_embeddings=train_embeddings, log=lambda *a: None
+    )

@@ -4,6 +4,7 @@ go_backwards, return_sequences/return_state, initial state, zero_output_for_mask
 Bidirectional, dropout, model.fit/predict and .keras save/load. Run by tests/test_keras_torch.py in
 a process of its own (the backend is chosen when keras is first imported); not collected by the
 main run (the file name does not start with test_)."""
+
 import os
 
 import numpy as np
@@ -41,12 +42,19 @@ def compare(ref, ours, x, tol=2e-5, **kw):
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "right", "left"])
-@pytest.mark.parametrize("kw", [{}, {"return_sequences": True}, {"return_state": True},
-                                {"return_sequences": True, "return_state": True},
-                                {"go_backwards": True, "return_sequences": True},
-                                {"use_bias": False, "return_sequences": True},
-                                {"return_sequences": True, "zero_output_for_mask": True}],
-                         ids=lambda kw: "-".join(kw) or "default")
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"return_sequences": True},
+        {"return_state": True},
+        {"return_sequences": True, "return_state": True},
+        {"go_backwards": True, "return_sequences": True},
+        {"use_bias": False, "return_sequences": True},
+        {"return_sequences": True, "zero_output_for_mask": True},
+    ],
+    ids=lambda kw: "-".join(kw) or "default",
+)
 def test_matches_keras(kw, mask_kind):
     rng = np.random.default_rng(0)
     ref, ours = pair(rng, **kw)

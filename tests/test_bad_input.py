@@ -1,11 +1,11 @@
 """Bad input gives a ValueError/TypeError naming the argument and the shapes, never a crash; the
 raw _core entry points check for themselves too."""
+
 import numpy as np
 import pytest
 
 import fusedlstm
 from fusedlstm import _core, reference
-
 from helpers import make_problem
 
 
@@ -91,25 +91,41 @@ def test_raw_core_checks_for_itself(p):
         _core.backward(cache, None, None, None)
 
 
-@pytest.mark.parametrize("change,msg", [
-    (dict(kernel=np.zeros((4, 24))),
-     r"kernel: expected shape \(5, 24\) \[C, 4H\], got \(4, 24\): dimension 0 \(C\) is 4, expected 5 = x's C"),
-    (dict(recurrent_kernel=np.zeros((6, 20))),
-     r"recurrent_kernel: expected shape \(6, 24\) \[H, 4H\], got \(6, 20\): dimension 1 \(4H\) is 20, expected 24"),
-    (dict(h0=np.zeros((2, 6))), r"h0: expected shape \(3, 6\) \[N, H\], got \(2, 6\): dimension 0 \(N\) is 2, expected 3"),
-    (dict(c0=np.zeros((3, 7))), r"c0: expected shape \(3, 6\) \[N, H\], got \(3, 7\): dimension 1 \(H\) is 7, expected 6"),
-    (dict(bias=np.zeros((24, 1))), r"bias: expected shape \(24,\) \[4H\], got \(24, 1\): rank 2, expected 1"),
-    (dict(lengths=np.zeros(2, np.int32)), r"lengths: expected shape \(3,\) \[N\], got \(2,\): dimension 0 \(N\) is 2"),
-    (dict(lengths=np.array([1, 5, 2], np.int32)), r"lengths\[1\] = 5 is outside \[0, T=4\]"),
-    (dict(x=np.zeros((3, 4))), r"x: expected rank 3 \[N, T, C\], got shape \(3, 4\)"),
-])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        (
+            dict(kernel=np.zeros((4, 24))),
+            r"kernel: expected shape \(5, 24\) \[C, 4H\], got \(4, 24\): dimension 0 \(C\) is 4, expected 5 = x's C",
+        ),
+        (
+            dict(recurrent_kernel=np.zeros((6, 20))),
+            r"recurrent_kernel: expected shape \(6, 24\) \[H, 4H\], got \(6, 20\): "
+            r"dimension 1 \(4H\) is 20, expected 24",
+        ),
+        (
+            dict(h0=np.zeros((2, 6))),
+            r"h0: expected shape \(3, 6\) \[N, H\], got \(2, 6\): dimension 0 \(N\) is 2, expected 3",
+        ),
+        (
+            dict(c0=np.zeros((3, 7))),
+            r"c0: expected shape \(3, 6\) \[N, H\], got \(3, 7\): dimension 1 \(H\) is 7, expected 6",
+        ),
+        (dict(bias=np.zeros((24, 1))), r"bias: expected shape \(24,\) \[4H\], got \(24, 1\): rank 2, expected 1"),
+        (
+            dict(lengths=np.zeros(2, np.int32)),
+            r"lengths: expected shape \(3,\) \[N\], got \(2,\): dimension 0 \(N\) is 2",
+        ),
+        (dict(lengths=np.array([1, 5, 2], np.int32)), r"lengths\[1\] = 5 is outside \[0, T=4\]"),
+        (dict(x=np.zeros((3, 4))), r"x: expected rank 3 \[N, T, C\], got shape \(3, 4\)"),
+    ],
+)
 def test_raw_core_messages_name_argument_dimension_and_both_values(p, change, msg):
     """The compiled module's own checks (fusedlstm/validate.h, shared with the TensorFlow op) say
     which argument, which dimension, what it is and what it should be."""
     a = {**p, "bias": None, "h0": None, "c0": None, "lengths": None, **change}
     with pytest.raises(ValueError, match=msg):
-        _core.forward(a["x"], a["kernel"], a["recurrent_kernel"], a["bias"], a["h0"], a["c0"], a["lengths"],
-                      True)
+        _core.forward(a["x"], a["kernel"], a["recurrent_kernel"], a["bias"], a["h0"], a["c0"], a["lengths"], True)
 
 
 def test_shapes_whose_buffers_overflow_are_rejected():
@@ -128,8 +144,9 @@ def test_the_cache_carries_its_own_shape_and_a_forged_one_cannot_reach_the_kerne
     only it, so there is no shape to hand in, and nothing of it can be changed from Python."""
     p, up = make_problem(rng, 4, 4, 3, 5, lengths=[4, 1, 0, 3])
     ref = reference.lstm_backward(reference.lstm_forward(**p)[3], **up)
-    out = _core.forward(p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], p["h0"], p["c0"],
-                        p["lengths"].astype(np.int32), True)
+    out = _core.forward(
+        p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], p["h0"], p["c0"], p["lengths"].astype(np.int32), True
+    )
     cache = out[3]
     assert isinstance(cache, _core.Cache)
     assert cache.shape == (4, 4, 3, 5) and cache.dtype == np.float64
@@ -165,8 +182,7 @@ def test_weird_but_valid_inputs(rng):
     """Lists, scalars-as-bias shapes, read-only arrays all work."""
     p, _ = make_problem(rng, 2, 3, 2, 2)
     base = fusedlstm.lstm_forward(**p)[0]
-    q = {k: (v.tolist() if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
-         for k, v in p.items()}
+    q = {k: (v.tolist() if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in p.items()}
     np.testing.assert_array_equal(fusedlstm.lstm_forward(**q)[0], base)
     ro = {k: v for k, v in p.items()}
     for v in ro.values():

@@ -2,6 +2,7 @@
 holds every mode, implementation and thread count asked for, with the FMA peak, the ratios and the
 memory report, and is written only where --out says; --plot writes a PNG; bad arguments are
 refused with a message; the onnxruntime column computes our LSTM; the bench scripts run."""
+
 import importlib.util
 import json
 import subprocess
@@ -12,8 +13,9 @@ import pytest
 
 
 def bench(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fusedlstm", "bench", *args], capture_output=True,
-                          text=True, timeout=600, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "fusedlstm", "bench", *args], capture_output=True, text=True, timeout=600, cwd=cwd
+    )
 
 
 HAVE_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
@@ -33,8 +35,17 @@ def test_bench_tiny_config(tmp_path):
 
     if hasattr(fusedlstm, "prepare"):
         impls.append("fusedlstm.prepared")
-    args = ["--quick", "--config", "2,3,4,5", "--threads", "1,2", "--impls", ",".join(impls),
-            "--out", str(tmp_path / "b.json")]
+    args = [
+        "--quick",
+        "--config",
+        "2,3,4,5",
+        "--threads",
+        "1,2",
+        "--impls",
+        ",".join(impls),
+        "--out",
+        str(tmp_path / "b.json"),
+    ]
     plot = have_torch and importlib.util.find_spec("matplotlib") is not None
     if plot:
         args += ["--plot", str(tmp_path / "b.png")]
@@ -77,8 +88,9 @@ def test_bench_writes_nothing_without_out(tmp_path):
     results = tmp_path / "bench" / "results"
     results.mkdir(parents=True)
     (results / "kernel.json").write_text("{}")
-    r = bench("--quick", "--config", "2,3,4,5", "--modes", "forward", "--threads", "1", "--impls", "fusedlstm",
-              cwd=tmp_path)
+    r = bench(
+        "--quick", "--config", "2,3,4,5", "--modes", "forward", "--threads", "1", "--impls", "fusedlstm", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert "(2, 3, 4, 5)" in r.stdout and "no JSON written" in r.stderr
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["kernel.json"]
@@ -88,11 +100,18 @@ def test_bench_writes_nothing_without_out(tmp_path):
 def test_default_plan_has_the_small_batch_inference_rows():
     from fusedlstm.bench.implementations import DEFAULT_CONFIGS, IMPLS, SMALL_BATCH_CONFIGS, make_plan
 
-    small = [(1, 20, 50, 128), (1, 50, 300, 256), (1, 100, 300, 512), (4, 30, 100, 256), (16, 20, 50, 128),
-             (32, 20, 50, 128)]
+    small = [
+        (1, 20, 50, 128),
+        (1, 50, 300, 256),
+        (1, 100, 300, 512),
+        (4, 30, 100, 256),
+        (16, 20, 50, 128),
+        (32, 20, 50, 128),
+    ]
     assert SMALL_BATCH_CONFIGS == small
-    assert [tuple(r[:2]) for r in make_plan()] == ([(c, ("forward", "forward+backward")) for c in DEFAULT_CONFIGS]
-                                                   + [(c, ("infer-last-state",)) for c in small])
+    assert [tuple(r[:2]) for r in make_plan()] == (
+        [(c, ("forward", "forward+backward")) for c in DEFAULT_CONFIGS] + [(c, ("infer-last-state",)) for c in small]
+    )
     assert all(r.skip == () for r in make_plan())
     assert [tuple(r[:2]) for r in make_plan(None, ["infer-last-state"])] == [(c, ("infer-last-state",)) for c in small]
     assert make_plan([(2, 3, 4, 5)], ["forward"]) == [((2, 3, 4, 5), ("forward",), ())]
@@ -179,20 +198,30 @@ def test_write_json_is_atomic_and_keeps_the_old_file_on_failure(tmp_path):
 def test_readme_table_renders_the_committed_report():
     """bench/readme_table.py renders bench/results/kernel.json (an older report: no precision,
     no stored ratios) through the subpackage's renderer."""
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_table.py")], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "readme_table.py")], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("| (B, T, E, H) | threads | mode | fusedlstm ms")
     assert any("**" in line and "×" in line for line in lines[2:])
-    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_table.py"), str(ROOT / "no-such.json")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "readme_table.py"), str(ROOT / "no-such.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "no-such.json" in bad.stderr
 
 
-@pytest.mark.parametrize("args,msg", [(["--config", "1,2,3"], "four positive integers"),
-                                      (["--threads", "0"], "not a positive count"),
-                                      (["--impls", "fusedlstm,cudnn"], "unknown ['cudnn']")])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--config", "1,2,3"], "four positive integers"),
+        (["--threads", "0"], "not a positive count"),
+        (["--impls", "fusedlstm,cudnn"], "unknown ['cudnn']"),
+    ],
+)
 def test_bench_rejects_bad_arguments(args, msg):
     r = bench(*args)
     assert r.returncode != 0 and msg in r.stderr
@@ -205,6 +234,7 @@ WORDS = ["great", "fun", "moving", "dull", "boring", "awful", "the", "film", "a"
 def tiny_text_data(tmp_path):
     """A GLUE-style directory, Pang & Lee files and a .vec file, all small and synthetic."""
     import numpy as np
+
     rng = np.random.default_rng(0)
 
     def sentence(pos):
@@ -222,14 +252,14 @@ def tiny_text_data(tmp_path):
     (mr / "rt-polarity.pos").write_text("".join(sentence(True) + "\n" for _ in range(30)))
     (mr / "rt-polarity.neg").write_text("".join(sentence(False) + "\n" for _ in range(30)))
     vec = tmp_path / "tiny.vec"
-    vec.write_text("".join(f"{w} " + " ".join(f"{v:.3f}" for v in rng.standard_normal(6)) + "\n"
-                           for w in WORDS))
+    vec.write_text("".join(f"{w} " + " ".join(f"{v:.3f}" for v in rng.standard_normal(6)) + "\n" for w in WORDS))
     return glue, mr, vec
 
 
 def run_script(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / name), *args], capture_output=True, text=True, timeout=900
+    )
 
 
 def test_end_to_end_bench_scripts_run(tmp_path):
@@ -239,23 +269,38 @@ def test_end_to_end_bench_scripts_run(tmp_path):
     have_torch = importlib.util.find_spec("torch") is not None
     for extra in ([], ["--freeze-embeddings"], ["--torch-dense-embedding-adam"]):
         out = tmp_path / "sst2.json"
-        r = run_script("bench_sst2.py", "--data", str(glue), "--vectors", str(vec), "--seeds", "0,1",
-                       "--epochs", "2", "--out", str(out), *extra, *([] if have_torch else ["--no-torch"]))
+        r = run_script(
+            "bench_sst2.py",
+            "--data",
+            str(glue),
+            "--vectors",
+            str(vec),
+            "--seeds",
+            "0,1",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            *extra,
+            *([] if have_torch else ["--no-torch"]),
+        )
         assert r.returncode == 0, r.stderr
         rep = json.loads(out.read_text())
         assert set(rep["summary"]) == ({"fusedlstm", "torch"} if have_torch else {"fusedlstm"})
         for s in rep["summary"].values():
             assert 0 <= s["test_acc_mean"] <= 100 and s["epoch_s_median"] > 0
     out = tmp_path / "mr.json"
-    r = run_script("bench_mr.py", "--data", str(mr), "--vectors", str(vec), "--folds", "3",
-                   "--epochs", "2", "--out", str(out))
+    r = run_script(
+        "bench_mr.py", "--data", str(mr), "--vectors", str(vec), "--folds", "3", "--epochs", "2", "--out", str(out)
+    )
     assert r.returncode == 0, r.stderr
     rep = json.loads(out.read_text())
     assert len(rep["fold_acc"]) == 3 and 0 <= rep["mean"] <= 100
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
-                    reason="TensorFlow is not installed (CI installs tensorflow-cpu)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed (CI installs tensorflow-cpu)"
+)
 def test_keras_bench_script_runs(tmp_path):
     out = tmp_path / "keras.json"
     r = run_script("bench_keras.py", "--quick", "--config", "2,3,4,5", "--out", str(out))
@@ -265,8 +310,7 @@ def test_keras_bench_script_runs(tmp_path):
     assert row["config"] == [2, 3, 4, 5] and set(row["impls"]) == {"fusedlstm.keras", "keras"}
 
 
-@pytest.mark.filterwarnings("error::ResourceWarning",
-                            "error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
 def test_a_failing_worker_is_reported_with_its_stderr():
     """Workers keep TensorFlow's start-up chatter out of the terminal; when one dies, its stderr
     is in the error, and closing it releases its pipes (no unclosed-file warning)."""
@@ -281,16 +325,16 @@ def test_a_failing_worker_is_reported_with_its_stderr():
         w.close()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
-                    reason="TensorFlow is not installed (CI installs tensorflow-cpu)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed (CI installs tensorflow-cpu)"
+)
 def test_keras_workers_use_tensorflow_whatever_the_shell_exports(monkeypatch):
     from fusedlstm.bench.workers import Worker
 
     monkeypatch.setenv("KERAS_BACKEND", "torch")  # a user's shell may export this
     w = Worker("keras", 1)
     try:
-        assert set(w.ask(cmd="setup", config=[2, 3, 4, 5], warmup=1)["number"]) == {
-            "forward", "forward+backward"}
+        assert set(w.ask(cmd="setup", config=[2, 3, 4, 5], warmup=1)["number"]) == {"forward", "forward+backward"}
         assert w.ask(cmd="sample", mode="forward+backward")["seconds"] > 0
     finally:
         w.close()

@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes that honour the umask without changing it, no temporaries
 left behind, stale temporaries of a killed run removed, and the training state round trip."""
+
 import os
 import stat
 import threading
@@ -8,10 +9,15 @@ import numpy as np
 import pytest
 
 from fusedlstm import SentimentClassifier
-from fusedlstm.sentiment.checkpoint import (CHECKPOINT_FILES, atomic_write, load_npz, npz_bytes,
-                                            read_training_state, remove_stale_temporaries,
-                                            write_training_state)
-
+from fusedlstm.sentiment.checkpoint import (
+    CHECKPOINT_FILES,
+    atomic_write,
+    load_npz,
+    npz_bytes,
+    read_training_state,
+    remove_stale_temporaries,
+    write_training_state,
+)
 from helpers import make_model
 
 
@@ -20,6 +26,7 @@ from helpers import make_model
 def test_atomic_write_applies_the_umask_without_changing_it(tmp_path, monkeypatch, umask):
     old = os.umask(umask)
     try:
+
         def no_umask(*_):  # another thread could create a file while the umask is changed
             raise AssertionError("atomic_write must not call os.umask")
 
@@ -65,8 +72,14 @@ def test_remove_stale_temporaries_only_ours(tmp_path):
 
 def test_training_state_round_trip(tmp_path):
     a = {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    write_training_state(tmp_path, a, {"kernel": a["kernel"] + 1}, {"t": np.asarray(3), "m/kernel": a["kernel"]},
-                         {}, {"epoch": 2, "metrics": [{"epoch": 1}, {"epoch": 2}]})
+    write_training_state(
+        tmp_path,
+        a,
+        {"kernel": a["kernel"] + 1},
+        {"t": np.asarray(3), "m/kernel": a["kernel"]},
+        {},
+        {"epoch": 2, "metrics": [{"epoch": 1}, {"epoch": 2}]},
+    )
     groups, meta = read_training_state(tmp_path)
     np.testing.assert_array_equal(groups["best"]["kernel"], a["kernel"] + 1)
     assert int(groups["opt"]["t"]) == 3 and "m/kernel" in groups["opt"] and groups["avg"] == {}

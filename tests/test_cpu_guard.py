@@ -2,6 +2,7 @@
 raise ImportError naming them, never die with SIGILL; a build whose requirements the CPU meets
 imports and runs. The emulated-CPU tests run the interpreter under qemu-x86_64 (user mode) with
 an older CPU model; they need qemu-user (.ci/run installs it where apt-get can)."""
+
 from __future__ import annotations
 
 import platform
@@ -44,9 +45,10 @@ def test_required_extensions_follow_the_build_flags():
 
 
 def test_guard_names_exactly_the_missing_extensions():
-    fake = SimpleNamespace(required=lambda: ["avx2", "avx512f", "avx512bw", "mystery"],
-                           supported={"avx2": True, "avx512f": False, "avx512bw": False,
-                                      "mystery": None}.get)
+    fake = SimpleNamespace(
+        required=lambda: ["avx2", "avx512f", "avx512bw", "mystery"],
+        supported={"avx2": True, "avx512f": False, "avx512bw": False, "mystery": None}.get,
+    )
     assert _cpu.missing_extensions(fake) == ["avx512f", "avx512bw"]
     with pytest.raises(ImportError, match=r"lacks: avx512f, avx512bw\. ") as e:
         _cpu.require_cpu(fake)
@@ -56,8 +58,7 @@ def test_guard_names_exactly_the_missing_extensions():
 
 
 def _under_qemu(cpu: str, code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", code],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
 
 needs_qemu = pytest.mark.skipif(not (X86 and QEMU), reason="needs x86 and qemu-x86_64 (qemu-user)")
@@ -81,8 +82,9 @@ def test_runs_on_an_emulated_cpu_that_has_what_it_needs():
     req = set(_isa.required())
     cpu = "Nehalem" if req <= NEHALEM else "Haswell" if req <= HASWELL else None
     if cpu is None:
-        pytest.skip("qemu cannot emulate AVX-512, which this build needs (the portable build "
-                    "runs this test in .ci/portable)")
+        pytest.skip(
+            "qemu cannot emulate AVX-512, which this build needs (the portable build runs this test in .ci/portable)"
+        )
     code = """
 import numpy as np, fusedlstm
 from fusedlstm import reference

@@ -2,6 +2,7 @@
 model directory must then hold the last complete checkpoint (it loads and predicts), no
 temporary file may pass for a model file, and `--resume` must end with weights bit-identical to
 an uninterrupted run with the same seed."""
+
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ def write_glue_dir(path, rng):
     path.mkdir()
     for split, n in (("train", 6000), ("dev", 300), ("test", 300)):
         rows = ["sentence\tlabel"]
-        for i in range(n):
+        for _ in range(n):
             y = int(rng.integers(2))
             words = list(rng.choice(filler, int(rng.integers(8, 24))))
             words[int(rng.integers(len(words)))] = str(rng.choice(good if y else bad))
@@ -35,9 +36,30 @@ def write_glue_dir(path, rng):
 
 
 def train_cmd(data, out, *extra):
-    return [sys.executable, "-m", "fusedlstm", "train", "--data", str(data), "--out", str(out),
-            "--epochs", str(EPOCHS), "--seed", "7", "--units", "48", "--embedding-dim", "16",
-            "--batch-size", "8", "--patience", "100", "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fusedlstm",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        str(EPOCHS),
+        "--seed",
+        "7",
+        "--units",
+        "48",
+        "--embedding-dim",
+        "16",
+        "--batch-size",
+        "8",
+        "--patience",
+        "100",
+        "--quiet",
+        *extra,
+    ]
 
 
 def metrics_lines(out):
@@ -75,8 +97,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, uninterrupted, when):
     data, full = uninterrupted
     env = ENV
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(data, killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(train_cmd(data, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 300
         while not metrics_lines(killed) and time.monotonic() < deadline:
@@ -111,8 +132,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, uninterrupted, when):
     for f in killed.iterdir():
         assert f.name in CHECKPOINT_FILES or (f.name.startswith(".") and f.name.endswith(".tmp")), f
 
-    r = subprocess.run(train_cmd(data, killed, "--resume"), capture_output=True, text=True,
-                       env=env, timeout=600)
+    r = subprocess.run(train_cmd(data, killed, "--resume"), capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert not list(killed.glob(".*.tmp"))
     assert [m["epoch"] for m in metrics_lines(killed)] == list(range(1, EPOCHS + 1))
@@ -120,8 +140,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, uninterrupted, when):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)
-    with np.load(full / "state.npz", allow_pickle=False) as sa, \
-            np.load(killed / "state.npz", allow_pickle=False) as sb:
+    with np.load(full / "state.npz", allow_pickle=False) as sa, np.load(killed / "state.npz", allow_pickle=False) as sb:
         for k in sa.files:
             if k.startswith(("cur/", "opt/")):
                 np.testing.assert_array_equal(sb[k], sa[k], err_msg=k)

@@ -3,19 +3,22 @@ six gradients, with lengths (0 and T included), h0/c0 present or not, bias or no
 float64; inference stores nothing; repeated runs are bit-identical; a cache is good for one
 backward. The device argument is checked in every build; the GPU tests skip, saying why, where
 there is no CUDA build or no GPU (.ci/cuda_build compiles the CUDA build wherever nvcc is)."""
+
 import numpy as np
 import pytest
 
 import fusedlstm
 from fusedlstm import _core
-
 from helpers import make_problem
 
 BUILT = bool(fusedlstm.build_info()["cuda"])
 GPU = fusedlstm.cuda_available()
 needs_gpu = pytest.mark.skipif(
-    not GPU, reason="no CUDA GPU here" if BUILT else
-    "this build has no CUDA (pip install . -Ccmake.define.FUSEDLSTM_CUDA=ON; see .ci/cuda_build)")
+    not GPU,
+    reason="no CUDA GPU here"
+    if BUILT
+    else "this build has no CUDA (pip install . -Ccmake.define.FUSEDLSTM_CUDA=ON; see .ci/cuda_build)",
+)
 
 
 def test_device_argument_is_checked(rng):
@@ -50,8 +53,7 @@ SHAPES = [(1, 1, 1, 1), (3, 6, 5, 17), (7, 5, 12, 70), (33, 9, 20, 129)]
 @pytest.mark.parametrize("lengths", ["none", "random"])
 @pytest.mark.parametrize("state", [False, True])
 def test_cuda_matches_cpu(rng, dtype, shape, lengths, state):
-    p, up = make_problem(rng, *shape, dtype=dtype, lengths=lengths, state=state,
-                         bias=shape[0] % 2 == 1)
+    p, up = make_problem(rng, *shape, dtype=dtype, lengths=lengths, state=state, bias=shape[0] % 2 == 1)
     cpu = fusedlstm.lstm_forward(**p)
     gpu = fusedlstm.lstm_forward(**p, device="cuda")
     assert gpu[3].device == "cuda" and gpu[3].nbytes > 0 and gpu[3].shape == shape
@@ -72,8 +74,7 @@ def test_cuda_inference_reproducible_and_cache_single_use(rng):
     p, up = make_problem(rng, 16, 12, 24, 48, dtype=np.float32, lengths="random")
     out, h, c, cache = fusedlstm.lstm_forward(**p, training=False, device="cuda")
     assert cache is None
-    np.testing.assert_allclose(out, fusedlstm.lstm_forward(**p, training=False)[0],
-                               rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(out, fusedlstm.lstm_forward(**p, training=False)[0], rtol=2e-4, atol=2e-5)
     runs = []
     for _ in range(2):
         o = fusedlstm.lstm_forward(**p, device="cuda")

@@ -2,6 +2,7 @@
 an entry without a recorded digest, offline), safe unpacking with and without tarfile's data
 filter (Python 3.10.0-3.10.11 has none), GLUE test files without labels, and the CLI's wording
 of library errors."""
+
 import hashlib
 import io
 import json
@@ -14,7 +15,6 @@ import pytest
 
 from fusedlstm.sentiment import data
 from fusedlstm.sentiment.data import ChecksumError, Dataset, DownloadError, fetch, load_data, safe_extract_tar
-
 from helpers import write_synthetic_glue, write_synthetic_polarity
 
 
@@ -98,6 +98,7 @@ def _hostile_tars():
                 setattr(info, k, v)
             t.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
         return buf.getvalue()
+
     return {
         "dotdot": one("d/../../evil.txt", size=1),
         "absolute": one("/tmp/evil.txt", size=1),

@@ -10,6 +10,7 @@ Where special values go is chosen so that their placement is a property of the m
 rounding: NaN anywhere; +-Inf in x, h0 and bias (they saturate every gate of their row exactly).
 Not +-Inf in c0 or upstream gradients: there the answer is 0 * Inf = NaN or Inf depending on
 whether a sigmoid rounded to exactly 1.0, which no two correct implementations need agree on."""
+
 import os
 
 import numpy as np
@@ -19,7 +20,6 @@ from hypothesis import strategies as st
 
 import fusedlstm
 from fusedlstm import reference
-
 from helpers import as64
 
 LAYOUTS = ("C", "F", "strided", "reversed")
@@ -60,9 +60,12 @@ def problems(draw):
     def r(*shape, s=1.0):
         return (rng.standard_normal(shape) * s).astype(dtype)
 
-    p = dict(x=r(B, T, E, s=mag), kernel=r(E, 4 * H, s=wscale),
-             recurrent_kernel=r(H, 4 * H, s=wscale),
-             bias=r(4 * H, s=wscale) if draw(st.booleans()) else None)
+    p = dict(
+        x=r(B, T, E, s=mag),
+        kernel=r(E, 4 * H, s=wscale),
+        recurrent_kernel=r(H, 4 * H, s=wscale),
+        bias=r(4 * H, s=wscale) if draw(st.booleans()) else None,
+    )
     if draw(st.booleans()):
         # float32: a huge c0 multiplies the forget gate's derivative, whose float32 granularity
         # near saturation is one ULP of 1.0 (6e-8), and d_kernel multiplies that by a huge x:
@@ -85,8 +88,7 @@ def problems(draw):
                 if arr is not None and arr.size:
                     arr.flat[rng.integers(arr.size)] = special
     layout = draw(st.sampled_from(LAYOUTS))
-    p = {k: relayout(v, layout) if isinstance(v, np.ndarray) and k != "lengths" else v
-         for k, v in p.items()}
+    p = {k: relayout(v, layout) if isinstance(v, np.ndarray) and k != "lengths" else v for k, v in p.items()}
     up = {k: relayout(v, layout) for k, v in up.items()}
     return p, up, dtype, mag
 
@@ -100,21 +102,17 @@ def same_specials_and_close(name, a, b, dtype, mag):
     up to 1.1e-6: a gate derivative known to ~1e-6 absolute, multiplied by inputs of size mag."""
     assert a.shape == b.shape and a.dtype == dtype, name
     nan_a, nan_b = np.isnan(a), np.isnan(b)
-    assert np.array_equal(nan_a, nan_b), (
-        f"{name}: NaN placement differs at {np.argwhere(nan_a != nan_b)[:5].tolist()}")
+    assert np.array_equal(nan_a, nan_b), f"{name}: NaN placement differs at {np.argwhere(nan_a != nan_b)[:5].tolist()}"
     inf_a = np.where(np.isinf(a), np.sign(a), 0)
     inf_b = np.where(np.isinf(b), np.sign(b), 0)
-    assert np.array_equal(inf_a, inf_b), (
-        f"{name}: Inf placement differs at {np.argwhere(inf_a != inf_b)[:5].tolist()}")
+    assert np.array_equal(inf_a, inf_b), f"{name}: Inf placement differs at {np.argwhere(inf_a != inf_b)[:5].tolist()}"
     fin = np.isfinite(b)
     a, b = a[fin].astype(np.float64), b[fin]
     big = float(np.abs(b).max(initial=0.0))
     if dtype == np.float32:
-        np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=name,
-                                   atol=1e-4 * max(1.0, big) * max(1.0, mag / 25))
+        np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=name, atol=1e-4 * max(1.0, big) * max(1.0, mag / 25))
     else:
-        np.testing.assert_allclose(a, b, rtol=1e-9, err_msg=name,
-                                   atol=1e-10 * max(1.0, big) * max(1.0, mag))
+        np.testing.assert_allclose(a, b, rtol=1e-9, err_msg=name, atol=1e-10 * max(1.0, big) * max(1.0, mag))
 
 
 def check(prob):
@@ -131,8 +129,7 @@ def check(prob):
 
 
 # Derandomized: the same examples in every CI run (a run that fails can be replayed).
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_fuzz_against_reference(prob):
     check(prob)
@@ -142,8 +139,7 @@ LONG_EXAMPLES = int(os.environ.get("FUSEDLSTM_FUZZ_EXAMPLES", "10000"))
 
 
 @pytest.mark.long
-@settings(max_examples=LONG_EXAMPLES, deadline=None, derandomize=False,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=LONG_EXAMPLES, deadline=None, derandomize=False, suppress_health_check=list(HealthCheck))
 @given(problems())
 def test_fuzz_long_campaign(prob):
     check(prob)

@@ -1,12 +1,12 @@
 """The NumPy reference's backward against central finite differences in float64 for all six
 gradients (with padding, so the masked-step rules are checked too); the compiled kernel is then
 checked the same way, independently of the reference."""
+
 import numpy as np
 import pytest
 
 import fusedlstm
 from fusedlstm import reference
-
 from helpers import make_problem
 
 NAMES = ["x", "kernel", "recurrent_kernel", "bias", "h0", "c0"]
@@ -14,7 +14,7 @@ NAMES = ["x", "kernel", "recurrent_kernel", "bias", "h0", "c0"]
 
 def loss(mod, p, up):
     out, h, c, _ = mod.lstm_forward(**p, training=False)
-    return (np.sum(out * up["d_outputs"]) + np.sum(h * up["d_h_n"]) + np.sum(c * up["d_c_n"]))
+    return np.sum(out * up["d_outputs"]) + np.sum(h * up["d_h_n"]) + np.sum(c * up["d_c_n"])
 
 
 @pytest.mark.parametrize("mod", [reference, fusedlstm], ids=["reference", "kernel"])
@@ -34,5 +34,4 @@ def test_central_differences(rng, mod, lengths):
             lm = loss(mod, p, up)
             arr[idx] = orig
             num[idx] = (lp - lm) / (2 * eps)
-        np.testing.assert_allclose(getattr(grads, name), num, rtol=1e-6, atol=1e-8,
-                                   err_msg=f"d loss / d {name}")
+        np.testing.assert_allclose(getattr(grads, name), num, rtol=1e-6, atol=1e-8, err_msg=f"d loss / d {name}")

@@ -2,6 +2,7 @@
 configs are refused before anything is executed or allocated; damaged vector files and dataset
 files give clear errors naming the file (and line), or are read with the bad rows skipped and
 reported."""
+
 import gzip
 import io
 import json
@@ -16,7 +17,6 @@ import pytest
 from fusedlstm import SentimentClassifier
 from fusedlstm.sentiment.data import load_data, read_polarity, read_table
 from fusedlstm.sentiment.vectors import read_vectors
-
 from helpers import make_model
 
 
@@ -61,6 +61,7 @@ def test_pickled_weights_are_refused_without_running_them(tmp_path):
         SentimentClassifier.load(d)
     # A raw pickle smuggled in as a member.
     import pickle
+
     members["kernel.npy"] = npy_bytes(w["kernel"])
     members["payload.pkl"] = pickle.dumps(Evil(str(marker)))
     write_npz(d / "weights.npz", members)
@@ -72,8 +73,7 @@ def test_pickled_weights_are_refused_without_running_them(tmp_path):
 def test_npz_member_claiming_a_huge_shape_is_refused_before_allocating(tmp_path):
     d, w = saved(tmp_path)
     buf = io.BytesIO()  # a valid .npy header for shape (10**12,), then 12 bytes of data
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
     lying = buf.getvalue() + b"\x00" * 12
     members = {f"{k}.npy": npy_bytes(v) for k, v in w.items()}
     members["bias.npy"] = lying
@@ -82,15 +82,18 @@ def test_npz_member_claiming_a_huge_shape_is_refused_before_allocating(tmp_path)
         SentimentClassifier.load(d)
 
 
-@pytest.mark.parametrize("change,msg", [
-    (dict(vocab_size=50_000_000, embedding_dim=65_536), "parameters, more than"),
-    (dict(units=5.5), "units must be an integer"),
-    (dict(units=True), "units must be an integer"),
-    (dict(keep_prob="0.8"), "keep_prob must be in"),
-    (dict(labels={"a": 1}), "labels must be a list"),
-    (dict(train_embeddings="yes"), "train_embeddings must be true or false"),
-    (dict(max_len=-3), "max_len must be an integer"),
-])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        (dict(vocab_size=50_000_000, embedding_dim=65_536), "parameters, more than"),
+        (dict(units=5.5), "units must be an integer"),
+        (dict(units=True), "units must be an integer"),
+        (dict(keep_prob="0.8"), "keep_prob must be in"),
+        (dict(labels={"a": 1}), "labels must be a list"),
+        (dict(train_embeddings="yes"), "train_embeddings must be true or false"),
+        (dict(max_len=-3), "max_len must be an integer"),
+    ],
+)
 def test_absurd_or_mistyped_configs(tmp_path, change, msg):
     d, _ = saved(tmp_path)
     cfg = json.loads((d / "config.json").read_text())
@@ -99,8 +102,7 @@ def test_absurd_or_mistyped_configs(tmp_path, change, msg):
         SentimentClassifier.load(d)
 
 
-@pytest.mark.parametrize("junk", [b"", b"\x00" * 100, b"PK\x05\x06" + b"\x00" * 18,
-                                  bytes(range(256)) * 40])
+@pytest.mark.parametrize("junk", [b"", b"\x00" * 100, b"PK\x05\x06" + b"\x00" * 18, bytes(range(256)) * 40])
 def test_corrupt_npz(tmp_path, junk):
     d, _ = saved(tmp_path)
     (d / "weights.npz").write_bytes(junk)
@@ -139,8 +141,16 @@ def test_damaged_vector_files(tmp_path):
 
 def test_table_reader_survives_junk_long_lines_line_endings_and_boms(tmp_path):
     long_review = "a " * 500_000 + "fine film"  # a 1 MB sentence, one field
-    body = ("sentence\tlabel\r\n" "good film\t1\n" "bad film\t0\r" f"{long_review}\t1\r\n"
-            "\x00\x01\x02\x7f\x03garbage\t1\n" "only one column\n" "\t0\n" "dull\t0\n")
+    body = (
+        "sentence\tlabel\r\n"
+        "good film\t1\n"
+        "bad film\t0\r"
+        f"{long_review}\t1\r\n"
+        "\x00\x01\x02\x7f\x03garbage\t1\n"
+        "only one column\n"
+        "\t0\n"
+        "dull\t0\n"
+    )
     p = tmp_path / "t.tsv"
     p.write_bytes(codecs_bom(body))
     s = read_table(p)
@@ -185,9 +195,28 @@ def test_cli_reports_skipped_rows(tmp_path):
     d.mkdir()
     rows = ["sentence\tlabel"] + [f"{w} film\t{i % 2}" for i, w in enumerate(["good", "bad"] * 20)]
     (d / "train.tsv").write_text("\n".join(rows + ["broken row without label"]) + "\n")
-    r = subprocess.run([sys.executable, "-m", "fusedlstm", "train", "--data", str(d), "--out",
-                        str(tmp_path / "m"), "--units", "4", "--embedding-dim", "4", "--steps",
-                        "3", "--quiet"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusedlstm",
+            "train",
+            "--data",
+            str(d),
+            "--out",
+            str(tmp_path / "m"),
+            "--units",
+            "4",
+            "--embedding-dim",
+            "4",
+            "--steps",
+            "3",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "skipped 1 unreadable row(s)" in r.stderr and "train.tsv:42" in r.stderr
     assert load_data(d)["train"].skipped

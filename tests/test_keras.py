@@ -3,6 +3,7 @@ without right-/left-padded masks, go_backwards, Bidirectional, return_sequences/
 initial state), tf.test's gradient checker on the raw op in float64, raw-op input checks,
 tf.function / model.fit, .keras save/load, and every rejected argument. Skips without
 TensorFlow; CI installs tensorflow-cpu (extra [tf])."""
+
 import importlib.util
 import os
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 
 from helpers import KERAS_SHAPE, assert_keras_results_match, keras_masks, keras_pair
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
-                                reason="TensorFlow is not installed (CI installs tensorflow-cpu)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed (CI installs tensorflow-cpu)"
+)
 
 if importlib.util.find_spec("tensorflow") is not None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -44,19 +46,26 @@ def compare(ref, ours, x, mask=None, initial_state=None, tol=2e-5):
             tape.watch(xv)
             ys = as_list(layer(xv, **kwargs))
             # A loss that weighs every returned tensor differently and non-linearly.
-            loss = sum(tf.reduce_sum(y * (i + 1.0)) + tf.reduce_sum(tf.sin(y))
-                       for i, y in enumerate(ys))
+            loss = sum(tf.reduce_sum(y * (i + 1.0)) + tf.reduce_sum(tf.sin(y)) for i, y in enumerate(ys))
         grads = tape.gradient(loss, [xv] + layer.trainable_weights)
         results.append(([y.numpy() for y in ys], [g.numpy() for g in grads]))
     assert_keras_results_match(results[0], results[1], tol)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "right", "left"])
-@pytest.mark.parametrize("kw", [{}, {"return_sequences": True}, {"return_state": True},
-                                {"return_sequences": True, "return_state": True},
-                                {"go_backwards": True}, {"go_backwards": True, "return_sequences": True},
-                                {"use_bias": False, "return_sequences": True}],
-                         ids=lambda kw: "-".join(kw) or "default")
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"return_sequences": True},
+        {"return_state": True},
+        {"return_sequences": True, "return_state": True},
+        {"go_backwards": True},
+        {"go_backwards": True, "return_sequences": True},
+        {"use_bias": False, "return_sequences": True},
+    ],
+    ids=lambda kw: "-".join(kw) or "default",
+)
 def test_matches_keras(kw, mask_kind):
     rng = np.random.default_rng(0)
     ref, ours = pair(rng, **kw)
@@ -107,12 +116,17 @@ def test_mask_with_holes_is_rejected():
         ours(np.zeros((B, T, E), np.float32), mask=mask)
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(activation="relu"), "activation="),
-                                    (dict(recurrent_activation="hard_sigmoid"), "recurrent_activation="),
-                                    (dict(recurrent_dropout=0.1), "recurrent_dropout="),
-                                    (dict(stateful=True), "stateful=True"),
-                                    (dict(unroll=True), "unroll=True"),
-                                    (dict(dropout=1.5), "dropout must be")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(activation="relu"), "activation="),
+        (dict(recurrent_activation="hard_sigmoid"), "recurrent_activation="),
+        (dict(recurrent_dropout=0.1), "recurrent_dropout="),
+        (dict(stateful=True), "stateful=True"),
+        (dict(unroll=True), "unroll=True"),
+        (dict(dropout=1.5), "dropout must be"),
+    ],
+)
 def test_rejected_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
         fk.LSTM(H, **kw)
@@ -138,23 +152,26 @@ def test_raw_op_input_checks():
     x = np.zeros((2, 3, 4), np.float32)
     k, r, b = np.zeros((4, 8), np.float32), np.zeros((2, 8), np.float32), np.zeros(8, np.float32)
     h = np.zeros((2, 2), np.float32)
-    bad = [((x, k, r, b, h, h, np.array([3, 4], np.int32)), "outside"),
-           ((x[0], k, r, b, h, h, np.array([3, 3], np.int32)), "rank"),
-           ((x, k[:3], r, b, h, h, np.array([3, 3], np.int32)), "kernel: expected shape"),
-           ((x, k, r, b, h[:1], h, np.array([3, 3], np.int32)), "h0: expected shape")]
+    bad = [
+        ((x, k, r, b, h, h, np.array([3, 4], np.int32)), "outside"),
+        ((x[0], k, r, b, h, h, np.array([3, 3], np.int32)), "rank"),
+        ((x, k[:3], r, b, h, h, np.array([3, 3], np.int32)), "kernel: expected shape"),
+        ((x, k, r, b, h[:1], h, np.array([3, 3], np.int32)), "h0: expected shape"),
+    ]
     for args, msg in bad:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=msg):
             lib.fused_lstm(*args)
     # The same through a graph with unknown shapes: the shape functions cannot reject these, so
     # the kernels must (ranks checked before any dimension is read).
     any_f = tf.TensorSpec(None, tf.float32)
-    fwd = tf.function(lambda *a: lib.fused_lstm(*a)[0],
-                      input_signature=[any_f] * 6 + [tf.TensorSpec(None, tf.int32)])
-    graph_bad = [((np.zeros((2, 3, 4, 1), np.float32), k, r, b, h, h, [3, 3]), "x: expected rank 3"),
-                 ((x, k, np.zeros(8, np.float32), b, h, h, [3, 3]), "recurrent_kernel: expected rank"),
-                 ((x, k, np.zeros((2, 7), np.float32), b, h, h, [3, 3]), "recurrent_kernel: expected shape"),
-                 ((x, k, r, b, h, h, [[3, 3]]), "lengths: expected shape"),
-                 ((x, k, r, b, h, h, [-1, 3]), "outside")]
+    fwd = tf.function(lambda *a: lib.fused_lstm(*a)[0], input_signature=[any_f] * 6 + [tf.TensorSpec(None, tf.int32)])
+    graph_bad = [
+        ((np.zeros((2, 3, 4, 1), np.float32), k, r, b, h, h, [3, 3]), "x: expected rank 3"),
+        ((x, k, np.zeros(8, np.float32), b, h, h, [3, 3]), "recurrent_kernel: expected rank"),
+        ((x, k, np.zeros((2, 7), np.float32), b, h, h, [3, 3]), "recurrent_kernel: expected shape"),
+        ((x, k, r, b, h, h, [[3, 3]]), "lengths: expected shape"),
+        ((x, k, r, b, h, h, [-1, 3]), "outside"),
+    ]
     for args, msg in graph_bad:
         with pytest.raises(tf.errors.InvalidArgumentError, match=msg):
             fwd(*[tf.constant(a, tf.int32 if i == 6 else tf.float32) for i, a in enumerate(args)])
@@ -162,18 +179,27 @@ def test_raw_op_input_checks():
     lengths = np.array([3, 2], np.int32)
     _, _, _, cache = lib.fused_lstm(x, k, r, b, h, h, lengths)
     d_out = np.zeros((2, 3, 2), np.float32)
-    grad_bad = [((x, r, lengths, cache[:-1], d_out, h, h), "cache"),
-                ((x, r, lengths, cache, d_out[:, :2], h, h), "d_outputs: expected shape"),
-                ((x, r, lengths, cache, d_out, h[:1], h), "d_h_n: expected shape"),
-                ((x, r, lengths, cache, d_out, h, h.T[:1]), "d_c_n: expected shape"),
-                ((x, r, np.array([3, 9], np.int32), cache, d_out, h, h), "outside"),
-                ((x, r[0], lengths, cache, d_out, h, h), "rank")]
+    grad_bad = [
+        ((x, r, lengths, cache[:-1], d_out, h, h), "cache"),
+        ((x, r, lengths, cache, d_out[:, :2], h, h), "d_outputs: expected shape"),
+        ((x, r, lengths, cache, d_out, h[:1], h), "d_h_n: expected shape"),
+        ((x, r, lengths, cache, d_out, h, h.T[:1]), "d_c_n: expected shape"),
+        ((x, r, np.array([3, 9], np.int32), cache, d_out, h, h), "outside"),
+        ((x, r[0], lengths, cache, d_out, h, h), "rank"),
+    ]
     for args, msg in grad_bad:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=msg):
             lib.fused_lstm_grad(*args)
     # Empty batch: correctly shaped empty results.
-    o, hn, cn, _ = lib.fused_lstm(np.zeros((0, 3, 4), np.float32), k, r, b, np.zeros((0, 2), np.float32),
-                                  np.zeros((0, 2), np.float32), np.zeros(0, np.int32))
+    o, hn, cn, _ = lib.fused_lstm(
+        np.zeros((0, 3, 4), np.float32),
+        k,
+        r,
+        b,
+        np.zeros((0, 2), np.float32),
+        np.zeros((0, 2), np.float32),
+        np.zeros(0, np.int32),
+    )
     assert o.shape == (0, 3, 2) and hn.shape == (0, 2)
 
 
@@ -184,8 +210,10 @@ def test_gradient_op_takes_over_or_copies_the_cache_consistently():
     lib = fk.load_ops()
     rng = np.random.default_rng(11)
     Bq, Tq, Eq, Hq = 5, 7, 3, 4
-    x, k, r, b = (tf.constant(rng.standard_normal(s).astype(np.float32) * 0.5)
-                  for s in [(Bq, Tq, Eq), (Eq, 4 * Hq), (Hq, 4 * Hq), (4 * Hq,)])
+    x, k, r, b = (
+        tf.constant(rng.standard_normal(s).astype(np.float32) * 0.5)
+        for s in [(Bq, Tq, Eq), (Eq, 4 * Hq), (Hq, 4 * Hq), (4 * Hq,)]
+    )
     h0 = tf.constant(rng.standard_normal((Bq, Hq)).astype(np.float32))
     lengths = tf.constant([7, 3, 0, 5, 1], tf.int32)
     d_out = tf.constant(rng.standard_normal((Bq, Tq, Hq)).astype(np.float32))
@@ -267,6 +295,7 @@ def test_plain_call_under_a_tape_runs_the_forward_once():
             with tf.GradientTape() as tape:
                 loss = tf.reduce_sum(layer(x, **kw))
             return tape.gradient(loss, layer.trainable_weights)
+
         ops = step.get_concrete_function().graph.get_operations()
         return sum(op.type == "FusedLstm" for op in ops)
 
@@ -296,8 +325,7 @@ def test_op_without_return_sequences_writes_no_outputs():
     def grads(return_sequences):
         with tf.GradientTape() as tape:
             tape.watch([x, k, r, b])
-            _, hn, cn, _ = lib.fused_lstm(x, k, r, b, h0, h0, lengths,
-                                          return_sequences=return_sequences)
+            _, hn, cn, _ = lib.fused_lstm(x, k, r, b, h0, h0, lengths, return_sequences=return_sequences)
             loss = tf.reduce_sum(tf.sin(hn)) + 2.0 * tf.reduce_sum(tf.cos(cn))
         return tape.gradient(loss, [x, k, r, b])
 
@@ -340,8 +368,7 @@ def test_fit_save_load_roundtrip(tmp_path):
     inp = keras.Input((T, E))
     h = fk.LSTM(H, dropout=0.1, seed=1)(inp)
     model = keras.Model(inp, keras.layers.Dense(2)(h))
-    model.compile(keras.optimizers.Adam(0.01),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     hist = model.fit(x, y, epochs=10, batch_size=16, verbose=0)
     assert hist.history["loss"][-1] < 0.9 * hist.history["loss"][0]
     pred = model.predict(x, verbose=0)
@@ -354,13 +381,13 @@ def test_fit_save_load_roundtrip(tmp_path):
     @tf.function
     def step(v):
         return again(v)
+
     np.testing.assert_allclose(step(tf.constant(x)).numpy(), pred, rtol=1e-6, atol=1e-6)
 
 
 def run_py(code: str, timeout=600):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=timeout, env=env)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -463,8 +490,10 @@ def test_op_is_compiled_from_the_build_definition_cmake_reads():
         assert _defines(cmd) >= set(manifest["definitions"]), rel
         assert "-w" not in cmd and "-march=native" in cmd, rel
         assert not any(a.startswith("-I") and "tensorflow" in a for a in cmd), rel  # -isystem only
-        assert cmd.index("-ffp-contract=off") < max(i for i, a in enumerate(cmd) if a.startswith("-ffp-contract"))\
+        assert (
+            cmd.index("-ffp-contract=off") < max(i for i, a in enumerate(cmd) if a.startswith("-ffp-contract"))
             or rel not in manifest["source_options"]
+        )
     gemm = cmds["cpu/gemm.cc"]
     assert gemm[max(i for i, a in enumerate(gemm) if a.startswith("-ffp-contract"))] == "-ffp-contract=fast"
 
@@ -485,15 +514,25 @@ def test_cmake_compiles_the_kernels_with_the_same_definition(tmp_path):
     root = Path(__file__).resolve().parents[1]
     if not (root / "CMakeLists.txt").is_file():
         pytest.skip("not a source checkout (no CMakeLists.txt)")
-    args = [cmake, "-S", str(root), "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Release",
-            "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+    args = [
+        cmake,
+        "-S",
+        str(root),
+        "-B",
+        str(tmp_path),
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, check=False)
     if r.returncode != 0 and "Eigen3" in r.stdout + r.stderr:
         pytest.skip("Eigen 3.4 is not installed for CMake (pip install cmeel-eigen)")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    units = {Path(u["file"]).resolve(): u["command"].split() for u in
-             json.loads((tmp_path / "compile_commands.json").read_text())}
+    units = {
+        Path(u["file"]).resolve(): u["command"].split()
+        for u in json.loads((tmp_path / "compile_commands.json").read_text())
+    }
     src = build.source_dir()
     manifest = json.loads((src / "build.json").read_text())
     ours = {rel: cmd for rel, _, cmd in build.compile_commands("c++", src, [], [], tmp_path)}
@@ -517,8 +556,11 @@ def test_an_installed_package_builds_from_its_own_manifest(tmp_path):
     (pkg / "keras").mkdir(parents=True)
     shutil.copy(build.__file__, pkg / "keras" / "build.py")
     shutil.copytree(build.source_dir(), pkg / "csrc", ignore=shutil.ignore_patterns("python", "cuda"))
-    (pkg / "csrc" / "build.json").write_text((pkg / "csrc" / "build.json").read_text().replace(
-        '"EIGEN_MPL2_ONLY"', '"EIGEN_MPL2_ONLY", "FUSEDLSTM_MANIFEST_PROBE"'))
+    (pkg / "csrc" / "build.json").write_text(
+        (pkg / "csrc" / "build.json")
+        .read_text()
+        .replace('"EIGEN_MPL2_ONLY"', '"EIGEN_MPL2_ONLY", "FUSEDLSTM_MANIFEST_PROBE"')
+    )
     spec = importlib.util.spec_from_file_location("installed_build", pkg / "keras" / "build.py")
     installed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(installed)
@@ -537,8 +579,11 @@ def test_an_unsupported_keras_backend_is_refused_at_construction(monkeypatch):
     # backend before it had its own op). It must refuse instead, naming the backend. (No such
     # backend can run here: jax is not installed and Keras's numpy backend needs scipy.)
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(RuntimeError, match=r"this process uses the 'jax' backend\. Set "
-                                           r"KERAS_BACKEND to tensorflow or torch"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"this process uses the 'jax' backend\. Set "
+        r"KERAS_BACKEND to tensorflow or torch",
+    ):
         fk.LSTM(4)
 
 
@@ -557,13 +602,13 @@ def test_mixed_precision_policies_run_in_float32_and_return_the_compute_dtype(po
         want = ref(x, mask=tf.constant(mask), initial_state=[tf.cast(h0, ref.compute_dtype)] * 2)
         for g, w in zip(got, want):
             assert g.dtype == w.dtype
-            np.testing.assert_allclose(np.asarray(tf.cast(g, tf.float32)),
-                                       np.asarray(tf.cast(w, tf.float32)), rtol=tol, atol=tol)
+            np.testing.assert_allclose(
+                np.asarray(tf.cast(g, tf.float32)), np.asarray(tf.cast(w, tf.float32)), rtol=tol, atol=tol
+            )
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(tf.cast(ours(x)[0], tf.float32) ** 2)
         grads = tape.gradient(loss, ours.trainable_variables)
-        assert all(g is not None and np.isfinite(g.numpy()).all() and np.abs(g.numpy()).max() > 0
-                   for g in grads)
+        assert all(g is not None and np.isfinite(g.numpy()).all() and np.abs(g.numpy()).max() > 0 for g in grads)
         model = keras.Sequential([keras.Input((T, E)), fk.LSTM(H), keras.layers.Dense(1)])
         model.compile(keras.optimizers.Adam(1e-2), "mse")  # a LossScaleOptimizer under float16
         before = [w.copy() for w in model.layers[0].get_weights()]
@@ -574,9 +619,9 @@ def test_mixed_precision_policies_run_in_float32_and_return_the_compute_dtype(po
 
 
 @pytest.mark.parametrize("mask_kind", ["right", "left"])
-@pytest.mark.parametrize("kw", [{"return_sequences": True},
-                                {"return_sequences": True, "go_backwards": True}],
-                         ids=lambda kw: "-".join(kw))
+@pytest.mark.parametrize(
+    "kw", [{"return_sequences": True}, {"return_sequences": True, "go_backwards": True}], ids=lambda kw: "-".join(kw)
+)
 def test_zero_output_for_mask_matches_keras(kw, mask_kind):
     rng = np.random.default_rng(3)
     ref, ours = pair(rng, zero_output_for_mask=True, **kw)
@@ -592,9 +637,18 @@ def test_zero_output_for_mask_matches_keras(kw, mask_kind):
 def test_configs_are_interchangeable_with_keras_lstm():
     # Swapping the import must keep working for code that rebuilds layers from configs, and
     # keras.layers.LSTM's own keywords (use_cudnn, zero_output_for_mask) must be accepted.
-    ref = keras.layers.LSTM(8, return_sequences=True, dropout=0.25, seed=3, go_backwards=True,
-                            zero_output_for_mask=True, use_cudnn="auto",
-                            activity_regularizer="l2", kernel_regularizer="l1", name="lstm_x")
+    ref = keras.layers.LSTM(
+        8,
+        return_sequences=True,
+        dropout=0.25,
+        seed=3,
+        go_backwards=True,
+        zero_output_for_mask=True,
+        use_cudnn="auto",
+        activity_regularizer="l2",
+        kernel_regularizer="l1",
+        name="lstm_x",
+    )
     cfg = ref.get_config()
     ours = fk.LSTM.from_config(cfg)
     mine = ours.get_config()

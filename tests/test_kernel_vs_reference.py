@@ -1,17 +1,24 @@
 """The compiled kernel against the NumPy oracle: forward values and all six gradients over a grid
 of shapes (B = 1, T = 1, H not a multiple of the SIMD width, E != H, big enough to use several
 tasks), with and without lengths (0 and T included), h0/c0 and bias, in float64 and float32."""
+
 import numpy as np
 import pytest
 
 import fusedlstm
 from fusedlstm import reference
-
 from helpers import as64, assert_close, make_problem
 
 SHAPES = [  # (B, T, E, H)
-    (1, 1, 1, 1), (1, 7, 3, 5), (4, 1, 8, 16), (3, 6, 5, 17), (5, 4, 33, 9),
-    (2, 9, 16, 64), (7, 5, 12, 70), (130, 3, 6, 8), (9, 4, 20, 129),
+    (1, 1, 1, 1),
+    (1, 7, 3, 5),
+    (4, 1, 8, 16),
+    (3, 6, 5, 17),
+    (5, 4, 33, 9),
+    (2, 9, 16, 64),
+    (7, 5, 12, 70),
+    (130, 3, 6, 8),
+    (9, 4, 20, 129),
     # Too few rows for 4 row blocks and H > 181 (R over 512 KB): the kernel splits every step
     # by hidden units (one barrier per step) instead of giving row blocks whole sequences.
     (12, 3, 10, 190),
@@ -158,8 +165,7 @@ def test_cache_owns_its_inputs(rng):
         assert_close(getattr(g, name), getattr(expected, name), np.float64, name)
 
 
-@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0),
-                                   (0, 0, 0, 0)])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0), (0, 0, 0, 0)])
 def test_empty_dimensions(rng, shape):
     B, T, E, H = shape
     p, up = make_problem(rng, B, T, E, H, lengths="none")

@@ -2,6 +2,7 @@
 with a fixed mask, dense, loss) against central differences; seeded reproducibility; save/load
 round trip; checkpoint resume; hostile model directories; the CLI end to end on a synthetic
 corpus (and on the real data sets when FUSEDLSTM_TEST_DATA names them)."""
+
 import json
 import re
 import subprocess
@@ -13,9 +14,7 @@ import pytest
 from fusedlstm import SentimentClassifier
 from fusedlstm.sentiment.layers import embedding_backward, softmax_cross_entropy
 from fusedlstm.sentiment.model import TrainOptions
-
-from helpers import (make_model, real_data, requires_data, tiny_split, write_synthetic_glue,
-                     write_synthetic_polarity)
+from helpers import make_model, real_data, requires_data, tiny_split, write_synthetic_glue, write_synthetic_polarity
 
 
 def test_whole_model_gradient_check():
@@ -131,8 +130,7 @@ def test_weight_average_matches_the_formula():
 
 def test_save_load_predict_roundtrip(tmp_path):
     m = make_model()
-    m.fit(tiny_split(), None, TrainOptions(epochs=2, batch_size=8, lr=0.05, progress=False),
-          log=lambda *x: None)
+    m.fit(tiny_split(), None, TrainOptions(epochs=2, batch_size=8, lr=0.05, progress=False), log=lambda *x: None)
     m.save(tmp_path / "m")
     r = SentimentClassifier.load(tmp_path / "m")
     texts = ["great fun film", "dull boring", "a film never seen words"]
@@ -147,11 +145,15 @@ def test_resume_equals_uninterrupted(tmp_path):
     full = make_model(seed=4)
     full.fit(tiny_split(), tiny_split(20, 9), opts, out_dir=tmp_path / "full", log=lambda *x: None)
     part = make_model(seed=4)
-    part.fit(tiny_split(), tiny_split(20, 9), TrainOptions(**dict(opts.__dict__, epochs=2)),
-             out_dir=tmp_path / "part", log=lambda *x: None)
+    part.fit(
+        tiny_split(),
+        tiny_split(20, 9),
+        TrainOptions(**dict(opts.__dict__, epochs=2)),
+        out_dir=tmp_path / "part",
+        log=lambda *x: None,
+    )
     resumed = SentimentClassifier.load(tmp_path / "part")
-    resumed.fit(tiny_split(), tiny_split(20, 9), opts, out_dir=tmp_path / "part", resume=True,
-                log=lambda *x: None)
+    resumed.fit(tiny_split(), tiny_split(20, 9), opts, out_dir=tmp_path / "part", resume=True, log=lambda *x: None)
     for k in full.params:
         np.testing.assert_array_equal(resumed.params[k], full.params[k])
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
@@ -167,11 +169,13 @@ def test_hostile_model_directories(tmp_path):
     def write_cfg(**change):
         (d / "config.json").write_text(json.dumps(dict(cfg, **change)))
 
-    for change, msg in [(dict(units=10**9), "units must be an integer in 1..65536"),
-                        (dict(vocab_size=10**12), "vocab_size must be an integer"),
-                        (dict(units="5"), "units must be an integer"),
-                        (dict(evil=1), "unknown keys"),
-                        (dict(labels=["a"]), "labels must be a list of 2 strings")]:
+    for change, msg in [
+        (dict(units=10**9), "units must be an integer in 1..65536"),
+        (dict(vocab_size=10**12), "vocab_size must be an integer"),
+        (dict(units="5"), "units must be an integer"),
+        (dict(evil=1), "unknown keys"),
+        (dict(labels=["a"]), "labels must be a list of 2 strings"),
+    ]:
         write_cfg(**change)
         with pytest.raises(ValueError, match=msg):
             SentimentClassifier.load(d)
@@ -196,14 +200,14 @@ def test_hostile_model_directories(tmp_path):
 
 
 def run_cli(*args, input=None):
-    return subprocess.run([sys.executable, "-m", "fusedlstm", *args], capture_output=True,
-                          text=True, input=input, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fusedlstm", *args], capture_output=True, text=True, input=input, timeout=600
+    )
 
 
 # Small and fast on the synthetic corpus: a few hundred sentences, 16 units, a few epochs at a
 # learning rate that suits so small a problem.
-FAST = ("--units", "16", "--embedding-dim", "16", "--batch-size", "16", "--epochs", "6", "--lr", "0.01",
-        "--quiet")
+FAST = ("--units", "16", "--embedding-dim", "16", "--batch-size", "16", "--epochs", "6", "--lr", "0.01", "--quiet")
 
 
 def test_cli_train_eval_predict(tmp_path):
@@ -233,9 +237,24 @@ def test_cli_train_eval_predict(tmp_path):
 def test_cli_train_eval_predict_real_sst2(tmp_path):
     data = real_data("sst2")
     out = tmp_path / "model"
-    r = run_cli("train", "--data", str(data), "--out", str(out), "--batch-size", "4",
-                "--units", "16", "--max-len", "4", "--embedding-dim", "64", "--steps", "200",
-                "--quiet")
+    r = run_cli(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--units",
+        "16",
+        "--max-len",
+        "4",
+        "--embedding-dim",
+        "64",
+        "--steps",
+        "200",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout and (out / "weights.npz").exists()
     assert not list(out.glob(".*.tmp"))
@@ -250,8 +269,7 @@ def test_cli_train_eval_predict_real_sst2(tmp_path):
 def test_cli_polarity_cross_validation_fold(tmp_path):
     """Pang & Lee files (Windows-1252 with 0x85 inside lines), one fold of 5-fold CV as test."""
     data = write_synthetic_polarity(tmp_path / "mr", n=500)
-    r = run_cli("train", "--data", str(data), "--out", str(tmp_path / "mr_model"), "--folds", "5",
-                "--fold", "3", *FAST)
+    r = run_cli("train", "--data", str(data), "--out", str(tmp_path / "mr_model"), "--folds", "5", "--fold", "3", *FAST)
     assert r.returncode == 0, r.stderr
     assert "holding out 40 training sentences" in r.stdout  # 10% of the 4 training folds
     assert float(re.search(r"test accuracy (\S+)", r.stdout).group(1)) >= 0.8, r.stdout
@@ -261,9 +279,24 @@ def test_cli_polarity_cross_validation_fold(tmp_path):
 
 @requires_data
 def test_cli_polarity_cross_validation_fold_real_mr(tmp_path):
-    r = run_cli("train", "--data", str(real_data("mr")), "--out", str(tmp_path / "mr"), "--folds",
-                "10", "--fold", "3", "--units", "8", "--embedding-dim", "8", "--steps", "20",
-                "--quiet")
+    r = run_cli(
+        "train",
+        "--data",
+        str(real_data("mr")),
+        "--out",
+        str(tmp_path / "mr"),
+        "--folds",
+        "10",
+        "--fold",
+        "3",
+        "--units",
+        "8",
+        "--embedding-dim",
+        "8",
+        "--steps",
+        "20",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout
 
@@ -281,8 +314,22 @@ def test_cli_fine_tunes_vectors_by_default_and_freezes_on_request(tmp_path, sour
     rows = _vectors_file(vec, ["great", "good", "dull", "boring", "film", "the"])
     for flags, trained in (([], True), (["--freeze-embeddings"], False)):
         out = tmp_path / ("frozen" if flags else "tuned")
-        r = run_cli("train", "--data", str(data), "--out", str(out), "--vectors", str(vec),
-                    "--units", "8", "--steps", "10", "--quiet", "--no-test", *flags)
+        r = run_cli(
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--vectors",
+            str(vec),
+            "--units",
+            "8",
+            "--steps",
+            "10",
+            "--quiet",
+            "--no-test",
+            *flags,
+        )
         assert r.returncode == 0, r.stderr
         assert json.loads((out / "config.json").read_text())["train_embeddings"] is trained
         tokens = json.loads((out / "vocab.json").read_text())["tokens"]
@@ -292,10 +339,9 @@ def test_cli_fine_tunes_vectors_by_default_and_freezes_on_request(tmp_path, sour
         want = np.array(list(rows.values()), np.float32)
         if trained:  # the vectors' rows moved
             assert not np.allclose(got, want, atol=1e-6)
-        else:        # the vectors' rows are exactly as read
+        else:  # the vectors' rows are exactly as read
             np.testing.assert_array_equal(got, want)
-    r = run_cli("train", "--data", str(data), "--out", str(tmp_path / "x"),
-                "--train-embeddings", "--freeze-embeddings")
+    r = run_cli("train", "--data", str(data), "--out", str(tmp_path / "x"), "--train-embeddings", "--freeze-embeddings")
     assert r.returncode == 2 and "not allowed with" in r.stderr
 
 
@@ -303,8 +349,10 @@ def test_cli_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib", reason="extra [plot] (CI installs it)")
     from fusedlstm.sentiment.cli import plot_metrics
 
-    metrics = [{"epoch": 1, "train_loss": 0.7, "train_acc": 0.5, "dev_loss": 0.69, "dev_acc": 0.55},
-               {"epoch": 2, "train_loss": 0.5, "train_acc": 0.7, "dev_loss": 0.6, "dev_acc": 0.65}]
+    metrics = [
+        {"epoch": 1, "train_loss": 0.7, "train_acc": 0.5, "dev_loss": 0.69, "dev_acc": 0.55},
+        {"epoch": 2, "train_loss": 0.5, "train_acc": 0.7, "dev_loss": 0.6, "dev_acc": 0.65},
+    ]
     plot_metrics(metrics, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,10 +1,10 @@
 """Adam, dense and lazy-sparse, against the textbook update written out here, and against
 torch.optim.Adam / torch.optim.SparseAdam."""
+
 import numpy as np
 import pytest
 
 from fusedlstm.sentiment.optim import Adam
-
 from helpers import requires_torch
 
 
@@ -14,7 +14,7 @@ def textbook(p, grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
     for t, g in enumerate(grads, 1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        p = p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
     return p
 
 
@@ -155,7 +155,6 @@ def test_matches_torch(rng):
         rows = np.array(rows)
         g = rng.standard_normal((len(rows), 3))
         ours.step({}, {"e": (rows, g.copy())})
-        te.grad = torch.sparse_coo_tensor(torch.tensor(rows)[None], torch.tensor(g), (8, 3),
-                                          check_invariants=True)
+        te.grad = torch.sparse_coo_tensor(torch.tensor(rows)[None], torch.tensor(g), (8, 3), check_invariants=True)
         theirs.step()
     np.testing.assert_allclose(e, te.detach().numpy(), rtol=1e-10, atol=1e-12)

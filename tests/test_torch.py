@@ -1,11 +1,11 @@
 """Agreement with torch.nn.LSTM (weights mapped with fusedlstm.convert): outputs, final states and
 gradients for x, weights, biases and initial state; and the converters' exactness."""
+
 import numpy as np
 import pytest
 
 import fusedlstm
 from fusedlstm.convert import keras_to_torch, torch_to_keras
-
 from helpers import make_problem, requires_torch
 
 pytestmark = requires_torch
@@ -40,8 +40,7 @@ def test_matches_torch(rng, dtype, shape):
     np.testing.assert_allclose(out, y.detach().numpy(), **tol)
     np.testing.assert_allclose(h_n, hn[0].detach().numpy(), **tol)
     np.testing.assert_allclose(c_n, cn[0].detach().numpy(), **tol)
-    kd, rd, bd = torch_to_keras(lstm.weight_ih_l0.grad, lstm.weight_hh_l0.grad,
-                                lstm.bias_ih_l0.grad)
+    kd, rd, bd = torch_to_keras(lstm.weight_ih_l0.grad, lstm.weight_hh_l0.grad, lstm.bias_ih_l0.grad)
     np.testing.assert_allclose(g.x, x.grad.numpy(), **tol)
     np.testing.assert_allclose(g.kernel, kd, **tol)
     np.testing.assert_allclose(g.recurrent_kernel, rd, **tol)
@@ -61,11 +60,11 @@ def test_lengths_match_packed_sequences(rng):
     lstm = torch.nn.LSTM(E, H, batch_first=True).double()
     wi, wh, bi, bh = keras_to_torch(p["kernel"], p["recurrent_kernel"], p["bias"])
     with torch.no_grad():
-        for name, v in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
-                           (wi, wh, bi, bh)):
+        for name, v in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), (wi, wh, bi, bh)):
             getattr(lstm, name).copy_(torch.from_numpy(v))
-    packed = pack_padded_sequence(torch.from_numpy(p["x"]), torch.from_numpy(p["lengths"]),
-                                  batch_first=True, enforce_sorted=False)
+    packed = pack_padded_sequence(
+        torch.from_numpy(p["x"]), torch.from_numpy(p["lengths"]), batch_first=True, enforce_sorted=False
+    )
     y, (hn, cn) = lstm(packed)
     y, _ = pad_packed_sequence(y, batch_first=True, total_length=T)
     out, h_n, c_n, _ = fusedlstm.lstm_forward(**p, training=False)
@@ -78,8 +77,7 @@ def test_converters_round_trip_exactly(rng):
     import torch
 
     lstm = torch.nn.LSTM(7, 5)
-    k, r, b = torch_to_keras(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
-                             lstm.bias_hh_l0)
+    k, r, b = torch_to_keras(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
     assert k.shape == (7, 20) and r.shape == (5, 20) and b.shape == (20,)
     wi, wh, bi, bh = keras_to_torch(k, r, b)
     np.testing.assert_array_equal(wi, lstm.weight_ih_l0.detach().numpy())

@@ -1,11 +1,11 @@
 """The training loop's public pieces: fit's callbacks (per step and per epoch, stopping early,
 no effect on the result) and the batches fit draws."""
+
 import numpy as np
 import pytest
 
 from fusedlstm.sentiment import Callback, TrainOptions
 from fusedlstm.sentiment.training import batches, clip_scale
-
 from helpers import make_model, tiny_split
 
 QUIET = dict(log=lambda *a: None)
@@ -38,7 +38,7 @@ def test_callbacks_see_every_step_and_epoch_and_change_nothing():
     assert [lg["epoch"] for _, lg in rec.steps] == [e for e in (1, 2, 3) for _ in range(5)]
     assert all(lg["batch_size"] == 8 and np.isfinite(lg["loss"]) for _, lg in rec.steps)
     assert [e for e, _ in rec.epochs] == [1, 2, 3]
-    for (e, logs), row in zip(rec.epochs, m1):
+    for (_, logs), row in zip(rec.epochs, m1):
         assert logs == row and {"dev_acc", "dev_loss", "train_loss", "seconds"} <= set(logs)
     # the losses a step reports average to the epoch's train_loss
     for e, row in enumerate(m1, 1):
@@ -64,8 +64,7 @@ def test_any_object_with_one_method_is_a_callback():
             self.seen.append(epoch)
 
     cb = OnlyEpochs()
-    make_model().fit(tiny_split(), None, TrainOptions(epochs=2, batch_size=8, progress=False),
-                     callbacks=[cb], **QUIET)
+    make_model().fit(tiny_split(), None, TrainOptions(epochs=2, batch_size=8, progress=False), callbacks=[cb], **QUIET)
     assert cb.seen == [1, 2]
 
 
@@ -82,7 +81,8 @@ def test_batches_cover_each_index_once_and_bucket_by_length():
         assert all(np.array_equal(a, b) for a, b in zip(got, again))
     spread = lambda bs: np.mean([np.ptp(lengths[b]) for b in bs])  # noqa: E731
     assert spread(batches(np.random.default_rng(5), lengths, 16, True)) < 0.5 * spread(
-        batches(np.random.default_rng(5), lengths, 16, False))
+        batches(np.random.default_rng(5), lengths, 16, False)
+    )
 
 
 def test_fit_draws_the_batches_that_batches_gives():
@@ -90,8 +90,7 @@ def test_fit_draws_the_batches_that_batches_gives():
     split = tiny_split(37)
     model = make_model()
     _, lengths = model.encode(split.texts)
-    want = [len(b) for e in range(2)
-            for b in batches(np.random.default_rng([4, e]), lengths, 8, True)]
+    want = [len(b) for e in range(2) for b in batches(np.random.default_rng([4, e]), lengths, 8, True)]
     rec = Recorder()
     model.fit(split, None, TrainOptions(epochs=2, batch_size=8, seed=4, progress=False), callbacks=[rec], **QUIET)
     assert [lg["batch_size"] for _, lg in rec.steps] == want and 5 in want
@@ -104,8 +103,15 @@ def test_clip_scale():
     assert norm == 13.0 and scale == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("bad,msg", [(dict(average=1.0), "average must be in"), (dict(batch_size=0), "batch_size"),
-                                     (dict(lr=0.0), "lr must be"), (dict(clip_norm=-1.0), "clip_norm")])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (dict(average=1.0), "average must be in"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(lr=0.0), "lr must be"),
+        (dict(clip_norm=-1.0), "clip_norm"),
+    ],
+)
 def test_bad_train_options(bad, msg):
     with pytest.raises(ValueError, match=msg):
         make_model().fit(tiny_split(), None, TrainOptions(progress=False, **bad), **QUIET)

@@ -2,11 +2,12 @@
 whole sequences), with Keras's weight layout. This module is the kernel API; it never imports
 TensorFlow, PyTorch or the sentiment application (``fusedlstm.sentiment``, loaded on first use
 of ``fusedlstm.SentimentClassifier``)."""
+
 from __future__ import annotations
 
 import platform
 import sys
-from typing import Any, Dict
+from typing import Any
 
 from . import _cpu, _isa
 
@@ -18,17 +19,29 @@ from .lstm import LstmCache, cuda_available, empty_cache, lstm_backward, lstm_fo
 from .prepared import PreparedLSTM, prepare  # noqa: E402
 
 try:  # the one version source is the package metadata (pyproject.toml)
-    from importlib.metadata import PackageNotFoundError, version as _dist_version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _dist_version
 
     __version__ = _dist_version("fusedlstm")
 except PackageNotFoundError:  # a source tree on sys.path without an install
     __version__ = "0+unknown"
 
 __all__ = [
-    "LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "prepare", "PreparedLSTM",
-    "reference", "convert",
-    "set_num_threads", "get_num_threads", "build_info", "empty_cache", "cuda_available",
-    "SentimentClassifier", "__version__",
+    "LstmCache",
+    "LstmGrads",
+    "lstm_forward",
+    "lstm_backward",
+    "prepare",
+    "PreparedLSTM",
+    "reference",
+    "convert",
+    "set_num_threads",
+    "get_num_threads",
+    "build_info",
+    "empty_cache",
+    "cuda_available",
+    "SentimentClassifier",
+    "__version__",
 ]
 
 
@@ -60,7 +73,7 @@ def get_num_threads() -> int:
     return int(_core.get_num_threads())
 
 
-def build_info() -> Dict[str, Any]:
+def build_info() -> dict[str, Any]:
     """How this build was compiled: version, compiler, SIMD, OpenMP, threads."""
     info = dict(_core.build_info())
     info["version"] = __version__

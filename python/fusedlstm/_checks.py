@@ -2,9 +2,10 @@
 (``reference.py``): both accept exactly the same inputs and reject bad ones with the same
 messages, so tests can hold them to one contract. Every message names the argument and the
 shapes or dtypes involved."""
+
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,10 +30,10 @@ class ForwardInputs(NamedTuple):
     x: np.ndarray
     kernel: np.ndarray
     recurrent_kernel: np.ndarray
-    bias: Optional[np.ndarray]
-    h0: Optional[np.ndarray]
-    c0: Optional[np.ndarray]
-    lengths: Optional[np.ndarray]  # int32
+    bias: np.ndarray | None
+    h0: np.ndarray | None
+    c0: np.ndarray | None
+    lengths: np.ndarray | None  # int32
     B: int
     T: int
     E: int
@@ -43,7 +44,7 @@ def _shape(a) -> str:
     return str(tuple(int(d) for d in a.shape))
 
 
-def as_float_array(name: str, value, dtype: Optional[np.dtype], ndim: int) -> np.ndarray:
+def as_float_array(name: str, value, dtype: np.dtype | None, ndim: int) -> np.ndarray:
     """C-contiguous float array of rank ``ndim``; ``dtype`` None means 'float32 or float64'."""
     if isinstance(value, np.ndarray):
         arr = value
@@ -55,8 +56,7 @@ def as_float_array(name: str, value, dtype: Optional[np.dtype], ndim: int) -> np
     if arr.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: dtype {arr.dtype} is not supported; use float32 or float64")
     if dtype is not None and arr.dtype != dtype:
-        raise TypeError(f"{name}: dtype {arr.dtype} does not match x's dtype {dtype}; "
-                        "convert all arrays to one dtype")
+        raise TypeError(f"{name}: dtype {arr.dtype} does not match x's dtype {dtype}; convert all arrays to one dtype")
     if arr.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d array, got shape {_shape(arr)}")
     return np.ascontiguousarray(arr)
@@ -67,7 +67,7 @@ def expect_shape(name: str, arr: np.ndarray, shape: tuple, what: str) -> None:
         raise ValueError(f"{name}: expected shape {shape} ({what}), got {_shape(arr)}")
 
 
-def as_lengths(lengths, B: int, T: int) -> Optional[np.ndarray]:
+def as_lengths(lengths, B: int, T: int) -> np.ndarray | None:
     if lengths is None:
         return None
     arr = lengths if isinstance(lengths, np.ndarray) else np.asarray(lengths)
@@ -95,8 +95,7 @@ def check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths) -> Forward
     H = int(recurrent_kernel.shape[0])
     expect_shape("recurrent_kernel", recurrent_kernel, (H, 4 * H), "[H, 4H]")
     kernel = as_float_array("kernel", kernel, dt, 2)
-    expect_shape("kernel", kernel, (E, 4 * H),
-                 f"[E, 4H] with E={E} from x {_shape(x)} and H={H} from recurrent_kernel")
+    expect_shape("kernel", kernel, (E, 4 * H), f"[E, 4H] with E={E} from x {_shape(x)} and H={H} from recurrent_kernel")
     if bias is not None:
         bias = as_float_array("bias", bias, dt, 1)
         expect_shape("bias", bias, (4 * H,), f"[4H] with H={H}")
@@ -106,8 +105,7 @@ def check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths) -> Forward
     if c0 is not None:
         c0 = as_float_array("c0", c0, dt, 2)
         expect_shape("c0", c0, (B, H), f"[B, H] with B={B}, H={H}")
-    return ForwardInputs(x, kernel, recurrent_kernel, bias, h0, c0,
-                         as_lengths(lengths, B, T), B, T, E, H)
+    return ForwardInputs(x, kernel, recurrent_kernel, bias, h0, c0, as_lengths(lengths, B, T), B, T, E, H)
 
 
 def check_upstream(name: str, value, dtype: np.dtype, shape: tuple, what: str):

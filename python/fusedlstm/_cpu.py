@@ -2,12 +2,11 @@
 CPU it was built on is known to have (FUSEDLSTM_NATIVE=ON compiles with -march=native). Loading
 it on a CPU without them would kill the interpreter with an illegal instruction, so the package
 asks _isa (compiled for the baseline CPU) first and raises ImportError instead."""
+
 from __future__ import annotations
 
-from typing import List
 
-
-def missing_extensions(isa) -> List[str]:
+def missing_extensions(isa) -> list[str]:
     """The extensions _core was compiled for that this CPU lacks, per the _isa module given."""
     return [name for name in isa.required() if isa.supported(name) is False]
 
@@ -22,4 +21,5 @@ def require_cpu(isa) -> None:
         f"and uses instruction sets this CPU lacks: {', '.join(missing)}. Loading it would crash "
         "with an illegal instruction. Rebuild it on this machine, without pip's wheel cache "
         "(pip install --force-reinstall --no-cache-dir <the same source>), or build a portable "
-        "one for all x86-64 CPUs with -Ccmake.define.FUSEDLSTM_NATIVE=OFF.")
+        "one for all x86-64 CPUs with -Ccmake.define.FUSEDLSTM_NATIVE=OFF."
+    )

@@ -2,9 +2,8 @@
 [H, 4H], one bias [4H]) and PyTorch ``nn.LSTM``'s (weight_ih [4H, E], weight_hh [4H, H], bias_ih
 and bias_hh [4H]). Both use gate order i, f, c(g), o, so conversion is a transpose and a bias sum:
 exact in both directions (torch -> keras -> torch returns the summed bias in bias_ih)."""
-from __future__ import annotations
 
-from typing import Optional, Tuple
+from __future__ import annotations
 
 import numpy as np
 
@@ -20,8 +19,7 @@ def _np(a, name: str) -> np.ndarray:
     return arr
 
 
-def keras_to_torch(kernel, recurrent_kernel, bias=None
-                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def keras_to_torch(kernel, recurrent_kernel, bias=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(kernel [E,4H], recurrent_kernel [H,4H], bias [4H]) -> (weight_ih, weight_hh, bias_ih, bias_hh).
 
     The whole bias goes to bias_ih; bias_hh is zero.
@@ -35,12 +33,10 @@ def keras_to_torch(kernel, recurrent_kernel, bias=None
     b = np.zeros(4 * H, k.dtype) if bias is None else _np(bias, "bias")
     if b.shape != (4 * H,):
         raise ValueError(f"bias: expected shape ({4 * H},), got {b.shape}")
-    return (np.ascontiguousarray(k.T), np.ascontiguousarray(r.T), b.copy(),
-            np.zeros(4 * H, b.dtype))
+    return (np.ascontiguousarray(k.T), np.ascontiguousarray(r.T), b.copy(), np.zeros(4 * H, b.dtype))
 
 
-def torch_to_keras(weight_ih, weight_hh, bias_ih=None, bias_hh=None
-                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def torch_to_keras(weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(weight_ih [4H,E], weight_hh [4H,H], bias_ih, bias_hh) -> (kernel, recurrent_kernel, bias)."""
     wi, wh = _np(weight_ih, "weight_ih"), _np(weight_hh, "weight_hh")
     if wh.ndim != 2 or wh.shape[0] != 4 * wh.shape[1]:

@@ -2,6 +2,7 @@
 sequences in one C++ call and returns an opaque cache; ``lstm_backward`` consumes that cache and
 returns every gradient (BPTT) in one more call. This module checks and converts arguments,
 allocates nothing the kernel could overrun, and knows nothing about text or models."""
+
 from __future__ import annotations
 
 import threading
@@ -11,8 +12,7 @@ import numpy as np
 from . import _core
 from ._checks import LstmGrads, check_forward, check_upstream
 
-__all__ = ["LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "empty_cache",
-           "cuda_available"]
+__all__ = ["LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "empty_cache", "cuda_available"]
 
 # One spare scratch buffer per dtype: the cache a backward consumed, or an inference call's
 # workspace. The next forward that needs at most that many elements uses a prefix of it instead
@@ -53,11 +53,12 @@ def _check_device(device: str) -> str:
     if device != "cuda":
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     if not _CUDA_BUILT:
-        raise RuntimeError("device='cuda': this fusedlstm was built without CUDA; reinstall with "
-                           "pip install . -Ccmake.define.FUSEDLSTM_CUDA=ON (needs nvcc and cuBLAS)")
+        raise RuntimeError(
+            "device='cuda': this fusedlstm was built without CUDA; reinstall with "
+            "pip install . -Ccmake.define.FUSEDLSTM_CUDA=ON (needs nvcc and cuBLAS)"
+        )
     if _core.cuda_device_count() == 0:
-        raise RuntimeError("device='cuda': no CUDA GPU is visible (no driver, or "
-                           "CUDA_VISIBLE_DEVICES hides them)")
+        raise RuntimeError("device='cuda': no CUDA GPU is visible (no driver, or CUDA_VISIBLE_DEVICES hides them)")
     return device
 
 
@@ -110,18 +111,17 @@ class LstmCache:
     def __repr__(self) -> str:
         B, T, E, H = self.shape
         state = "used" if self.used else f"{self.nbytes} bytes"
-        return (f"LstmCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, "
-                f"device={self.device}, {state})")
+        return f"LstmCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, device={self.device}, {state})"
 
 
-def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training,
-                 return_sequences=True):
+def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences=True):
     """One compiled CPU forward, reusing the spare scratch buffer; the module checks every
     array itself before it runs (TypeError/ValueError, the spare put back)."""
     spare = _spare.pop(x.dtype, None)
     try:
-        outputs, h_n, c_n, buf = _core.forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
-                                               bool(training), spare, bool(return_sequences))
+        outputs, h_n, c_n, buf = _core.forward(
+            x, kernel, recurrent_kernel, bias, h0, c0, lengths, bool(training), spare, bool(return_sequences)
+        )
     except (TypeError, ValueError):
         if spare is not None:
             _spare[x.dtype] = spare
@@ -142,14 +142,23 @@ def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, 
     if lengths is not None and (type(lengths) is not np.ndarray or lengths.dtype != np.int32):
         return None  # (the compiled cache keeps its own copy of the lengths)
     try:
-        return _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training,
-                            return_sequences)
+        return _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences)
     except (TypeError, ValueError):
         return None
 
 
-def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengths=None,
-                 training: bool = True, device: str = "cpu", return_sequences: bool = True):
+def lstm_forward(
+    x,
+    kernel,
+    recurrent_kernel,
+    bias=None,
+    h0=None,
+    c0=None,
+    lengths=None,
+    training: bool = True,
+    device: str = "cpu",
+    return_sequences: bool = True,
+):
     """Run a single-layer LSTM over whole sequences in one compiled call.
 
     Parameters
@@ -178,22 +187,20 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
     """
     device = _check_device(device)
     if device == "cpu":
-        fast = _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training,
-                             return_sequences)
+        fast = _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences)
         if fast is not None:
             return fast
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     if device == "cuda":
-        outputs, h_n, c_n, dbuf = _core.forward_cuda(a.x, a.kernel, a.recurrent_kernel, a.bias,
-                                                     a.h0, a.c0, a.lengths, bool(training))
+        outputs, h_n, c_n, dbuf = _core.forward_cuda(
+            a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, bool(training)
+        )
         cache = LstmCache(dbuf, "cuda") if training else None
         return (outputs if return_sequences else None), h_n, c_n, cache
-    return _cpu_forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths,
-                        training, return_sequences)
+    return _cpu_forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, training, return_sequences)
 
 
-def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None,
-                  need_dx: bool = True) -> LstmGrads:
+def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool = True) -> LstmGrads:
     """Gradients of a training ``lstm_forward`` (BPTT over all steps in one compiled call).
 
     Parameters
@@ -211,15 +218,15 @@ def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None,
     LstmGrads(x [B,T,E], kernel [E,4H], recurrent_kernel [H,4H], bias [4H], h0 [B,H], c0 [B,H])
     """
     if cache is None:
-        raise ValueError("cache is None: the forward ran with training=False, which stores "
-                         "nothing; run lstm_forward(..., training=True) to get gradients")
+        raise ValueError(
+            "cache is None: the forward ran with training=False, which stores "
+            "nothing; run lstm_forward(..., training=True) to get gradients"
+        )
     if not isinstance(cache, LstmCache):
-        raise TypeError(f"cache: expected the LstmCache returned by lstm_forward, got "
-                        f"{type(cache).__name__}")
+        raise TypeError(f"cache: expected the LstmCache returned by lstm_forward, got {type(cache).__name__}")
     B, T, E, H = cache.shape
     dt = cache.dtype
-    if cache.device == "cpu" and all(v is None or type(v) is np.ndarray
-                                     for v in (d_outputs, d_h_n, d_c_n)):
+    if cache.device == "cpu" and all(v is None or type(v) is np.ndarray for v in (d_outputs, d_h_n, d_c_n)):
         # Straight into the compiled module, which checks every array before it runs; if it
         # refuses, the checks below convert what they can and word the error.
         try:
@@ -239,8 +246,9 @@ def _consume(cache: LstmCache, d_outputs, d_h_n, d_c_n, need_dx) -> LstmGrads:
     with cache._lock:
         buf = cache._buf
         if buf is None:
-            raise ValueError("cache was already used by lstm_backward (a cache is good for one "
-                             "backward: run the forward again)")
+            raise ValueError(
+                "cache was already used by lstm_backward (a cache is good for one backward: run the forward again)"
+            )
         run = _core.backward_cuda if cache.device == "cuda" else _core.backward
         grads = run(cache._core, d_outputs, d_h_n, d_c_n, bool(need_dx))
     if cache.device == "cpu":

@@ -6,7 +6,7 @@ server answering small batches, or a stream fed one step at a time, pays for on 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from ._checks import as_float_array, check_forward
 __all__ = ["PreparedLSTM", "prepare"]
 
 
-def _frozen_copy(a: Optional[np.ndarray]) -> Optional[np.ndarray]:
+def _frozen_copy(a: np.ndarray | None) -> np.ndarray | None:
     if a is None:
         return None
     out = np.array(a, copy=True, order="C")
@@ -43,15 +43,15 @@ class PreparedLSTM:
         if r.shape != (H, 4 * H):
             raise ValueError(f"recurrent_kernel: expected shape (H, 4H), got {tuple(r.shape)}")
         if k.shape[1] != 4 * H:
-            raise ValueError(f"kernel: expected shape (E, {4 * H}) to match recurrent_kernel "
-                             f"{tuple(r.shape)}, got {tuple(k.shape)}")
+            raise ValueError(
+                f"kernel: expected shape (E, {4 * H}) to match recurrent_kernel {tuple(r.shape)}, got {tuple(k.shape)}"
+            )
         if b is not None and b.shape != (4 * H,):
             raise ValueError(f"bias: expected shape ({4 * H},), got {tuple(b.shape)}")
         object.__setattr__(self, "_kernel", _frozen_copy(k))
         object.__setattr__(self, "_recurrent_kernel", _frozen_copy(r))
         object.__setattr__(self, "_bias", _frozen_copy(b))
-        object.__setattr__(self, "_core", _core.prepare(self._kernel, self._recurrent_kernel,
-                                                         self._bias))
+        object.__setattr__(self, "_core", _core.prepare(self._kernel, self._recurrent_kernel, self._bias))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("PreparedLSTM is immutable: prepare new weights instead")
@@ -70,7 +70,7 @@ class PreparedLSTM:
         return self._recurrent_kernel
 
     @property
-    def bias(self) -> Optional[np.ndarray]:
+    def bias(self) -> np.ndarray | None:
         """[4H] or None, read-only."""
         return self._bias
 
@@ -94,8 +94,9 @@ class PreparedLSTM:
     def __repr__(self) -> str:
         return f"PreparedLSTM(input_size={self.input_size}, units={self.units}, dtype={self.dtype})"
 
-    def infer(self, x, h0=None, c0=None, lengths=None,
-              return_sequences: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+    def infer(
+        self, x, h0=None, c0=None, lengths=None, return_sequences: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """Run the LSTM over x with the prepared weights; store nothing for a backward.
 
         Parameters
@@ -113,20 +114,23 @@ class PreparedLSTM:
         -------
         outputs [B, T, H] (None without return_sequences), h_n [B, H], c_n [B, H]
         """
-        if (type(x) is np.ndarray and (lengths is None or (type(lengths) is np.ndarray
-                                                           and lengths.dtype == np.int32))):
+        if type(x) is np.ndarray and (lengths is None or (type(lengths) is np.ndarray and lengths.dtype == np.int32)):
             try:  # already what the compiled call takes: skip the conversions
                 outputs, h_n, c_n, _ = self._core.infer(x, h0, c0, lengths, bool(return_sequences))
                 return outputs, h_n, c_n
             except (TypeError, ValueError):
                 pass  # the checks below convert what they can and word the error
         if isinstance(x, np.ndarray) and x.dtype != self.dtype and x.dtype.kind == "f":
-            raise TypeError(f"x: dtype {x.dtype} does not match the prepared weights' dtype "
-                            f"{self.dtype}; convert x or prepare weights of that dtype")
+            raise TypeError(
+                f"x: dtype {x.dtype} does not match the prepared weights' dtype "
+                f"{self.dtype}; convert x or prepare weights of that dtype"
+            )
         xa = as_float_array("x", x, self.dtype, 3)
         if xa.shape[2] != self.input_size:
-            raise ValueError(f"x: expected shape (B, T, {self.input_size}) for weights prepared "
-                             f"with kernel {tuple(self._kernel.shape)}, got {tuple(xa.shape)}")
+            raise ValueError(
+                f"x: expected shape (B, T, {self.input_size}) for weights prepared "
+                f"with kernel {tuple(self._kernel.shape)}, got {tuple(xa.shape)}"
+            )
         a = check_forward(xa, self._kernel, self._recurrent_kernel, self._bias, h0, c0, lengths)
         outputs, h_n, c_n, _ = self._core.infer(a.x, a.h0, a.c0, a.lengths, bool(return_sequences))
         return outputs, h_n, c_n

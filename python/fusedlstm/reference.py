@@ -1,6 +1,7 @@
 """The readable oracle: the same ``lstm_forward`` / ``lstm_backward`` as the compiled kernel,
 written as a plain NumPy loop over time with the textbook BPTT equations. Tests hold the kernel to
 it; nothing here is meant to be fast. Unlike the compiled cache, this one may be reused."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,17 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-z))
 
 
-def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengths=None,
-                 training: bool = True, return_sequences: bool = True):
+def lstm_forward(
+    x,
+    kernel,
+    recurrent_kernel,
+    bias=None,
+    h0=None,
+    c0=None,
+    lengths=None,
+    training: bool = True,
+    return_sequences: bool = True,
+):
     """NumPy reference of :func:`fusedlstm.lstm_forward` (same arguments and results)."""
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     B, T, H, dt = a.B, a.T, a.H, a.x.dtype
@@ -31,9 +41,9 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
     for t in range(T):
         z = a.x[:, t] @ W + h @ R + b
         i = sigmoid(z[:, :H])
-        f = sigmoid(z[:, H:2 * H])
-        g = np.tanh(z[:, 2 * H:3 * H])
-        o = sigmoid(z[:, 3 * H:])
+        f = sigmoid(z[:, H : 2 * H])
+        g = np.tanh(z[:, 2 * H : 3 * H])
+        o = sigmoid(z[:, 3 * H :])
         c_new = f * c + i * g
         h_new = o * np.tanh(c_new)
         valid = (t < lengths)[:, None]
@@ -43,8 +53,14 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, lengt
         c = np.where(valid, c_new, c)
     cache = None
     if training:
-        cache = {"x": a.x.copy(), "kernel": W.copy(), "recurrent_kernel": R.copy(),
-                 "steps": steps, "shape": (B, T, a.E, H), "dtype": dt}
+        cache = {
+            "x": a.x.copy(),
+            "kernel": W.copy(),
+            "recurrent_kernel": R.copy(),
+            "steps": steps,
+            "shape": (B, T, a.E, H),
+            "dtype": dt,
+        }
     return (outputs if return_sequences else None), h, c, cache
 
 
@@ -67,10 +83,10 @@ def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool =
         dh_t = dh + d_outputs[:, t] if d_outputs is not None else dh
         tc = np.tanh(c_new)
         dc_t = dc + dh_t * o * (1 - tc * tc)
-        dz = np.concatenate([dc_t * g * i * (1 - i),
-                             dc_t * c_prev * f * (1 - f),
-                             dc_t * i * (1 - g * g),
-                             dh_t * tc * o * (1 - o)], axis=1)
+        dz = np.concatenate(
+            [dc_t * g * i * (1 - i), dc_t * c_prev * f * (1 - f), dc_t * i * (1 - g * g), dh_t * tc * o * (1 - o)],
+            axis=1,
+        )
         dz = np.where(valid, dz, 0)
         # Padded steps contribute exactly nothing, even where their data is NaN or Inf.
         dW += np.where(valid, x[:, t], 0).T @ dz

@@ -22,7 +22,6 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from .implementations import DEFAULT_CONFIGS, IMPLS, MODES, SMALL_BATCH_CONFIGS, Config, available, make_plan
 
@@ -39,7 +38,7 @@ def parse_config(text: str) -> Config:
     return vals
 
 
-def parse_threads(text: str) -> List[int]:
+def parse_threads(text: str) -> list[int]:
     out = []
     for t in text.split(","):
         t = t.strip()
@@ -51,7 +50,7 @@ def parse_threads(text: str) -> List[int]:
     return out
 
 
-def parse_modes(text: str) -> List[str]:
+def parse_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -63,21 +62,37 @@ def _fmt(configs) -> str:
     return " ".join(f"({','.join(map(str, c))})" for c in configs)
 
 
-def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="fusedlstm bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=parse_config, action="append",
-                   help=f"B,T,E,H (repeatable); default: {_fmt(DEFAULT_CONFIGS)} in forward and forward+backward, "
-                        f"and {_fmt(SMALL_BATCH_CONFIGS)} in infer-last-state")
-    p.add_argument("--modes", type=parse_modes, default=None,
-                   help=f"comma-separated subset of {','.join(MODES)} (default: all for --config, "
-                        "each standard config's own otherwise)")
-    p.add_argument("--threads", type=parse_threads, default=None,
-                   help="comma-separated thread counts or 'all' (default: 1,all; --quick: all)")
-    p.add_argument("--quick", action="store_true",
-                   help="few repetitions, all cores only, no NumPy at the largest size, the small-batch rows "
-                        "against onnxruntime only: about a minute")
-    p.add_argument("--impls", default=",".join(IMPLS),
-                   help=f"comma-separated subset of {','.join(IMPLS)} (those installed run)")
+    p.add_argument(
+        "--config",
+        type=parse_config,
+        action="append",
+        help=f"B,T,E,H (repeatable); default: {_fmt(DEFAULT_CONFIGS)} in forward and forward+backward, "
+        f"and {_fmt(SMALL_BATCH_CONFIGS)} in infer-last-state",
+    )
+    p.add_argument(
+        "--modes",
+        type=parse_modes,
+        default=None,
+        help=f"comma-separated subset of {','.join(MODES)} (default: all for --config, "
+        "each standard config's own otherwise)",
+    )
+    p.add_argument(
+        "--threads",
+        type=parse_threads,
+        default=None,
+        help="comma-separated thread counts or 'all' (default: 1,all; --quick: all)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="few repetitions, all cores only, no NumPy at the largest size, the small-batch rows "
+        "against onnxruntime only: about a minute",
+    )
+    p.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)} (those installed run)"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the JSON report there (default: none)")
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG of speed-ups over torch")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -85,7 +100,7 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     return run_args(build_parser().parse_args(argv))
 
 

@@ -18,21 +18,42 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["MODES", "IMPLS", "IMPL_MODES", "DEFAULT_CONFIGS", "SMALL_BATCH_CONFIGS", "PRECISION", "Config",
-           "PlanRow", "QUICK_SMALL_BATCH_IMPLS", "make_plan", "is_big", "fwd_flops", "mode_flops", "make_inputs",
-           "onnx_weights", "onnx_lstm_model", "onnx_session", "available", "configure", "impl_fns", "memory_report"]
+__all__ = [
+    "MODES",
+    "IMPLS",
+    "IMPL_MODES",
+    "DEFAULT_CONFIGS",
+    "SMALL_BATCH_CONFIGS",
+    "PRECISION",
+    "Config",
+    "PlanRow",
+    "QUICK_SMALL_BATCH_IMPLS",
+    "make_plan",
+    "is_big",
+    "fwd_flops",
+    "mode_flops",
+    "make_inputs",
+    "onnx_weights",
+    "onnx_lstm_model",
+    "onnx_session",
+    "available",
+    "configure",
+    "impl_fns",
+    "memory_report",
+]
 
-Config = Tuple[int, int, int, int]  # (B, T, E, H)
+Config = tuple[int, int, int, int]  # (B, T, E, H)
 
 MODES = ("forward", "forward+backward", "infer-last-state")
 IMPLS = ("fusedlstm", "fusedlstm.prepared", "onnxruntime", "torch", "numpy", "keras", "fusedlstm.keras")
 # The Keras layers stay out of the small-batch rows: there tf.function's per-call overhead is all
 # they would measure, and their workers would double --quick's time.
-IMPL_MODES: Dict[str, Tuple[str, ...]] = {
+IMPL_MODES: dict[str, tuple[str, ...]] = {
     "fusedlstm": MODES,
     "fusedlstm.prepared": ("forward", "infer-last-state"),
     "onnxruntime": ("forward", "infer-last-state"),
@@ -43,33 +64,40 @@ IMPL_MODES: Dict[str, Tuple[str, ...]] = {
 }
 PRECISION = "float32"  # the one precision measured today
 
-DEFAULT_CONFIGS: List[Config] = [(4, 4, 64, 16), (64, 50, 300, 128), (128, 100, 256, 512)]
+DEFAULT_CONFIGS: list[Config] = [(4, 4, 64, 16), (64, 50, 300, 128), (128, 100, 256, 512)]
 # Serving: one request or a few, inference of the last state only.
-SMALL_BATCH_CONFIGS: List[Config] = [(1, 20, 50, 128), (1, 50, 300, 256), (1, 100, 300, 512),
-                                     (4, 30, 100, 256), (16, 20, 50, 128), (32, 20, 50, 128)]
+SMALL_BATCH_CONFIGS: list[Config] = [
+    (1, 20, 50, 128),
+    (1, 50, 300, 256),
+    (1, 100, 300, 512),
+    (4, 30, 100, 256),
+    (16, 20, 50, 128),
+    (32, 20, 50, 128),
+]
 
 
 class PlanRow(NamedTuple):
     """One config of a run: the modes it is measured in, and implementations left out of it."""
 
     config: Config
-    modes: Tuple[str, ...]
-    skip: Tuple[str, ...] = ()
+    modes: tuple[str, ...]
+    skip: tuple[str, ...] = ()
 
 
 # --quick compares the small-batch rows with onnxruntime only (the prepared and plain calls).
 QUICK_SMALL_BATCH_IMPLS = ("fusedlstm", "fusedlstm.prepared", "onnxruntime")
 
 
-def make_plan(configs: Optional[Sequence[Config]] = None, modes: Optional[Sequence[str]] = None,
-              quick: bool = False) -> List[PlanRow]:
+def make_plan(
+    configs: Sequence[Config] | None = None, modes: Sequence[str] | None = None, quick: bool = False
+) -> list[PlanRow]:
     """The rows of a run. User configs run the modes asked for (default: all); without them the
     standard configs run their own modes (DEFAULT_CONFIGS forward and forward+backward,
     SMALL_BATCH_CONFIGS infer-last-state), filtered by `modes`. --quick leaves out NumPy at the
     big configs (a second per call) and, in the standard small-batch rows, all but
     QUICK_SMALL_BATCH_IMPLS."""
 
-    def skip(cfg: Config, small: bool) -> Tuple[str, ...]:
+    def skip(cfg: Config, small: bool) -> tuple[str, ...]:
         if not quick:
             return ()
         if small:
@@ -79,8 +107,10 @@ def make_plan(configs: Optional[Sequence[Config]] = None, modes: Optional[Sequen
     if configs:
         return [PlanRow(tuple(c), tuple(modes or MODES), skip(tuple(c), False)) for c in configs]
     rows = []
-    for cfgs, own, small in ((DEFAULT_CONFIGS, ("forward", "forward+backward"), False),
-                             (SMALL_BATCH_CONFIGS, ("infer-last-state",), True)):
+    for cfgs, own, small in (
+        (DEFAULT_CONFIGS, ("forward", "forward+backward"), False),
+        (SMALL_BATCH_CONFIGS, ("infer-last-state",), True),
+    ):
         keep = tuple(m for m in own if modes is None or m in modes)
         if keep:
             rows += [PlanRow(c, keep, skip(c, small)) for c in cfgs]
@@ -105,29 +135,34 @@ def mode_flops(mode: str, cfg: Config) -> float:
 def make_inputs(B: int, T: int, E: int, H: int, seed: int = 0, dtype: str = PRECISION) -> dict:
     rng = np.random.default_rng(seed)
     s = float(1.0 / np.sqrt(H))
-    out = dict(x=rng.standard_normal((B, T, E), dtype=np.float32),
-               kernel=rng.standard_normal((E, 4 * H), dtype=np.float32) * s,
-               recurrent_kernel=rng.standard_normal((H, 4 * H), dtype=np.float32) * s,
-               bias=rng.standard_normal(4 * H, dtype=np.float32) * 0.1,
-               d_out=rng.standard_normal((B, T, H), dtype=np.float32))
+    out = dict(
+        x=rng.standard_normal((B, T, E), dtype=np.float32),
+        kernel=rng.standard_normal((E, 4 * H), dtype=np.float32) * s,
+        recurrent_kernel=rng.standard_normal((H, 4 * H), dtype=np.float32) * s,
+        bias=rng.standard_normal(4 * H, dtype=np.float32) * 0.1,
+        d_out=rng.standard_normal((B, T, H), dtype=np.float32),
+    )
     return {k: v.astype(dtype, copy=False) for k, v in out.items()}
 
 
 # -- fusedlstm and its NumPy reference (one API) -----------------------------------------------
 
-def _lstm_api(mod, inp) -> Dict[str, Callable]:
+
+def _lstm_api(mod, inp) -> dict[str, Callable]:
     x, W, R, b, d_out = (inp[k] for k in ("x", "kernel", "recurrent_kernel", "bias", "d_out"))
 
     def fwd_bwd():
         _, _, _, cache = mod.lstm_forward(x, W, R, b)
         mod.lstm_backward(cache, d_out)
 
-    return {"forward": lambda: mod.lstm_forward(x, W, R, b, training=False),
-            "forward+backward": fwd_bwd,
-            "infer-last-state": lambda: mod.lstm_forward(x, W, R, b, training=False, return_sequences=False)}
+    return {
+        "forward": lambda: mod.lstm_forward(x, W, R, b, training=False),
+        "forward+backward": fwd_bwd,
+        "infer-last-state": lambda: mod.lstm_forward(x, W, R, b, training=False, return_sequences=False),
+    }
 
 
-def _prepared(inp) -> Dict[str, Callable]:
+def _prepared(inp) -> dict[str, Callable]:
     """fusedlstm.prepare: the weights packed once, outside the timed call."""
     import fusedlstm
 
@@ -138,8 +173,10 @@ def _prepared(inp) -> Dict[str, Callable]:
 
 # -- onnxruntime ---------------------------------------------------------------------------------
 
-def onnx_weights(kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def onnx_weights(
+    kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Our weights (Keras layout, gates i, f, c, o) as the ONNX LSTM's W [1, 4H, E], R [1, 4H, H]
     and B [1, 8H] (gates i, o, f, c; B = our bias as the input half, zeros as the recurrent half)."""
     H = recurrent_kernel.shape[0]
@@ -150,8 +187,9 @@ def onnx_weights(kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndar
     return W, R, B
 
 
-def onnx_lstm_model(kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray, T: int, B: int,
-                    last_state_only: bool) -> bytes:
+def onnx_lstm_model(
+    kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray, T: int, B: int, last_state_only: bool
+) -> bytes:
     """A serialized ONNX model of one LSTM node, weights as initializers. Its input X is time-major
     [T, B, E]: onnxruntime's CPU LSTM refuses layout=1 (batch-major). Its output is Y_h [1, B, H]
     with `last_state_only`, else Y [T, 1, B, H]."""
@@ -163,11 +201,16 @@ def onnx_lstm_model(kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.n
     out, shape = ("Y_h", [1, B, H]) if last_state_only else ("Y", [T, 1, B, H])
     node = helper.make_node("LSTM", ["X", "W", "R", "B"], ["", "Y_h"] if last_state_only else ["Y"], hidden_size=H)
     graph = helper.make_graph(
-        [node], "fusedlstm_bench_lstm",
+        [node],
+        "fusedlstm_bench_lstm",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [T, B, E])],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, shape)],
-        initializer=[numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"),
-                     numpy_helper.from_array(Bias, "B")])
+        initializer=[
+            numpy_helper.from_array(W, "W"),
+            numpy_helper.from_array(R, "R"),
+            numpy_helper.from_array(Bias, "B"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
     model.ir_version = min(model.ir_version, 8)  # readable by older onnxruntime releases too
     onnx.checker.check_model(model)
@@ -186,7 +229,7 @@ def onnx_session(model: bytes, threads: int):
     return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _onnxruntime(inp, modes: Iterable[str], threads: int) -> Dict[str, Callable]:
+def _onnxruntime(inp, modes: Iterable[str], threads: int) -> dict[str, Callable]:
     """Our batch-major x goes in time-major, transposed once outside the timed call (the model
     cannot take it batch-major, and our API takes x as given), so the timed call is the LSTM."""
     x, W, R, b = (inp[k] for k in ("x", "kernel", "recurrent_kernel", "bias"))
@@ -196,13 +239,14 @@ def _onnxruntime(inp, modes: Iterable[str], threads: int) -> Dict[str, Callable]
     for mode in modes:
         last = mode == "infer-last-state"
         sess = onnx_session(onnx_lstm_model(W, R, b, T, B, last), threads)
-        fns[mode] = (lambda s=sess: s.run(None, feed))
+        fns[mode] = lambda s=sess: s.run(None, feed)
     return fns
 
 
 # -- torch and Keras -----------------------------------------------------------------------------
 
-def _torch(inp) -> Dict[str, Callable]:
+
+def _torch(inp) -> dict[str, Callable]:
     import torch
 
     x, W, R, b, d_out = (inp[k] for k in ("x", "kernel", "recurrent_kernel", "bias", "d_out"))
@@ -228,7 +272,7 @@ def _torch(inp) -> Dict[str, Callable]:
     return {"forward": fwd, "forward+backward": fwd_bwd, "infer-last-state": fwd}
 
 
-def _keras(layer_cls, inp) -> Dict[str, Callable]:
+def _keras(layer_cls, inp) -> dict[str, Callable]:
     """A Keras LSTM (return_sequences) in tf.function: inference, and the gradients of
     sum(outputs * d_out) for the weights and x (the same work as the other backwards)."""
     import tensorflow as tf
@@ -260,7 +304,7 @@ def _keras(layer_cls, inp) -> Dict[str, Callable]:
     return {"forward": fwd, "forward+backward": fwd_bwd}
 
 
-def impl_fns(impl: str, inp: dict, modes: Sequence[str], threads: int) -> Dict[str, Callable]:
+def impl_fns(impl: str, inp: dict, modes: Sequence[str], threads: int) -> dict[str, Callable]:
     """The timed closures of `impl` for `modes` (those it runs: IMPL_MODES)."""
     modes = [m for m in modes if m in IMPL_MODES[impl]]
     if impl == "fusedlstm":
@@ -314,7 +358,7 @@ def configure(impl: str, threads: int) -> None:
         pass
 
 
-def available(quick: bool, wanted: List[str]) -> Tuple[List[str], List[str]]:
+def available(quick: bool, wanted: list[str]) -> tuple[list[str], list[str]]:
     """Implementations to run, and notes on the ones left out."""
     run, notes = [], []
     for name in wanted:
@@ -345,8 +389,10 @@ def available(quick: bool, wanted: List[str]) -> Tuple[List[str], List[str]]:
                 notes.append(f"fusedlstm.keras: {exc}")
                 continue
             if not built:
-                notes.append("fusedlstm.keras: op library not built yet (fusedlstm build-tf-op; "
-                             "--quick does not spend a minute compiling it)")
+                notes.append(
+                    "fusedlstm.keras: op library not built yet (fusedlstm build-tf-op; "
+                    "--quick does not spend a minute compiling it)"
+                )
                 continue
         run.append(name)
     return run, notes
@@ -378,7 +424,11 @@ def memory_report(cfg: Config) -> dict:
     infer_peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
     fusedlstm.empty_cache()
-    return {"cache_bytes": cache_bytes, "cache_bytes_per_step": cache_bytes / max(T, 1),
-            "cache_floats_per_step_per_row": cache_bytes / 4 / max(T * B, 1),
-            "training_step_peak_bytes": peak, "inference_cache": res[3] is not None,
-            "inference_peak_bytes": infer_peak}
+    return {
+        "cache_bytes": cache_bytes,
+        "cache_bytes_per_step": cache_bytes / max(T, 1),
+        "cache_floats_per_step_per_row": cache_bytes / 4 / max(T * B, 1),
+        "training_step_peak_bytes": peak,
+        "inference_cache": res[3] is not None,
+        "inference_peak_bytes": infer_peak,
+    }

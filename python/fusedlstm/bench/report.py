@@ -11,28 +11,48 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
 from .implementations import IMPLS, PRECISION
 
-__all__ = ["BASELINES", "git_commit", "utc_date", "machine", "versions", "make_report", "speedup",
-           "format_table", "markdown_tables", "write_atomic", "write_json", "plot"]
+__all__ = [
+    "BASELINES",
+    "git_commit",
+    "utc_date",
+    "machine",
+    "versions",
+    "make_report",
+    "speedup",
+    "format_table",
+    "markdown_tables",
+    "write_atomic",
+    "write_json",
+    "plot",
+]
 
 # The ratios reported: baseline median over the implementation's (above 1: faster than it).
 BASELINES = ("torch", "onnxruntime")
-LABELS = {"fusedlstm": "fusedlstm", "fusedlstm.prepared": "fusedlstm prepared", "onnxruntime": "onnxruntime",
-          "numpy": "NumPy", "torch": "torch", "keras": "keras LSTM", "fusedlstm.keras": "fusedlstm.keras"}
+LABELS = {
+    "fusedlstm": "fusedlstm",
+    "fusedlstm.prepared": "fusedlstm prepared",
+    "onnxruntime": "onnxruntime",
+    "numpy": "NumPy",
+    "torch": "torch",
+    "keras": "keras LSTM",
+    "fusedlstm.keras": "fusedlstm.keras",
+}
 
 
 def git_commit() -> str:
     """The checkout's commit: the working directory's, else the package source's."""
     for where in (Path.cwd(), Path(__file__).resolve().parent):
         try:
-            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=where,
-                                  capture_output=True, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=where, capture_output=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             continue
     return "unknown"
@@ -46,8 +66,18 @@ def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]}
 
 
-def versions(dists: Iterable[str] = ("fusedlstm", "numpy", "torch", "tensorflow-cpu", "tensorflow", "keras",
-                                     "onnxruntime", "onnx")) -> Dict[str, str]:
+def versions(
+    dists: Iterable[str] = (
+        "fusedlstm",
+        "numpy",
+        "torch",
+        "tensorflow-cpu",
+        "tensorflow",
+        "keras",
+        "onnxruntime",
+        "onnx",
+    ),
+) -> dict[str, str]:
     """Installed versions of those distributions that are installed."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -60,7 +90,7 @@ def versions(dists: Iterable[str] = ("fusedlstm", "numpy", "torch", "tensorflow-
     return out
 
 
-def speedup(row: dict, impl: str, baseline: str) -> Optional[float]:
+def speedup(row: dict, impl: str, baseline: str) -> float | None:
     """baseline's median over impl's in one row, None when either was not measured."""
     im = row["impls"]
     if impl not in im or baseline not in im:
@@ -68,7 +98,7 @@ def speedup(row: dict, impl: str, baseline: str) -> Optional[float]:
     return im[baseline]["median_s"] / im[impl]["median_s"]
 
 
-def make_report(runs: List[dict], notes: List[str]) -> dict:
+def make_report(runs: list[dict], notes: list[str]) -> dict:
     """The JSON of a kernel run from run_threads's results (one per thread count)."""
     import fusedlstm
 
@@ -91,9 +121,9 @@ def make_report(runs: List[dict], notes: List[str]) -> dict:
         "fma_peak_gflops": {str(r["threads"]): r["fma_peak_gflops"] for r in runs},
         "fma_peak_source": "register-only float32 FMA loop, one per thread (fusedlstm._core)",
         "onnxruntime_input": "an ONNX graph of one LSTM node, weights as initializers, built in the benchmark; "
-                             "x goes in time-major [T, B, E], transposed once outside the timed call "
-                             "(onnxruntime's CPU LSTM refuses layout=1); infer-last-state returns Y_h, "
-                             "forward Y [T, 1, B, H]",
+        "x goes in time-major [T, B, E], transposed once outside the timed call "
+        "(onnxruntime's CPU LSTM refuses layout=1); infer-last-state returns Y_h, "
+        "forward Y [T, 1, B, H]",
         "results": results,
         "left_out": notes,
     }
@@ -115,49 +145,61 @@ def _mode(row: dict, report: dict) -> str:
     return f"{row['mode']} {row.get('precision', PRECISION)}" if multi else row["mode"]
 
 
-def _ratio(x: Optional[float]) -> str:
+def _ratio(x: float | None) -> str:
     return f"{x:.2f}x" if x is not None else "-"
 
 
 def format_table(report: dict) -> str:
     """The terminal table: one line per (config, threads, mode, implementation)."""
     lines = [f"commit {report['commit']}  {_precisions(report)}  {_peaks(report)}"]
-    head = (f"{'(B, T, E, H)':>22} {'thr':>3} {'mode':>16} {'impl':>18} {'median ms':>10} "
-            f"{'min ms':>9} {'GFLOP/s':>8} {'%FMA':>6} {'vs torch':>8} {'vs ORT':>7}")
+    head = (
+        f"{'(B, T, E, H)':>22} {'thr':>3} {'mode':>16} {'impl':>18} {'median ms':>10} "
+        f"{'min ms':>9} {'GFLOP/s':>8} {'%FMA':>6} {'vs torch':>8} {'vs ORT':>7}"
+    )
     lines += [head, "-" * len(head)]
     for r in report["results"]:
         for name, st in r["impls"].items():
-            lines.append(f"{str(tuple(r['config'])):>22} {r['threads']:>3} {_mode(r, report):>16} {name:>18} "
-                         f"{st['median_s'] * 1e3:>10.3f} {st['min_s'] * 1e3:>9.3f} "
-                         f"{st['gflops']:>8.1f} {st['pct_fma_peak']:>6.1f} "
-                         f"{_ratio(speedup(r, name, 'torch')):>8} {_ratio(speedup(r, name, 'onnxruntime')):>7}")
+            lines.append(
+                f"{str(tuple(r['config'])):>22} {r['threads']:>3} {_mode(r, report):>16} {name:>18} "
+                f"{st['median_s'] * 1e3:>10.3f} {st['min_s'] * 1e3:>9.3f} "
+                f"{st['gflops']:>8.1f} {st['pct_fma_peak']:>6.1f} "
+                f"{_ratio(speedup(r, name, 'torch')):>8} {_ratio(speedup(r, name, 'onnxruntime')):>7}"
+            )
     mem = [r for r in report["results"] if "memory" in r]
     if mem:
         lines.append("")
-        lines.append("fusedlstm memory (float32): cache kept by a training forward, per step, peak "
-                     "of one training step; inference keeps no cache")
+        lines.append(
+            "fusedlstm memory (float32): cache kept by a training forward, per step, peak "
+            "of one training step; inference keeps no cache"
+        )
         for r in mem:
             m = r["memory"]
-            lines.append(f"{str(tuple(r['config'])):>22}  cache {m['cache_bytes'] / 2**20:8.2f} MiB "
-                         f"({m['cache_bytes_per_step'] / 2**10:8.1f} KiB/step)  training-step peak "
-                         f"{m['training_step_peak_bytes'] / 2**20:8.2f} MiB  inference peak "
-                         f"{m['inference_peak_bytes'] / 2**20:7.2f} MiB  inference cache: "
-                         f"{'yes' if m['inference_cache'] else 'none'}")
+            lines.append(
+                f"{str(tuple(r['config'])):>22}  cache {m['cache_bytes'] / 2**20:8.2f} MiB "
+                f"({m['cache_bytes_per_step'] / 2**10:8.1f} KiB/step)  training-step peak "
+                f"{m['training_step_peak_bytes'] / 2**20:8.2f} MiB  inference peak "
+                f"{m['inference_peak_bytes'] / 2**20:7.2f} MiB  inference cache: "
+                f"{'yes' if m['inference_cache'] else 'none'}"
+            )
     if report.get("left_out"):
         lines.append("")
         lines += [f"left out: {n}" for n in report["left_out"]]
     return "\n".join(lines)
 
 
-def _markdown(report: dict, rows: List[dict], baseline: str) -> str:
+def _markdown(report: dict, rows: list[dict], baseline: str) -> str:
     """One Markdown table: ms per implementation measured in any row, then fusedlstm's (and the
     prepared call's) speed-up over `baseline`, then fusedlstm's GFLOP/s."""
     names = [n for n in IMPLS if any(n in r["impls"] for r in rows)]
     ours = [n for n in ("fusedlstm", "fusedlstm.prepared") if n in names and n != baseline]
     base = LABELS.get(baseline, baseline)
-    out = ["| (B, T, E, H) | threads | mode | " + " | ".join(f"{LABELS.get(n, n)} ms" for n in names)
-           + "".join(f" | {LABELS[n]} vs {base}" for n in ours) + " | fusedlstm GFLOP/s (% of FMA peak) |",
-           "|---|---|---|" + "---|" * (len(names) + len(ours) + 1)]
+    out = [
+        "| (B, T, E, H) | threads | mode | "
+        + " | ".join(f"{LABELS.get(n, n)} ms" for n in names)
+        + "".join(f" | {LABELS[n]} vs {base}" for n in ours)
+        + " | fusedlstm GFLOP/s (% of FMA peak) |",
+        "|---|---|---|" + "---|" * (len(names) + len(ours) + 1),
+    ]
     for r in rows:
         im = r["impls"]
         ms = [f"{im[n]['median_s'] * 1e3:.3g}" if n in im else "–" for n in names]
@@ -167,8 +209,11 @@ def _markdown(report: dict, rows: List[dict], baseline: str) -> str:
             ratios.append(f"**{x:.2f}×**" if x is not None else "–")
         f = im.get("fusedlstm")
         perf = f"{f['gflops']:.0f} ({f['pct_fma_peak']:.0f}%)" if f else "–"
-        out.append(f"| {tuple(r['config'])} | {r['threads']} | {_mode(r, report)} | " + " | ".join(ms + ratios)
-                   + f" | {perf} |")
+        out.append(
+            f"| {tuple(r['config'])} | {r['threads']} | {_mode(r, report)} | "
+            + " | ".join(ms + ratios)
+            + f" | {perf} |"
+        )
     return "\n".join(out)
 
 
@@ -184,18 +229,25 @@ def markdown_tables(report: dict) -> str:
     if small:
         parts.append(_markdown(report, small, "onnxruntime"))
     vers = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())
-    parts.append(f"Medians, {_precisions(report)}, commit `{report['commit']}`, {report['date']}, "
-                 f"{report['machine']['cpu_count']} cores ({report['build']['simd'].split(',')[0]}); {vers}. "
-                 f"Measured in the same run: {_peaks(report)}.")
+    parts.append(
+        f"Medians, {_precisions(report)}, commit `{report['commit']}`, {report['date']}, "
+        f"{report['machine']['cpu_count']} cores ({report['build']['simd'].split(',')[0]}); {vers}. "
+        f"Measured in the same run: {_peaks(report)}."
+    )
     mem = [r for r in rows if "memory" in r]
     if mem:
-        t = ["| (B, T, E, H) | cache kept for backward | per step | peak of one training step | "
-             "peak of inference | inference cache |", "|---|---|---|---|---|---|"]
+        t = [
+            "| (B, T, E, H) | cache kept for backward | per step | peak of one training step | "
+            "peak of inference | inference cache |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in mem:
             m = r["memory"]
-            t.append(f"| {tuple(r['config'])} | {m['cache_bytes'] / 2**20:.2f} MiB | "
-                     f"{m['cache_bytes_per_step'] / 2**10:.1f} KiB | {m['training_step_peak_bytes'] / 2**20:.2f} MiB | "
-                     f"{m['inference_peak_bytes'] / 2**20:.2f} MiB | {'yes' if m['inference_cache'] else 'none'} |")
+            t.append(
+                f"| {tuple(r['config'])} | {m['cache_bytes'] / 2**20:.2f} MiB | "
+                f"{m['cache_bytes_per_step'] / 2**10:.1f} KiB | {m['training_step_peak_bytes'] / 2**20:.2f} MiB | "
+                f"{m['inference_peak_bytes'] / 2**20:.2f} MiB | {'yes' if m['inference_cache'] else 'none'} |"
+            )
         parts.append("\n".join(t))
     return "\n\n".join(parts) + "\n"
 

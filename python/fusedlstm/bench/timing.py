@@ -6,13 +6,25 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List
 
 import numpy as np
 
-__all__ = ["MIN_SAMPLE_S", "SETTLE_S", "IDLE_WAIT_S", "calls_per_sample", "sample", "interleave",
-           "summarize", "time_interleaved", "cpu_ticks", "wait_idle", "fma_peak", "gemm_rate"]
+__all__ = [
+    "MIN_SAMPLE_S",
+    "SETTLE_S",
+    "IDLE_WAIT_S",
+    "calls_per_sample",
+    "sample",
+    "interleave",
+    "summarize",
+    "time_interleaved",
+    "cpu_ticks",
+    "wait_idle",
+    "fma_peak",
+    "gemm_rate",
+]
 
 MIN_SAMPLE_S = 0.005  # a sample repeats a fast call until it lasts this long (timer noise)
 # After a sample its worker's thread pools go on spinning (libgomp for milliseconds, OpenBLAS
@@ -39,11 +51,11 @@ def sample(f: Callable[[], object], number: int) -> float:
     return (time.perf_counter() - t0) / number
 
 
-def interleave(samplers: Dict[str, Callable[[], float]], reps: int, budget_s: float) -> Dict[str, List[float]]:
+def interleave(samplers: dict[str, Callable[[], float]], reps: int, budget_s: float) -> dict[str, list[float]]:
     """One sample of each sampler per repetition, the order rotating so that the machine's drift
     hits all alike; stops after `reps`, or once past `budget_s` with at least three each."""
     names = list(samplers)
-    times: Dict[str, List[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
     for r in range(reps):
         k = r % len(names)
@@ -54,12 +66,16 @@ def interleave(samplers: Dict[str, Callable[[], float]], reps: int, budget_s: fl
     return times
 
 
-def summarize(seconds: List[float], number: int) -> dict:
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "reps": len(seconds),
-            "calls_per_sample": number}
+def summarize(seconds: list[float], number: int) -> dict:
+    return {
+        "median_s": statistics.median(seconds),
+        "min_s": min(seconds),
+        "reps": len(seconds),
+        "calls_per_sample": number,
+    }
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int, budget_s: float) -> dict:
+def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int, budget_s: float) -> dict:
     """Median/min seconds per call for each in-process fn, samples interleaved (see interleave)."""
     number = {n: calls_per_sample(f, warmup) for n, f in fns.items()}
     times = interleave({n: (lambda f=f, k=number[n]: sample(f, k)) for n, f in fns.items()}, reps, budget_s)

@@ -20,11 +20,20 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 from . import timing
-from .implementations import (IMPL_MODES, PRECISION, PlanRow, configure, impl_fns, is_big, make_inputs, memory_report,
-                              mode_flops)
+from .implementations import (
+    IMPL_MODES,
+    PRECISION,
+    PlanRow,
+    configure,
+    impl_fns,
+    is_big,
+    make_inputs,
+    memory_report,
+    mode_flops,
+)
 
 __all__ = ["worker", "Worker", "run_threads"]
 
@@ -35,8 +44,8 @@ def worker(impl: str, threads: int) -> int:
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     configure(impl, threads)
-    fns: Dict[str, object] = {}
-    number: Dict[str, int] = {}
+    fns: dict[str, object] = {}
+    number: dict[str, int] = {}
     for line in sys.stdin:
         msg = json.loads(line)
         cmd = msg["cmd"]
@@ -70,10 +79,14 @@ class Worker:
         # The worker's stderr (TensorFlow's start-up chatter, warnings) is kept in a file and
         # shown only if the worker fails.
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fusedlstm.bench.cli", "--worker", impl,
-                                      "--worker-threads", str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fusedlstm.bench.cli", "--worker", impl, "--worker-threads", str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
 
     def ask(self, **msg) -> dict:
         """Send one request, return its answer once the worker's threads have gone quiet."""
@@ -115,8 +128,9 @@ class Worker:
             self.log.close()
 
 
-def run_threads(plan: Sequence[PlanRow], threads: int, quick: bool, impls: List[str], memory: bool,
-                precision: str = PRECISION) -> dict:
+def run_threads(
+    plan: Sequence[PlanRow], threads: int, quick: bool, impls: list[str], memory: bool, precision: str = PRECISION
+) -> dict:
     """One thread count: a worker per implementation, every row of the plan, the implementations'
     samples interleaved. With `memory`, fusedlstm's memory report is attached to the last result
     of every config that trains."""
@@ -130,8 +144,12 @@ def run_threads(plan: Sequence[PlanRow], threads: int, quick: bool, impls: List[
             first_row = len(results)
             big = is_big(cfg)
             active = [n for n in impls if set(modes) & set(IMPL_MODES[n]) and n not in skip]
-            number = {n: workers[n].ask(cmd="setup", config=list(cfg), modes=list(modes), warmup=1 if big else 3,
-                                        precision=precision)["number"] for n in active}
+            number = {
+                n: workers[n].ask(
+                    cmd="setup", config=list(cfg), modes=list(modes), warmup=1 if big else 3, precision=precision
+                )["number"]
+                for n in active
+            }
             reps = 5 if quick else (11 if big else 31)
             budget = 3.0 if quick else 25.0
             for mode in modes:
@@ -140,7 +158,9 @@ def run_threads(plan: Sequence[PlanRow], threads: int, quick: bool, impls: List[
                     continue
                 times = timing.interleave(
                     {n: (lambda w=workers[n], m=mode: w.ask(cmd="sample", mode=m)["seconds"]) for n in names},
-                    reps, budget)
+                    reps,
+                    budget,
+                )
                 flops = mode_flops(mode, cfg)
                 stats = {}
                 for n, v in times.items():
@@ -148,13 +168,13 @@ def run_threads(plan: Sequence[PlanRow], threads: int, quick: bool, impls: List[
                     st["gflops"] = flops / st["median_s"] / 1e9
                     st["pct_fma_peak"] = 100.0 * st["gflops"] / peaks["fma"]
                     stats[n] = st
-                results.append({"config": list(cfg), "threads": threads, "mode": mode, "precision": precision,
-                                "impls": stats})
+                results.append(
+                    {"config": list(cfg), "threads": threads, "mode": mode, "precision": precision, "impls": stats}
+                )
             if memory and "forward+backward" in modes and len(results) > first_row:
                 mem_worker = workers.get("fusedlstm") or workers[impls[0]]
                 results[-1]["memory"] = mem_worker.ask(cmd="memory", config=list(cfg))
     finally:
         for w in workers.values():
             w.close()
-    return {"threads": threads, "fma_peak_gflops": peaks["fma"], "gemm_peak_gflops": peaks["gemm"],
-            "results": results}
+    return {"threads": threads, "fma_peak_gflops": peaks["fma"], "gemm_peak_gflops": peaks["gemm"], "results": results}

@@ -7,6 +7,7 @@ concurrent processes from colliding. `fusedlstm build-tf-op` prebuilds it.
 The sources and flags are those of the CMake build: both read ``csrc/build.json`` (installed with
 the sources, or the checkout's). TensorFlow's headers are included as system headers, so their
 warnings stay out of the build log while ours stay on."""
+
 from __future__ import annotations
 
 import fcntl
@@ -36,9 +37,11 @@ def source_dir() -> Path:
     for cand in (here / "csrc", here.parents[1] / "csrc"):
         if (cand / "tf" / "lstm_ops.cc").is_file() and (cand / _MANIFEST).is_file():
             return cand
-    raise FileNotFoundError("fusedlstm's C++ sources or their build definition "
-                            f"({_MANIFEST}) are missing from the installation (looked in "
-                            f"{here / 'csrc'}); reinstall fusedlstm")
+    raise FileNotFoundError(
+        "fusedlstm's C++ sources or their build definition "
+        f"({_MANIFEST}) are missing from the installation (looked in "
+        f"{here / 'csrc'}); reinstall fusedlstm"
+    )
 
 
 class BuildDefinition(NamedTuple):
@@ -77,14 +80,17 @@ def build_definition(src: Path | None = None) -> BuildDefinition:
         definitions=_strings(d, "definitions", path),
         options=_strings(d, "release_options", path) + _strings(d, "options", path),
         source_options={k: _strings(per_file, k, path) for k in per_file},
-        native_flags=_strings(d, "native_flags", path))
+        native_flags=_strings(d, "native_flags", path),
+    )
 
 
 def _compiler() -> str:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
-        raise RuntimeError("building the fusedlstm TensorFlow op needs a C++ compiler (g++ or "
-                           "clang++) on PATH, or CXX set; none was found")
+        raise RuntimeError(
+            "building the fusedlstm TensorFlow op needs a C++ compiler (g++ or "
+            "clang++) on PATH, or CXX set; none was found"
+        )
     return cxx
 
 
@@ -92,8 +98,7 @@ def _accepts(cxx: str, flags: list[str]) -> bool:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "t.cc"
         src.write_text("int main() { return 0; }\n")
-        r = subprocess.run([cxx, *flags, "-c", str(src), "-o", str(Path(d) / "t.o")],
-                           capture_output=True, check=False)
+        r = subprocess.run([cxx, *flags, "-c", str(src), "-o", str(Path(d) / "t.o")], capture_output=True, check=False)
         return r.returncode == 0
 
 
@@ -117,8 +122,7 @@ def _target_macros(cxx: str, flags: list[str]) -> str:
     which would die with an illegal instruction."""
     if not flags:
         return ""
-    r = subprocess.run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, check=False)
     if r.returncode != 0:  # no macro dump (an unusual compiler): fall back to the CPU's own words
         return _cpu_flags_line()
     return "\n".join(sorted(r.stdout.splitlines()))
@@ -190,20 +194,25 @@ def _system_includes(flags: list[str]) -> list[str]:
     return out
 
 
-def compile_commands(cxx: str, src: Path, tf_cflags: list[str], simd: list[str],
-                     out_dir: Path) -> list[tuple]:
+def compile_commands(cxx: str, src: Path, tf_cflags: list[str], simd: list[str], out_dir: Path) -> list[tuple]:
     """(source, object, command) for each unit of the op, from csrc/build.json."""
     d = build_definition(src)
     # -fPIC and hidden visibility: what CMakeLists.txt sets as target properties (TensorFlow loads
     # its libraries RTLD_GLOBAL and exports Eigen symbols: ours must stay hidden).
-    common = [*d.options, "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
-              *(f"-D{x}" for x in d.definitions), *(f"-I{src / i}" for i in d.include_dirs),
-              *simd, *_system_includes(tf_cflags)]
+    common = [
+        *d.options,
+        "-fPIC",
+        "-fvisibility=hidden",
+        "-fvisibility-inlines-hidden",
+        *(f"-D{x}" for x in d.definitions),
+        *(f"-I{src / i}" for i in d.include_dirs),
+        *simd,
+        *_system_includes(tf_cflags),
+    ]
     cmds = []
     for rel in d.sources:
         obj = out_dir / (rel.replace("/", "_") + ".o")
-        cmds.append((rel, obj, [cxx, *common, *d.source_options.get(rel, []), "-c", str(src / rel),
-                                "-o", str(obj)]))
+        cmds.append((rel, obj, [cxx, *common, *d.source_options.get(rel, []), "-c", str(src / rel), "-o", str(obj)]))
     return cmds
 
 
@@ -227,8 +236,9 @@ def _compile(target: Path, verbose: bool) -> None:
             if verbose and out:
                 print(out.decode(errors="replace"))
         tmp_so = Path(tmp) / target.name
-        r = subprocess.run([cxx, "-shared", *objs, "-o", str(tmp_so), *lflags], capture_output=True, text=True,
-                           check=False)
+        r = subprocess.run(
+            [cxx, "-shared", *objs, "-o", str(tmp_so), *lflags], capture_output=True, text=True, check=False
+        )
         if r.returncode != 0:
             raise RuntimeError(f"linking the TensorFlow op failed:\n{r.stderr[-4000:]}")
         os.replace(tmp_so, target)  # atomic: a reader never sees a half-written library

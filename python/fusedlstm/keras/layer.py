@@ -6,6 +6,7 @@ masking semantics: a mask whose True entries form one contiguous run per row (ri
 left-padded) is run on the fused path by moving each row's run to the front, running with
 per-row lengths, and putting the outputs back the way Keras does (state carried through masked
 steps, the previous output repeated there)."""
+
 from __future__ import annotations
 
 import keras
@@ -21,8 +22,10 @@ def _is(value, name: str) -> bool:
     return value is getattr(keras.activations, name, None) or getattr(value, "__name__", None) == name
 
 
-_MASK_HOLES = ("fusedlstm.keras.LSTM: the mask must be one contiguous run of True per row "
-               "(right- or left-padded); a mask with holes is not supported")
+_MASK_HOLES = (
+    "fusedlstm.keras.LSTM: the mask must be one contiguous run of True per row "
+    "(right- or left-padded); a mask with holes is not supported"
+)
 
 
 def _check_one_run(run, mask) -> None:
@@ -54,12 +57,12 @@ def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, lengths, keep_cache, r
     if keras.backend.backend() == "tensorflow":
         from .ops import fused_lstm
 
-        return fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
-                          training=keep_cache, return_sequences=return_sequences)[:3]
+        return fused_lstm(
+            x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=keep_cache, return_sequences=return_sequences
+        )[:3]
     from .torch_op import fused_lstm
 
-    return fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
-                      return_sequences=return_sequences)
+    return fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences=return_sequences)
 
 
 @keras.saving.register_keras_serializable(package="fusedlstm")
@@ -73,14 +76,35 @@ class LSTM(keras.layers.Layer):
     XLA cannot compile a custom op, so the layer opts out of jit_compile (``supports_jit``).
     """
 
-    def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
-                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
-                 bias_initializer="zeros", unit_forget_bias=True, kernel_regularizer=None,
-                 recurrent_regularizer=None, bias_regularizer=None, activity_regularizer=None,
-                 kernel_constraint=None, recurrent_constraint=None, bias_constraint=None,
-                 dropout=0.0, recurrent_dropout=0.0, seed=None, return_sequences=False,
-                 return_state=False, go_backwards=False, stateful=False, unroll=False,
-                 zero_output_for_mask=False, use_cudnn="auto", **kwargs):
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        unit_forget_bias=True,
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        seed=None,
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        stateful=False,
+        unroll=False,
+        zero_output_for_mask=False,
+        use_cudnn="auto",
+        **kwargs,
+    ):
         if keras.backend.backend() not in _BACKENDS:
             # Elsewhere a result would sit outside the backend's autodiff: a model would run and
             # its LSTM weights would silently never train.
@@ -88,18 +112,20 @@ class LSTM(keras.layers.Layer):
                 "fusedlstm.keras.LSTM runs on Keras's TensorFlow backend (a compiled TensorFlow "
                 "op) or its torch backend (CPU tensors); this process uses the "
                 f"{keras.backend.backend()!r} backend. Set KERAS_BACKEND to tensorflow or torch "
-                "before importing keras, or use keras.layers.LSTM here.")
+                "before importing keras, or use keras.layers.LSTM here."
+            )
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise ValueError(f"units must be a positive integer, got {units!r}")
         if not _is(activation, "tanh"):
             raise ValueError(f"activation={activation!r}: the fused kernel implements tanh only")
         if not _is(recurrent_activation, "sigmoid"):
-            raise ValueError(f"recurrent_activation={recurrent_activation!r}: the fused kernel "
-                             "implements sigmoid only")
+            raise ValueError(f"recurrent_activation={recurrent_activation!r}: the fused kernel implements sigmoid only")
         if recurrent_dropout:
-            raise ValueError(f"recurrent_dropout={recurrent_dropout}: not supported by the fused "
-                             "kernel (use dropout, or keras.layers.LSTM)")
+            raise ValueError(
+                f"recurrent_dropout={recurrent_dropout}: not supported by the fused "
+                "kernel (use dropout, or keras.layers.LSTM)"
+            )
         if stateful:
             raise ValueError("stateful=True is not supported by fusedlstm.keras.LSTM")
         if unroll:
@@ -107,8 +133,10 @@ class LSTM(keras.layers.Layer):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if use_cudnn is True:  # "auto" (Keras's default) and False mean: whatever runs here
-            raise ValueError("use_cudnn=True: fusedlstm.keras.LSTM always runs the fused kernel, "
-                             "never cuDNN (use use_cudnn='auto' or False)")
+            raise ValueError(
+                "use_cudnn=True: fusedlstm.keras.LSTM always runs the fused kernel, "
+                "never cuDNN (use use_cudnn='auto' or False)"
+            )
         if use_cudnn not in ("auto", False):
             raise ValueError(f"use_cudnn must be 'auto', True or False, got {use_cudnn!r}")
         self.units = units
@@ -140,26 +168,36 @@ class LSTM(keras.layers.Layer):
         if E is None:
             raise ValueError(f"the last input dimension must be known, got shape {input_shape}")
         u = self.units
-        self.kernel = self.add_weight(shape=(E, 4 * u), name="kernel",
-                                      initializer=self.kernel_initializer,
-                                      regularizer=self.kernel_regularizer,
-                                      constraint=self.kernel_constraint)
-        self.recurrent_kernel = self.add_weight(shape=(u, 4 * u), name="recurrent_kernel",
-                                                initializer=self.recurrent_initializer,
-                                                regularizer=self.recurrent_regularizer,
-                                                constraint=self.recurrent_constraint)
+        self.kernel = self.add_weight(
+            shape=(E, 4 * u),
+            name="kernel",
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.recurrent_kernel = self.add_weight(
+            shape=(u, 4 * u),
+            name="recurrent_kernel",
+            initializer=self.recurrent_initializer,
+            regularizer=self.recurrent_regularizer,
+            constraint=self.recurrent_constraint,
+        )
         if self.use_bias:
             if self.unit_forget_bias:
                 base = self.bias_initializer
 
                 def bias_init(shape, dtype=None):
-                    return keras.ops.concatenate([base((u,), dtype=dtype), keras.initializers.get("ones")((u,), dtype=dtype),
-                                                  base((2 * u,), dtype=dtype)])
+                    ones = keras.initializers.get("ones")((u,), dtype=dtype)
+                    return keras.ops.concatenate([base((u,), dtype=dtype), ones, base((2 * u,), dtype=dtype)])
             else:
                 bias_init = self.bias_initializer
-            self.bias = self.add_weight(shape=(4 * u,), name="bias", initializer=bias_init,
-                                        regularizer=self.bias_regularizer,
-                                        constraint=self.bias_constraint)
+            self.bias = self.add_weight(
+                shape=(4 * u,),
+                name="bias",
+                initializer=bias_init,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
         else:
             self.bias = None
         self.built = True
@@ -184,8 +222,7 @@ class LSTM(keras.layers.Layer):
             if mask is not None:
                 mask = ops.flip(mask, axis=1)
         if training and self.dropout > 0:  # one input mask per sequence, as Keras's LSTM
-            keep = keras.random.dropout(ops.ones((B, 1, E), dtype), self.dropout,
-                                        seed=self.seed_generator)
+            keep = keras.random.dropout(ops.ones((B, 1, E), dtype), self.dropout, seed=self.seed_generator)
             x = x * keep
         if initial_state is not None:
             h0, c0 = [ops.cast(ops.convert_to_tensor(s), dtype) for s in initial_state]
@@ -200,8 +237,7 @@ class LSTM(keras.layers.Layer):
             m = ops.cast(mask, "bool")
             lengths = ops.sum(ops.cast(m, "int32"), axis=1)
             starts = ops.cast(ops.argmax(ops.cast(m, "int32"), axis=1), "int32")
-            run = ((steps >= ops.expand_dims(starts, 1))
-                   & (steps < ops.expand_dims(starts + lengths, 1)))
+            run = (steps >= ops.expand_dims(starts, 1)) & (steps < ops.expand_dims(starts + lengths, 1))
             _check_one_run(run, m)
             # Move each row's run to the front.
             src = ops.minimum(steps + ops.expand_dims(starts, 1), T - 1)
@@ -210,18 +246,24 @@ class LSTM(keras.layers.Layer):
         # pass; a gradient taken anyway recomputes the forward (see ops.py). A plain call
         # (training=None: a custom loop's `layer(x)` under a GradientTape) keeps it, or every
         # such training step would run the forward twice.
-        outputs, h_n, c_n = _run_fused(x, ops.cast(self.kernel, dtype),
-                                       ops.cast(self.recurrent_kernel, dtype), bias, h0, c0,
-                                       lengths, keep_cache=training is not False,
-                                       return_sequences=self.return_sequences)
+        outputs, h_n, c_n = _run_fused(
+            x,
+            ops.cast(self.kernel, dtype),
+            ops.cast(self.recurrent_kernel, dtype),
+            bias,
+            h0,
+            c0,
+            lengths,
+            keep_cache=training is not False,
+            return_sequences=self.return_sequences,
+        )
         has_steps = ops.expand_dims(lengths > 0, 1)
         last = ops.where(has_steps, h_n, ops.zeros_like(h_n))  # Keras: zeros if nothing was valid
         if self.return_sequences:
             if mask is not None:
                 # Keras semantics: zeros before the run, the run, then its last output repeated
                 # (zero_output_for_mask: zeros there too).
-                idx = ops.clip(steps - ops.expand_dims(starts, 1), 0,
-                               ops.expand_dims(ops.maximum(lengths - 1, 0), 1))
+                idx = ops.clip(steps - ops.expand_dims(starts, 1), 0, ops.expand_dims(ops.maximum(lengths - 1, 0), 1))
                 outputs = _take_steps(outputs, idx)
                 keep = (steps >= ops.expand_dims(starts, 1)) & has_steps
                 if self.zero_output_for_mask:
@@ -254,8 +296,11 @@ class LSTM(keras.layers.Layer):
     def get_config(self):
         ser = keras.saving.serialize_keras_object
         config = {
-            "units": self.units, "activation": "tanh", "recurrent_activation": "sigmoid",
-            "use_bias": self.use_bias, "unit_forget_bias": self.unit_forget_bias,
+            "units": self.units,
+            "activation": "tanh",
+            "recurrent_activation": "sigmoid",
+            "use_bias": self.use_bias,
+            "unit_forget_bias": self.unit_forget_bias,
             "kernel_initializer": ser(self.kernel_initializer),
             "recurrent_initializer": ser(self.recurrent_initializer),
             "bias_initializer": ser(self.bias_initializer),
@@ -265,12 +310,17 @@ class LSTM(keras.layers.Layer):
             "kernel_constraint": ser(self.kernel_constraint),
             "recurrent_constraint": ser(self.recurrent_constraint),
             "bias_constraint": ser(self.bias_constraint),
-            "dropout": self.dropout, "seed": self.seed,
-            "return_sequences": self.return_sequences, "return_state": self.return_state,
-            "go_backwards": self.go_backwards, "zero_output_for_mask": self.zero_output_for_mask,
+            "dropout": self.dropout,
+            "seed": self.seed,
+            "return_sequences": self.return_sequences,
+            "return_state": self.return_state,
+            "go_backwards": self.go_backwards,
+            "zero_output_for_mask": self.zero_output_for_mask,
             "activity_regularizer": ser(self.activity_regularizer),
             # Always their defaults here (anything else is refused), kept so the config has
             # every key keras.layers.LSTM's has and each layer can be built from the other's.
-            "recurrent_dropout": 0.0, "stateful": False, "unroll": False,
+            "recurrent_dropout": 0.0,
+            "stateful": False,
+            "unroll": False,
         }
         return {**super().get_config(), **config}

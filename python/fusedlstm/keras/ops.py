@@ -1,5 +1,6 @@
 """The compiled TensorFlow ops and their registered gradient: FusedLstm's gradient is the
 FusedLstmGrad op, fed the forward's cache."""
+
 from __future__ import annotations
 
 import threading
@@ -33,24 +34,30 @@ def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
         # An inference forward kept no cache (a layer called with training=False, then
         # differentiated: saliency maps, adversarial inputs). Run the forward again with one:
         # the kernel is deterministic, so its outputs are the ones being differentiated.
-        cache = load_ops().fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
-                                      training=True, return_sequences=False)[3]
+        cache = load_ops().fused_lstm(
+            x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True, return_sequences=False
+        )[3]
 
     def zeros_if_none(g, like):
         return tf.zeros_like(like) if g is None else g
 
     grads = load_ops().fused_lstm_grad(
-        x, recurrent_kernel, lengths, cache,
-        zeros_if_none(d_outputs, op.outputs[0]), zeros_if_none(d_h_n, h0),
-        zeros_if_none(d_c_n, h0))
+        x,
+        recurrent_kernel,
+        lengths,
+        cache,
+        zeros_if_none(d_outputs, op.outputs[0]),
+        zeros_if_none(d_h_n, h0),
+        zeros_if_none(d_c_n, h0),
+    )
     return list(grads) + [None]  # no gradient for lengths
 
 
-def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True,
-               return_sequences=True):
+def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True, return_sequences=True):
     """outputs [B,T,H], h_n, c_n, cache — the raw op (see fusedlstm.lstm_forward for semantics).
     training=False keeps no cache (the cache output is empty); its gradient, if one is taken
     anyway, runs the forward again with a cache first. return_sequences=False writes no outputs
     (they come back as an empty [B, 0, H] tensor)."""
-    return load_ops().fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths,
-                                 training=training, return_sequences=return_sequences)
+    return load_ops().fused_lstm(
+        x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=training, return_sequences=return_sequences
+    )

@@ -1,6 +1,7 @@
 """The fused LSTM for Keras's torch backend: a torch.autograd.Function over fusedlstm's NumPy API
 (zero-copy views of CPU tensors in, the kernel's arrays wrapped as tensors out). The forward
 keeps the kernel's cache for exactly one backward."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,20 +14,21 @@ __all__ = ["fused_lstm"]
 
 def _array(t: torch.Tensor, name: str) -> np.ndarray:
     if t.device.type != "cpu":
-        raise RuntimeError(f"fusedlstm.keras.LSTM on the torch backend runs on the CPU; {name} is "
-                           f"on {t.device} (move the model and its inputs to the CPU)")
+        raise RuntimeError(
+            f"fusedlstm.keras.LSTM on the torch backend runs on the CPU; {name} is "
+            f"on {t.device} (move the model and its inputs to the CPU)"
+        )
     return t.detach().numpy()
 
 
 class _FusedLstm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences,
-                training):
+    def forward(ctx, x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences, training):
         names = ("inputs", "kernel", "recurrent_kernel", "bias", "initial h", "initial c")
         arrays = [_array(t, n) for t, n in zip((x, kernel, recurrent_kernel, bias, h0, c0), names)]
-        outputs, h_n, c_n, cache = lstm_forward(*arrays, lengths=_array(lengths, "lengths"),
-                                                training=training,
-                                                return_sequences=return_sequences)
+        outputs, h_n, c_n, cache = lstm_forward(
+            *arrays, lengths=_array(lengths, "lengths"), training=training, return_sequences=return_sequences
+        )
         ctx.cache = cache
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         if outputs is None:
@@ -38,17 +40,27 @@ class _FusedLstm(torch.autograd.Function):
     def backward(ctx, d_outputs, d_h_n, d_c_n):
         cache, ctx.cache = ctx.cache, None
         if cache is None:
-            raise RuntimeError("fusedlstm.keras.LSTM (torch backend): the forward's cache was "
-                               "already used; backward through it once (no retain_graph reuse)")
+            raise RuntimeError(
+                "fusedlstm.keras.LSTM (torch backend): the forward's cache was "
+                "already used; backward through it once (no retain_graph reuse)"
+            )
 
         def arr(g):
             return None if g is None or g.numel() == 0 else _array(g.contiguous(), "gradient")
 
-        g = lstm_backward(cache, d_outputs=arr(d_outputs), d_h_n=arr(d_h_n), d_c_n=arr(d_c_n),
-                          need_dx=ctx.needs_input_grad[0])
+        g = lstm_backward(
+            cache, d_outputs=arr(d_outputs), d_h_n=arr(d_h_n), d_c_n=arr(d_c_n), need_dx=ctx.needs_input_grad[0]
+        )
         grads = [g.x, g.kernel, g.recurrent_kernel, g.bias, g.h0, g.c0]
-        return (*(torch.from_numpy(a) if a is not None and need else None
-                  for a, need in zip(grads, ctx.needs_input_grad[:6])), None, None, None)
+        return (
+            *(
+                torch.from_numpy(a) if a is not None and need else None
+                for a, need in zip(grads, ctx.needs_input_grad[:6])
+            ),
+            None,
+            None,
+            None,
+        )
 
 
 def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences=True):

@@ -6,6 +6,7 @@ checked before anything is allocated from them.
 A model directory holds config.json, vocab.json and weights.npz (MODEL_FILES); a training run
 adds metrics.jsonl and state.npz (everything needed to resume). The file format is versioned by
 ``ModelConfig.format_version``."""
+
 from __future__ import annotations
 
 import io
@@ -13,19 +14,26 @@ import json
 import os
 import secrets
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["MODEL_FILES", "CHECKPOINT_FILES", "atomic_write", "remove_stale_temporaries", "npz_bytes",
-           "load_npz", "write_training_state", "read_training_state"]
+__all__ = [
+    "MODEL_FILES",
+    "CHECKPOINT_FILES",
+    "atomic_write",
+    "remove_stale_temporaries",
+    "npz_bytes",
+    "load_npz",
+    "write_training_state",
+    "read_training_state",
+]
 
 MODEL_FILES = ("config.json", "vocab.json", "weights.npz")
 CHECKPOINT_FILES = ("config.json", "vocab.json", "weights.npz", "metrics.jsonl", "state.npz")
 
-_OPEN_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-               | getattr(os, "O_CLOEXEC", 0))
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def atomic_write(path: os.PathLike, data: bytes) -> None:
@@ -67,7 +75,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(directory: os.PathLike) -> List[str]:
+def remove_stale_temporaries(directory: os.PathLike) -> list[str]:
     """Delete the hidden temporaries a killed run left next to its checkpoint files (only those
     named like ours: `.weights.npz.<random>.tmp`); returns their names."""
     removed = []
@@ -85,7 +93,7 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _npz_headers(path: Path) -> Dict[str, Tuple[tuple, np.dtype]]:
+def _npz_headers(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
     """{name: (shape, dtype)} of every member, from the .npy headers alone: nothing is
     allocated from a size the file claims before it is checked against what the file holds."""
     out = {}
@@ -96,8 +104,7 @@ def _npz_headers(path: Path) -> Dict[str, Tuple[tuple, np.dtype]]:
                 raise ValueError(f"member {info.filename!r} is not a .npy array")
             with zf.open(info) as f:
                 version = np.lib.format.read_magic(f)
-                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, _, dtype = read(f)
             name = info.filename[:-4]
             if dtype.hasobject:
@@ -106,13 +113,15 @@ def _npz_headers(path: Path) -> Dict[str, Tuple[tuple, np.dtype]]:
             # A stored member's bytes are in the file; deflate expands them at most ~1032x.
             held = min(info.compress_size, fsize)
             if nbytes > (held if info.compress_type == zipfile.ZIP_STORED else 1100 * held):
-                raise ValueError(f"array {name!r} claims shape {shape} ({nbytes} bytes), more "
-                                 f"than its {held} bytes in the file can hold")
+                raise ValueError(
+                    f"array {name!r} claims shape {shape} ({nbytes} bytes), more "
+                    f"than its {held} bytes in the file can hold"
+                )
             out[name] = (tuple(shape), dtype)
     return out
 
 
-def load_npz(path: os.PathLike, expected: Optional[Mapping[str, tuple]] = None) -> Dict[str, np.ndarray]:
+def load_npz(path: os.PathLike, expected: Mapping[str, tuple] | None = None) -> dict[str, np.ndarray]:
     """All arrays of an .npz: headers checked first (no object arrays, sizes the file can hold,
     exactly the names and shapes of `expected` when given), then read with allow_pickle=False.
     The file is named in every error."""
@@ -123,8 +132,9 @@ def load_npz(path: os.PathLike, expected: Optional[Mapping[str, tuple]] = None) 
             if name not in headers:
                 raise ValueError(f"missing array {name!r}")
             if headers[name][0] != tuple(shape):
-                raise ValueError(f"weights[{name!r}]: shape {headers[name][0]}, expected {tuple(shape)} "
-                                 "from the config")
+                raise ValueError(
+                    f"weights[{name!r}]: shape {headers[name][0]}, expected {tuple(shape)} from the config"
+                )
         if expected is not None and set(headers) - set(expected):
             raise ValueError(f"unexpected arrays {sorted(set(headers) - set(expected))}")
         with np.load(path, allow_pickle=False) as z:
@@ -133,13 +143,18 @@ def load_npz(path: os.PathLike, expected: Optional[Mapping[str, tuple]] = None) 
         raise FileNotFoundError(f"{path}: missing") from None
     except ValueError as exc:  # object arrays need pickle: refused
         raise ValueError(f"{path}: refused ({exc})") from None
-    except Exception as exc:   # truncated or not a zip
+    except Exception as exc:  # truncated or not a zip
         raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
-def write_training_state(out_dir: Path, current: Mapping[str, np.ndarray], best: Mapping[str, np.ndarray],
-                         optimizer: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray],
-                         meta: dict) -> None:
+def write_training_state(
+    out_dir: Path,
+    current: Mapping[str, np.ndarray],
+    best: Mapping[str, np.ndarray],
+    optimizer: Mapping[str, np.ndarray],
+    average: Mapping[str, np.ndarray],
+    meta: dict,
+) -> None:
     """state.npz: the current, best and averaged weights, the optimizer's slots and `meta` (a
     JSON object: epoch, step, early-stopping state, the metrics so far). Written last in a
     checkpoint: it is the commit point that resuming reads."""
@@ -151,13 +166,13 @@ def write_training_state(out_dir: Path, current: Mapping[str, np.ndarray], best:
     atomic_write(out_dir / "state.npz", npz_bytes(arrays))
 
 
-def read_training_state(out_dir: Path) -> Tuple[Dict[str, Dict[str, np.ndarray]], dict]:
+def read_training_state(out_dir: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     """({"cur": .., "best": .., "opt": .., "avg": ..} arrays by name, meta) from state.npz."""
     path = Path(out_dir) / "state.npz"
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume: no training state ({path.name}) in {out_dir}")
     arrays = load_npz(path)
-    groups: Dict[str, Dict[str, np.ndarray]] = {"cur": {}, "best": {}, "opt": {}, "avg": {}}
+    groups: dict[str, dict[str, np.ndarray]] = {"cur": {}, "best": {}, "opt": {}, "avg": {}}
     for key, value in arrays.items():
         group, _, name = key.partition("/")
         if group in groups:

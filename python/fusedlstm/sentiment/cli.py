@@ -1,4 +1,5 @@
 """The sentiment application's commands: `fusedlstm train | eval | predict`."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,9 +20,17 @@ __all__ = ["add_commands"]
 
 # Library arguments and the flags that set them: errors from the library name the argument, the
 # CLI says the flag.
-_FLAGS = {"text_column": "--text-column", "label_column": "--label-column", "embedding_dim": "--embedding-dim",
-          "max_len": "--max-len", "keep_prob": "--keep-prob", "batch_size": "--batch-size",
-          "clip_norm": "--clip-norm", "min_count": "--min-count", "max_size": "--max-vocab"}
+_FLAGS = {
+    "text_column": "--text-column",
+    "label_column": "--label-column",
+    "embedding_dim": "--embedding-dim",
+    "max_len": "--max-len",
+    "keep_prob": "--keep-prob",
+    "batch_size": "--batch-size",
+    "clip_norm": "--clip-norm",
+    "min_count": "--min-count",
+    "max_size": "--max-vocab",
+}
 
 
 def _reword(exc: Exception, prefix: str = "") -> Exception:
@@ -32,7 +41,7 @@ def _reword(exc: Exception, prefix: str = "") -> Exception:
     return type(exc)(prefix + msg)
 
 
-def _load(path, args) -> Dict[str, Split]:
+def _load(path, args) -> dict[str, Split]:
     from .data import load_data
 
     try:
@@ -49,7 +58,7 @@ def _load(path, args) -> Dict[str, Split]:
     return splits
 
 
-def _splits(args) -> Dict[str, Split]:
+def _splits(args) -> dict[str, Split]:
     from .data import ChecksumError, DownloadError, fetch, kfold
 
     if args.data is None and getattr(args, "dataset", None) is None:
@@ -69,16 +78,19 @@ def _splits(args) -> Dict[str, Split]:
     return splits
 
 
-def report_skipped(splits: Dict[str, Split]) -> None:
+def report_skipped(splits: dict[str, Split]) -> None:
     """Say on stderr which rows a reader left out, and why (the first few of them)."""
     for name, split in splits.items():
         if split.skipped:
-            print(f"warning: {name}: skipped {len(split.skipped)} unreadable row(s): "
-                  + "; ".join(split.skipped[:5]) + (" ..." if len(split.skipped) > 5 else ""),
-                  file=sys.stderr)
+            print(
+                f"warning: {name}: skipped {len(split.skipped)} unreadable row(s): "
+                + "; ".join(split.skipped[:5])
+                + (" ..." if len(split.skipped) > 5 else ""),
+                file=sys.stderr,
+            )
 
 
-def _dev_from_train(train: Split, seed: int, fraction: float = 0.1) -> Tuple[Split, Split]:
+def _dev_from_train(train: Split, seed: int, fraction: float = 0.1) -> tuple[Split, Split]:
     perm = np.random.default_rng([seed, 7]).permutation(len(train))
     k = max(1, int(len(train) * fraction))
     return train.subset(perm[k:]), train.subset(perm[:k])
@@ -100,19 +112,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = SentimentClassifier.load(out)
     else:
         if (out / "state.npz").exists() and not args.overwrite:
-            raise SystemExit(f"error: {out} already holds a training run; use --resume to "
-                             "continue it or --overwrite to start again")
+            raise SystemExit(
+                f"error: {out} already holds a training run; use --resume to continue it or --overwrite to start again"
+            )
         try:
             model = SentimentClassifier.create(
-                train, units=args.units, vectors=args.vectors, embedding_dim=args.embedding_dim,
-                max_len=args.max_len, min_count=args.min_count, max_vocab=args.max_vocab,
-                keep_prob=args.keep_prob, train_embeddings=args.train_embeddings, seed=args.seed)
+                train,
+                units=args.units,
+                vectors=args.vectors,
+                embedding_dim=args.embedding_dim,
+                max_len=args.max_len,
+                min_count=args.min_count,
+                max_vocab=args.max_vocab,
+                keep_prob=args.keep_prob,
+                train_embeddings=args.train_embeddings,
+                seed=args.seed,
+            )
         except (ValueError, FileNotFoundError, ImportError) as exc:
             raise _reword(exc) from None
-    opts = TrainOptions(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-                        lr=args.lr, clip_norm=args.clip_norm if args.clip_norm > 0 else None,
-                        patience=args.patience, seed=args.seed, progress=not args.quiet,
-                        average=args.average)
+    opts = TrainOptions(
+        epochs=args.epochs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        clip_norm=args.clip_norm if args.clip_norm > 0 else None,
+        patience=args.patience,
+        seed=args.seed,
+        progress=not args.quiet,
+        average=args.average,
+    )
     try:
         metrics = model.fit(train, dev, opts, out_dir=out, resume=args.resume)
     except (ValueError, FileNotFoundError) as exc:
@@ -130,13 +158,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_metrics(metrics: List[dict], path: Path) -> None:
+def plot_metrics(metrics: list[dict], path: Path) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: --plot needs matplotlib: pip install 'fusedlstm[plot]'")
+        raise SystemExit("error: --plot needs matplotlib: pip install 'fusedlstm[plot]'") from None
     ep = [m["epoch"] for m in metrics]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(ep, [m["train_loss"] for m in metrics], "o-", label="train")
@@ -193,35 +222,48 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", help="label column of a TSV/CSV (default: label/...)")
 
 
-def add_commands(sub: "argparse._SubParsersAction") -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add train, eval and predict to an argparse subparsers object."""
     t = sub.add_parser("train", help="train a classifier")
     t.add_argument("--data", help="TSV/CSV file, GLUE dir (train/dev/test.tsv), *.pos/*.neg dir, or aclImdb dir")
     t.add_argument("--dataset", choices=["sst2", "mr", "imdb"], help="download a public data set (needs network)")
     t.add_argument("--out", required=True, help="model directory")
     t.add_argument("--vectors", help="word vectors: a .txt/.vec(.gz)/word2vec .bin file, or glove-6b-50d")
-    t.add_argument("--embedding-dim", type=int, default=None,
-                   help="without --vectors: random embedding size (default 64)")
+    t.add_argument(
+        "--embedding-dim", type=int, default=None, help="without --vectors: random embedding size (default 64)"
+    )
     emb = t.add_mutually_exclusive_group()
-    emb.add_argument("--train-embeddings", dest="train_embeddings", action="store_true", default=True,
-                     help="fine-tune the vectors with sparse (lazy Adam) updates (the default)")
-    emb.add_argument("--freeze-embeddings", dest="train_embeddings", action="store_false",
-                     help="keep the pre-trained vectors fixed, as the original model does")
+    emb.add_argument(
+        "--train-embeddings",
+        dest="train_embeddings",
+        action="store_true",
+        default=True,
+        help="fine-tune the vectors with sparse (lazy Adam) updates (the default)",
+    )
+    emb.add_argument(
+        "--freeze-embeddings",
+        dest="train_embeddings",
+        action="store_false",
+        help="keep the pre-trained vectors fixed, as the original model does",
+    )
     t.add_argument("--units", type=int, default=128, help="LSTM hidden units (default 128)")
     t.add_argument("--max-len", type=int, default=None, help="default: covers 95%% of training sentences")
-    t.add_argument("--min-count", type=int, default=1,
-                   help="keep words seen at least this often in train (default 1)")
-    t.add_argument("--max-vocab", type=int, default=None,
-                   help="keep at most this many of the most frequent words (default: all)")
+    t.add_argument("--min-count", type=int, default=1, help="keep words seen at least this often in train (default 1)")
+    t.add_argument(
+        "--max-vocab", type=int, default=None, help="keep at most this many of the most frequent words (default: all)"
+    )
     t.add_argument("--keep-prob", type=float, default=0.8, help="dropout keep probability (default 0.8)")
     t.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default 20)")
     t.add_argument("--steps", type=int, default=None, help="stop after this many updates")
     t.add_argument("--batch-size", type=int, default=32, help="default 32")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--clip-norm", type=float, default=5.0, help="global gradient norm clip (default 5; 0: off)")
-    t.add_argument("--average", type=float, default=0.999,
-                   help="decay of the moving average of the weights that dev sees and that is kept "
-                        "(default 0.999; 0: off)")
+    t.add_argument(
+        "--average",
+        type=float,
+        default=0.999,
+        help="decay of the moving average of the weights that dev sees and that is kept (default 0.999; 0: off)",
+    )
     t.add_argument("--patience", type=int, default=5, help="epochs without dev improvement before stopping (default 5)")
     t.add_argument("--seed", type=int, default=0, help="same seed, bit-identical run (default 0)")
     t.add_argument("--folds", type=int, default=10, help="k for *.pos/*.neg data (cross-validation; default 10)")
@@ -236,8 +278,7 @@ def add_commands(sub: "argparse._SubParsersAction") -> None:
 
     e = sub.add_parser("eval", help="accuracy, macro-F1 and confusion matrix of a model")
     e.add_argument("model")
-    e.add_argument("--data", required=True,
-                   help="a file, or a directory (its test split; else dev; else all of it)")
+    e.add_argument("--data", required=True, help="a file, or a directory (its test split; else dev; else all of it)")
     e.add_argument("--json", action="store_true")
     _data_args(e)
     e.set_defaults(func=cmd_eval)

@@ -3,6 +3,7 @@ directories (train/dev/test.tsv, e.g. SST-2), Pang & Lee polarity files (*.pos /
 Windows-1252 bytes; k-fold cross-validation) and the aclImdb layout. Labels are integers
 0..C-1 or strings (mapped in sorted order, the mapping kept). ``fetch`` downloads the public
 data sets into a cache (checksummed, unpacked safely) when online and fails at once when not."""
+
 from __future__ import annotations
 
 import codecs
@@ -16,14 +17,29 @@ import tarfile
 import urllib.request
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Split", "load_data", "read_table", "read_polarity", "read_imdb", "kfold", "LabelMap", "fetch",
-           "DATASETS", "Dataset", "DownloadError", "ChecksumError", "cache_dir", "safe_extract_tar"]
+__all__ = [
+    "Split",
+    "load_data",
+    "read_table",
+    "read_polarity",
+    "read_imdb",
+    "kfold",
+    "LabelMap",
+    "fetch",
+    "DATASETS",
+    "Dataset",
+    "DownloadError",
+    "ChecksumError",
+    "cache_dir",
+    "safe_extract_tar",
+]
 
 _TEXT_COLS = ("sentence", "text", "review", "sentence1", "content")
 _LABEL_COLS = ("label", "labels", "sentiment", "polarity", "class", "y")
@@ -33,28 +49,32 @@ _LABEL_COLS = ("label", "labels", "sentiment", "polarity", "class", "y")
 class Split:
     """Sentences, their raw labels (ints or strings) and where each came from (file:line)."""
 
-    texts: List[str]
-    labels: List[object]
-    origins: List[str] = field(default_factory=list)
-    skipped: List[str] = field(default_factory=list)  # "file:line: why" for each row left out
+    texts: list[str]
+    labels: list[object]
+    origins: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "file:line: why" for each row left out
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, idx: Sequence[int]) -> "Split":
-        return Split([self.texts[i] for i in idx], [self.labels[i] for i in idx],
-                     [self.origins[i] for i in idx] if self.origins else [])
+    def subset(self, idx: Sequence[int]) -> Split:
+        return Split(
+            [self.texts[i] for i in idx],
+            [self.labels[i] for i in idx],
+            [self.origins[i] for i in idx] if self.origins else [],
+        )
 
     def skip(self, where: str, why: str) -> None:
         self.skipped.append(f"{where}: {why}")
 
-    def check_skipped(self, path: str, rows: int) -> "Split":
+    def check_skipped(self, path: str, rows: int) -> Split:
         """Refuse a file where more rows were skipped than kept: it is probably not the format
         it was read as (wrong delimiter, a binary file), and training on the rest would be
         silently wrong."""
         if self.skipped and len(self.skipped) > max(rows - len(self.skipped), 0):
-            raise ValueError(f"{path}: {len(self.skipped)} of {rows} rows unreadable, e.g. "
-                             + "; ".join(self.skipped[:3]))
+            raise ValueError(
+                f"{path}: {len(self.skipped)} of {rows} rows unreadable, e.g. " + "; ".join(self.skipped[:3])
+            )
         return self
 
 
@@ -67,7 +87,7 @@ class LabelMap:
         self.index = {n: i for i, n in enumerate(self.names)}
 
     @classmethod
-    def fit(cls, labels: Sequence[object], num_classes: Optional[int] = None) -> "LabelMap":
+    def fit(cls, labels: Sequence[object], num_classes: int | None = None) -> LabelMap:
         raw = {str(lab).strip() for lab in labels}
         if raw and all(r.lstrip("-").isdigit() for r in raw):
             ints = sorted(int(r) for r in raw)
@@ -93,7 +113,7 @@ class LabelMap:
         return out
 
 
-def _decode(raw: bytes, path: str) -> Tuple[str, str]:
+def _decode(raw: bytes, path: str) -> tuple[str, str]:
     """UTF-16 when it starts with a UTF-16 byte-order mark; UTF-8 (BOM stripped) when valid;
     else Windows-1252 (what MR and many old corpora use; its BOM stripped too)."""
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -113,19 +133,23 @@ def _binary(line: str) -> bool:
     return _CONTROL.search(line) is not None
 
 
-def _split_lines(text: str) -> List[str]:
+def _split_lines(text: str) -> list[str]:
     """Lines ended by \\r\\n, \\n or a lone \\r, mixed freely. Not str.splitlines(), which also
     splits on U+0085 (an ellipsis in Windows-1252 text), U+2028 and friends."""
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def _lines(raw: bytes, path: str) -> Iterator[Tuple[int, str]]:
+def _lines(raw: bytes, path: str) -> Iterator[tuple[int, str]]:
     text, _ = _decode(raw, path)
     yield from enumerate(_split_lines(text), 1)
 
 
-def read_table(path: str | os.PathLike, text_column: Optional[str] = None, label_column: Optional[str] = None,
-               delimiter: Optional[str] = None) -> Split:
+def read_table(
+    path: str | os.PathLike,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    delimiter: str | None = None,
+) -> Split:
     """A delimited file with a header row (tab for .tsv, else sniffed comma/tab/semicolon)."""
     path = str(path)
     raw = Path(path).read_bytes()
@@ -139,12 +163,11 @@ def read_table(path: str | os.PathLike, text_column: Optional[str] = None, label
         delimiter = "\t" if path.endswith(".tsv") or "\t" in lines[0] else ","
     # A long review is one field: lift csv's 128 KiB field limit to this file's size.
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-    reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t"
-                        else csv.QUOTE_MINIMAL)
+    reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
     header = [h.strip() for h in next(reader)]
     lower = [h.lower() for h in header]
 
-    def pick(wanted: Optional[str], defaults: Sequence[str], what: str) -> int:
+    def pick(wanted: str | None, defaults: Sequence[str], what: str) -> int:
         if wanted is not None:
             if wanted.lower() not in lower:
                 raise ValueError(f"{path}: no column {wanted!r} (columns: {header})")
@@ -152,8 +175,7 @@ def read_table(path: str | os.PathLike, text_column: Optional[str] = None, label
         for d in defaults:
             if d in lower:
                 return lower.index(d)
-        raise ValueError(f"{path}: cannot find the {what} column among {header}; name it "
-                         f"({what}_column)")
+        raise ValueError(f"{path}: cannot find the {what} column among {header}; name it ({what}_column)")
 
     ti = pick(text_column, _TEXT_COLS, "text")
     li = pick(label_column, _LABEL_COLS, "label")
@@ -209,7 +231,7 @@ def read_polarity(directory: str | os.PathLike) -> Split:
     return out.check_skipped(str(d), rows)
 
 
-def read_imdb(root: str | os.PathLike) -> Dict[str, Split]:
+def read_imdb(root: str | os.PathLike) -> dict[str, Split]:
     """The aclImdb layout: root/{train,test}/{pos,neg}/*.txt."""
     root = Path(root)
     splits = {}
@@ -232,8 +254,9 @@ def read_imdb(root: str | os.PathLike) -> Dict[str, Split]:
     return splits
 
 
-def load_data(path: str | os.PathLike, text_column: Optional[str] = None,
-              label_column: Optional[str] = None) -> Dict[str, Split]:
+def load_data(
+    path: str | os.PathLike, text_column: str | None = None, label_column: str | None = None
+) -> dict[str, Split]:
     """Splits found at `path`: a file gives {'train': …}; a GLUE directory its train/dev/test
     files; a polarity directory {'all': …} (use kfold); an aclImdb directory train/test."""
     p = Path(path)
@@ -248,8 +271,9 @@ def load_data(path: str | os.PathLike, text_column: Optional[str] = None,
             if f.is_file():
                 if name == "test" and label_column is None and not _has_label_column(f):
                     # GLUE's test files carry no labels (they are kept for its leaderboard).
-                    warnings.warn(f"{f}: no label column, so no test split (GLUE's test labels are "
-                                  "not public)", stacklevel=2)
+                    warnings.warn(
+                        f"{f}: no label column, so no test split (GLUE's test labels are not public)", stacklevel=2
+                    )
                     break
                 tables["dev" if name == "validation" else name] = read_table(f, text_column, label_column)
                 break
@@ -273,13 +297,13 @@ def _has_label_column(path: Path) -> bool:
     return any(c.strip().strip('"') in _LABEL_COLS for c in cells)
 
 
-def kfold(n: int, k: int, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+def kfold(n: int, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train_idx, test_idx) for k folds of a seeded permutation of range(n)."""
     if not 2 <= k <= n:
         raise ValueError(f"k-fold needs 2 <= k <= {n}, got k={k}")
     perm = np.random.default_rng(seed).permutation(n)
     folds = np.array_split(perm, k)
-    return [(np.concatenate(folds[:i] + folds[i + 1:]), folds[i]) for i in range(k)]
+    return [(np.concatenate(folds[:i] + folds[i + 1 :]), folds[i]) for i in range(k)]
 
 
 class Dataset(NamedTuple):
@@ -289,18 +313,20 @@ class Dataset(NamedTuple):
 
     url: str
     folder: str
-    sha256: Optional[str] = None
+    sha256: str | None = None
 
 
 # Canonical public sources. Names, not code: nothing here runs what it downloads. The IMDB digest
 # is the one TensorFlow Datasets records for this archive; SST-2 (GLUE) and MR have none
 # recorded yet (add them here once verified).
-DATASETS: Dict[str, Dataset] = {
+DATASETS: dict[str, Dataset] = {
     "sst2": Dataset("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip", "SST-2"),
-    "mr": Dataset("https://www.cs.cornell.edu/people/pabo/movie-review-data/rt-polaritydata.tar.gz",
-                  "rt-polaritydata"),
-    "imdb": Dataset("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz", "aclImdb",
-                    "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"),
+    "mr": Dataset("https://www.cs.cornell.edu/people/pabo/movie-review-data/rt-polaritydata.tar.gz", "rt-polaritydata"),
+    "imdb": Dataset(
+        "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+        "aclImdb",
+        "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
+    ),
 }
 
 
@@ -335,14 +361,18 @@ def fetch(name: str, timeout: float = 15.0, log: Callable[[str], Any] = print) -
         with urllib.request.urlopen(ds.url, timeout=timeout) as r:
             blob = r.read()
     except OSError as exc:
-        raise DownloadError(f"could not download {name} from {ds.url} ({exc}); offline? Download "
-                            f"{archive} yourself, unpack it and load its folder by path") from None
+        raise DownloadError(
+            f"could not download {name} from {ds.url} ({exc}); offline? Download "
+            f"{archive} yourself, unpack it and load its folder by path"
+        ) from None
     digest = hashlib.sha256(blob).hexdigest()
     if ds.sha256 is None:
         log(f"note: {archive} has no recorded SHA-256 to check; it is {digest}")
     elif digest != ds.sha256.lower():
-        raise ChecksumError(f"{archive} from {ds.url}: SHA-256 {digest}, expected {ds.sha256}; "
-                            "the download is corrupt or not the published archive, nothing was unpacked")
+        raise ChecksumError(
+            f"{archive} from {ds.url}: SHA-256 {digest}, expected {ds.sha256}; "
+            "the download is corrupt or not the published archive, nothing was unpacked"
+        )
     tmp = dest / (ds.folder + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -384,8 +414,9 @@ def safe_extract_tar(tar: tarfile.TarFile, dest: Path, archive: str = "archive")
         return
     for m in members:
         if not (m.isfile() or m.isdir()):
-            raise ValueError(f"{archive}: member {m.name!r} is a link or special file; only files "
-                             "and folders are extracted")
+            raise ValueError(
+                f"{archive}: member {m.name!r} is a link or special file; only files and folders are extracted"
+            )
     for m in members:  # no set-uid bits or odd permissions from the archive
         m.mode = (0o755 if m.isdir() else 0o644) | (m.mode & 0o111 if m.isfile() else 0)
     tar.extractall(dest, members=members)

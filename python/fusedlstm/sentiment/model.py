@@ -3,13 +3,15 @@ frozen on request) -> fused LSTM -> dropout on each sentence's last valid output
 (truncated-normal weights, bias 0.1) -> softmax. Training (sentiment.training) is seeded and
 bit-reproducible; a model directory (sentiment.checkpoint) holds config.json, vocab.json and
 weights.npz, and loading never unpickles anything."""
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +20,7 @@ from ..lstm import lstm_backward, lstm_forward
 from ..prepared import PreparedLSTM, prepare
 from .checkpoint import MODEL_FILES, atomic_write, load_npz, npz_bytes
 from .data import LabelMap, Split
-from .layers import (dense_backward, dense_forward, embedding_backward, softmax, softmax_cross_entropy,
-                     truncated_normal)
+from .layers import dense_backward, dense_forward, embedding_backward, softmax, softmax_cross_entropy, truncated_normal
 from .text import Vocabulary, default_max_len, tokenize
 from .training import TrainOptions
 from .training import fit as _fit
@@ -29,8 +30,13 @@ __all__ = ["ModelConfig", "SentimentClassifier", "TrainOptions", "WEIGHT_NAMES"]
 
 WEIGHT_NAMES = ("embedding", "kernel", "recurrent_kernel", "bias", "dense_w", "dense_b")
 # Sanity bounds checked before anything is allocated from a config file.
-_LIMITS = {"units": 65536, "embedding_dim": 65536, "max_len": 1_000_000, "num_classes": 100_000,
-           "vocab_size": 50_000_000}
+_LIMITS = {
+    "units": 65536,
+    "embedding_dim": 65536,
+    "max_len": 1_000_000,
+    "num_classes": 100_000,
+    "vocab_size": 50_000_000,
+}
 _MAX_PARAMS = 2**31  # all weights together (8 GiB of float32)
 
 
@@ -47,12 +53,12 @@ class ModelConfig:
     num_classes: int = 2
     vocab_size: int = 0
     keep_prob: float = 0.8
-    labels: List[str] = field(default_factory=lambda: ["0", "1"])
+    labels: list[str] = field(default_factory=lambda: ["0", "1"])
     train_embeddings: bool = False
-    vectors: Optional[str] = None
+    vectors: str | None = None
     format_version: int = 1
 
-    def validate(self, source: str = "config") -> "ModelConfig":
+    def validate(self, source: str = "config") -> ModelConfig:
         """Check every field (named, with `source`, in the error); returns self."""
         for name, limit in _LIMITS.items():
             v = getattr(self, name)
@@ -60,25 +66,35 @@ class ModelConfig:
                 raise ValueError(f"{source}: {name} must be an integer in 1..{limit}, got {v!r}")
         if not isinstance(self.keep_prob, (int, float)) or not 0 < self.keep_prob <= 1:
             raise ValueError(f"{source}: keep_prob must be in (0, 1], got {self.keep_prob!r}")
-        if (not isinstance(self.labels, list) or len(self.labels) != self.num_classes
-                or not all(isinstance(name, str) for name in self.labels)):
+        if (
+            not isinstance(self.labels, list)
+            or len(self.labels) != self.num_classes
+            or not all(isinstance(name, str) for name in self.labels)
+        ):
             raise ValueError(f"{source}: labels must be a list of {self.num_classes} strings")
         if not isinstance(self.train_embeddings, bool):
             raise ValueError(f"{source}: train_embeddings must be true or false")
         total = sum(math.prod(s) for s in self.weight_shapes().values())
         if total > _MAX_PARAMS:
-            raise ValueError(f"{source}: the sizes ask for {total:,} parameters, more than the "
-                             f"{_MAX_PARAMS:,} this loader accepts")
+            raise ValueError(
+                f"{source}: the sizes ask for {total:,} parameters, more than the {_MAX_PARAMS:,} this loader accepts"
+            )
         return self
 
-    def weight_shapes(self) -> Dict[str, Tuple[int, ...]]:
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """{weight name: shape} (WEIGHT_NAMES) for these sizes."""
         E, H, C, V = self.embedding_dim, self.units, self.num_classes, self.vocab_size
-        return {"embedding": (V, E), "kernel": (E, 4 * H), "recurrent_kernel": (H, 4 * H),
-                "bias": (4 * H,), "dense_w": (H, C), "dense_b": (C,)}
+        return {
+            "embedding": (V, E),
+            "kernel": (E, 4 * H),
+            "recurrent_kernel": (H, 4 * H),
+            "bias": (4 * H,),
+            "dense_w": (H, C),
+            "dense_b": (C,),
+        }
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> "ModelConfig":
+    def from_json(cls, text: str, source: str) -> ModelConfig:
         """Parse and validate a config.json's text; unknown keys are refused."""
         try:
             data = json.loads(text)
@@ -99,7 +115,7 @@ class SentimentClassifier:
     tokens, ``label_map`` the class names. Build one with ``create`` (from a training split) or
     ``load`` (a saved model directory)."""
 
-    def __init__(self, config: ModelConfig, vocab: Vocabulary, weights: Dict[str, np.ndarray]) -> None:
+    def __init__(self, config: ModelConfig, vocab: Vocabulary, weights: dict[str, np.ndarray]) -> None:
         self.config = config
         self.vocab = vocab
         self.params = weights
@@ -108,11 +124,22 @@ class SentimentClassifier:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def create(cls, train: Split, *, units: int = 128, vectors: Optional[str] = None,
-               embedding_dim: Optional[int] = None, max_len: Optional[int] = None,
-               min_count: int = 1, max_vocab: Optional[int] = None, keep_prob: float = 0.8,
-               train_embeddings: bool = True, num_classes: Optional[int] = None, seed: int = 0,
-               log: Callable[[str], Any] = print) -> "SentimentClassifier":
+    def create(
+        cls,
+        train: Split,
+        *,
+        units: int = 128,
+        vectors: str | None = None,
+        embedding_dim: int | None = None,
+        max_len: int | None = None,
+        min_count: int = 1,
+        max_vocab: int | None = None,
+        keep_prob: float = 0.8,
+        train_embeddings: bool = True,
+        num_classes: int | None = None,
+        seed: int = 0,
+        log: Callable[[str], Any] = print,
+    ) -> SentimentClassifier:
         """A fresh, untrained model whose vocabulary, labels and max_len come from the training
         split. vectors: a word-vectors file or ``glove-6b-50d`` (see sentiment.vectors); without
         it a random embedding_dim-wide table. Pre-trained vectors are fine-tuned unless
@@ -127,9 +154,11 @@ class SentimentClassifier:
         init = embedding_from_vectors(vocab, vectors, embedding_dim if vectors is None else None, rng)
         if vectors is None:
             train_embeddings = True  # random embeddings are always trained
-        log(f"vocabulary {len(vocab)} words; embedding {init.matrix.shape[1]}-d from {init.source}"
+        log(
+            f"vocabulary {len(vocab)} words; embedding {init.matrix.shape[1]}-d from {init.source}"
             + (f", coverage {init.found}/{init.total} ({100 * init.coverage:.1f}%)" if vectors else "")
-            + f"; max_len {max_len}; classes {labels.names}")
+            + f"; max_len {max_len}; classes {labels.names}"
+        )
         E, H, C = init.matrix.shape[1], units, len(labels.names)
         s = 1.0 / math.sqrt(H)
         weights = {
@@ -140,17 +169,24 @@ class SentimentClassifier:
             "dense_w": truncated_normal(rng, (H, C), 0.1, np.float32),
             "dense_b": np.full(C, 0.1, np.float32),
         }
-        weights["bias"][H:2 * H] = 1.0  # forget-gate bias 1 (Jozefowicz et al. 2015; Keras default)
-        cfg = ModelConfig(units=H, embedding_dim=E, max_len=int(max_len), num_classes=C,
-                          vocab_size=len(vocab), keep_prob=keep_prob, labels=labels.names,
-                          train_embeddings=bool(train_embeddings), vectors=vectors).validate()
+        weights["bias"][H : 2 * H] = 1.0  # forget-gate bias 1 (Jozefowicz et al. 2015; Keras default)
+        cfg = ModelConfig(
+            units=H,
+            embedding_dim=E,
+            max_len=int(max_len),
+            num_classes=C,
+            vocab_size=len(vocab),
+            keep_prob=keep_prob,
+            labels=labels.names,
+            train_embeddings=bool(train_embeddings),
+            vectors=vectors,
+        ).validate()
         return cls(cfg, vocab, weights)
 
     def _check_weights(self) -> None:
         want = self.config.weight_shapes()
         if len(self.vocab) != self.config.vocab_size:
-            raise ValueError(f"vocabulary has {len(self.vocab)} tokens, config says "
-                             f"{self.config.vocab_size}")
+            raise ValueError(f"vocabulary has {len(self.vocab)} tokens, config says {self.config.vocab_size}")
         for k, shape in want.items():
             if k not in self.params:
                 raise ValueError(f"weights: missing {k!r}")
@@ -161,7 +197,7 @@ class SentimentClassifier:
                 raise ValueError(f"weights[{k!r}]: dtype {a.dtype} is not floating point")
 
     # -- the math ----------------------------------------------------------------------
-    def encode(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids [N, max_len] int32, lengths [N]) of the sentences; an empty sentence is an error."""
         tokenized = [tokenize(t) for t in texts]
         for i, t in enumerate(tokenized):
@@ -169,10 +205,14 @@ class SentimentClassifier:
                 raise ValueError(f"sentence {i} is empty")
         return self.vocab.encode(tokenized, self.config.max_len)
 
-    def forward_backward(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
-                         mask: Optional[np.ndarray] = None, need_grads: bool = True
-                         ) -> Tuple[float, np.ndarray, Optional[Dict[str, np.ndarray]],
-                                    Optional[Tuple[np.ndarray, np.ndarray]]]:
+    def forward_backward(
+        self,
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        labels: np.ndarray,
+        mask: np.ndarray | None = None,
+        need_grads: bool = True,
+    ) -> tuple[float, np.ndarray, dict[str, np.ndarray] | None, tuple[np.ndarray, np.ndarray] | None]:
         """Loss (and gradients) of one batch. mask: the dropout multiplier [B, H] (None: no
         dropout). Returns (loss, probabilities [B, C], the dense weights' gradients by name or
         None, the embedding's sparse gradient (rows, row grads) or None when it is frozen or
@@ -181,9 +221,15 @@ class SentimentClassifier:
         T = int(lengths.max()) if len(lengths) else 1
         ids = ids[:, :T]  # a batch is only as long as its longest sentence
         x = np.take(p["embedding"], ids, axis=0)  # a row gather, cheaper than fancy indexing p[ids]
-        _, h_n, _, cache = lstm_forward(x, p["kernel"], p["recurrent_kernel"], p["bias"],
-                                        lengths=lengths, training=need_grads,
-                                        return_sequences=False)
+        _, h_n, _, cache = lstm_forward(
+            x,
+            p["kernel"],
+            p["recurrent_kernel"],
+            p["bias"],
+            lengths=lengths,
+            training=need_grads,
+            return_sequences=False,
+        )
         d = h_n * mask if mask is not None else h_n
         logits = dense_forward(d, p["dense_w"], p["dense_b"])
         loss, d_logits, probs = softmax_cross_entropy(logits, labels)
@@ -193,8 +239,13 @@ class SentimentClassifier:
         d_h = d_d * mask if mask is not None else d_d
         # Frozen embeddings learn nothing from the input gradient: skip computing it.
         g = lstm_backward(cache, d_h_n=d_h, need_dx=self.config.train_embeddings)
-        grads = {"kernel": g.kernel, "recurrent_kernel": g.recurrent_kernel, "bias": g.bias,
-                 "dense_w": g_w, "dense_b": g_b}
+        grads = {
+            "kernel": g.kernel,
+            "recurrent_kernel": g.recurrent_kernel,
+            "bias": g.bias,
+            "dense_w": g_w,
+            "dense_b": g_b,
+        }
         sparse = embedding_backward(ids, lengths, g.x) if self.config.train_embeddings else None
         return loss, probs, grads, sparse
 
@@ -214,8 +265,7 @@ class SentimentClassifier:
         p = self.params
         return prepare(p["kernel"], p["recurrent_kernel"], p["bias"])
 
-    def probabilities(self, ids: np.ndarray, lengths: np.ndarray,
-                      lstm: Optional[PreparedLSTM] = None) -> np.ndarray:
+    def probabilities(self, ids: np.ndarray, lengths: np.ndarray, lstm: PreparedLSTM | None = None) -> np.ndarray:
         """Class probabilities [B, C] of encoded sentences (ids, lengths from ``encode``), no
         dropout. lstm: ``prepared_lstm()`` reused across batches (packed here when None)."""
         p = self.params
@@ -224,14 +274,16 @@ class SentimentClassifier:
         _, h_n, _ = (lstm or self.prepared_lstm()).infer(x, lengths=lengths, return_sequences=False)
         return softmax(dense_forward(h_n, p["dense_w"], p["dense_b"]))
 
-    def predict(self, texts: Sequence[str]) -> List[Dict[str, Any]]:
+    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """One {"text", "label", "probability"} per sentence: the most probable class."""
         probs = self.predict_proba(texts)
         k = probs.argmax(axis=1)
-        return [{"text": t, "label": self.label_map.names[i], "probability": float(p[i])}
-                for t, i, p in zip(texts, k, probs)]
+        return [
+            {"text": t, "label": self.label_map.names[i], "probability": float(p[i])}
+            for t, i, p in zip(texts, k, probs)
+        ]
 
-    def evaluate(self, split: Split) -> Dict[str, Any]:
+    def evaluate(self, split: Split) -> dict[str, Any]:
         """accuracy, macro_f1, loss (mean cross-entropy), n, labels and confusion_matrix (rows:
         true class, columns: predicted) on a labelled split."""
         y = self.label_map.encode(split.labels, split.origins)
@@ -245,14 +297,26 @@ class SentimentClassifier:
             tp, fp, fn = cm[c, c], cm[:, c].sum() - cm[c, c], cm[c, :].sum() - cm[c, c]
             f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
         loss = float(np.mean(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-30))))
-        return {"accuracy": float((pred == y).mean()), "macro_f1": float(np.mean(f1s)),
-                "loss": loss, "n": int(len(y)), "labels": self.label_map.names,
-                "confusion_matrix": cm.tolist()}
+        return {
+            "accuracy": float((pred == y).mean()),
+            "macro_f1": float(np.mean(f1s)),
+            "loss": loss,
+            "n": int(len(y)),
+            "labels": self.label_map.names,
+            "confusion_matrix": cm.tolist(),
+        }
 
     # -- training ----------------------------------------------------------------------
-    def fit(self, train: Split, dev: Optional[Split], opts: TrainOptions, out_dir: Optional[Path] = None,
-            resume: bool = False, log: Callable[[str], Any] = print, callbacks: Sequence[object] = ()
-            ) -> List[dict]:
+    def fit(
+        self,
+        train: Split,
+        dev: Split | None,
+        opts: TrainOptions,
+        out_dir: Path | None = None,
+        resume: bool = False,
+        log: Callable[[str], Any] = print,
+        callbacks: Sequence[object] = (),
+    ) -> list[dict]:
         """Train with Adam; evaluate on dev each epoch; keep the best-dev weights (early
         stopping); checkpoint atomically to out_dir after every epoch; `resume` continues the
         run checkpointed there. callbacks: objects with on_step_end(step, logs) and/or
@@ -261,7 +325,7 @@ class SentimentClassifier:
         return _fit(self, train, dev, opts, out_dir=out_dir, resume=resume, log=log, callbacks=callbacks)
 
     # -- persistence -------------------------------------------------------------------
-    def save(self, path: str | Path, weights: Optional[Dict[str, np.ndarray]] = None) -> None:
+    def save(self, path: str | Path, weights: dict[str, np.ndarray] | None = None) -> None:
         """config.json, vocab.json and weights.npz, each written atomically (weights: instead of
         self.params)."""
         path = Path(path)
@@ -270,11 +334,12 @@ class SentimentClassifier:
         cfg = asdict(self.config)
         atomic_write(path / "vocab.json", self.vocab.to_json().encode("utf-8"))
         atomic_write(path / "weights.npz", npz_bytes({k: w[k] for k in WEIGHT_NAMES}))
-        atomic_write(path / "config.json",
-                     (json.dumps(dict(cfg, fusedlstm_version=__version__), indent=1) + "\n").encode())
+        atomic_write(
+            path / "config.json", (json.dumps(dict(cfg, fusedlstm_version=__version__), indent=1) + "\n").encode()
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "SentimentClassifier":
+    def load(cls, path: str | Path) -> SentimentClassifier:
         """Load a model directory; validates everything before allocating; never unpickles."""
         path = Path(path)
         if not path.is_dir():
@@ -290,13 +355,12 @@ class SentimentClassifier:
         if isinstance(raw, dict):
             raw.pop("fusedlstm_version", None)
         cfg = ModelConfig.from_json(json.dumps(raw), str(path / "config.json"))
-        vocab = Vocabulary.from_json((path / "vocab.json").read_text(encoding="utf-8"),
-                                     str(path / "vocab.json"))
+        vocab = Vocabulary.from_json((path / "vocab.json").read_text(encoding="utf-8"), str(path / "vocab.json"))
         weights = load_npz(path / "weights.npz", cfg.weight_shapes())
-        weights = {k: np.ascontiguousarray(v, dtype=np.float32) if v.dtype.kind == "f" else v
-                   for k, v in weights.items()}
+        weights = {
+            k: np.ascontiguousarray(v, dtype=np.float32) if v.dtype.kind == "f" else v for k, v in weights.items()
+        }
         try:
             return cls(cfg, vocab, weights)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
-

