@@ -3,6 +3,7 @@ inference loop runs in two child processes, N and 10*N iterations, with leak det
 The interpreter and NumPy leave a fixed amount unreleased at exit; a leak in the kernel or the
 binding grows with the number of calls. Fails if the longer run leaks more than the shorter one
 (beyond a small allowance) or if any leak's stack passes through fusedlstm's module."""
+
 import os
 import re
 import subprocess
@@ -36,8 +37,7 @@ def leaked(n: int, loop: str = LOOP) -> tuple:
     env = dict(os.environ)
     env["ASAN_OPTIONS"] = "detect_leaks=1:abort_on_error=0:exitcode=23"
     env["PYTHONMALLOC"] = "malloc"  # every object on the heap LeakSanitizer scans
-    r = subprocess.run([sys.executable, "-c", loop, str(n)], capture_output=True, text=True,
-                       env=env, timeout=1200)
+    r = subprocess.run([sys.executable, "-c", loop, str(n)], capture_output=True, text=True, env=env, timeout=1200)
     m = re.search(r"SUMMARY: AddressSanitizer: (\d+) byte\(s\) leaked", r.stderr)
     ours = [b for b in r.stderr.split("\n\n") if "leak of" in b and ("fusedlstm/_core" in b or "fusedlstm::" in b)]
     if r.returncode not in (0, 23) or (r.returncode == 23 and not m):  # 23: LSan found leaks
@@ -46,8 +46,10 @@ def leaked(n: int, loop: str = LOOP) -> tuple:
 
 
 if "--self-test" in sys.argv:  # the check must see a leak of one reference per call
-    bad = LOOP.replace("    if i % 7 == 0:", "    import ctypes; ctypes.pythonapi.Py_IncRef("
-                       "ctypes.py_object(out[0]))\n    if i % 7 == 0:")
+    bad = LOOP.replace(
+        "    if i % 7 == 0:",
+        "    import ctypes; ctypes.pythonapi.Py_IncRef(ctypes.py_object(out[0]))\n    if i % 7 == 0:",
+    )
     a, _ = leaked(30, bad)
     b, _ = leaked(300, bad)
     print(f"self-test: an injected leak gives {a} then {b} bytes")
