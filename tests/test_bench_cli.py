@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.heavy
+
 
 def bench(*args, cwd=None):
     return subprocess.run(

@@ -16,6 +16,8 @@ import pytest
 import fusedlstm
 from fusedlstm import _cpu, _isa
 
+pytestmark = [pytest.mark.heavy, pytest.mark.isa]
+
 X86 = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
 QEMU = shutil.which("qemu-x86_64")
 # What qemu's TCG emulates for these CPU models (it has no AVX-512 at all).

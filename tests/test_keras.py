@@ -14,9 +14,13 @@ import pytest
 
 from helpers import KERAS_SHAPE, assert_keras_results_match, keras_masks, keras_pair
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed (CI installs tensorflow-cpu)"
-)
+pytestmark = [
+    pytest.mark.heavy,
+    pytest.mark.skipif(
+        importlib.util.find_spec("tensorflow") is None,
+        reason="TensorFlow is not installed (CI installs tensorflow-cpu)",
+    ),
+]
 
 if importlib.util.find_spec("tensorflow") is not None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -11,8 +11,13 @@ template <typename S>
 struct Step {
   S b1, ob1, b2, ob2, lr, eps, scale;
   explicit Step(const AdamCoefficients& c)
-      : b1(S(c.beta1)), ob1(S(1 - c.beta1)), b2(S(c.beta2)), ob2(S(1 - c.beta2)), lr(S(c.lr_t)),
-        eps(S(c.eps_t)), scale(S(c.grad_scale)) {}
+      : b1(S(c.beta1)),
+        ob1(S(1 - c.beta1)),
+        b2(S(c.beta2)),
+        ob2(S(1 - c.beta2)),
+        lr(S(c.lr_t)),
+        eps(S(c.eps_t)),
+        scale(S(c.grad_scale)) {}
 };
 
 // The gradient is scaled and the average kept only when asked: a plain step stays
@@ -37,8 +42,10 @@ void Dispatch(int64_t n, S* p, const S* g, S* m, S* v, const AdamCoefficients& c
   const S rate = S(1 - c.average_keep);
   const bool scaled = c.grad_scale != 1;
   if (avg != nullptr) {
-    if (scaled) Update<S, true, true>(n, p, g, m, v, avg, rate, s);
-    else Update<S, false, true>(n, p, g, m, v, avg, rate, s);
+    if (scaled)
+      Update<S, true, true>(n, p, g, m, v, avg, rate, s);
+    else
+      Update<S, false, true>(n, p, g, m, v, avg, rate, s);
   } else if (scaled) {
     Update<S, true, false>(n, p, g, m, v, avg, rate, s);
   } else {
@@ -67,8 +74,8 @@ template void AdamDense<float>(int64_t, float*, const float*, float*, float*,
                                const AdamCoefficients&, float*);
 template void AdamDense<double>(int64_t, double*, const double*, double*, double*,
                                 const AdamCoefficients&, double*);
-template void AdamRows<float>(int64_t, int64_t, const int64_t*, const float*, float*, float*, float*,
-                              const AdamCoefficients&);
+template void AdamRows<float>(int64_t, int64_t, const int64_t*, const float*, float*, float*,
+                              float*, const AdamCoefficients&);
 template void AdamRows<double>(int64_t, int64_t, const int64_t*, const double*, double*, double*,
                                double*, const AdamCoefficients&);
 

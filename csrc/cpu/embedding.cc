@@ -33,8 +33,8 @@ int64_t EmbeddingRowGrads(int64_t B, int64_t T, int64_t D, const int64_t* ids,
   return r + 1;
 }
 
-template int64_t EmbeddingRowGrads<float>(int64_t, int64_t, int64_t, const int64_t*,
-                                          const int32_t*, const float*, int64_t*, float*);
+template int64_t EmbeddingRowGrads<float>(int64_t, int64_t, int64_t, const int64_t*, const int32_t*,
+                                          const float*, int64_t*, float*);
 template int64_t EmbeddingRowGrads<double>(int64_t, int64_t, int64_t, const int64_t*,
                                            const int32_t*, const double*, int64_t*, double*);
 

@@ -65,14 +65,22 @@ template <typename S>
 void Tail(int rows, int64_t kc, const S* a, int64_t lda, const S* panel, S* c, int64_t ldc,
           int64_t cols) {
   switch (rows) {
-    case 1: return MicroKernel<S, 1>(kc, a, lda, panel, c, ldc, cols);
-    case 2: return MicroKernel<S, 2>(kc, a, lda, panel, c, ldc, cols);
-    case 3: return MicroKernel<S, 3>(kc, a, lda, panel, c, ldc, cols);
-    case 4: return MicroKernel<S, 4>(kc, a, lda, panel, c, ldc, cols);
-    case 5: return MicroKernel<S, 5>(kc, a, lda, panel, c, ldc, cols);
-    case 6: return MicroKernel<S, 6>(kc, a, lda, panel, c, ldc, cols);
-    case 7: return MicroKernel<S, 7>(kc, a, lda, panel, c, ldc, cols);
-    default: return;
+    case 1:
+      return MicroKernel<S, 1>(kc, a, lda, panel, c, ldc, cols);
+    case 2:
+      return MicroKernel<S, 2>(kc, a, lda, panel, c, ldc, cols);
+    case 3:
+      return MicroKernel<S, 3>(kc, a, lda, panel, c, ldc, cols);
+    case 4:
+      return MicroKernel<S, 4>(kc, a, lda, panel, c, ldc, cols);
+    case 5:
+      return MicroKernel<S, 5>(kc, a, lda, panel, c, ldc, cols);
+    case 6:
+      return MicroKernel<S, 6>(kc, a, lda, panel, c, ldc, cols);
+    case 7:
+      return MicroKernel<S, 7>(kc, a, lda, panel, c, ldc, cols);
+    default:
+      return;
   }
 }
 
@@ -291,15 +299,15 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
   GemmPackedRhsCols<S>(M, N, K, 0, N, a, lda, packed_b, c, ldc);
 }
 
-#define FUSEDLSTM_INSTANTIATE(S)                                                          \
-  template int64_t PackedRhsSize<S>(int64_t, int64_t);                                    \
-  template void PackRhs<S>(const S*, int64_t, int64_t, int64_t, int64_t, S*);             \
-  template void GemmPackedRhs<S>(int64_t, int64_t, int64_t, const S*, int64_t, const S*, \
-                                 S*, int64_t);                                            \
-  template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*, \
-                                     int64_t, const S*, S*, int64_t);                     \
-  template int64_t PanelWidth<S>();                                                       \
-  template void PackGatePanel<S>(const S*, int64_t, int64_t, int64_t, S*);                \
+#define FUSEDLSTM_INSTANTIATE(S)                                                             \
+  template int64_t PackedRhsSize<S>(int64_t, int64_t);                                       \
+  template void PackRhs<S>(const S*, int64_t, int64_t, int64_t, int64_t, S*);                \
+  template void GemmPackedRhs<S>(int64_t, int64_t, int64_t, const S*, int64_t, const S*, S*, \
+                                 int64_t);                                                   \
+  template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*,  \
+                                     int64_t, const S*, S*, int64_t);                        \
+  template int64_t PanelWidth<S>();                                                          \
+  template void PackGatePanel<S>(const S*, int64_t, int64_t, int64_t, S*);                   \
   template int64_t GateGroupUnits<S>();
 FUSEDLSTM_INSTANTIATE(float)
 FUSEDLSTM_INSTANTIATE(double)

@@ -1,19 +1,17 @@
 // Eigen implementation of the fused LSTM contract (fusedlstm/lstm.h) for CpuDevice.
 //
-// Training forward: one parallel region for the input-projection GEMM over all steps, the packing of the
-// recurrent weights and the cache's copies (nothing serial idles the other threads), then the
-// recurrence, whose tasks each own a
-// block of rows × hidden units: per step the task's slice of the recurrent GEMM (one GEMM: the
-// weights are gate-interleaved per unit block, and packed once per call for gemm.h's kernel,
-// not re-packed every step) followed at once by its fused gate/cell/output pass, with no
-// barrier in between.
-// Backward: per step a fused pass producing the gate gradients dZ_t, then the GEMM
-// dh_{t-1} = dZ_t·Rᵀ; after the loop the weight, input and bias gradients are single GEMMs over
-// all steps, tiled into one parallel_for.
-// Two task grids (StepGrid): usually tasks are row blocks that run all T steps of their rows in
-// one parallel_for (rows never interact in the recurrence); small batches with a large R split
-// each step by hidden units, one parallel_for (backward: two) per step. Either way, a task whose
-// rows are all past their length skips the step's GEMMs.
+// Training forward: one parallel region for the input-projection GEMM over all steps, the packing
+// of the recurrent weights and the cache's copies (nothing serial idles the other threads), then
+// the recurrence, whose tasks each own a block of rows × hidden units: per step the task's slice of
+// the recurrent GEMM (one GEMM: the weights are gate-interleaved per unit block, and packed once
+// per call for gemm.h's kernel, not re-packed every step) followed at once by its fused
+// gate/cell/output pass, with no barrier in between. Backward: per step a fused pass producing the
+// gate gradients dZ_t, then the GEMM dh_{t-1} = dZ_t·Rᵀ; after the loop the weight, input and bias
+// gradients are single GEMMs over all steps, tiled into one parallel_for. Two task grids
+// (StepGrid): usually tasks are row blocks that run all T steps of their rows in one parallel_for
+// (rows never interact in the recurrence); small batches with a large R split each step by hidden
+// units, one parallel_for (backward: two) per step. Either way, a task whose rows are all past
+// their length skips the step's GEMMs.
 //
 // Reproducibility: every partition is derived from the shape alone and each task's arithmetic
 // is the same whichever thread runs it, so results are bit-identical for any thread count.
@@ -47,7 +45,7 @@
 namespace fusedlstm {
 namespace {
 
-constexpr int64_t kChunk = 64;              // units per fused-pass chunk (stack rows)
+constexpr int64_t kChunk = 64;  // units per fused-pass chunk (stack rows)
 
 // The per-step passes visit each row's slice of the cache at one time step: slices a whole row of
 // steps apart (T·4H floats), which the hardware prefetcher cannot predict, so every step would
@@ -58,10 +56,10 @@ inline void PrefetchSpan(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, Write, 3);
 }
-constexpr int64_t kMaxUnitParts = 8;        // unit blocks per step, at most
+constexpr int64_t kMaxUnitParts = 8;  // unit blocks per step, at most
 constexpr int64_t kMinUnitsPerPart = 16;
-constexpr double kStepTaskFlops = 2e6;      // recurrent-GEMM FLOPs worth one more task
-constexpr int64_t kTileRows = 512;          // hoisted GEMMs: output tile size
+constexpr double kStepTaskFlops = 2e6;  // recurrent-GEMM FLOPs worth one more task
+constexpr int64_t kTileRows = 512;      // hoisted GEMMs: output tile size
 constexpr int64_t kTileCols = 1024;
 
 template <typename S>
@@ -181,13 +179,13 @@ struct PackedSteps {
 // Packs unit block k of the interleaved weights w ([K, 4H] forward; R, [H, 4H], transposed per
 // block backward).
 template <typename S>
-void PackStepBlock(const LstmShape& s, const StepGrid& grid, const PackedSteps& packed,
-                   const S* w, int64_t K, bool backward, S* out, int64_t k) {
+void PackStepBlock(const LstmShape& s, const StepGrid& grid, const PackedSteps& packed, const S* w,
+                   int64_t K, bool backward, S* out, int64_t k) {
   const int64_t G = 4 * s.H;
   const Range u = Part(s.H, grid.unit_parts, k);
   if (backward) {  // B(j, n) = Rp[u0 + n, j]
     PackRhs<S>(w + u.begin * G, 1, G, G, u.size(), out + packed.offset[k]);
-  } else {         // B(j, n) = w[j, 4·u0 + n]
+  } else {  // B(j, n) = w[j, 4·u0 + n]
     PackRhs<S>(w + 4 * u.begin, G, 1, K, 4 * u.size(), out + packed.offset[k]);
   }
 }
@@ -280,7 +278,7 @@ void CopyOrZero(S* dst, const S* src, int64_t count) {
 namespace {
 
 constexpr double kHoistElements = 16.0 * 1024 * 1024;  // Zx for all steps: 64 MiB of float
-constexpr int64_t kMinRowsPerTask = 8;                  // the micro-kernel's row tile
+constexpr int64_t kMinRowsPerTask = 8;                 // the micro-kernel's row tile
 // Step FLOPs a pipelined unit block must carry to pay for waiting on the previous step.
 constexpr double kMinPipelineBlockFlops = 1.0e5;
 
@@ -326,8 +324,8 @@ struct InferGrid {
     row_parts = std::max<int64_t>(1, std::min<int64_t>(row_parts, s.N));
     if (row_parts >= threads) return;
     const double step_flops = 2.0 * s.N * double(s.H + (hoisted ? 0 : s.C)) * 4.0 * s.H;
-    const int64_t k = std::min<int64_t>({int64_t(threads), CeilDiv(s.H, group),
-                                         int64_t(step_flops / kMinPipelineBlockFlops)});
+    const int64_t k = std::min<int64_t>(
+        {int64_t(threads), CeilDiv(s.H, group), int64_t(step_flops / kMinPipelineBlockFlops)});
     if (k >= 2) {
       unit_parts = k;
       row_parts = 1;
@@ -415,12 +413,12 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
         std::fill(zrows + n * z_ld + col0, zrows + n * z_ld + col1, S(0));
       }
       if (C > 0) {
-        GemmPackedRhsCols<S>(rows.size(), G, C, col0, col1, a.x + (rows.begin * T + t) * C,
-                             T * C, pv.wpack, zrows, z_ld);
+        GemmPackedRhsCols<S>(rows.size(), G, C, col0, col1, a.x + (rows.begin * T + t) * C, T * C,
+                             pv.wpack, zrows, z_ld);
       }
     }
-    GemmPackedRhsCols<S>(rows.size(), G, H, col0, col1, h_in + rows.begin * H, H, pv.rpack,
-                         zrows, z_ld);
+    GemmPackedRhsCols<S>(rows.size(), G, H, col0, col1, h_in + rows.begin * H, H, pv.rpack, zrows,
+                         z_ld);
     for (int64_t n = rows.begin; n < rows.end; ++n) {
       if (t >= Length(a.lengths, n, T)) {  // padded: carry h (c stays); output zeroed later
         const int64_t u0 = groups.begin * U, u1 = std::min(H, groups.end * U);
@@ -430,8 +428,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
       const S* zrow = z + n * z_ld + t * z_t;
       for (int64_t q = groups.begin; q < groups.end; ++q) {
         const int64_t u0 = q * U, u = std::min<int64_t>(U, H - u0);
-        GroupGates<S, U>(zrow + q * 4 * U, pv.b + u0, H, u, a.c_n + n * H + u0,
-                         h_out + n * H + u0,
+        GroupGates<S, U>(zrow + q * 4 * U, pv.b + u0, H, u, a.c_n + n * H + u0, h_out + n * H + u0,
                          a.outputs ? a.outputs + (n * T + t) * H + u0 : nullptr);
       }
     }
@@ -600,26 +597,27 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   CMapRM<S> X(a.x, N * T, C, Eigen::OuterStride<>(C));
   CMapRM<S> W(w_src, C, G, Eigen::OuterStride<>(G));
   MapRM<S> Z(gates, N * T, G, Eigen::OuterStride<>(G));
-  ParallelFor(device, n_tiles + n_rpack + n_copies,
-              2.0 * N * T * C * G + double(C + H) * G, [&](int64_t task) {
-    if (task < n_tiles) {
-      const Range r = tiles.rows(task), c = tiles.cols(task);
-      if (c.begin == 0) {
-        std::memcpy(x_cache + r.begin * C, a.x + r.begin * C, sizeof(S) * r.size() * C);
-      }
-      Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
-          X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
-      return;
-    }
-    task -= n_tiles;
-    if (task < n_rpack) return PackStepBlock(s, grid, packed, r_src, H, false, rpack, task);
-    task -= n_rpack;
-    if (task == 0) {
-      CopyOrZero(wp, a.kernel, C * G);
-    } else {
-      CopyOrZero(rp, a.recurrent_kernel, H * G);
-    }
-  });
+  ParallelFor(device, n_tiles + n_rpack + n_copies, 2.0 * N * T * C * G + double(C + H) * G,
+              [&](int64_t task) {
+                if (task < n_tiles) {
+                  const Range r = tiles.rows(task), c = tiles.cols(task);
+                  if (c.begin == 0) {
+                    std::memcpy(x_cache + r.begin * C, a.x + r.begin * C, sizeof(S) * r.size() * C);
+                  }
+                  Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
+                      X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
+                  return;
+                }
+                task -= n_tiles;
+                if (task < n_rpack)
+                  return PackStepBlock(s, grid, packed, r_src, H, false, rpack, task);
+                task -= n_rpack;
+                if (task == 0) {
+                  CopyOrZero(wp, a.kernel, C * G);
+                } else {
+                  CopyOrZero(rp, a.recurrent_kernel, H * G);
+                }
+              });
   const int64_t z_ld = T * G;  // gates of step t: rows T·G apart in the cache
   const double step_flops = 2.0 * N * H * G;
   // Step t of one task: its GEMM slice, then the fused pass over its rows × units. `active`:
@@ -724,9 +722,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   S* rtpack = a.workspace + (C + H + 1) * G;
   const StepGrid bgrid = BackwardGemmGrid(s);
   const PackedSteps packed(s, bgrid, true, 4 * H);
-  ParallelFor(device, bgrid.unit_parts, double(H) * G, [&](int64_t k) {
-    PackStepBlock(s, bgrid, packed, cv.rkernel, H, true, rtpack, k);
-  });
+  ParallelFor(device, bgrid.unit_parts, double(H) * G,
+              [&](int64_t k) { PackStepBlock(s, bgrid, packed, cv.rkernel, H, true, rtpack, k); });
   // Padded steps contribute nothing, even when the data there is NaN or Inf (0 · Inf is NaN):
   // the padded rows of the cached x and h_{t-1} are zeroed (the cache is consumed anyway), dX's
   // padded rows are zeroed after its GEMM, and when R holds a non-finite value the per-step dh
@@ -779,8 +776,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
         o = dh * tc * SigmoidGradFromOutput(o);      // dz_o
         f = dc * c_prev * SigmoidGradFromOutput(f);  // dz_f
         gi = i;
-        i = dc * gg * SigmoidGradFromOutput(gi);     // dz_i
-        gg = dc * gi * TanhGradFromOutput(gg);       // dz_c
+        i = dc * gg * SigmoidGradFromOutput(gi);  // dz_i
+        gg = dc * gi * TanhGradFromOutput(gg);    // dz_c
         dh_run.setZero();  // (b) adds dZ_t·Rᵀ; padded rows keep their carried dh
       }
     }
@@ -792,8 +789,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     const Range rows = bgrid.rows(s, task), units = bgrid.units(s, task);
     const S* rt = rtpack + packed.offset[bgrid.unit_block(task)];
     if (!skip_padded_rows) {
-      GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G,
-                       rt, a.d_h0 + rows.begin * H + units.begin, H);
+      GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G, rt,
+                       a.d_h0 + rows.begin * H + units.begin, H);
       return;
     }
     for (int64_t n0 = rows.begin; n0 < rows.end;) {  // runs of rows that are valid at t
@@ -881,12 +878,11 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   }
 }
 
-
-#define FUSEDLSTM_INSTANTIATE(S)                                                        \
-  template void LstmForward<S>(const CpuDevice&, const LstmShape&, const ForwardArgs<S>&); \
+#define FUSEDLSTM_INSTANTIATE(S)                                                             \
+  template void LstmForward<S>(const CpuDevice&, const LstmShape&, const ForwardArgs<S>&);   \
   template void LstmBackward<S>(const CpuDevice&, const LstmShape&, const BackwardArgs<S>&); \
   template int64_t PreparedWeightsSize<S>(int64_t, int64_t);                                 \
-  template void PrepareWeights<S>(const CpuDevice&, int64_t, int64_t, const S*, const S*,   \
+  template void PrepareWeights<S>(const CpuDevice&, int64_t, int64_t, const S*, const S*,    \
                                   const S*, S*);                                             \
   template int64_t InferWorkspaceSize<S>(const LstmShape&);                                  \
   template void LstmInfer<S>(const CpuDevice&, const LstmShape&, const InferArgs<S>&);

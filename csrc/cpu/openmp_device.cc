@@ -10,8 +10,7 @@
 namespace fusedlstm {
 namespace {
 
-void OpenMpParallelFor(void* /*impl*/, int num_threads, int64_t num_tasks, TaskFn task,
-                       void* ctx) {
+void OpenMpParallelFor(void* /*impl*/, int num_threads, int64_t num_tasks, TaskFn task, void* ctx) {
 #ifdef FUSEDLSTM_WITH_OPENMP
   const int threads = static_cast<int>(num_tasks < num_threads ? num_tasks : num_threads);
 // Dynamic: tasks differ in size; which thread runs a task never changes its result.

@@ -50,18 +50,20 @@ inline int Int(int64_t v, const char* what) {
 
 // Column-major GEMM, C = alpha·op(A)·op(B) + beta·C, in float or double.
 void Gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n,
-          int64_t k, float beta, const float* a, int64_t lda, const float* b, int64_t ldb,
-          float* c, int64_t ldc) {
+          int64_t k, float beta, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+          int64_t ldc) {
   const float one = 1.0f;
   Check(cublasSgemm(h, ta, tb, Int(m, "m"), Int(n, "n"), Int(k, "k"), &one, a, Int(lda, "lda"), b,
-                    Int(ldb, "ldb"), &beta, c, Int(ldc, "ldc")), "cublasSgemm");
+                    Int(ldb, "ldb"), &beta, c, Int(ldc, "ldc")),
+        "cublasSgemm");
 }
 void Gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n,
           int64_t k, double beta, const double* a, int64_t lda, const double* b, int64_t ldb,
           double* c, int64_t ldc) {
   const double one = 1.0;
   Check(cublasDgemm(h, ta, tb, Int(m, "m"), Int(n, "n"), Int(k, "k"), &one, a, Int(lda, "lda"), b,
-                    Int(ldb, "ldb"), &beta, c, Int(ldc, "ldc")), "cublasDgemm");
+                    Int(ldb, "ldb"), &beta, c, Int(ldc, "ldc")),
+        "cublasDgemm");
 }
 
 // The activations exactly as the CPU reference formulas (no fast-math): exp overflows to inf
@@ -87,8 +89,8 @@ __global__ void InitRows(S* dst, int64_t dst_ld, const S* src, int64_t N, int64_
 // One time step: gates from z + b, cell and hidden update, output; padded rows carry the state.
 template <typename S>
 __global__ void GatesForward(int64_t t, int64_t N, int64_t T, int64_t H, S* gates, const S* bias,
-                             const int32_t* lengths, bool training, S* hist_h, S* hist_c,
-                             S* hbuf, S* c_run, S* h_n, S* outputs) {
+                             const int32_t* lengths, bool training, S* hist_h, S* hist_c, S* hbuf,
+                             S* c_run, S* h_n, S* outputs) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= N * H) return;
   const int64_t n = i / H, u = i % H, G = 4 * H;
@@ -102,7 +104,7 @@ __global__ void GatesForward(int64_t t, int64_t N, int64_t T, int64_t H, S* gate
     c_next = hist_c + (n * (T + 1) + t + 1) * H + u;
     h_prev = hist_h + (n * T + t) * H + u;
     h_next = t + 1 < T ? hist_h + (n * T + t + 1) * H + u : h_n + n * H + u;
-  } else {         // h ping-pongs in hbuf, c is updated in place in c_run
+  } else {  // h ping-pongs in hbuf, c is updated in place in c_run
     c_prev = c_next = c_run + n * H + u;
     h_prev = hbuf + (t % 2) * N * H + n * H + u;
     h_next = hbuf + ((t + 1) % 2) * N * H + n * H + u;
@@ -135,9 +137,9 @@ __global__ void GatesForward(int64_t t, int64_t N, int64_t T, int64_t H, S* gate
 // One backward step: dZ_t (written over the cached gates), dc carried to t-1; dh_run is left for
 // the recurrent product (SelectDh). Padded rows: dZ = 0, dh and dc pass through.
 template <typename S>
-__global__ void GatesBackward(int64_t t, int64_t N, int64_t T, int64_t H, S* gates,
-                              const S* hist_c, const int32_t* lengths, const S* d_outputs,
-                              const S* dh_run, S* dc_run) {
+__global__ void GatesBackward(int64_t t, int64_t N, int64_t T, int64_t H, S* gates, const S* hist_c,
+                              const int32_t* lengths, const S* d_outputs, const S* dh_run,
+                              S* dc_run) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= N * H) return;
   const int64_t n = i / H, u = i % H, G = 4 * H;
@@ -268,9 +270,9 @@ void LstmForwardCuda(const CudaContext& ctx, const LstmShape& s, const ForwardAr
     // Z[:, t, :] += h_{t-1}[N, H]·R[H, G]  (rows of Z_t are T·G apart)
     Gemm(b.blas, CUBLAS_OP_N, CUBLAS_OP_N, G, N, H, S(1), rkernel, G, h_in, h_ld, gates + t * G,
          T * G);
-    GatesForward<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(
-        t, N, T, H, gates, bias, a.lengths, training, hist_h, hist_c, hbuf, a.c_n, a.h_n,
-        a.outputs);
+    GatesForward<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(t, N, T, H, gates, bias, a.lengths,
+                                                              training, hist_h, hist_c, hbuf, a.c_n,
+                                                              a.h_n, a.outputs);
     FL_LAUNCH("GatesForward");
   }
   if (training) {  // c_n[n] = c history [n, T]
@@ -311,12 +313,12 @@ void LstmBackwardCuda(const CudaContext& ctx, const LstmShape& s, const Backward
     FL_LAUNCH("ZeroPadded");
   }
   for (int64_t t = T - 1; t >= 0; --t) {
-    GatesBackward<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(
-        t, N, T, H, gates, hist_c, a.lengths, a.d_outputs, a.d_h0, a.d_c0);
+    GatesBackward<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(t, N, T, H, gates, hist_c, a.lengths,
+                                                               a.d_outputs, a.d_h0, a.d_c0);
     FL_LAUNCH("GatesBackward");
     // dh_new[N, H] = dZ_t[N, G]·Rᵀ[G, H]  (column-major: dh_newᵀ[H, N] = (Rᵀ)ᵀ... = R[H, G]·dZ_tᵀ)
-    Gemm(b.blas, CUBLAS_OP_T, CUBLAS_OP_N, H, N, G, S(0), rkernel, G, gates + t * G, T * G,
-         dh_new, H);
+    Gemm(b.blas, CUBLAS_OP_T, CUBLAS_OP_N, H, N, G, S(0), rkernel, G, gates + t * G, T * G, dh_new,
+         H);
     SelectDh<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(t, N, T, H, a.lengths, dh_new, a.d_h0);
     FL_LAUNCH("SelectDh");
   }
@@ -333,15 +335,19 @@ void LstmBackwardCuda(const CudaContext& ctx, const LstmShape& s, const Backward
     Gemm(b.blas, CUBLAS_OP_N, CUBLAS_OP_T, G, C, M, S(0), gates, G, x, C, a.d_kernel, G);
   }
   // dR[H, G] = Hprevᵀ[H, M]·dZ[M, G]
-  Gemm(b.blas, CUBLAS_OP_N, CUBLAS_OP_T, G, H, M, S(0), gates, G, hist_h, H,
-       a.d_recurrent_kernel, G);
+  Gemm(b.blas, CUBLAS_OP_N, CUBLAS_OP_T, G, H, M, S(0), gates, G, hist_h, H, a.d_recurrent_kernel,
+       G);
   ColumnSums<S><<<Blocks(G), kThreads, 0, b.stream>>>(gates, M, G, a.d_bias);
   FL_LAUNCH("ColumnSums");
 }
 
-template void LstmForwardCuda<float>(const CudaContext&, const LstmShape&, const ForwardArgs<float>&);
-template void LstmForwardCuda<double>(const CudaContext&, const LstmShape&, const ForwardArgs<double>&);
-template void LstmBackwardCuda<float>(const CudaContext&, const LstmShape&, const BackwardArgs<float>&);
-template void LstmBackwardCuda<double>(const CudaContext&, const LstmShape&, const BackwardArgs<double>&);
+template void LstmForwardCuda<float>(const CudaContext&, const LstmShape&,
+                                     const ForwardArgs<float>&);
+template void LstmForwardCuda<double>(const CudaContext&, const LstmShape&,
+                                      const ForwardArgs<double>&);
+template void LstmBackwardCuda<float>(const CudaContext&, const LstmShape&,
+                                      const BackwardArgs<float>&);
+template void LstmBackwardCuda<double>(const CudaContext&, const LstmShape&,
+                                       const BackwardArgs<double>&);
 
 }  // namespace fusedlstm

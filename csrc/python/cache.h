@@ -42,26 +42,28 @@ class CacheInfo {
 // H), dtype, lengths (a copy, or None), used, nbytes. Class must have info(), used(), nbytes().
 template <typename Class>
 void DefCacheProperties(py::class_<Class, std::shared_ptr<Class>>& c) {
-  c.def_property_readonly("shape",
-                          [](const Class& k) {
-                            const LstmShape& s = k.info().shape();
-                            return py::make_tuple(s.N, s.T, s.C, s.H);
-                          },
-                          "(N, T, C, H) of the forward that wrote it")
+  c.def_property_readonly(
+       "shape",
+       [](const Class& k) {
+         const LstmShape& s = k.info().shape();
+         return py::make_tuple(s.N, s.T, s.C, s.H);
+       },
+       "(N, T, C, H) of the forward that wrote it")
       .def_property_readonly("dtype",
                              [](const Class& k) {
                                return k.info().is_double() ? py::dtype::of<double>()
                                                            : py::dtype::of<float>();
                              })
-      .def_property_readonly("lengths",
-                             [](const Class& k) -> py::object {
-                               const int32_t* p = k.info().lengths();
-                               if (!p) return py::none();
-                               py::array_t<int32_t> a(std::vector<int64_t>{k.info().shape().N});
-                               std::copy(p, p + k.info().shape().N, a.mutable_data());
-                               return a;
-                             },
-                             "a copy of the lengths the forward ran with, or None (all T)")
+      .def_property_readonly(
+          "lengths",
+          [](const Class& k) -> py::object {
+            const int32_t* p = k.info().lengths();
+            if (!p) return py::none();
+            py::array_t<int32_t> a(std::vector<int64_t>{k.info().shape().N});
+            std::copy(p, p + k.info().shape().N, a.mutable_data());
+            return a;
+          },
+          "a copy of the lengths the forward ran with, or None (all T)")
       .def_property_readonly("used", &Class::used, "True once a backward has consumed it")
       .def_property_readonly("nbytes", &Class::nbytes, "bytes it holds (0 once used)");
 }

@@ -71,8 +71,8 @@ const S* CheckedPtr(const py::handle& obj, const char* name, const std::vector<i
                           " (shape " + ShapeString(shape) + "), got shape " + ShapeString(dims));
   }
   if (dims != shape) {
-    throw py::value_error(std::string(name) + ": expected shape " + ShapeString(shape) +
-                          ", got " + ShapeString(dims));
+    throw py::value_error(std::string(name) + ": expected shape " + ShapeString(shape) + ", got " +
+                          ShapeString(dims));
   }
   if (!(a.flags() & py::array::c_style)) {
     throw py::value_error(std::string(name) + ": array must be C-contiguous");

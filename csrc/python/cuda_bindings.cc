@@ -45,7 +45,9 @@ class DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   template <typename S>
-  S* get() const { return static_cast<S*>(ptr_); }
+  S* get() const {
+    return static_cast<S*>(ptr_);
+  }
   size_t nbytes() const { return bytes_; }
 
  private:
@@ -63,7 +65,9 @@ class CudaCache {
   bool used() const { return mem_ == nullptr; }
   int64_t nbytes() const { return mem_ ? static_cast<int64_t>(mem_->nbytes()) : 0; }
   template <typename S>
-  S* get() const { return mem_->get<S>(); }
+  S* get() const {
+    return mem_->get<S>();
+  }
   // Consumed (call with the GIL held, so no two backwards take it): the memory is the caller's
   // until it drops it.
   std::unique_ptr<DeviceBuffer> Take() {
@@ -84,7 +88,8 @@ struct CudaRuntime {
   CudaContext Context() {
     if (!blas) {
       CudaCheck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-      if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate failed");
+      if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS)
+        throw std::runtime_error("cublasCreate failed");
     }
     CudaContext c;
     c.stream = stream;
@@ -113,7 +118,8 @@ const S* Upload(std::vector<std::unique_ptr<DeviceBuffer>>& keep, const void* ho
   keep.emplace_back(new DeviceBuffer(elems, elem_size));
   if (elems > 0) {
     CudaCheck(cudaMemcpyAsync(keep.back()->get<void>(), host, size_t(elems) * elem_size,
-                              cudaMemcpyHostToDevice, st), "cudaMemcpy to device");
+                              cudaMemcpyHostToDevice, st),
+              "cudaMemcpy to device");
   }
   return keep.back()->get<S>();
 }
@@ -128,7 +134,8 @@ template <typename S>
 void Download(py::array_t<S>& dst, const S* src, cudaStream_t st) {
   if (dst.size() > 0) {
     CudaCheck(cudaMemcpyAsync(dst.mutable_data(), src, sizeof(S) * dst.size(),
-                              cudaMemcpyDeviceToHost, st), "cudaMemcpy to host");
+                              cudaMemcpyDeviceToHost, st),
+              "cudaMemcpy to host");
   }
 }
 
@@ -141,7 +148,8 @@ struct CudaCall {
   cudaStream_t stream;
   std::vector<std::unique_ptr<DeviceBuffer>> keep;
   CudaCall()
-      : lock(Runtime().mu), ctx(Runtime().Context()),
+      : lock(Runtime().mu),
+        ctx(Runtime().Context()),
         stream(static_cast<cudaStream_t>(ctx.stream)) {}
 };
 
@@ -250,8 +258,8 @@ void RegisterCudaKernels(py::module_& m) {
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
-      py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"),
-      py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"));
+      py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
+      py::arg("c0"), py::arg("lengths"), py::arg("training"));
   m.def(
       "backward_cuda",
       [](CudaCache& cache, const py::object& d_outputs, const py::object& d_h_n,

@@ -23,15 +23,33 @@ int Supports(const std::string& name) {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
 #define FUSEDLSTM_ISA(n) \
-  if (name == n) return __builtin_cpu_supports(n) ? 1 : 0;
-  FUSEDLSTM_ISA("sse3") FUSEDLSTM_ISA("ssse3") FUSEDLSTM_ISA("sse4.1") FUSEDLSTM_ISA("sse4.2")
-  FUSEDLSTM_ISA("popcnt") FUSEDLSTM_ISA("aes") FUSEDLSTM_ISA("pclmul") FUSEDLSTM_ISA("avx")
-  FUSEDLSTM_ISA("avx2") FUSEDLSTM_ISA("fma") FUSEDLSTM_ISA("bmi") FUSEDLSTM_ISA("bmi2")
-  FUSEDLSTM_ISA("avx512f") FUSEDLSTM_ISA("avx512vl") FUSEDLSTM_ISA("avx512bw")
-  FUSEDLSTM_ISA("avx512dq") FUSEDLSTM_ISA("avx512cd") FUSEDLSTM_ISA("avx512vbmi")
-  FUSEDLSTM_ISA("avx512ifma") FUSEDLSTM_ISA("avx512vnni") FUSEDLSTM_ISA("avx512vbmi2")
-  FUSEDLSTM_ISA("avx512bitalg") FUSEDLSTM_ISA("avx512vpopcntdq") FUSEDLSTM_ISA("avx512bf16")
-  FUSEDLSTM_ISA("gfni") FUSEDLSTM_ISA("vpclmulqdq")
+  if (name == n) return __builtin_cpu_supports(n) ? 1 : 0
+  FUSEDLSTM_ISA("sse3");
+  FUSEDLSTM_ISA("ssse3");
+  FUSEDLSTM_ISA("sse4.1");
+  FUSEDLSTM_ISA("sse4.2");
+  FUSEDLSTM_ISA("popcnt");
+  FUSEDLSTM_ISA("aes");
+  FUSEDLSTM_ISA("pclmul");
+  FUSEDLSTM_ISA("avx");
+  FUSEDLSTM_ISA("avx2");
+  FUSEDLSTM_ISA("fma");
+  FUSEDLSTM_ISA("bmi");
+  FUSEDLSTM_ISA("bmi2");
+  FUSEDLSTM_ISA("avx512f");
+  FUSEDLSTM_ISA("avx512vl");
+  FUSEDLSTM_ISA("avx512bw");
+  FUSEDLSTM_ISA("avx512dq");
+  FUSEDLSTM_ISA("avx512cd");
+  FUSEDLSTM_ISA("avx512vbmi");
+  FUSEDLSTM_ISA("avx512ifma");
+  FUSEDLSTM_ISA("avx512vnni");
+  FUSEDLSTM_ISA("avx512vbmi2");
+  FUSEDLSTM_ISA("avx512bitalg");
+  FUSEDLSTM_ISA("avx512vpopcntdq");
+  FUSEDLSTM_ISA("avx512bf16");
+  FUSEDLSTM_ISA("gfni");
+  FUSEDLSTM_ISA("vpclmulqdq");
 #undef FUSEDLSTM_ISA
 #endif
   return -1;
@@ -56,11 +74,15 @@ PYBIND11_MODULE(_isa, m) {
         if (s < 0) return py::none();
         return py::bool_(s == 1);
       },
-      py::arg("name"), "Whether this CPU has the extension; None for a name this check does not know.");
-  m.def("missing", []() {
-    std::vector<std::string> out;
-    for (const auto& n : Required())
-      if (Supports(n) == 0) out.push_back(n);
-    return out;
-  }, "Required extensions this CPU lacks (empty: _core is safe to load).");
+      py::arg("name"),
+      "Whether this CPU has the extension; None for a name this check does not know.");
+  m.def(
+      "missing",
+      []() {
+        std::vector<std::string> out;
+        for (const auto& n : Required())
+          if (Supports(n) == 0) out.push_back(n);
+        return out;
+      },
+      "Required extensions this CPU lacks (empty: _core is safe to load).");
 }

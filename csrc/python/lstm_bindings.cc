@@ -75,9 +75,9 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
     outputs = o;
   }
   // The spare (if any) serves as the cache in training, as the (large) workspace in inference.
-  py::array_t<S> workspace = training
-      ? py::array_t<S>(std::vector<int64_t>{ForwardWorkspaceSize(s, true)})
-      : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false));
+  py::array_t<S> workspace =
+      training ? py::array_t<S>(std::vector<int64_t>{ForwardWorkspaceSize(s, true)})
+               : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false));
   py::object cache = py::none();
   args.h_n = MutablePtr(h_n);
   args.c_n = MutablePtr(c_n);
@@ -133,8 +133,7 @@ void RegisterLstm(py::module_& m) {
       "forward",
       [](const py::array& x, const py::array& kernel, const py::array& rkernel,
          const py::object& bias, const py::object& h0, const py::object& c0,
-         const py::object& lengths, bool training, const py::object& spare,
-         bool return_sequences) {
+         const py::object& lengths, bool training, const py::object& spare, bool return_sequences) {
         if (IsDtype(x, py::dtype::of<float>()))
           return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare,
                                 return_sequences);
@@ -144,9 +143,9 @@ void RegisterLstm(py::module_& m) {
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
-      py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"),
-      py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"),
-      py::arg("spare") = py::none(), py::arg("return_sequences") = true);
+      py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
+      py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("spare") = py::none(),
+      py::arg("return_sequences") = true);
   py::class_<Cache, std::shared_ptr<Cache>> cache(
       m, "Cache",
       "A training forward's cache: what backward reads, with its shape, dtype and lengths.");

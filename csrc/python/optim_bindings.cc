@@ -43,7 +43,8 @@ void AdamDenseChecked(const py::array& p, const py::array& g, const py::array& m
   CheckedPtr<S>(v, "v", shape);
   S* ap = nullptr;
   if (!average.is_none()) {
-    if (!py::isinstance<py::array>(average)) throw py::type_error("average: expected an array or None");
+    if (!py::isinstance<py::array>(average))
+      throw py::type_error("average: expected an array or None");
     const py::array a = py::reinterpret_borrow<py::array>(average);
     CheckedPtr<S>(a, "average", shape);
     ap = WritableData<S>(a, "average");
@@ -113,9 +114,12 @@ void RegisterOptim(py::module_& m) {
       [](const py::array& p, const py::array& g, const py::array& m, const py::array& v,
          double lr_t, double eps_t, double beta1, double beta2, double grad_scale,
          const py::object& average, double average_keep) {
-        const AdamCoefficients c = Coefficients(lr_t, eps_t, beta1, beta2, grad_scale, average_keep);
-        if (IsDtype(p, py::dtype::of<float>())) return AdamDenseChecked<float>(p, g, m, v, average, c);
-        if (IsDtype(p, py::dtype::of<double>())) return AdamDenseChecked<double>(p, g, m, v, average, c);
+        const AdamCoefficients c =
+            Coefficients(lr_t, eps_t, beta1, beta2, grad_scale, average_keep);
+        if (IsDtype(p, py::dtype::of<float>()))
+          return AdamDenseChecked<float>(p, g, m, v, average, c);
+        if (IsDtype(p, py::dtype::of<double>()))
+          return AdamDenseChecked<double>(p, g, m, v, average, c);
         throw py::type_error("param: dtype must be float32 or float64, got " +
                              std::string(py::str(p.dtype())));
       },
@@ -131,7 +135,8 @@ void RegisterOptim(py::module_& m) {
          double grad_scale) {
         const AdamCoefficients c = Coefficients(lr_t, eps_t, beta1, beta2, grad_scale);
         if (IsDtype(p, py::dtype::of<float>())) return AdamRowsChecked<float>(p, m, v, rows, g, c);
-        if (IsDtype(p, py::dtype::of<double>())) return AdamRowsChecked<double>(p, m, v, rows, g, c);
+        if (IsDtype(p, py::dtype::of<double>()))
+          return AdamRowsChecked<double>(p, m, v, rows, g, c);
         throw py::type_error("param: dtype must be float32 or float64, got " +
                              std::string(py::str(p.dtype())));
       },
@@ -142,8 +147,10 @@ void RegisterOptim(py::module_& m) {
   m.def(
       "embedding_row_grads",
       [](const py::array& ids, const py::object& lengths, const py::array& dx) {
-        if (IsDtype(dx, py::dtype::of<float>())) return EmbeddingRowGradsChecked<float>(ids, lengths, dx);
-        if (IsDtype(dx, py::dtype::of<double>())) return EmbeddingRowGradsChecked<double>(ids, lengths, dx);
+        if (IsDtype(dx, py::dtype::of<float>()))
+          return EmbeddingRowGradsChecked<float>(ids, lengths, dx);
+        if (IsDtype(dx, py::dtype::of<double>()))
+          return EmbeddingRowGradsChecked<double>(ids, lengths, dx);
         throw py::type_error("d_x: dtype must be float32 or float64, got " +
                              std::string(py::str(dx.dtype())));
       },

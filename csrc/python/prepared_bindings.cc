@@ -24,14 +24,11 @@ class Prepared {
 
   int64_t input_size() const { return C_; }
   int64_t units() const { return H_; }
-  py::dtype dtype() const {
-    return is_double_ ? py::dtype::of<double>() : py::dtype::of<float>();
-  }
+  py::dtype dtype() const { return is_double_ ? py::dtype::of<double>() : py::dtype::of<float>(); }
   int64_t nbytes() const { return static_cast<int64_t>(buffer_.nbytes()); }
 
   py::tuple Infer(const py::array& x, const py::object& h0, const py::object& c0,
-                  const py::object& lengths, bool return_sequences,
-                  const py::object& spare) const {
+                  const py::object& lengths, bool return_sequences, const py::object& spare) const {
     return is_double_ ? Run<double>(x, h0, c0, lengths, return_sequences, spare)
                       : Run<float>(x, h0, c0, lengths, return_sequences, spare);
   }

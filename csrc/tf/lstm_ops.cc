@@ -53,8 +53,8 @@ REGISTER_OP("FusedLstm")
       DimensionHandle N = c->Dim(x, 0), T = c->Dim(x, 1), H = c->Dim(r, 0);
       bool return_sequences = true;
       TF_RETURN_IF_ERROR(c->GetAttr("return_sequences", &return_sequences));
-      c->set_output(0, return_sequences ? c->MakeShape({N, T, H})
-                                        : c->MakeShape({N, c->MakeDim(0), H}));
+      c->set_output(
+          0, return_sequences ? c->MakeShape({N, T, H}) : c->MakeShape({N, c->MakeDim(0), H}));
       c->set_output(1, c->MakeShape({N, H}));
       c->set_output(2, c->MakeShape({N, H}));
       c->set_output(3, c->Vector(InferenceContext::kUnknownDim));
@@ -66,9 +66,9 @@ REGISTER_OP("FusedLstmGrad")
     .Input("recurrent_kernel: T")  // the forward's recurrent_kernel (its shape)
     .Input("lengths: int32")
     .Input("cache: T")
-    .Input("d_outputs: T")         // [N, T, H], or [N, 0, H]: none (return_sequences = false)
-    .Input("d_h_n: T")             // [N, H]
-    .Input("d_c_n: T")             // [N, H]
+    .Input("d_outputs: T")  // [N, T, H], or [N, 0, H]: none (return_sequences = false)
+    .Input("d_h_n: T")      // [N, H]
+    .Input("d_c_n: T")      // [N, H]
     .Output("dx: T")
     .Output("d_kernel: T")
     .Output("d_recurrent_kernel: T")
@@ -174,16 +174,17 @@ class FusedLstmOp : public OpKernel {
     }
     const int32_t* lengths = len.flat<int32_t>().data();
     Tensor *out, *hn, *cn, *cache;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({s.N, return_sequences_ ? s.T : 0, s.H}), &out));
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_output(0, TensorShape({s.N, return_sequences_ ? s.T : 0, s.H}), &out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({s.N, s.H}), &hn));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({s.N, s.H}), &cn));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             3, TensorShape({training_ ? fusedlstm::CacheSize(s) : 0}), &cache));
     Tensor workspace;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DataTypeToEnum<S>::value,
-                                           TensorShape({fusedlstm::ForwardWorkspaceSize(s, training_)}),
-                                           &workspace));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_temp(DataTypeToEnum<S>::value,
+                                      TensorShape({fusedlstm::ForwardWorkspaceSize(s, training_)}),
+                                      &workspace));
     fusedlstm::ForwardArgs<S> a;
     a.x = x.flat<S>().data();
     a.kernel = k.flat<S>().data();
@@ -217,8 +218,7 @@ class FusedLstmGradOp : public OpKernel {
     fusedlstm::LstmShape s;
     if (!ReadShape(ctx, x, r, len, &s)) return;
     const int64_t G = 4 * s.H;
-    if (!Valid(ctx, fusedlstm::CheckShape("cache (run the forward with training=True)",
-                                          Dims(cache),
+    if (!Valid(ctx, fusedlstm::CheckShape("cache (run the forward with training=True)", Dims(cache),
                                           {{fusedlstm::CacheSize(s), "CacheSize(T, N, C, H)",
                                             "the size for x's and recurrent_kernel's shape"}},
                                           "[CacheSize]"))) {
@@ -236,9 +236,9 @@ class FusedLstmGradOp : public OpKernel {
     // buffer (the usual case: nothing else reads the forward's cache), TensorFlow lets it take the
     // buffer over; otherwise (a persistent tape may take the gradient twice, or the cache is
     // fetched) the input must stay intact and the kernel works on a copy.
-    std::unique_ptr<Tensor> owned = ctx->forward_input(
-        3, OpKernelContext::Params::kNoReservation, DataTypeToEnum<S>::value, cache.shape(),
-        DEVICE_MEMORY, AllocatorAttributes());
+    std::unique_ptr<Tensor> owned =
+        ctx->forward_input(3, OpKernelContext::Params::kNoReservation, DataTypeToEnum<S>::value,
+                           cache.shape(), DEVICE_MEMORY, AllocatorAttributes());
     Tensor work_cache;
     if (owned != nullptr) {
       work_cache = *owned;
@@ -257,9 +257,9 @@ class FusedLstmGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({s.N, s.H}), &dh0));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({s.N, s.H}), &dc0));
     Tensor workspace;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DataTypeToEnum<S>::value,
-                                           TensorShape({fusedlstm::BackwardWorkspaceSize(s)}),
-                                           &workspace));
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_temp(DataTypeToEnum<S>::value,
+                                TensorShape({fusedlstm::BackwardWorkspaceSize(s)}), &workspace));
     fusedlstm::BackwardArgs<S> a;
     a.cache = work_cache.flat<S>().data();
     a.lengths = lengths;
@@ -277,9 +277,9 @@ class FusedLstmGradOp : public OpKernel {
   }
 };
 
-#define REGISTER(S)                                                                      \
-  REGISTER_KERNEL_BUILDER(Name("FusedLstm").Device(DEVICE_CPU).TypeConstraint<S>("T"),   \
-                          FusedLstmOp<S>);                                               \
+#define REGISTER(S)                                                                        \
+  REGISTER_KERNEL_BUILDER(Name("FusedLstm").Device(DEVICE_CPU).TypeConstraint<S>("T"),     \
+                          FusedLstmOp<S>);                                                 \
   REGISTER_KERNEL_BUILDER(Name("FusedLstmGrad").Device(DEVICE_CPU).TypeConstraint<S>("T"), \
                           FusedLstmGradOp<S>);
 REGISTER(float)

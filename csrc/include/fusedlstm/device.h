@@ -43,8 +43,7 @@ void ParallelFor(const CpuDevice& device, int64_t n, double flops, F&& f) {
   }
   using Fn = typename std::remove_reference<F>::type;
   device.parallel_for(
-      device.impl, device.num_threads, n,
-      [](void* ctx, int64_t i) { (*static_cast<Fn*>(ctx))(i); },
+      device.impl, device.num_threads, n, [](void* ctx, int64_t i) { (*static_cast<Fn*>(ctx))(i); },
       const_cast<void*>(static_cast<const void*>(&f)));
 }
 

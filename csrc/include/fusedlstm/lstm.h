@@ -52,11 +52,11 @@ struct ForwardArgs {
   const Scalar* c0 = nullptr;                // [N, H], or nullptr for zeros
   const int32_t* lengths = nullptr;          // [N] in [0, T], or nullptr for all T
   // Outputs (fully written).
-  Scalar* outputs = nullptr;                 // [N, T, H]; zero at padded steps. The CPU kernel
-                                             // takes nullptr: not written (only the final
-                                             // state wanted); the CUDA kernels need it.
-  Scalar* h_n = nullptr;                     // [N, H]
-  Scalar* c_n = nullptr;                     // [N, H]
+  Scalar* outputs = nullptr;  // [N, T, H]; zero at padded steps. The CPU kernel
+                              // takes nullptr: not written (only the final
+                              // state wanted); the CUDA kernels need it.
+  Scalar* h_n = nullptr;      // [N, H]
+  Scalar* c_n = nullptr;      // [N, H]
   // Scratch: ForwardWorkspaceSize(shape, training) elements.
   Scalar* workspace = nullptr;
   // Training only: CacheSize(shape) elements, fully written; must outlive the matching backward.
@@ -71,18 +71,18 @@ struct BackwardArgs {
   // it: its contents are overwritten (the gate cache becomes the gate gradients), so a cache can
   // be used for exactly one backward.
   Scalar* cache = nullptr;
-  const int32_t* lengths = nullptr;          // the same lengths the forward saw, or nullptr
+  const int32_t* lengths = nullptr;  // the same lengths the forward saw, or nullptr
   // Upstream gradients (read only); nullptr means zeros. d_outputs at padded steps is ignored.
-  const Scalar* d_outputs = nullptr;         // [N, T, H]
-  const Scalar* d_h_n = nullptr;             // [N, H]
-  const Scalar* d_c_n = nullptr;             // [N, H]
+  const Scalar* d_outputs = nullptr;  // [N, T, H]
+  const Scalar* d_h_n = nullptr;      // [N, H]
+  const Scalar* d_c_n = nullptr;      // [N, H]
   // Gradients (fully written, never accumulated into).
-  Scalar* dx = nullptr;                      // [N, T, C], or nullptr: not computed (frozen input)
-  Scalar* d_kernel = nullptr;                // [C, 4H]
-  Scalar* d_recurrent_kernel = nullptr;      // [H, 4H]
-  Scalar* d_bias = nullptr;                  // [4H]
-  Scalar* d_h0 = nullptr;                    // [N, H]
-  Scalar* d_c0 = nullptr;                    // [N, H]
+  Scalar* dx = nullptr;                  // [N, T, C], or nullptr: not computed (frozen input)
+  Scalar* d_kernel = nullptr;            // [C, 4H]
+  Scalar* d_recurrent_kernel = nullptr;  // [H, 4H]
+  Scalar* d_bias = nullptr;              // [4H]
+  Scalar* d_h0 = nullptr;                // [N, H]
+  Scalar* d_c0 = nullptr;                // [N, H]
   // Scratch: BackwardWorkspaceSize(shape) elements.
   Scalar* workspace = nullptr;
 };

@@ -50,8 +50,8 @@ inline std::string CheckShape(const char* name, const std::vector<int64_t>& dims
   for (size_t i = 0; i < want.size(); ++i) {
     if (dims[i] != want[i].value) {
       os << name << ": expected shape " << ShapeString(expected) << " " << layout << ", got "
-         << ShapeString(dims) << ": dimension " << i << " (" << want[i].symbol << ") is "
-         << dims[i] << ", expected " << want[i].value << " = " << want[i].from;
+         << ShapeString(dims) << ": dimension " << i << " (" << want[i].symbol << ") is " << dims[i]
+         << ", expected " << want[i].value << " = " << want[i].from;
       return os.str();
     }
   }
@@ -162,8 +162,8 @@ inline std::string ValidateSizes(const LstmShape& s) {
   using validate_detail::MulAtMost;
   std::ostringstream os;
   if (s.T < 0 || s.N < 0 || s.C < 0 || s.H < 0) {
-    os << "shape: negative dimension (T=" << s.T << ", N=" << s.N << ", C=" << s.C
-       << ", H=" << s.H << ")";
+    os << "shape: negative dimension (T=" << s.T << ", N=" << s.N << ", C=" << s.C << ", H=" << s.H
+       << ")";
     return os.str();
   }
   const int64_t L = kMaxElements;
@@ -173,8 +173,7 @@ inline std::string ValidateSizes(const LstmShape& s) {
   const int64_t weights =
       MulAtMost(AddAtMost(AddAtMost(s.C, s.H, L), 8, L), AddAtMost(h8, 64, L), L);
   const int64_t states = MulAtMost(s.N, AddAtMost(h8, 64, L), L);
-  const int64_t total =
-      AddAtMost(AddAtMost(MulAtMost(rows, per_row, L), weights, L), states, L);
+  const int64_t total = AddAtMost(AddAtMost(MulAtMost(rows, per_row, L), weights, L), states, L);
   if (h8 < 0 || per_row < 0 || rows < 0 || weights < 0 || states < 0 || total < 0) {
     os << "shape: T=" << s.T << ", N=" << s.N << ", C=" << s.C << ", H=" << s.H
        << " is too large: its buffers would need more than 2^56 elements";
