@@ -242,7 +242,11 @@ void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
       S* row = dst + k * NR;
       if (c1 - c0 < NR) std::fill(row, row + NR, S(0));
       for (int64_t r = 0; r < n_runs; ++r) {
-        std::memcpy(row + runs[r][0], src + runs[r][1], sizeof(S) * runs[r][2]);
+        if (runs[r][2] == U) {  // a whole gate of a whole group: a fixed-size copy, inlined
+          std::memcpy(row + runs[r][0], src + runs[r][1], sizeof(S) * U);
+        } else {
+          std::memcpy(row + runs[r][0], src + runs[r][1], sizeof(S) * runs[r][2]);
+        }
       }
     }
   }
