@@ -230,7 +230,7 @@ def markdown_tables(report: dict) -> str:
         parts.append(_markdown(report, small, "onnxruntime"))
     vers = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())
     parts.append(
-        f"Medians, {_precisions(report)}, commit `{report['commit']}`, {report['date']}, "
+        f"Medians, {_precisions(report)}, {report['date']}, "
         f"{report['machine']['cpu_count']} cores ({report['build']['simd'].split(',')[0]}); {vers}. "
         f"Measured in the same run: {_peaks(report)}."
     )
