@@ -6,14 +6,18 @@
 #define FUSEDLSTM_COMMON_ACTIVATIONS_H_
 
 #include <Eigen/Core>
+#include <limits>
 
 namespace fusedlstm {
 
 // sigmoid(x) = 1 / (1 + exp(-x)); Eigen's logistic never overflows (float: rational fit on
 // [-9, 15.7], exp(x) below -9; double: exp(-x) saturates to inf and the quotient to 0).
+// logistic(-inf) is exactly 0, so that a gradient through it (0 · inf) is NaN as in the NumPy
+// reference; Eigen's SSE2 float path returns a denormal there instead (the portable build).
 template <typename Derived>
 auto Sigmoid(const Eigen::ArrayBase<Derived>& x) {
-  return x.logistic();
+  using S = typename Derived::Scalar;
+  return (x == -std::numeric_limits<S>::infinity()).select(S(0), x.logistic());
 }
 
 template <typename Derived>
