@@ -257,6 +257,25 @@ void CopyOrZero(S* dst, const S* src, int64_t count) {
   }
 }
 
+// The LSTM cell on m units, the step's one piece of arithmetic, shared by the training forward
+// and inference: z[g] the pre-activations of gate g (without bias), b[g] its bias, c_prev the
+// previous cell state. Writes the activated gates to gate[g], the new cell state to cell and
+// the output to hid (64-byte-aligned rows). Size: m when fixed (one SIMD register per gate).
+template <typename S, int Size = Eigen::Dynamic>
+inline void Cell(const S* const z[4], const S* const b[4], const S* c_prev, int64_t m,
+                 S* const gate[4], S* cell, S* hid) {
+  using Arr = Eigen::Array<S, Size, 1>;
+  using In = Eigen::Map<const Arr>;
+  using Out = Eigen::Map<Arr, Eigen::Aligned64>;
+  Out i(gate[0], m), f(gate[1], m), g(gate[2], m), o(gate[3], m), cn(cell, m), hn(hid, m);
+  i = Sigmoid(In(z[0], m) + In(b[0], m));
+  f = Sigmoid(In(z[1], m) + In(b[1], m));
+  g = Tanh(In(z[2], m) + In(b[2], m));
+  o = Sigmoid(In(z[3], m) + In(b[3], m));
+  cn = f * In(c_prev, m) + i * g;
+  hn = o * Tanh(cn);
+}
+
 }  // namespace
 
 // ---- Inference (lstm_infer.h) ----
@@ -333,33 +352,19 @@ struct InferGrid {
   }
 };
 
-// The gate pass of one group of u units for one row: z holds [i(u) f(u) c(u) o(u)], b, c and
-// h are the group's slices. Fixed-size maps for a full group: one SIMD register per gate.
+// The gate pass of one group of u units for one row: z holds [i(u) f(u) c(u) o(u)], b is the
+// bias (Keras order, H apart), c and h the group's slices of the state.
 template <typename S, int U>
 inline void GroupGates(const S* z, const S* b, int64_t H, int64_t u, S* c, S* h, S* out) {
-  using A = Eigen::Array<S, U, 1>;
-  if (u == U) {
-    alignas(64) S gi[U], gf[U], gg[U], go[U], cn[U], hn[U];
-    Eigen::Map<A, Eigen::Aligned64> I(gi), F(gf), Gg(gg), O(go), CN(cn), HN(hn);
-    I = Sigmoid(Eigen::Map<const A>(z) + Eigen::Map<const A>(b));
-    F = Sigmoid(Eigen::Map<const A>(z + U) + Eigen::Map<const A>(b + H));
-    Gg = Tanh(Eigen::Map<const A>(z + 2 * U) + Eigen::Map<const A>(b + 2 * H));
-    O = Sigmoid(Eigen::Map<const A>(z + 3 * U) + Eigen::Map<const A>(b + 3 * H));
-    CN = F * Eigen::Map<const A>(c) + I * Gg;
-    HN = O * Tanh(CN);
-    std::memcpy(c, cn, sizeof(S) * U);
-    std::memcpy(h, hn, sizeof(S) * U);
-    if (out) std::memcpy(out, hn, sizeof(S) * U);
-    return;
-  }
   alignas(64) S gate[4][U], cell[U], hid[U];
-  AMapA<S> i(gate[0], u), f(gate[1], u), g(gate[2], u), o(gate[3], u), cn(cell, u), hn(hid, u);
-  i = Sigmoid(CMapA<S>(z, u) + CMapA<S>(b, u));
-  f = Sigmoid(CMapA<S>(z + u, u) + CMapA<S>(b + H, u));
-  g = Tanh(CMapA<S>(z + 2 * u, u) + CMapA<S>(b + 2 * H, u));
-  o = Sigmoid(CMapA<S>(z + 3 * u, u) + CMapA<S>(b + 3 * H, u));
-  cn = f * CMapA<S>(c, u) + i * g;
-  hn = o * Tanh(cn);
+  const S* const zg[4] = {z, z + u, z + 2 * u, z + 3 * u};
+  const S* const bg[4] = {b, b + H, b + 2 * H, b + 3 * H};
+  S* const gates[4] = {gate[0], gate[1], gate[2], gate[3]};
+  if (u == U) {
+    Cell<S, U>(zg, bg, c, U, gates, cell, hid);
+  } else {
+    Cell<S>(zg, bg, c, u, gates, cell, hid);
+  }
   std::memcpy(c, cell, sizeof(S) * u);
   std::memcpy(h, hid, sizeof(S) * u);
   if (out) std::memcpy(out, hid, sizeof(S) * u);
@@ -663,14 +668,10 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
         }
         S* z = zrow + j0;
         const S* b = bp + col0 + j0;
-        AMapA<S> i(gate[0], m), f(gate[1], m), g(gate[2], m), o(gate[3], m);
-        AMapA<S> cn(cell, m), hn(hid, m);
-        i = Sigmoid(CMapA<S>(z, m) + CMapA<S>(b, m));
-        f = Sigmoid(CMapA<S>(z + nu, m) + CMapA<S>(b + nu, m));
-        g = Tanh(CMapA<S>(z + 2 * nu, m) + CMapA<S>(b + 2 * nu, m));
-        o = Sigmoid(CMapA<S>(z + 3 * nu, m) + CMapA<S>(b + 3 * nu, m));
-        cn = f * CMapA<S>(c_prev, m) + i * g;
-        hn = o * Tanh(cn);
+        const S* const zg[4] = {z, z + nu, z + 2 * nu, z + 3 * nu};
+        const S* const bg[4] = {b, b + nu, b + 2 * nu, b + 3 * nu};
+        S* const gates[4] = {gate[0], gate[1], gate[2], gate[3]};
+        Cell<S>(zg, bg, c_prev, m, gates, cell, hid);
         for (int64_t k = 0; k < 4; ++k) std::memcpy(z + k * nu, gate[k], sizeof(S) * m);
         std::memcpy(c_next, cell, sizeof(S) * m);
         std::memcpy(h_next, hid, sizeof(S) * m);
