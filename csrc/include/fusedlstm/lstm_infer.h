@@ -10,8 +10,7 @@
 // LstmInfer gives the results of LstmForward with cache == nullptr (which calls it), bit for
 // bit, and the same for any thread count. Streaming: a sequence split into chunks, each call
 // starting from the previous one's h_n and c_n, gives the results of one call over the whole
-// sequence (the per-step arithmetic does not depend on T) up to the last bit of the input
-// projection, whose GEMM blocking may differ with the number of steps.
+// sequence bit for bit (no step's arithmetic depends on T).
 #ifndef FUSEDLSTM_LSTM_INFER_H_
 #define FUSEDLSTM_LSTM_INFER_H_
 
