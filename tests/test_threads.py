@@ -2,6 +2,8 @@
 reduction order), repeated calls are identical, and concurrent calls from Python threads (the GIL
 is released) equal sequential ones."""
 
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -93,3 +95,29 @@ def test_fma_peak_probe():
     assert _core.fma_peak_gflops(1, 0.01) > 0
     with pytest.raises(ValueError, match="threads must be >= 1"):
         _core.fma_peak_gflops(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_runs_parallel_calls(rng, restore_threads):
+    """The worker pool's threads do not survive fork(): a child forked after they started must
+    still finish parallel calls (on a pool of its own), with the same results."""
+    fusedlstm.set_num_threads(2)
+    p, up = make_problem(rng, 64, 20, 30, 128, dtype=np.float32, lengths="random")
+    want = run(p, up)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when its results are the parent's
+        try:
+            got = run(p, up)
+            os._exit(0 if all(np.array_equal(a, b) for a, b in zip(want, got)) else 3)
+        except BaseException:
+            os._exit(4)
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child hung")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
