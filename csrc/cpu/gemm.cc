@@ -212,13 +212,9 @@ int64_t PanelWidth() {
 }
 
 template <typename S>
-int64_t GateGroupUnits() {
-  return Traits<S>::kNr / 2;
-}
-
-template <typename S>
 void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
-  constexpr int NR = Traits<S>::kNr, U = NR / 2;
+  constexpr int NR = Traits<S>::kNr, U = kGateGroupUnits<S>;
+  static_assert(NR == 2 * U, "a gate group is two panels wide");
   const int64_t Np = RoundUp(4 * H, NR), c0 = panel * NR, c1 = std::min(c0 + NR, 4 * H);
   // The panel's columns as runs of one gate of one group: (first column, source column, n).
   int64_t runs[8][3], n_runs = 0;
@@ -311,8 +307,7 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
   template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*,  \
                                      int64_t, const S*, S*, int64_t);                        \
   template int64_t PanelWidth<S>();                                                          \
-  template void PackGatePanel<S>(const S*, int64_t, int64_t, int64_t, S*);                   \
-  template int64_t GateGroupUnits<S>();
+  template void PackGatePanel<S>(const S*, int64_t, int64_t, int64_t, S*);
 FUSEDLSTM_INSTANTIATE(float)
 FUSEDLSTM_INSTANTIATE(double)
 #undef FUSEDLSTM_INSTANTIATE

@@ -32,7 +32,7 @@ template <typename S>
 void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
                        const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc);
 
-// LSTM weights in "gate groups": U = GateGroupUnits<S>() units (two panels' width over 4)
+// LSTM weights in "gate groups": U = kGateGroupUnits<S> units (two panels' width over 4)
 // per group, group q's columns [q·4U, q·4U + 4u) holding the four gates of units [qU, qU + u)
 // as [i(u) f(u) c(u) o(u)] (u = U but for the last group). So a product's gates for a range of
 // whole groups are a range of whole panels, and each gate of a full group is U contiguous
@@ -40,7 +40,7 @@ void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64
 // blocks i, f, c, o of H columns each) reordered so, as PackRhs(…, K, 4H, …) lays it out;
 // packing every panel gives the whole packed matrix.
 template <typename S>
-int64_t GateGroupUnits();
+constexpr int kGateGroupUnits = 64 / sizeof(S);  // one 64-byte register per gate of a group
 template <typename S>
 void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out);
 

@@ -379,7 +379,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
     CopyOrZero(a.c_n, a.c0, N * H);
     return;
   }
-  constexpr int U = 64 / sizeof(S);  // gemm.h's gate-group width: one 64-byte register
+  constexpr int U = kGateGroupUnits<S>;
   const int64_t NR = PanelWidth<S>(), panels = CeilDiv(G, NR);
   const PreparedView<S> pv(a.prepared, C, H);
   const bool hoisted = HoistProjection(s);
