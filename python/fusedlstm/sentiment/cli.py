@@ -199,21 +199,91 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_input(args: argparse.Namespace):
+    """(binary stream, its name for errors, its size in bytes or None) of --file (or stdin)."""
+    if args.file in (None, "-"):
+        return sys.stdin.buffer, "<stdin>", None
+    path = Path(args.file)
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--file {path}: not found") from None
+    except OSError as exc:
+        raise FileNotFoundError(f"--file {path}: cannot be read ({exc.strerror})") from None
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError:
+        size = None
+    return f, str(path), size
+
+
+def _format(r: dict, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(r)
+    if r["label"] is None:  # an empty line: an empty label field, in its place
+        return f"\t\t{r['text']}"
+    return f"{r['label']}\t{r['probability']:.4f}\t{r['text']}"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .model import SentimentClassifier
+    from .serving import predict_stream, read_lines
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.sentences and args.file is not None:
+        raise SystemExit("error: give sentences as arguments or --file, not both")
     model = SentimentClassifier.load(args.model)
+    stream, size, source = None, None, "arguments"
     if args.sentences:
-        texts = args.sentences
-    elif args.file:
-        texts = Path(args.file).read_text(encoding="utf-8").splitlines()
+        lines = iter(args.sentences)
     else:
-        texts = sys.stdin.read().splitlines()
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise SystemExit("error: no sentences to predict")
-    for r in model.predict(texts):
-        print(json.dumps(r) if args.json else f"{r['label']}\t{r['probability']:.4f}\t{r['text']}")
+        stream, source, size = _open_input(args)
+        lines = read_lines(stream, source)
+    bar = None
+    if not args.no_progress and sys.stderr.isatty() and not args.sentences:
+        from tqdm import tqdm
+
+        # A file's progress is its bytes (an ETA); a pipe's is the sentences answered so far.
+        bar = tqdm(total=size, unit="B" if size else " sentences", unit_scale=True, file=sys.stderr, leave=False)
+    out = sys.stdout
+    n = empty = first_empty = 0
+    pending: list[str] = []
+    try:
+        for r in predict_stream(model, lines, batch_size=args.batch_size):
+            n += 1
+            if r["label"] is None:
+                empty += 1
+                first_empty = first_empty or n
+            pending.append(_format(r, args.json))
+            if bar is not None:
+                bar.update(len(r["text"].encode("utf-8")) + 1 if size else 1)
+            if len(pending) >= 4096:  # write as we go, a bounded buffer at a time
+                out.write("\n".join(pending) + "\n")
+                out.flush()
+                pending.clear()
+        if pending:
+            out.write("\n".join(pending) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly; point stdout at devnull so the
+        # interpreter's final flush does not fail again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        if bar is not None:
+            bar.close()
+        if stream is not None and stream is not sys.stdin.buffer:
+            stream.close()
+    if n == 0:
+        raise SystemExit(f"error: no sentences to predict in {source}")
+    if empty:
+        print(
+            f"note: {empty} empty line(s) answered without a label (the first is line {first_empty})",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -286,6 +356,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("predict", help="label and probability per sentence")
     pr.add_argument("model")
     pr.add_argument("sentences", nargs="*")
-    pr.add_argument("--file", help="one sentence per line")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--file", help="one sentence per line, read as it is scored ('-': standard input)")
+    pr.add_argument("--batch-size", type=int, default=256, help="sentences per kernel call (default 256)")
+    pr.add_argument("--json", action="store_true", help="JSON lines: text, label, probability (error: empty lines)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar (shown only when stderr is a terminal)")
     pr.set_defaults(func=cmd_predict)
