@@ -1,0 +1,313 @@
+"""``fusedlstm.torch.LSTM``: a drop-in for ``torch.nn.LSTM`` (same constructor, attributes, parameter
+names, shapes, order and initialization, so state dicts load both ways) whose directions each run
+as one fused kernel call (``fusedlstm::lstm``, ops.py)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ..prepared import PreparedLSTM
+from . import ops
+
+__all__ = ["LSTM"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {'greater than zero' if minimum == 1 else f'at least {minimum}'}")
+
+
+class LSTM(nn.Module):
+    """Drop-in for ``torch.nn.LSTM`` on the CPU, float32 and float64.
+
+    ``forward(input, hx=None, lengths=None)`` takes what ``nn.LSTM`` takes (a padded tensor,
+    batched or unbatched, or a ``PackedSequence``, sorted or not) and returns what it returns:
+    ``(output, (h_n, c_n))``, output a ``PackedSequence`` with the input's ``sorted_indices`` for a
+    packed input. ``lengths`` (an extension; padded input only) gives each batch row's valid length
+    in 0..T (right padding): outputs past it are zero and h_n/c_n are taken at its last step, as a
+    packed sequence would give. ``proj_size > 0`` is not supported.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_int("input_size", input_size, 1)
+        _check_int("hidden_size", hidden_size, 1)
+        _check_int("num_layers", num_layers, 1)
+        _check_int("proj_size", proj_size, 0)
+        if proj_size > 0:
+            raise NotImplementedError(
+                f"fusedlstm.torch.LSTM: proj_size={proj_size} is not supported (no projection); use torch.nn.LSTM"
+            )
+        for name, v in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} should be of type bool, got: {type(v).__name__}")
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of an element being zeroed"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
+        if dtype is not None and dtype not in _DTYPES:
+            raise TypeError(f"dtype: fusedlstm.torch.LSTM supports torch.float32 and torch.float64, got {dtype}")
+        self.mode = "LSTM"
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        factory = {"device": device, "dtype": dtype}
+        D = 2 if bidirectional else 1
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for d in range(D):
+                In = input_size if layer == 0 else hidden_size * D
+                suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                params = [
+                    ("weight_ih", (4 * hidden_size, In)),
+                    ("weight_hh", (4 * hidden_size, hidden_size)),
+                ]
+                if bias:
+                    params += [("bias_ih", (4 * hidden_size,)), ("bias_hh", (4 * hidden_size,))]
+                names = []
+                for base, shape in params:
+                    name = base + suffix
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        # Prepared (packed) inference weights per (layer, direction), for eval-mode calls
+        # that need no gradient; see _prepared_for.
+        self._prepared: dict[int, tuple] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform in ±1/sqrt(hidden_size), as nn.LSTM."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for w in self.parameters():
+            nn.init.uniform_(w, -stdv, stdv)
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        return s
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_prepared"] = {}  # packed copies of the weights: rebuilt on demand
+        return state
+
+    def _weights(self, index: int) -> list[nn.Parameter]:
+        return [getattr(self, name) for name in self._all_weights[index]]
+
+    def _prepared_for(self, index: int, weights: list[torch.Tensor]) -> PreparedLSTM:
+        """The packed inference weights of one (layer, direction), packed again whenever a weight
+        changed: in place (its version counter moves) or replaced (another storage). The entry
+        holds detached aliases of the weights, so their storage cannot be freed and reused at the
+        same address while it is cached."""
+        entry = self._prepared.get(index)
+        if entry is not None:
+            aliases, versions, prepared = entry
+            if all(
+                a.data_ptr() == w.data_ptr() and a.shape == w.shape and a.dtype == w.dtype and a._version == v
+                for a, v, w in zip(aliases, versions, weights)
+            ):
+                return prepared
+        k, r, b = _keras_weights(weights, self.bias)
+        with torch.no_grad():
+            prepared = PreparedLSTM(k.numpy(), r.numpy(), None if b is None else b.numpy())
+        aliases = [w.detach() for w in weights]
+        self._prepared[index] = (aliases, [a._version for a in aliases], prepared)
+        return prepared
+
+    def forward(self, input, hx=None, lengths=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths: a PackedSequence carries its own lengths; pass lengths only with a tensor")
+            x, lens = pad_packed_sequence(input, batch_first=True)  # rows in the original order
+            batched = True
+        else:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(f"input: expected a Tensor or a PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            if not batched:
+                x = input.unsqueeze(0)
+            else:
+                x = input if self.batch_first else input.transpose(0, 1)
+            lens = None
+        self._check_input(x)
+        B = x.shape[0]
+        if lengths is not None:
+            lens = _as_lengths(lengths, B, batched)
+        h0, c0 = self._initial_state(hx, x, batched)
+        lens32 = None if lens is None else lens.to(torch.int32)
+
+        D = 2 if self.bidirectional else 1
+        layer_in = x.contiguous()
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                i = layer * D + d
+                state = (None, None) if h0 is None else (h0[i], c0[i])
+                out, h, c = self._direction(i, layer_in, state, lens32, reverse=d == 1)
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_in = F.dropout(layer_in, self.dropout, training=True)
+        h_n = torch.stack(h_n)
+        c_n = torch.stack(c_n)
+        out = layer_in
+        if packed:
+            if input.sorted_indices is not None:
+                out = out.index_select(0, input.sorted_indices)
+                lens = lens.index_select(0, input.sorted_indices.to(lens.device))
+            data = pack_padded_sequence(out, lens, batch_first=True, enforce_sorted=True)
+            return (
+                PackedSequence(data.data, data.batch_sizes, input.sorted_indices, input.unsorted_indices),
+                (h_n, c_n),
+            )
+        if not batched:
+            return out.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
+        if not self.batch_first:
+            out = out.transpose(0, 1).contiguous()
+        return out, (h_n, c_n)
+
+    def _direction(self, index: int, x: torch.Tensor, state, lens32, reverse: bool):
+        weights = self._weights(index)
+        h0, c0 = state
+        if (
+            not self.training
+            and not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled()
+            and not x.requires_grad
+        ):
+            prepared = self._prepared_for(index, weights)
+            return ops.infer(prepared, x, h0, c0, lens32, reverse)
+        kernel, recurrent_kernel, bias = _keras_weights(weights, self.bias)
+        if h0 is not None:
+            h0, c0 = h0.contiguous(), c0.contiguous()
+        keep = any(t is not None and t.requires_grad for t in (x, kernel, recurrent_kernel, bias, h0, c0))
+        out, h, c, _ = ops.lstm(x, kernel, recurrent_kernel, bias, h0, c0, lens32, reverse, True, keep)
+        return out, h, c
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.device.type != "cpu":
+            from ..lstm import cuda_available
+
+            hint = "" if cuda_available() else " (and this fusedlstm has no usable CUDA build)"
+            raise RuntimeError(
+                f"fusedlstm.torch.LSTM runs on the CPU; input is on {x.device}{hint}: move the model and inputs "
+                "to the CPU, or use torch.nn.LSTM on the GPU"
+            )
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"input: fusedlstm.torch.LSTM supports torch.float32 and torch.float64, got {x.dtype}")
+        w = self.weight_ih_l0
+        if w.device.type != "cpu":
+            raise RuntimeError(f"fusedlstm.torch.LSTM runs on the CPU; its parameters are on {w.device}")
+        if w.dtype not in _DTYPES:
+            raise TypeError(f"fusedlstm.torch.LSTM supports float32 and float64 parameters, got {w.dtype}")
+        if x.dtype != w.dtype:
+            raise ValueError(f"input must have the type {w.dtype}, got type {x.dtype}")
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
+            )
+
+    def _initial_state(self, hx, x: torch.Tensor, batched: bool):
+        if hx is None:
+            return None, None
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
+            raise TypeError("hx: expected a tuple (h_0, c_0) of two tensors")
+        h0, c0 = hx
+        want = 2 if not batched else 3
+        if h0.dim() != want or c0.dim() != want:
+            kind = "unbatched 2-D" if not batched else "batched 3-D"
+            raise RuntimeError(
+                f"For {kind} input, hx and cx should also be {want}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
+            )
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        D = 2 if self.bidirectional else 1
+        expected = (self.num_layers * D, x.shape[0], self.hidden_size)
+        for i, t in enumerate((h0, c0)):
+            if tuple(t.shape) != expected:
+                shape = expected if batched else (expected[0], expected[2])
+                got = list(t.shape) if batched else [t.shape[0], t.shape[2]]
+                raise RuntimeError(f"Expected hidden[{i}] size {shape}, got {got}")
+            if t.dtype != x.dtype:
+                raise ValueError(f"hx[{i}]: dtype {t.dtype} does not match the input's {x.dtype}")
+            if t.device.type != "cpu":
+                raise RuntimeError(f"hx[{i}] is on {t.device}; fusedlstm.torch.LSTM runs on the CPU")
+        return h0, c0
+
+
+def _keras_weights(weights, has_bias: bool):
+    """nn.LSTM's (weight_ih [4H, E], weight_hh [4H, H], bias_ih, bias_hh) as the kernel's
+    (kernel [E, 4H], recurrent_kernel [H, 4H], bias [4H]): same gate order, transposed, the two
+    biases summed (differentiably: each bias gets the bias gradient)."""
+    kernel = weights[0].t().contiguous()
+    recurrent_kernel = weights[1].t().contiguous()
+    bias = weights[2] + weights[3] if has_bias else None
+    return kernel, recurrent_kernel, bias
+
+
+def _as_lengths(lengths, B: int, batched: bool) -> torch.Tensor:
+    if not batched:
+        raise ValueError("lengths: only for batched (3-D) input")
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(np.asarray(lengths))
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths: expected an integer tensor, got dtype {lengths.dtype}")
+    if tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths: expected shape ({B},) (one per batch row), got {tuple(lengths.shape)}")
+    return lengths.cpu()

@@ -1,0 +1,254 @@
+"""One LSTM direction as ``torch.library`` custom ops, so autograd, ``torch.compile(fullgraph=True)``
+and ``torch.export`` see a single opaque call each way.
+
+``fusedlstm::lstm`` runs the kernel forward; ``fusedlstm::lstm_backward`` is its gradient. Weights
+are in the kernel's (Keras) layout: kernel [E, 4H], recurrent_kernel [H, 4H], bias [4H], gates
+i, f, c, o. CPU tensors go to the kernel as zero-copy NumPy views when contiguous, and the kernel's
+arrays come back as tensors without a copy.
+
+The kernel's training cache is a Python object, and a custom op can only return tensors. So the
+forward, when asked to ``keep`` it, files the cache under a fresh integer and returns that integer
+as a ``handle`` tensor that also owns the cache (an attribute of the tensor object): the cache
+lives exactly as long as autograd keeps the handle. The backward op takes the handle and the
+forward's inputs: it consumes the filed cache when it is there, and otherwise (the forward did not
+keep one, a second backward with ``retain_graph``, a handle that did not survive a graph
+transformation) runs the forward again with a cache first. The kernel is deterministic, so both
+give the same gradients; the fallback costs one more forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+import weakref
+
+import numpy as np
+import torch
+
+from ..lstm import LstmCache, lstm_backward, lstm_forward
+from ..prepared import PreparedLSTM
+
+__all__ = ["lstm", "lstm_backward_op", "infer", "NATIVE_REVERSE"]
+
+# lstm_forward runs a direction backwards itself when it takes `reverse`; otherwise the rows'
+# valid prefixes are flipped around the call here (_flip_rows).
+NATIVE_REVERSE = "reverse" in inspect.signature(lstm_forward).parameters
+
+_ids = itertools.count(1)
+_filed_lock = threading.Lock()
+
+
+class _Filed:
+    """A kept cache, owned by its handle tensor; _filed maps keys to these weakly."""
+
+    __slots__ = ("cache", "__weakref__")
+
+    def __init__(self, cache: LstmCache):
+        self.cache = cache
+
+
+_filed: weakref.WeakValueDictionary[int, _Filed] = weakref.WeakValueDictionary()
+
+
+def _array(t: torch.Tensor | None, name: str) -> np.ndarray | None:
+    if t is None:
+        return None
+    if t.device.type != "cpu":
+        raise RuntimeError(f"fusedlstm runs on the CPU; {name} is on {t.device}")
+    return t.detach().numpy()
+
+
+_NAMES = ("x", "kernel", "recurrent_kernel", "bias", "h0", "c0", "lengths")
+
+
+def _arrays(*tensors) -> list[np.ndarray | None]:
+    return [_array(t, n) for t, n in zip(tensors, _NAMES)]
+
+
+def _flip_rows(a: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+    """Each row's valid prefix [0, lengths[b]) reversed in time (axis 1); padding stays put.
+    Its own inverse."""
+    if lengths is None:
+        return np.ascontiguousarray(a[:, ::-1])
+    T = a.shape[1]
+    t = np.arange(T)[None, :]
+    n = lengths.astype(np.int64)[:, None]
+    src = np.where(t < n, n - 1 - t, t)
+    return np.take_along_axis(a, src[:, :, None], axis=1)
+
+
+def _forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, training, return_sequences):
+    """lstm_forward for one direction; the only place that knows how a reverse run is done."""
+    if reverse and NATIVE_REVERSE:
+        return lstm_forward(
+            x,
+            kernel,
+            recurrent_kernel,
+            bias,
+            h0,
+            c0,
+            lengths,
+            training=training,
+            return_sequences=return_sequences,
+            reverse=True,
+        )
+    if reverse:
+        x = _flip_rows(x, lengths)
+    outputs, h_n, c_n, cache = lstm_forward(
+        x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=training, return_sequences=return_sequences
+    )
+    if reverse and outputs is not None:
+        outputs = _flip_rows(outputs, lengths)
+    return outputs, h_n, c_n, cache
+
+
+def infer(
+    prepared: PreparedLSTM,
+    x: torch.Tensor,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One direction on prepared weights (no autograd, eager only): outputs, h_n, c_n."""
+    a = [_array(t, n) for t, n in zip((x, h0, c0, lengths), ("x", "h0", "c0", "lengths"))]
+    xa = _flip_rows(a[0], a[3]) if reverse else a[0]
+    outputs, h_n, c_n = prepared.infer(xa, a[1], a[2], a[3])
+    if reverse:
+        outputs = _flip_rows(outputs, a[3])
+    return torch.from_numpy(outputs), torch.from_numpy(h_n), torch.from_numpy(c_n)
+
+
+def _backward(cache, d_outputs, d_h_n, d_c_n, lengths, reverse, need_dx):
+    """lstm_backward for a cache _forward made (same reversal rule)."""
+    flip = reverse and not NATIVE_REVERSE
+    if flip and d_outputs is not None:
+        d_outputs = _flip_rows(d_outputs, lengths)
+    g = lstm_backward(cache, d_outputs=d_outputs, d_h_n=d_h_n, d_c_n=d_c_n, need_dx=need_dx)
+    dx = g.x
+    if flip and dx is not None:
+        dx = _flip_rows(dx, lengths)
+    return dx, g
+
+
+def _empty_outputs(x: torch.Tensor, H: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], 0, H))
+
+
+@torch.library.custom_op("fusedlstm::lstm", mutates_args=())
+def lstm(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    recurrent_kernel: torch.Tensor,
+    bias: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    reverse: bool,
+    return_sequences: bool,
+    keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM direction over right-padded x [B, T, E] -> (outputs [B, T, H] (or [B, 0, H]
+    without return_sequences), h_n [B, H], c_n [B, H], handle). ``lengths`` int32 [B] or None;
+    ``reverse`` runs each row's valid prefix backwards (outputs in the input's time order);
+    ``keep`` files the training cache for the backward (see the module docstring)."""
+    a = _arrays(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
+    outputs, h_n, c_n, cache = _forward(*a, reverse=reverse, training=keep, return_sequences=return_sequences)
+    out = _empty_outputs(x, h_n.shape[1]) if outputs is None else torch.from_numpy(outputs)
+    if cache is None:
+        return out, torch.from_numpy(h_n), torch.from_numpy(c_n), torch.zeros((), dtype=torch.int64)
+    key = next(_ids)
+    handle = torch.tensor(key, dtype=torch.int64)
+    handle._fusedlstm_cache = filed = _Filed(cache)  # the handle owns the cache; _filed only points at it
+    with _filed_lock:
+        _filed[key] = filed
+    return out, torch.from_numpy(h_n), torch.from_numpy(c_n), handle
+
+
+@lstm.register_fake
+def _(x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, return_sequences, keep):
+    B, T, _ = x.shape
+    H = recurrent_kernel.shape[0]
+    out = x.new_empty((B, T if return_sequences else 0, H))
+    return out, x.new_empty((B, H)), x.new_empty((B, H)), x.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("fusedlstm::lstm_backward", mutates_args=())
+def lstm_backward_op(
+    handle: torch.Tensor,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    recurrent_kernel: torch.Tensor,
+    bias: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    reverse: bool,
+    d_outputs: torch.Tensor | None,
+    d_h_n: torch.Tensor | None,
+    d_c_n: torch.Tensor | None,
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``fusedlstm::lstm``: (dx [B, T, E] (or [0] without need_dx), d_kernel,
+    d_recurrent_kernel, d_bias [4H], d_h0 [B, H], d_c0 [B, H]); d_bias is returned even when the
+    forward had no bias. None upstream gradients are zero."""
+    key = int(handle.item())
+    with _filed_lock:
+        filed = _filed.pop(key, None) if key else None
+    cache = None if filed is None else filed.cache
+    if cache is not None and cache.used:
+        cache = None  # already consumed (a second backward through a retained graph)
+    a = _arrays(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
+    if cache is None:
+        _, _, _, cache = _forward(*a, reverse=reverse, training=True, return_sequences=False)
+    d_out = None if d_outputs is None or d_outputs.numel() == 0 else _array(d_outputs.contiguous(), "d_outputs")
+    d_h = None if d_h_n is None else _array(d_h_n.contiguous(), "d_h_n")
+    d_c = None if d_c_n is None else _array(d_c_n.contiguous(), "d_c_n")
+    dx, g = _backward(cache, d_out, d_h, d_c, a[6], reverse, need_dx)
+    dx = torch.from_numpy(dx) if dx is not None else x.new_empty((0,))
+    return dx, *(torch.from_numpy(v) for v in (g.kernel, g.recurrent_kernel, g.bias, g.h0, g.c0))
+
+
+@lstm_backward_op.register_fake
+def _(handle, x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, d_outputs, d_h_n, d_c_n, need_dx):
+    B = x.shape[0]
+    H = recurrent_kernel.shape[0]
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    return (
+        dx,
+        torch.empty_like(kernel),
+        torch.empty_like(recurrent_kernel),
+        x.new_empty((4 * H,)),
+        x.new_empty((B, H)),
+        x.new_empty((B, H)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, _return_sequences, _keep = inputs
+    ctx.save_for_backward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, output[3])
+    ctx.reverse = reverse
+
+
+def _backward_formula(ctx, d_outputs, d_h_n, d_c_n, _d_handle):
+    x, kernel, recurrent_kernel, bias, h0, c0, lengths, handle = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dk, drk, db, dh0, dc0 = lstm_backward_op(
+        handle, x, kernel, recurrent_kernel, bias, h0, c0, lengths, ctx.reverse, d_outputs, d_h_n, d_c_n, need[0]
+    )
+    return (
+        dx if need[0] else None,
+        dk if need[1] else None,
+        drk if need[2] else None,
+        db if bias is not None and need[3] else None,
+        dh0 if h0 is not None and need[4] else None,
+        dc0 if c0 is not None and need[5] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("fusedlstm::lstm", _backward_formula, setup_context=_setup_context)
