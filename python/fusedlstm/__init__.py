@@ -41,6 +41,7 @@ __all__ = [
     "empty_cache",
     "cuda_available",
     "SentimentClassifier",
+    "BatchScorer",
     "__version__",
 ]
 
@@ -51,6 +52,10 @@ def __getattr__(name: str):
         from .sentiment import SentimentClassifier
 
         return SentimentClassifier
+    if name == "BatchScorer":
+        from .scoring import BatchScorer
+
+        return BatchScorer
     if name == "sentiment":
         import importlib
 
