@@ -1,6 +1,7 @@
 """The compiled kernel against the NumPy oracle: forward values and all six gradients over a grid
 of shapes (B = 1, T = 1, H not a multiple of the SIMD width, E != H, big enough to use several
-tasks), with and without lengths (0 and T included), h0/c0 and bias, in float64 and float32."""
+tasks), with and without lengths (0 and T included), h0/c0 and bias, in float64 and float32,
+forward and reverse."""
 
 import numpy as np
 import pytest
@@ -25,10 +26,10 @@ SHAPES = [  # (B, T, E, H)
 ]
 
 
-def run_both(p, up):
+def run_both(p, up, reverse=False):
     """The kernel in the problem's dtype; the oracle always in float64 (the truth)."""
-    out = fusedlstm.lstm_forward(**p)
-    ref = reference.lstm_forward(**as64(p))
+    out = fusedlstm.lstm_forward(**p, reverse=reverse)
+    ref = reference.lstm_forward(**as64(p), reverse=reverse)
     g = fusedlstm.lstm_backward(out[3], **up)
     gr = reference.lstm_backward(ref[3], **as64(up))
     return out, ref, g, gr
@@ -38,9 +39,11 @@ def run_both(p, up):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d_T%d_E%d_H%d" % s)
 @pytest.mark.parametrize("lengths", ["none", "random"])
 @pytest.mark.parametrize("state", [False, True])
-def test_forward_backward_match_reference(rng, dtype, shape, lengths, state):
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_forward_backward_match_reference(rng, dtype, shape, lengths, state, reverse):
     p, up = make_problem(rng, *shape, dtype=dtype, lengths=lengths, state=state)
-    out, ref, g, gr = run_both(p, up)
+    out, ref, g, gr = run_both(p, up, reverse)
+    assert out[3].reverse is reverse
     for name, a, b in zip(("outputs", "h_n", "c_n"), out[:3], ref[:3]):
         assert a.dtype == dtype and a.shape == b.shape
         assert_close(a, b, dtype, name)

@@ -240,6 +240,27 @@ inline int64_t Length(const int32_t* lengths, int64_t n, int64_t T) {
   return lengths ? lengths[n] : T;
 }
 
+// The time position row n reads x from (and writes its output to) at its t-th step: t, or for
+// a reverse pass its valid steps backwards (padded steps, t >= length, stay where they are).
+inline int64_t Pos(bool reverse, const int32_t* lengths, int64_t n, int64_t t, int64_t T) {
+  if (!reverse) return t;
+  const int64_t len = Length(lengths, n, T);
+  return t < len ? len - 1 - t : t;
+}
+
+// dst[n, t] = src[n, Pos(n, t)] for rows of `width` elements: a reverse pass's inputs in the
+// order its steps read them, so every per-step product stays one strided GEMM over a row block.
+template <typename S>
+void GatherSteps(const CpuDevice& device, const LstmShape& s, const int32_t* lengths, const S* src,
+                 S* dst, int64_t width) {
+  ParallelFor(device, s.N, double(s.T) * width * s.N, [&](int64_t n) {
+    for (int64_t t = 0; t < s.T; ++t) {
+      std::memcpy(dst + (n * s.T + t) * width,
+                  src + (n * s.T + Pos(true, lengths, n, t, s.T)) * width, sizeof(S) * width);
+    }
+  });
+}
+
 template <typename S>
 bool AllFinite(const S* p, int64_t count) {
   // x·0 is 0 for a finite x and NaN for ±Inf and NaN, and a NaN survives the sum: one
@@ -383,6 +404,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   const int64_t NR = PanelWidth<S>(), panels = CeilDiv(G, NR);
   const PreparedView<S> pv(a.prepared, C, H);
   const bool hoisted = HoistProjection(s);
+  const int64_t ld = a.out_ld ? a.out_ld : H;
   // Gates of step t for row n: z + n·z_ld + t·z_t. Hoisted: every step's, [N, T, 4H], the
   // projection's output; else one step's, [N, 4H], zeroed each step.
   S* z = a.workspace;
@@ -390,6 +412,12 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   S* hbuf = z + (hoisted ? N * T * G : N * G);  // h_{t-1} and h_t, [2, N, H]
   CopyOrZero(hbuf, a.h0, N * H);
   CopyOrZero(a.c_n, a.c0, N * H);
+  const S* x = a.x;  // in step order
+  if (a.reverse && C > 0) {
+    S* xs = hbuf + 2 * N * H;
+    GatherSteps(device, s, a.lengths, a.x, xs, C);
+    x = xs;
+  }
   if (hoisted) {  // Zx = X·W, in tiles of rows × panels (any tiling gives the same sums)
     const int64_t M = N * T, row_parts = CeilDiv(M, 256);
     const double flops = 2.0 * M * C * G;
@@ -401,8 +429,8 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
         std::fill(z + i * G + c.begin * NR, z + i * G + std::min(G, c.end * NR), S(0));
       }
       if (C > 0) {
-        GemmPackedRhsCols<S>(r.size(), G, C, c.begin * NR, c.end * NR, a.x + r.begin * C, C,
-                             pv.wpack, z + r.begin * G, G);
+        GemmPackedRhsCols<S>(r.size(), G, C, c.begin * NR, c.end * NR, x + r.begin * C, C, pv.wpack,
+                             z + r.begin * G, G);
       }
     });
   }
@@ -418,7 +446,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
         std::fill(zrows + n * z_ld + col0, zrows + n * z_ld + col1, S(0));
       }
       if (C > 0) {
-        GemmPackedRhsCols<S>(rows.size(), G, C, col0, col1, a.x + (rows.begin * T + t) * C, T * C,
+        GemmPackedRhsCols<S>(rows.size(), G, C, col0, col1, x + (rows.begin * T + t) * C, T * C,
                              pv.wpack, zrows, z_ld);
       }
     }
@@ -433,8 +461,10 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
       const S* zrow = z + n * z_ld + t * z_t;
       for (int64_t q = groups.begin; q < groups.end; ++q) {
         const int64_t u0 = q * U, u = std::min<int64_t>(U, H - u0);
+        S* out = a.outputs ? a.outputs + (n * T + Pos(a.reverse, a.lengths, n, t, T)) * ld + u0
+                           : nullptr;
         GroupGates<S, U>(zrow + q * 4 * U, pv.b + u0, H, u, a.c_n + n * H + u0, h_out + n * H + u0,
-                         a.outputs ? a.outputs + (n * T + t) * H + u0 : nullptr);
+                         out);
       }
     }
   };
@@ -445,8 +475,9 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
       std::memcpy(a.h_n + n * H + u0, hbuf + (active % 2) * N * H + n * H + u0,
                   sizeof(S) * (u1 - u0));
       if (!a.outputs) continue;
+      // (Padded positions are the same in a reverse pass.)
       for (int64_t t = std::min<int64_t>(Length(a.lengths, n, T), active); t < T; ++t) {
-        std::fill(a.outputs + (n * T + t) * H + u0, a.outputs + (n * T + t) * H + u1, S(0));
+        std::fill(a.outputs + (n * T + t) * ld + u0, a.outputs + (n * T + t) * ld + u1, S(0));
       }
     }
   };
@@ -502,9 +533,10 @@ void PrepareWeights(const CpuDevice& device, int64_t C, int64_t H, const S* kern
 }
 
 template <typename S>
-int64_t InferWorkspaceSize(const LstmShape& s) {
+int64_t InferWorkspaceSize(const LstmShape& s, bool reverse) {
   const int64_t G = 4 * s.H;
-  return (HoistProjection(s) ? s.N * s.T * G : s.N * G) + 2 * s.N * s.H;
+  return (HoistProjection(s) ? s.N * s.T * G : s.N * G) + 2 * s.N * s.H +
+         (reverse ? s.N * s.T * s.C : 0);
 }
 
 template <typename S>
@@ -512,13 +544,13 @@ void LstmInfer(const CpuDevice& device, const LstmShape& s, const InferArgs<S>& 
   LstmInferImpl(device, s, a);
 }
 
-int64_t ForwardWorkspaceSize(const LstmShape& s, bool training) {
+int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse) {
   const int64_t G = 4 * s.H;
   const StepGrid grid(s);
   // Training: the interleaved bias and the packed R; everything else is in the cache.
   // Inference: prepared weights and LstmInfer's scratch (float's sizes bound double's).
   if (training) return G + PackedSteps(s, grid, false, s.H).total(grid);
-  return PreparedWeightsSize<float>(s.C, s.H) + InferWorkspaceSize<float>(s);
+  return PreparedWeightsSize<float>(s.C, s.H) + InferWorkspaceSize<float>(s, reverse);
 }
 
 int64_t CacheSize(const LstmShape& s) {
@@ -547,6 +579,8 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     ia.h_n = a.h_n;
     ia.c_n = a.c_n;
     ia.workspace = prepared + PreparedWeightsSize<S>(C, H);
+    ia.reverse = a.reverse;
+    ia.out_ld = a.out_ld;
     return LstmInferImpl<S>(device, s, ia);
   }
   if (N == 0) return;
@@ -556,6 +590,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     return;  // backward of an empty problem reads nothing from the cache
   }
   const StepGrid grid(s);
+  const int64_t ld = a.out_ld ? a.out_ld : H;
 
   // Storage: weights and history in the cache (h_{t-1} at hprev[n, t], c at cstate[n, t]).
   CacheView<S> cv(a.cache, s);
@@ -599,14 +634,16 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   const int64_t n_tiles = tiles.count(), n_rpack = grid.unit_parts;
   const int64_t n_copies = keras_order ? 2 : 0;
   if (C == 0) std::fill(gates, gates + N * T * G, S(0));
-  CMapRM<S> X(a.x, N * T, C, Eigen::OuterStride<>(C));
+  // The cache keeps x in step order; a reverse pass gathers it there first and projects that.
+  if (a.reverse && C > 0) GatherSteps(device, s, a.lengths, a.x, x_cache, C);
+  CMapRM<S> X(a.reverse ? x_cache : a.x, N * T, C, Eigen::OuterStride<>(C));
   CMapRM<S> W(w_src, C, G, Eigen::OuterStride<>(G));
   MapRM<S> Z(gates, N * T, G, Eigen::OuterStride<>(G));
   ParallelFor(device, n_tiles + n_rpack + n_copies, 2.0 * N * T * C * G + double(C + H) * G,
               [&](int64_t task) {
                 if (task < n_tiles) {
                   const Range r = tiles.rows(task), c = tiles.cols(task);
-                  if (c.begin == 0) {
+                  if (c.begin == 0 && !a.reverse) {
                     std::memcpy(x_cache + r.begin * C, a.x + r.begin * C, sizeof(S) * r.size() * C);
                   }
                   Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
@@ -641,7 +678,10 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
       for (int64_t n = rows.begin; n < rows.end; ++n) {
         PrefetchSpan<1>(zstep + n * z_ld + G + col0, sizeof(S) * 4 * nu);
         PrefetchSpan<1>(c_hist + (n * (T + 1) + t + 2) * H + u0, sizeof(S) * nu);
-        if (a.outputs) PrefetchSpan<1>(a.outputs + (n * T + t + 1) * H + u0, sizeof(S) * nu);
+        if (a.outputs) {
+          PrefetchSpan<1>(a.outputs + (n * T + Pos(a.reverse, a.lengths, n, t + 1, T)) * ld + u0,
+                          sizeof(S) * nu);
+        }
       }
     }
     if (t < active) {
@@ -653,13 +693,15 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     for (int64_t n = rows.begin; n < rows.end; ++n) {
       const bool valid = t < Length(a.lengths, n, T);
       S* zrow = zstep + n * z_ld + col0;
+      S* out_row =
+          a.outputs ? a.outputs + (n * T + Pos(a.reverse, a.lengths, n, t, T)) * ld : nullptr;
       for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
         const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
         const S* c_prev = c_hist + (n * (T + 1) + t) * H + u;
         S* c_next = c_hist + (n * (T + 1) + t + 1) * H + u;
         const S* h_prev = h_in + n * h_in_ld + u;
         S* h_next = t + 1 < T ? h_hist + (n * T + t + 1) * H + u : a.h_n + n * H + u;
-        S* out = a.outputs ? a.outputs + (n * T + t) * H + u : nullptr;
+        S* out = out_row ? out_row + u : nullptr;
         if (!valid) {  // padded step: carry the state, output zero
           std::memcpy(c_next, c_prev, sizeof(S) * m);
           std::memcpy(h_next, h_prev, sizeof(S) * m);
@@ -712,6 +754,11 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   }
   CacheView<S> cv(a.cache, s);
   const StepGrid grid(s);
+  const int64_t ld = a.out_ld ? a.out_ld : H;
+  // d_outputs of row n's step t (the cache and dZ are in step order, d_outputs in x's).
+  auto d_out = [&](int64_t n, int64_t t) {
+    return a.d_outputs + (n * T + Pos(a.reverse, a.lengths, n, t, T)) * ld;
+  };
   S* dz_all = cv.gates;  // activated gates are overwritten by dZ, step by step
   const double step_flops = 2.0 * N * H * G;
   // With one unit block the interleaved layout is Keras's own: the gradients go straight to
@@ -750,7 +797,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       if (t > 0 && t - 1 < Length(a.lengths, n, T)) {  // step t-1's slices of this row
         PrefetchSpan<1>(zrow - G, sizeof(S) * 4 * nu);
         PrefetchSpan(cv.cstate + (n * (T + 1) + t - 1) * H + u0, sizeof(S) * nu);
-        if (a.d_outputs) PrefetchSpan(a.d_outputs + (n * T + t - 1) * H + u0, sizeof(S) * nu);
+        if (a.d_outputs) PrefetchSpan(d_out(n, t - 1) + u0, sizeof(S) * nu);
       }
       if (t >= Length(a.lengths, n, T)) {
         // Padded step: no gradient into this step's gates; dh and dc pass through unchanged.
@@ -766,7 +813,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
         const CMapA<S> c_prev(cv.cstate + (n * (T + 1) + t) * H + u, m);
         const CMapA<S> c_t(cv.cstate + (n * (T + 1) + t + 1) * H + u, m);
         if (a.d_outputs) {
-          dh = dh_run + CMapA<S>(a.d_outputs + (n * T + t) * H + u, m);
+          dh = dh_run + CMapA<S>(d_out(n, t) + u, m);
         } else {
           dh = dh_run;
         }
@@ -872,11 +919,25 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   for (int64_t n = 0; any_padded && a.dx && n < N; ++n) {
     std::fill(a.dx + (n * T + Length(a.lengths, n, T)) * C, a.dx + (n + 1) * T * C, S(0));
   }
+  if (a.reverse && a.dx && C > 0) {  // dX came out in step order: each row's valid prefix reversed
+    ParallelFor(device, N, double(N) * T * C, [&](int64_t n) {
+      const int64_t len = Length(a.lengths, n, T);
+      for (int64_t t = 0; t < len / 2; ++t) {
+        std::swap_ranges(a.dx + (n * T + t) * C, a.dx + (n * T + t + 1) * C,
+                         a.dx + (n * T + len - 1 - t) * C);
+      }
+    });
+  }
   if (!keras_order) {
     Interleave(s, grid, dwp, a.d_kernel, C, false);
     Interleave(s, grid, drp, a.d_recurrent_kernel, H, false);
     Interleave(s, grid, dbp, a.d_bias, 1, false);
   }
+}
+
+bool RunDirectionsConcurrently(const CpuDevice& device, const LstmShape& s) {
+  if (device.num_threads < 2 || device.parallel_for == nullptr) return false;
+  return device.num_threads == 2 || CeilDiv(s.N, kWholeSequenceRowBlock) < device.num_threads;
 }
 
 #define FUSEDLSTM_INSTANTIATE(S)                                                             \
@@ -885,7 +946,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   template int64_t PreparedWeightsSize<S>(int64_t, int64_t);                                 \
   template void PrepareWeights<S>(const CpuDevice&, int64_t, int64_t, const S*, const S*,    \
                                   const S*, S*);                                             \
-  template int64_t InferWorkspaceSize<S>(const LstmShape&);                                  \
+  template int64_t InferWorkspaceSize<S>(const LstmShape&, bool);                            \
   template void LstmInfer<S>(const CpuDevice&, const LstmShape&, const InferArgs<S>&);
 FUSEDLSTM_INSTANTIATE(float)
 FUSEDLSTM_INSTANTIATE(double)

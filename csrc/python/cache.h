@@ -22,12 +22,13 @@ namespace py = pybind11;
 class CacheInfo {
  public:
   // `lengths` (nullptr: all T) is copied: the caller's array may change before the backward.
-  CacheInfo(const LstmShape& s, bool is_double, const int32_t* lengths)
-      : shape_(s), is_double_(is_double), has_lengths_(lengths != nullptr) {
+  CacheInfo(const LstmShape& s, bool is_double, const int32_t* lengths, bool reverse = false)
+      : shape_(s), is_double_(is_double), has_lengths_(lengths != nullptr), reverse_(reverse) {
     if (lengths) lengths_.assign(lengths, lengths + s.N);
   }
   const LstmShape& shape() const { return shape_; }
   bool is_double() const { return is_double_; }
+  bool reverse() const { return reverse_; }
   // The copy the forward ran with (and the backward must see); nullptr for all T.
   const int32_t* lengths() const { return has_lengths_ ? lengths_.data() : nullptr; }
 
@@ -35,6 +36,7 @@ class CacheInfo {
   LstmShape shape_;
   bool is_double_;
   bool has_lengths_;
+  bool reverse_;
   std::vector<int32_t> lengths_;
 };
 
@@ -64,6 +66,9 @@ void DefCacheProperties(py::class_<Class, std::shared_ptr<Class>>& c) {
             return a;
           },
           "a copy of the lengths the forward ran with, or None (all T)")
+      .def_property_readonly(
+          "reverse", [](const Class& k) { return k.info().reverse(); },
+          "whether the forward ran each row's steps last to first")
       .def_property_readonly("used", &Class::used, "True once a backward has consumed it")
       .def_property_readonly("nbytes", &Class::nbytes, "bytes it holds (0 once used)");
 }

@@ -29,8 +29,8 @@ S* MutablePtr(py::array_t<S>& a) {
 // sees the buffer (to recycle it once consumed) but never passes it to a backward by itself.
 class Cache {
  public:
-  Cache(py::array buffer, const LstmShape& s, bool is_double, const int32_t* lengths)
-      : buffer_(std::move(buffer)), info_(s, is_double, lengths) {}
+  Cache(py::array buffer, const LstmShape& s, bool is_double, const int32_t* lengths, bool reverse)
+      : buffer_(std::move(buffer)), info_(s, is_double, lengths, reverse) {}
   const CacheInfo& info() const { return info_; }
   bool used() const { return buffer_.is_none(); }
   int64_t nbytes() const {
@@ -58,13 +58,39 @@ class Cache {
   CacheInfo info_;
 };
 
+// Runs f(d, device) for the two directions d = 0, 1: at once, one thread each, or one after the
+// other with every thread (RunDirectionsConcurrently decides; the results are the same).
+template <typename F>
+void RunDirections(const CpuDevice& device, const LstmShape& s, F&& f) {
+  if (!RunDirectionsConcurrently(device, s)) {
+    f(0, device);
+    f(1, device);
+    return;
+  }
+  const CpuDevice one;  // inline: each direction on the thread that claimed it
+  ParallelFor(device, 2, kMinParallelFlops, [&](int64_t d) { f(static_cast<int>(d), one); });
+}
+
+// A cache for a training forward (its buffer reused from `spare` when big enough); the args'
+// lengths then point at the cache's own copy, which the backward will see.
+template <typename S>
+py::object NewCache(const LstmShape& s, const py::object& spare, ForwardArgs<S>* args) {
+  py::array_t<S> c = ReuseOrAllocate<S>(spare, CacheSize(s));
+  args->cache = MutablePtr(c);
+  auto owner =
+      std::make_shared<Cache>(c, s, std::is_same<S, double>::value, args->lengths, args->reverse);
+  args->lengths = owner->info().lengths();
+  return py::cast(owner);
+}
+
 template <typename S>
 py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& rkernel,
                   const py::object& bias, const py::object& h0, const py::object& c0,
                   const py::object& lengths, bool training, const py::object& spare,
-                  bool return_sequences) {
+                  bool return_sequences, bool reverse) {
   ForwardArgs<S> args;
   const LstmShape s = ReadForward<S>(x, kernel, rkernel, bias, h0, c0, lengths, &args);
+  args.reverse = reverse;
 
   py::array_t<S> h_n({s.N, s.H}), c_n({s.N, s.H});
   // Without return_sequences the kernel writes no outputs and None stands in their place.
@@ -77,17 +103,13 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
   // The spare (if any) serves as the cache in training, as the (large) workspace in inference.
   py::array_t<S> workspace =
       training ? py::array_t<S>(std::vector<int64_t>{ForwardWorkspaceSize(s, true)})
-               : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false));
+               : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false, reverse));
   py::object cache = py::none();
   args.h_n = MutablePtr(h_n);
   args.c_n = MutablePtr(c_n);
   args.workspace = MutablePtr(workspace);
   if (training) {
-    py::array_t<S> c = ReuseOrAllocate<S>(spare, CacheSize(s));
-    args.cache = MutablePtr(c);
-    auto owner = std::make_shared<Cache>(c, s, std::is_same<S, double>::value, args.lengths);
-    args.lengths = owner->info().lengths();  // the forward runs on the copy the backward sees
-    cache = py::cast(owner);
+    cache = NewCache<S>(s, spare, &args);
   } else {
     cache = workspace;  // handed back so the caller can recycle it
   }
@@ -106,6 +128,7 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
   BackwardArgs<S> args;
   args.cache = cache.Data<S>();
   args.lengths = cache.info().lengths();
+  args.reverse = cache.info().reverse();
   ReadUpstream<S>(s, d_outputs, d_h_n, d_c_n, &args);
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
@@ -126,6 +149,111 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
   return py::make_tuple(dx_out, dk, dr, db, dh0, dc0);
 }
 
+// Both directions of a bidirectional layer over one x: direction 0 forward, 1 reverse, writing
+// one outputs [N, T, 2H] (direction d in columns [d·H, (d+1)·H)) and h_n, c_n [2, N, H].
+template <typename S>
+py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, const py::object& h0,
+                               const py::object& c0, const py::object& lengths, bool training,
+                               bool return_sequences) {
+  if (weights.size() != 6) throw py::value_error("weights: expected 6 arrays (3 per direction)");
+  auto part = [](const py::object& a, int d) -> py::object {  // h0[d] of an [2, N, H] array
+    return a.is_none() ? py::none() : py::object(a[py::int_(d)]);
+  };
+  ForwardArgs<S> a[2];
+  LstmShape sd[2];
+  for (int d = 0; d < 2; ++d) {
+    sd[d] = ReadForward<S>(x, weights[3 * d], weights[3 * d + 1], weights[3 * d + 2], part(h0, d),
+                           part(c0, d), lengths, &a[d]);
+  }
+  if (sd[0].H != sd[1].H) {
+    throw py::value_error("recurrent_kernel: the two directions have " + std::to_string(sd[0].H) +
+                          " and " + std::to_string(sd[1].H) + " units; they must be equal");
+  }
+  const LstmShape s = sd[0];
+  py::object outputs = py::none();
+  if (return_sequences) {
+    py::array_t<S> o({s.N, s.T, 2 * s.H});
+    outputs = o;
+    for (int d = 0; d < 2; ++d) a[d].outputs = MutablePtr(o) + d * s.H;
+  }
+  py::array_t<S> h_n({int64_t(2), s.N, s.H}), c_n({int64_t(2), s.N, s.H});
+  py::object caches[2] = {py::none(), py::none()};
+  std::vector<py::array_t<S>> workspaces;
+  for (int d = 0; d < 2; ++d) {
+    a[d].reverse = d == 1;
+    a[d].out_ld = 2 * s.H;
+    a[d].h_n = MutablePtr(h_n) + d * s.N * s.H;
+    a[d].c_n = MutablePtr(c_n) + d * s.N * s.H;
+    workspaces.emplace_back(std::vector<int64_t>{ForwardWorkspaceSize(s, training, a[d].reverse)});
+    a[d].workspace = MutablePtr(workspaces.back());
+    if (training) caches[d] = NewCache<S>(s, py::none(), &a[d]);
+  }
+  {
+    py::gil_scoped_release release;
+    RunDirections(OpenMpDevice(NumThreads()), s,
+                  [&](int d, const CpuDevice& device) { LstmForward<S>(device, s, a[d]); });
+  }
+  return py::make_tuple(outputs, h_n, c_n, caches[0], caches[1]);
+}
+
+template <typename S>
+py::tuple BackwardBidirectional(Cache& forward, Cache& backward, const py::object& d_outputs,
+                                const py::object& d_h_n, const py::object& d_c_n, bool need_dx) {
+  const LstmShape s = forward.info().shape();
+  const LstmShape sb = backward.info().shape();
+  if (forward.info().reverse() || !backward.info().reverse() || sb.N != s.N || sb.T != s.T ||
+      sb.C != s.C || sb.H != s.H || backward.info().is_double() != forward.info().is_double()) {
+    throw py::value_error("caches: not the two directions of one bidirectional forward");
+  }
+  const int64_t G = 4 * s.H;
+  const S* dout = OptionalPtr<S>(d_outputs, "d_outputs", {s.N, s.T, 2 * s.H});
+  const S* dhn = OptionalPtr<S>(d_h_n, "d_h_n", {2, s.N, s.H});
+  const S* dcn = OptionalPtr<S>(d_c_n, "d_c_n", {2, s.N, s.H});
+  Cache* caches[2] = {&forward, &backward};
+  BackwardArgs<S> a[2];
+  std::vector<py::array_t<S>> keep;  // every array the kernels write
+  auto array = [&](std::vector<int64_t> dims) {
+    keep.emplace_back(dims);
+    return MutablePtr(keep.back());
+  };
+  py::array_t<S> dh0({int64_t(2), s.N, s.H}), dc0({int64_t(2), s.N, s.H});
+  for (int d = 0; d < 2; ++d) {
+    a[d].cache = caches[d]->Data<S>();
+    a[d].lengths = caches[d]->info().lengths();
+    a[d].reverse = d == 1;
+    a[d].out_ld = 2 * s.H;
+    a[d].d_outputs = dout ? dout + d * s.H : nullptr;
+    a[d].d_h_n = dhn ? dhn + d * s.N * s.H : nullptr;
+    a[d].d_c_n = dcn ? dcn + d * s.N * s.H : nullptr;
+    a[d].dx = need_dx ? array({s.N, s.T, s.C}) : nullptr;
+    a[d].d_kernel = array({s.C, G});
+    a[d].d_recurrent_kernel = array({s.H, G});
+    a[d].d_bias = array({G});
+    a[d].d_h0 = MutablePtr(dh0) + d * s.N * s.H;
+    a[d].d_c0 = MutablePtr(dc0) + d * s.N * s.H;
+    a[d].workspace = array({BackwardWorkspaceSize(s)});
+  }
+  const py::object buffers[2] = {forward.Take(), backward.Take()};  // consumed
+  {
+    py::gil_scoped_release release;
+    const CpuDevice device = OpenMpDevice(NumThreads());
+    RunDirections(device, s, [&](int d, const CpuDevice& dev) { LstmBackward<S>(dev, s, a[d]); });
+    if (need_dx) {  // dx = dx_forward + dx_reverse, row by row
+      ParallelFor(device, s.N, double(s.N) * s.T * s.C, [&](int64_t n) {
+        const int64_t m = s.T * s.C;
+        S* out = a[0].dx + n * m;
+        const S* add = a[1].dx + n * m;
+        for (int64_t i = 0; i < m; ++i) out[i] += add[i];
+      });
+    }
+  }
+  py::object dx = need_dx ? py::object(keep[0]) : py::none();
+  const size_t per = need_dx ? 5 : 4;  // arrays kept per direction
+  const size_t g0 = need_dx ? 1 : 0;
+  return py::make_tuple(dx, keep[g0], keep[g0 + 1], keep[g0 + 2], keep[per + g0],
+                        keep[per + g0 + 1], keep[per + g0 + 2], dh0, dc0);
+}
+
 }  // namespace
 
 void RegisterLstm(py::module_& m) {
@@ -133,19 +261,50 @@ void RegisterLstm(py::module_& m) {
       "forward",
       [](const py::array& x, const py::array& kernel, const py::array& rkernel,
          const py::object& bias, const py::object& h0, const py::object& c0,
-         const py::object& lengths, bool training, const py::object& spare, bool return_sequences) {
+         const py::object& lengths, bool training, const py::object& spare, bool return_sequences,
+         bool reverse) {
         if (IsDtype(x, py::dtype::of<float>()))
           return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare,
-                                return_sequences);
+                                return_sequences, reverse);
         if (IsDtype(x, py::dtype::of<double>()))
           return Forward<double>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare,
-                                 return_sequences);
+                                 return_sequences, reverse);
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
       py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
       py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("spare") = py::none(),
-      py::arg("return_sequences") = true);
+      py::arg("return_sequences") = true, py::arg("reverse") = false);
+  m.def(
+      "forward_bidirectional",
+      [](const py::array& x, const py::tuple& weights, const py::object& h0, const py::object& c0,
+         const py::object& lengths, bool training, bool return_sequences) {
+        if (IsDtype(x, py::dtype::of<float>()))
+          return ForwardBidirectional<float>(x, weights, h0, c0, lengths, training,
+                                             return_sequences);
+        if (IsDtype(x, py::dtype::of<double>()))
+          return ForwardBidirectional<double>(x, weights, h0, c0, lengths, training,
+                                              return_sequences);
+        throw py::type_error("x: dtype must be float32 or float64, got " +
+                             std::string(py::str(x.dtype())));
+      },
+      py::arg("x"), py::arg("weights"), py::arg("h0"), py::arg("c0"), py::arg("lengths"),
+      py::arg("training"), py::arg("return_sequences") = true,
+      "(outputs [N, T, 2H] or None, h_n [2, N, H], c_n [2, N, H], cache_forward, "
+      "cache_reverse); weights: (kernel, recurrent_kernel, bias) of each direction.");
+  m.def(
+      "backward_bidirectional",
+      [](Cache& forward, Cache& backward, const py::object& d_outputs, const py::object& d_h_n,
+         const py::object& d_c_n, bool need_dx) {
+        if (forward.info().is_double()) {
+          return BackwardBidirectional<double>(forward, backward, d_outputs, d_h_n, d_c_n, need_dx);
+        }
+        return BackwardBidirectional<float>(forward, backward, d_outputs, d_h_n, d_c_n, need_dx);
+      },
+      py::arg("forward"), py::arg("backward"), py::arg("d_outputs"), py::arg("d_h_n"),
+      py::arg("d_c_n"), py::arg("need_dx") = true,
+      "(dx summed over directions or None, dk, dr, db of each direction, dh0 [2, N, H], "
+      "dc0 [2, N, H]); consumes both caches.");
   py::class_<Cache, std::shared_ptr<Cache>> cache(
       m, "Cache",
       "A training forward's cache: what backward reads, with its shape, dtype and lengths.");

@@ -28,15 +28,17 @@ class Prepared {
   int64_t nbytes() const { return static_cast<int64_t>(buffer_.nbytes()); }
 
   py::tuple Infer(const py::array& x, const py::object& h0, const py::object& c0,
-                  const py::object& lengths, bool return_sequences, const py::object& spare) const {
-    return is_double_ ? Run<double>(x, h0, c0, lengths, return_sequences, spare)
-                      : Run<float>(x, h0, c0, lengths, return_sequences, spare);
+                  const py::object& lengths, bool return_sequences, const py::object& spare,
+                  bool reverse) const {
+    return is_double_ ? Run<double>(x, h0, c0, lengths, return_sequences, spare, reverse)
+                      : Run<float>(x, h0, c0, lengths, return_sequences, spare, reverse);
   }
 
  private:
   template <typename S>
   py::tuple Run(const py::array& x, const py::object& h0, const py::object& c0,
-                const py::object& lengths, bool return_sequences, const py::object& spare) const {
+                const py::object& lengths, bool return_sequences, const py::object& spare,
+                bool reverse) const {
     const int64_t G = 4 * H_;
     std::vector<int64_t> h0_dims, c0_dims, len_dims;
     LstmShape s;
@@ -55,6 +57,7 @@ class Prepared {
     args.c0 = OptionalPtr<S>(c0, "c0", {s.N, s.H});
     args.lengths = CheckedLengths(lengths, s);
     args.prepared = static_cast<const S*>(buffer_.data());
+    args.reverse = reverse;
     py::array_t<S> h_n({s.N, s.H}), c_n({s.N, s.H});
     py::object outputs = py::none();
     if (return_sequences) {
@@ -62,7 +65,7 @@ class Prepared {
       args.outputs = o.mutable_data();
       outputs = o;
     }
-    py::array_t<S> workspace = ReuseOrAllocate<S>(spare, InferWorkspaceSize<S>(s));
+    py::array_t<S> workspace = ReuseOrAllocate<S>(spare, InferWorkspaceSize<S>(s, reverse));
     args.h_n = h_n.mutable_data();
     args.c_n = c_n.mutable_data();
     args.workspace = workspace.mutable_data();
@@ -118,7 +121,8 @@ void RegisterPrepared(py::module_& m) {
       .def_property_readonly("nbytes", &Prepared::nbytes)
       .def("infer", &Prepared::Infer, py::arg("x"), py::arg("h0") = py::none(),
            py::arg("c0") = py::none(), py::arg("lengths") = py::none(),
-           py::arg("return_sequences") = true, py::arg("spare") = py::none());
+           py::arg("return_sequences") = true, py::arg("spare") = py::none(),
+           py::arg("reverse") = false);
   m.def(
       "prepare",
       [](const py::array& kernel, const py::array& rkernel, const py::object& bias) {

@@ -15,7 +15,16 @@ _cpu.require_cpu(_isa)  # before _core: a native build on the wrong CPU is an Im
 
 from . import _core, convert, reference  # noqa: E402
 from ._checks import LstmGrads  # noqa: E402
-from .lstm import LstmCache, cuda_available, empty_cache, lstm_backward, lstm_forward  # noqa: E402
+from .lstm import (  # noqa: E402
+    BidirectionalCache,
+    BidirectionalGrads,
+    LstmCache,
+    cuda_available,
+    empty_cache,
+    lstm_backward,
+    lstm_bidirectional_forward,
+    lstm_forward,
+)
 from .prepared import PreparedLSTM, prepare  # noqa: E402
 
 try:  # the one version source is the package metadata (pyproject.toml)
@@ -31,6 +40,9 @@ __all__ = [
     "LstmGrads",
     "lstm_forward",
     "lstm_backward",
+    "lstm_bidirectional_forward",
+    "BidirectionalCache",
+    "BidirectionalGrads",
     "prepare",
     "PreparedLSTM",
     "reference",

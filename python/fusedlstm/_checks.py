@@ -108,6 +108,13 @@ def check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths) -> Forward
     return ForwardInputs(x, kernel, recurrent_kernel, bias, h0, c0, as_lengths(lengths, B, T), B, T, E, H)
 
 
+def check_flag(name: str, value) -> bool:
+    """A bool argument (NumPy's bool too); anything else is a TypeError naming it."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_upstream(name: str, value, dtype: np.dtype, shape: tuple, what: str):
     if value is None:
         return None

@@ -6,13 +6,24 @@ allocates nothing the kernel could overrun, and knows nothing about text or mode
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _core
-from ._checks import LstmGrads, check_forward, check_upstream
+from ._checks import LstmGrads, as_float_array, check_flag, check_forward, check_upstream
 
-__all__ = ["LstmCache", "LstmGrads", "lstm_forward", "lstm_backward", "empty_cache", "cuda_available"]
+__all__ = [
+    "LstmCache",
+    "LstmGrads",
+    "BidirectionalCache",
+    "BidirectionalGrads",
+    "lstm_forward",
+    "lstm_backward",
+    "lstm_bidirectional_forward",
+    "empty_cache",
+    "cuda_available",
+]
 
 # One spare scratch buffer per dtype: the cache a backward consumed, or an inference call's
 # workspace. The next forward that needs at most that many elements uses a prefix of it instead
@@ -93,6 +104,11 @@ class LstmCache:
         return self._core.lengths
 
     @property
+    def reverse(self) -> bool:
+        """Whether the forward ran each row's steps last to first."""
+        return bool(getattr(self._core, "reverse", False))
+
+    @property
     def _buf(self):
         """The memory a CPU backward will overwrite (recycled once it is consumed), or None once
         used; on the GPU the device cache itself."""
@@ -114,13 +130,13 @@ class LstmCache:
         return f"LstmCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, device={self.device}, {state})"
 
 
-def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences=True):
+def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences=True, reverse=False):
     """One compiled CPU forward, reusing the spare scratch buffer; the module checks every
     array itself before it runs (TypeError/ValueError, the spare put back)."""
     spare = _spare.pop(x.dtype, None)
     try:
         outputs, h_n, c_n, buf = _core.forward(
-            x, kernel, recurrent_kernel, bias, h0, c0, lengths, bool(training), spare, bool(return_sequences)
+            x, kernel, recurrent_kernel, bias, h0, c0, lengths, bool(training), spare, bool(return_sequences), reverse
         )
     except (TypeError, ValueError):
         if spare is not None:
@@ -132,7 +148,7 @@ def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, r
     return outputs, h_n, c_n, LstmCache(buf)  # a _core.Cache: the buffer with its shape
 
 
-def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences):
+def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse):
     """The call straight into the compiled module when every argument already is what it takes
     (NumPy arrays of one float dtype, C-contiguous, int32 lengths). None when it refuses: the
     caller then goes through check_forward, which converts what can be converted and words the
@@ -142,7 +158,7 @@ def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, 
     if lengths is not None and (type(lengths) is not np.ndarray or lengths.dtype != np.int32):
         return None  # (the compiled cache keeps its own copy of the lengths)
     try:
-        return _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences)
+        return _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse)
     except (TypeError, ValueError):
         return None
 
@@ -158,6 +174,7 @@ def lstm_forward(
     training: bool = True,
     device: str = "cpu",
     return_sequences: bool = True,
+    reverse: bool = False,
 ):
     """Run a single-layer LSTM over whole sequences in one compiled call.
 
@@ -179,6 +196,12 @@ def lstm_forward(
         False returns None for ``outputs``, which the CPU kernel then never writes (a
         many-to-one model needs only the final state: B·T·H fewer stores and no [B, T, H]
         allocation). The backward is the same either way, ``d_outputs`` included.
+    reverse : bool
+        True runs each row from its last valid step back to its first (row b reads steps
+        ``lengths[b]-1, ..., 0``), the backward half of a bidirectional layer, and writes each
+        output at the position of the input it read (zero past the length); h_n, c_n are the
+        state after step 0. ``lstm_backward`` of its cache gives gradients in x's layout. No
+        copies of x are flipped in Python.
 
     Returns
     -------
@@ -186,22 +209,133 @@ def lstm_forward(
     cache (``LstmCache``, or None when not training)
     """
     device = _check_device(device)
+    reverse = check_flag("reverse", reverse)
     if device == "cpu":
-        fast = _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences)
+        fast = _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse)
         if fast is not None:
             return fast
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     if device == "cuda":
+        if reverse:
+            raise NotImplementedError("reverse=True runs on the CPU only (the CUDA kernels have no reverse pass yet)")
         outputs, h_n, c_n, dbuf = _core.forward_cuda(
             a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, bool(training)
         )
         cache = LstmCache(dbuf, "cuda") if training else None
         return (outputs if return_sequences else None), h_n, c_n, cache
-    return _cpu_forward(a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, training, return_sequences)
+    return _cpu_forward(
+        a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, training, return_sequences, reverse
+    )
 
 
-def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool = True) -> LstmGrads:
+class BidirectionalCache:
+    """What ``lstm_backward`` needs from a training ``lstm_bidirectional_forward``: the two
+    directions' caches (``forward``, ``reverse``), good for one backward together."""
+
+    __slots__ = ("forward", "reverse", "_lock")
+
+    def __init__(self, forward: LstmCache, reverse: LstmCache):
+        self.forward = forward
+        self.reverse = reverse
+        self._lock = threading.Lock()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, T, E, H) of the forward that wrote it (H per direction)."""
+        return self.forward.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.forward.dtype
+
+    @property
+    def used(self) -> bool:
+        return self.forward.used
+
+    def __repr__(self) -> str:
+        B, T, E, H = self.shape
+        return f"BidirectionalCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, used={self.used})"
+
+
+class BidirectionalGrads(NamedTuple):
+    """Gradients of a bidirectional call: ``x`` [B, T, E] (both directions summed, or None) and
+    each direction's ``LstmGrads`` (whose own ``x`` is None; ``h0``, ``c0`` [B, H])."""
+
+    x: np.ndarray | None
+    forward: LstmGrads
+    reverse: LstmGrads
+
+
+def _pair(name: str, value, dt, shape) -> np.ndarray | None:
+    if value is None:
+        return None
+    a = as_float_array(name, value, dt, 3)
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape} ([2, B, H]: one state per direction), got {a.shape}")
+    return a
+
+
+def lstm_bidirectional_forward(
+    x,
+    forward_weights,
+    reverse_weights,
+    h0=None,
+    c0=None,
+    lengths=None,
+    training: bool = True,
+    return_sequences: bool = True,
+):
+    """Both directions of a bidirectional LSTM layer over x in one compiled call.
+
+    The forward direction is ``lstm_forward(x, *forward_weights, ...)``, the other
+    ``lstm_forward(x, *reverse_weights, ..., reverse=True)``; they run as one parallel region
+    when one direction alone would leave threads idle (small batches), each direction's tasks
+    unchanged, so the results equal the two separate calls bit for bit.
+
+    Parameters
+    ----------
+    x : array [B, T, E], float32 or float64
+    forward_weights, reverse_weights : (kernel [E, 4H], recurrent_kernel [H, 4H], bias [4H] or None)
+    h0, c0 : arrays [2, B, H] (forward direction first) or None (zeros)
+    lengths, training, return_sequences : as ``lstm_forward``
+
+    Returns
+    -------
+    outputs [B, T, 2H] (the forward direction's H columns, then the reverse's, as Keras's
+    ``Bidirectional(merge_mode="concat")`` and torch; None without return_sequences), h_n and
+    c_n [2, B, H], cache (``BidirectionalCache``, or None when not training)
+    """
+    ws = []
+    for name, w in (("forward_weights", forward_weights), ("reverse_weights", reverse_weights)):
+        if not isinstance(w, (tuple, list)) or len(w) not in (2, 3):
+            raise TypeError(f"{name}: expected (kernel, recurrent_kernel, bias), got {type(w).__name__}")
+        ws.append(tuple(w) + (None,) * (3 - len(w)))
+    training = check_flag("training", training)
+    a = check_forward(x, *ws[0], None, None, lengths)
+    b = check_forward(a.x, *ws[1], None, None, lengths)
+    if b.H != a.H:
+        raise ValueError(
+            f"reverse_weights: {b.H} units, forward_weights {a.H}: the two directions must have the same units"
+        )
+    shape = (2, a.B, a.H)
+    h0 = _pair("h0", h0, a.x.dtype, shape)
+    c0 = _pair("c0", c0, a.x.dtype, shape)
+    weights = (a.kernel, a.recurrent_kernel, a.bias, b.kernel, b.recurrent_kernel, b.bias)
+    outputs, h_n, c_n, cf, cr = _core.forward_bidirectional(
+        a.x, weights, h0, c0, a.lengths, training, bool(return_sequences)
+    )
+    cache = BidirectionalCache(LstmCache(cf), LstmCache(cr)) if training else None
+    return outputs, h_n, c_n, cache
+
+
+def lstm_backward(
+    cache: LstmCache | BidirectionalCache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool = True
+) -> LstmGrads | BidirectionalGrads:
     """Gradients of a training ``lstm_forward`` (BPTT over all steps in one compiled call).
+
+    Given the ``BidirectionalCache`` of ``lstm_bidirectional_forward``, the upstream gradients
+    are shaped like its results (d_outputs [B, T, 2H], d_h_n and d_c_n [2, B, H]) and it returns
+    ``BidirectionalGrads``.
 
     Parameters
     ----------
@@ -222,6 +356,8 @@ def lstm_backward(cache: LstmCache, d_outputs=None, d_h_n=None, d_c_n=None, need
             "cache is None: the forward ran with training=False, which stores "
             "nothing; run lstm_forward(..., training=True) to get gradients"
         )
+    if isinstance(cache, BidirectionalCache):
+        return _bidirectional_backward(cache, d_outputs, d_h_n, d_c_n, need_dx)
     if not isinstance(cache, LstmCache):
         raise TypeError(f"cache: expected the LstmCache returned by lstm_forward, got {type(cache).__name__}")
     B, T, E, H = cache.shape
@@ -254,3 +390,25 @@ def _consume(cache: LstmCache, d_outputs, d_h_n, d_c_n, need_dx) -> LstmGrads:
     if cache.device == "cpu":
         _recycle(buf)
     return LstmGrads(*grads)
+
+
+def _bidirectional_backward(cache: BidirectionalCache, d_outputs, d_h_n, d_c_n, need_dx) -> BidirectionalGrads:
+    B, T, E, H = cache.shape
+    dt = cache.dtype
+    d_outputs = check_upstream("d_outputs", d_outputs, dt, (B, T, 2 * H), "[B, T, 2H] like outputs")
+    d_h_n = check_upstream("d_h_n", d_h_n, dt, (2, B, H), "[2, B, H] like h_n")
+    d_c_n = check_upstream("d_c_n", d_c_n, dt, (2, B, H), "[2, B, H] like c_n")
+    with cache._lock:
+        bufs = (cache.forward._buf, cache.reverse._buf)
+        if bufs[0] is None or bufs[1] is None:
+            raise ValueError(
+                "cache was already used by lstm_backward (a cache is good for one backward: run the forward again)"
+            )
+        dx, dk0, dr0, db0, dk1, dr1, db1, dh0, dc0 = _core.backward_bidirectional(
+            cache.forward._core, cache.reverse._core, d_outputs, d_h_n, d_c_n, bool(need_dx)
+        )
+    for buf in bufs:
+        _recycle(buf)
+    return BidirectionalGrads(
+        dx, LstmGrads(None, dk0, dr0, db0, dh0[0], dc0[0]), LstmGrads(None, dk1, dr1, db1, dh0[1], dc0[1])
+    )

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._checks import as_float_array, check_forward
+from ._checks import as_float_array, check_flag, check_forward
 
 __all__ = ["PreparedLSTM", "prepare"]
 
@@ -95,7 +95,7 @@ class PreparedLSTM:
         return f"PreparedLSTM(input_size={self.input_size}, units={self.units}, dtype={self.dtype})"
 
     def infer(
-        self, x, h0=None, c0=None, lengths=None, return_sequences: bool = True
+        self, x, h0=None, c0=None, lengths=None, return_sequences: bool = True, reverse: bool = False
     ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """Run the LSTM over x with the prepared weights; store nothing for a backward.
 
@@ -109,14 +109,17 @@ class PreparedLSTM:
             ``lstm_forward``.
         return_sequences : bool
             False returns None for ``outputs`` and never writes them.
+        reverse : bool
+            Run each row's valid steps last to first, as ``lstm_forward(..., reverse=True)``.
 
         Returns
         -------
         outputs [B, T, H] (None without return_sequences), h_n [B, H], c_n [B, H]
         """
+        reverse = check_flag("reverse", reverse)
         if type(x) is np.ndarray and (lengths is None or (type(lengths) is np.ndarray and lengths.dtype == np.int32)):
             try:  # already what the compiled call takes: skip the conversions
-                outputs, h_n, c_n, _ = self._core.infer(x, h0, c0, lengths, bool(return_sequences))
+                outputs, h_n, c_n, _ = self._core.infer(x, h0, c0, lengths, bool(return_sequences), None, reverse)
                 return outputs, h_n, c_n
             except (TypeError, ValueError):
                 pass  # the checks below convert what they can and word the error
@@ -132,7 +135,7 @@ class PreparedLSTM:
                 f"with kernel {tuple(self._kernel.shape)}, got {tuple(xa.shape)}"
             )
         a = check_forward(xa, self._kernel, self._recurrent_kernel, self._bias, h0, c0, lengths)
-        outputs, h_n, c_n, _ = self._core.infer(a.x, a.h0, a.c0, a.lengths, bool(return_sequences))
+        outputs, h_n, c_n, _ = self._core.infer(a.x, a.h0, a.c0, a.lengths, bool(return_sequences), None, reverse)
         return outputs, h_n, c_n
 
 

@@ -8,13 +8,23 @@ import numpy as np
 
 from ._checks import LstmGrads, check_forward, check_upstream
 
-__all__ = ["lstm_forward", "lstm_backward", "sigmoid"]
+__all__ = ["lstm_forward", "lstm_backward", "sigmoid", "flip_valid"]
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """1 / (1 + exp(-z)); exp overflows to inf for very negative z and the result is then 0."""
     with np.errstate(over="ignore"):
         return 1.0 / (1.0 + np.exp(-z))
+
+
+def flip_valid(a: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+    """A copy of a [B, T, ...] with each row's valid prefix a[b, :lengths[b]] reversed (the rest
+    as it is): a reverse pass is a forward pass over these steps, its outputs flipped back."""
+    out = a.copy()
+    for b in range(a.shape[0]):
+        n = a.shape[1] if lengths is None else int(lengths[b])
+        out[b, :n] = a[b, :n][::-1]
+    return out
 
 
 def lstm_forward(
@@ -27,9 +37,17 @@ def lstm_forward(
     lengths=None,
     training: bool = True,
     return_sequences: bool = True,
+    reverse: bool = False,
 ):
     """NumPy reference of :func:`fusedlstm.lstm_forward` (same arguments and results)."""
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
+    if reverse:
+        outputs, h, c, cache = lstm_forward(
+            flip_valid(a.x, a.lengths), a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, training
+        )
+        if cache is not None:
+            cache["reverse"] = a.lengths
+        return (flip_valid(outputs, a.lengths) if return_sequences else None), h, c, cache
     B, T, H, dt = a.B, a.T, a.H, a.x.dtype
     W, R = a.kernel, a.recurrent_kernel
     b = a.bias if a.bias is not None else np.zeros(4 * H, dt)
@@ -73,6 +91,12 @@ def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool =
     d_outputs = check_upstream("d_outputs", d_outputs, dt, (B, T, H), "[B, T, H] like outputs")
     d_h_n = check_upstream("d_h_n", d_h_n, dt, (B, H), "[B, H] like h_n")
     d_c_n = check_upstream("d_c_n", d_c_n, dt, (B, H), "[B, H] like c_n")
+    if "reverse" in cache:  # a reverse pass: the forward pass over flipped steps
+        lengths = cache["reverse"]
+        inner = {k: v for k, v in cache.items() if k != "reverse"}
+        d_out = None if d_outputs is None else flip_valid(d_outputs, lengths)
+        g = lstm_backward(inner, d_out, d_h_n, d_c_n, need_dx)
+        return g._replace(x=None if g.x is None else flip_valid(g.x, lengths))
     x, W, R = cache["x"], cache["kernel"], cache["recurrent_kernel"]
     dh = d_h_n.copy() if d_h_n is not None else np.zeros((B, H), dt)
     dc = d_c_n.copy() if d_c_n is not None else np.zeros((B, H), dt)

@@ -12,6 +12,12 @@
 // are each row's state after its last valid step (h0, c0 for length 0). Data at padded steps
 // (x, d_outputs) is never read into any result, even when it is NaN or Inf: dx is zero there and
 // d_h0/d_c0 of a length-0 row equal d_h_n/d_c_n exactly.
+// Reverse (the backward half of a bidirectional layer): row n runs its valid steps from the
+// last to the first, reading x at t = lengths[n]-1, ..., 0, and writes each output at the
+// position of the input it consumed (so outputs stay aligned with x; zero past the length);
+// h_n, c_n are the state after position 0. Padded positions are as above.
+// Outputs may be a strided view: the output of (n, t) starts at outputs + (n·T + t)·out_ld
+// (out_ld = H when 0), so two directions can write one [N, T, 2H] array.
 //
 // All arrays are dense, row-major (C order) and unaligned-safe. Kernels never allocate: the
 // caller passes a workspace and, for training, a cache, sized by the functions below. The cache's
@@ -34,7 +40,7 @@ struct LstmShape {
 
 // Elements of Scalar the forward pass needs as scratch (valid for both modes; contents undefined
 // on entry and exit).
-int64_t ForwardWorkspaceSize(const LstmShape& s, bool training);
+int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse = false);
 // Elements of Scalar the training cache holds (what backward reads). 0 is never returned for a
 // shape with N*T > 0.
 int64_t CacheSize(const LstmShape& s);
@@ -63,6 +69,8 @@ struct ForwardArgs {
   // It keeps its own copies of x, kernel and recurrent_kernel, so the caller may modify or free
   // those after forward returns. nullptr means inference: nothing is stored.
   Scalar* cache = nullptr;
+  bool reverse = false;  // run each row's valid steps last to first (see above)
+  int64_t out_ld = 0;    // elements from one step's outputs to the next (0: H)
 };
 
 template <typename Scalar>
@@ -85,6 +93,8 @@ struct BackwardArgs {
   Scalar* d_c0 = nullptr;                // [N, H]
   // Scratch: BackwardWorkspaceSize(shape) elements.
   Scalar* workspace = nullptr;
+  bool reverse = false;  // as the forward that wrote the cache ran
+  int64_t out_ld = 0;    // d_outputs' step stride (0: H), as ForwardArgs::out_ld
 };
 
 // -- CPU kernels (csrc/cpu) -----------------------------------------------------------------
@@ -96,6 +106,14 @@ void LstmForward(const CpuDevice& device, const LstmShape& shape, const ForwardA
 template <typename Scalar>
 void LstmBackward(const CpuDevice& device, const LstmShape& shape,
                   const BackwardArgs<Scalar>& args);
+
+// Two independent passes over one shape (the directions of a bidirectional layer): whether to
+// run them at once, each on one thread of one parallel region, rather than one after the other
+// with all threads each. True when the device has threads and one pass alone would leave some
+// idle (its row blocks are fewer than the threads; on 2 threads always: the two passes have
+// equal work, so one per thread is balanced and shares no cache lines). Results are the same
+// either way (tasks depend on the shape alone).
+bool RunDirectionsConcurrently(const CpuDevice& device, const LstmShape& shape);
 
 // -- CUDA kernels (csrc/cuda; built only with FUSEDLSTM_CUDA=ON) ----------------------------
 // The same contract as the CPU kernels: the same shapes, Keras weight layout and gate order,

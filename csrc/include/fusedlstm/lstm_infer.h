@@ -31,7 +31,7 @@ void PrepareWeights(const CpuDevice& device, int64_t C, int64_t H, const Scalar*
 
 // Elements of Scalar LstmInfer needs as scratch.
 template <typename Scalar>
-int64_t InferWorkspaceSize(const LstmShape& s);
+int64_t InferWorkspaceSize(const LstmShape& s, bool reverse = false);
 
 template <typename Scalar>
 struct InferArgs {
@@ -43,7 +43,9 @@ struct InferArgs {
   Scalar* outputs = nullptr;         // [N, T, H] (zero at padded steps), or nullptr: not written
   Scalar* h_n = nullptr;             // [N, H]
   Scalar* c_n = nullptr;             // [N, H]
-  Scalar* workspace = nullptr;       // InferWorkspaceSize(shape) elements
+  Scalar* workspace = nullptr;       // InferWorkspaceSize(shape, reverse) elements
+  bool reverse = false;              // as ForwardArgs::reverse
+  int64_t out_ld = 0;                // as ForwardArgs::out_ld
 };
 
 // No output may alias an input or another output; arguments are trusted (adapters validate).
