@@ -225,18 +225,15 @@ class LSTM(nn.Module):
     def _direction(self, index: int, x: torch.Tensor, state, lens32, reverse: bool):
         weights = self._weights(index)
         h0, c0 = state
-        if (
-            not self.training
-            and not torch.compiler.is_compiling()
-            and not torch.is_grad_enabled()
-            and not x.requires_grad
-        ):
+        grad = torch.is_grad_enabled()
+        if not grad and not self.training and not torch.compiler.is_compiling():
             prepared = self._prepared_for(index, weights)
             return ops.infer(prepared, x, h0, c0, lens32, reverse)
         kernel, recurrent_kernel, bias = _keras_weights(weights, self.bias)
         if h0 is not None:
             h0, c0 = h0.contiguous(), c0.contiguous()
-        keep = any(t is not None and t.requires_grad for t in (x, kernel, recurrent_kernel, bias, h0, c0))
+        # Keep the kernel's cache only when a backward can follow (the op cannot see grad mode).
+        keep = grad and any(t is not None and t.requires_grad for t in (x, kernel, recurrent_kernel, bias, h0, c0))
         out, h, c, _ = ops.lstm(x, kernel, recurrent_kernel, bias, h0, c0, lens32, reverse, True, keep)
         return out, h, c
 
