@@ -18,7 +18,6 @@ give the same gradients; the fallback costs one more forward.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import threading
 import weakref
@@ -29,11 +28,7 @@ import torch
 from ..lstm import LstmCache, lstm_backward, lstm_forward
 from ..prepared import PreparedLSTM
 
-__all__ = ["lstm", "lstm_backward_op", "infer", "NATIVE_REVERSE"]
-
-# lstm_forward runs a direction backwards itself when it takes `reverse`; otherwise the rows'
-# valid prefixes are flipped around the call here (_flip_rows).
-NATIVE_REVERSE = "reverse" in inspect.signature(lstm_forward).parameters
+__all__ = ["lstm", "lstm_backward_op", "infer"]
 
 _ids = itertools.count(1)
 _filed_lock = threading.Lock()
@@ -66,41 +61,21 @@ def _arrays(*tensors) -> list[np.ndarray | None]:
     return [_array(t, n) for t, n in zip(tensors, _NAMES)]
 
 
-def _flip_rows(a: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
-    """Each row's valid prefix [0, lengths[b]) reversed in time (axis 1); padding stays put.
-    Its own inverse."""
-    if lengths is None:
-        return np.ascontiguousarray(a[:, ::-1])
-    T = a.shape[1]
-    t = np.arange(T)[None, :]
-    n = lengths.astype(np.int64)[:, None]
-    src = np.where(t < n, n - 1 - t, t)
-    return np.take_along_axis(a, src[:, :, None], axis=1)
-
-
 def _forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, training, return_sequences):
-    """lstm_forward for one direction; the only place that knows how a reverse run is done."""
-    if reverse and NATIVE_REVERSE:
-        return lstm_forward(
-            x,
-            kernel,
-            recurrent_kernel,
-            bias,
-            h0,
-            c0,
-            lengths,
-            training=training,
-            return_sequences=return_sequences,
-            reverse=True,
-        )
-    if reverse:
-        x = _flip_rows(x, lengths)
-    outputs, h_n, c_n, cache = lstm_forward(
-        x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=training, return_sequences=return_sequences
+    """lstm_forward for one direction: ``reverse`` runs each row's valid steps last to first, the
+    outputs (and, in the backward, dx) in x's layout."""
+    return lstm_forward(
+        x,
+        kernel,
+        recurrent_kernel,
+        bias,
+        h0,
+        c0,
+        lengths,
+        training=training,
+        return_sequences=return_sequences,
+        reverse=reverse,
     )
-    if reverse and outputs is not None:
-        outputs = _flip_rows(outputs, lengths)
-    return outputs, h_n, c_n, cache
 
 
 def infer(
@@ -113,23 +88,8 @@ def infer(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One direction on prepared weights (no autograd, eager only): outputs, h_n, c_n."""
     a = [_array(t, n) for t, n in zip((x, h0, c0, lengths), ("x", "h0", "c0", "lengths"))]
-    xa = _flip_rows(a[0], a[3]) if reverse else a[0]
-    outputs, h_n, c_n = prepared.infer(xa, a[1], a[2], a[3])
-    if reverse:
-        outputs = _flip_rows(outputs, a[3])
+    outputs, h_n, c_n = prepared.infer(*a, reverse=reverse)
     return torch.from_numpy(outputs), torch.from_numpy(h_n), torch.from_numpy(c_n)
-
-
-def _backward(cache, d_outputs, d_h_n, d_c_n, lengths, reverse, need_dx):
-    """lstm_backward for a cache _forward made (same reversal rule)."""
-    flip = reverse and not NATIVE_REVERSE
-    if flip and d_outputs is not None:
-        d_outputs = _flip_rows(d_outputs, lengths)
-    g = lstm_backward(cache, d_outputs=d_outputs, d_h_n=d_h_n, d_c_n=d_c_n, need_dx=need_dx)
-    dx = g.x
-    if flip and dx is not None:
-        dx = _flip_rows(dx, lengths)
-    return dx, g
 
 
 def _empty_outputs(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -205,8 +165,8 @@ def lstm_backward_op(
     d_out = None if d_outputs is None or d_outputs.numel() == 0 else _array(d_outputs.contiguous(), "d_outputs")
     d_h = None if d_h_n is None else _array(d_h_n.contiguous(), "d_h_n")
     d_c = None if d_c_n is None else _array(d_c_n.contiguous(), "d_c_n")
-    dx, g = _backward(cache, d_out, d_h, d_c, a[6], reverse, need_dx)
-    dx = torch.from_numpy(dx) if dx is not None else x.new_empty((0,))
+    g = lstm_backward(cache, d_outputs=d_out, d_h_n=d_h, d_c_n=d_c, need_dx=need_dx)
+    dx = torch.from_numpy(g.x) if g.x is not None else x.new_empty((0,))
     return dx, *(torch.from_numpy(v) for v in (g.kernel, g.recurrent_kernel, g.bias, g.h0, g.c0))
 
 
