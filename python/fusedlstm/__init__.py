@@ -26,6 +26,7 @@ from .lstm import (  # noqa: E402
     lstm_forward,
 )
 from .prepared import PreparedLSTM, prepare  # noqa: E402
+from .stack import StackCache, StackGrads, lstm_stack_backward, lstm_stack_forward  # noqa: E402
 
 try:  # the one version source is the package metadata (pyproject.toml)
     from importlib.metadata import PackageNotFoundError
@@ -43,6 +44,10 @@ __all__ = [
     "lstm_bidirectional_forward",
     "BidirectionalCache",
     "BidirectionalGrads",
+    "lstm_stack_forward",
+    "lstm_stack_backward",
+    "StackCache",
+    "StackGrads",
     "prepare",
     "PreparedLSTM",
     "reference",
