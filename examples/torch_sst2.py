@@ -92,7 +92,8 @@ torch.manual_seed(args.seed)
 model = Classifier(nn.LSTM if args.torch_lstm else LSTM)
 opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 loss_fn = nn.CrossEntropyLoss()
-print(f"{'torch.nn' if args.torch_lstm else 'fusedlstm.torch'}.LSTM, {len(train[0])} train / {len(dev[0])} dev sentences, max_len {max_len}")
+which = "torch.nn.LSTM" if args.torch_lstm else "fusedlstm.torch.LSTM"
+print(f"{which}, {len(train[0])} train / {len(dev[0])} dev sentences, max_len {max_len}")
 
 
 def accuracy(data) -> float:
