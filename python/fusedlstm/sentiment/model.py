@@ -1,6 +1,8 @@
 """SentimentClassifier: word ids -> embedding (random, or pre-trained vectors, fine-tuned unless
-frozen on request) -> fused LSTM -> dropout on each sentence's last valid output -> dense
-(truncated-normal weights, bias 0.1) -> softmax. Training (sentiment.training) is seeded and
+frozen on request) -> fused LSTM (one or more layers, one or two directions) -> pooling over
+each sentence's valid steps (its last output, or the max or mean over time) -> dropout -> dense
+(truncated-normal weights, bias 0.1) -> softmax. The defaults are the original model's: one
+forward layer and its last valid output. Training (sentiment.training) is seeded and
 bit-reproducible; a model directory (sentiment.checkpoint) holds config.json, vocab.json and
 weights.npz, and loading never unpickles anything."""
 
@@ -18,6 +20,7 @@ import numpy as np
 from .. import __version__
 from ..lstm import lstm_backward, lstm_forward
 from ..prepared import PreparedLSTM, prepare
+from ..stack import lstm_stack_backward, lstm_stack_forward
 from .checkpoint import MODEL_FILES, atomic_write, load_npz, npz_bytes
 from .data import LabelMap, Split
 from .layers import dense_backward, dense_forward, embedding_backward, softmax, softmax_cross_entropy, truncated_normal
@@ -26,9 +29,13 @@ from .training import TrainOptions
 from .training import fit as _fit
 from .vectors import embedding_from_vectors
 
-__all__ = ["ModelConfig", "SentimentClassifier", "TrainOptions", "WEIGHT_NAMES"]
+__all__ = ["ModelConfig", "SentimentClassifier", "TrainOptions", "WEIGHT_NAMES", "POOLINGS"]
 
+# The original architecture's weights; a deeper or bidirectional model adds one set of LSTM
+# weights per layer and direction (ModelConfig.lstm_names) under torch-like suffixes.
 WEIGHT_NAMES = ("embedding", "kernel", "recurrent_kernel", "bias", "dense_w", "dense_b")
+POOLINGS = ("last", "max", "mean")
+_MAX_LAYERS = 16
 # Sanity bounds checked before anything is allocated from a config file.
 _LIMITS = {
     "units": 65536,
@@ -57,6 +64,9 @@ class ModelConfig:
     train_embeddings: bool = False
     vectors: str | None = None
     format_version: int = 1
+    layers: int = 1
+    bidirectional: bool = False
+    pooling: str = "last"
 
     def validate(self, source: str = "config") -> ModelConfig:
         """Check every field (named, with `source`, in the error); returns self."""
@@ -74,6 +84,12 @@ class ModelConfig:
             raise ValueError(f"{source}: labels must be a list of {self.num_classes} strings")
         if not isinstance(self.train_embeddings, bool):
             raise ValueError(f"{source}: train_embeddings must be true or false")
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or not 1 <= self.layers <= _MAX_LAYERS:
+            raise ValueError(f"{source}: layers must be an integer in 1..{_MAX_LAYERS}, got {self.layers!r}")
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError(f"{source}: bidirectional must be true or false")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"{source}: pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         total = sum(math.prod(s) for s in self.weight_shapes().values())
         if total > _MAX_PARAMS:
             raise ValueError(
@@ -81,17 +97,38 @@ class ModelConfig:
             )
         return self
 
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def lstm_names(self) -> list[list[tuple[str, str, str]]]:
+        """Per layer, per direction (forward first): the names of (kernel, recurrent_kernel,
+        bias). Layer 0's forward direction keeps the original names; others get the suffixes
+        _l{layer} and _reverse."""
+        out = []
+        for layer in range(self.layers):
+            dirs = []
+            for d in range(self.directions):
+                sfx = (f"_l{layer}" if layer else "") + ("_reverse" if d else "")
+                dirs.append((f"kernel{sfx}", f"recurrent_kernel{sfx}", f"bias{sfx}"))
+            out.append(dirs)
+        return out
+
+    @property
+    def features(self) -> int:
+        """Width of the pooled representation the dense layer reads (directions × units)."""
+        return self.directions * self.units
+
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """{weight name: shape} (WEIGHT_NAMES) for these sizes."""
+        """{weight name: shape} for these sizes and this architecture."""
         E, H, C, V = self.embedding_dim, self.units, self.num_classes, self.vocab_size
-        return {
-            "embedding": (V, E),
-            "kernel": (E, 4 * H),
-            "recurrent_kernel": (H, 4 * H),
-            "bias": (4 * H,),
-            "dense_w": (H, C),
-            "dense_b": (C,),
-        }
+        shapes: dict[str, tuple[int, ...]] = {"embedding": (V, E)}
+        for layer, dirs in enumerate(self.lstm_names()):
+            e = E if layer == 0 else self.features
+            for k, r, b in dirs:
+                shapes.update({k: (e, 4 * H), r: (H, 4 * H), b: (4 * H,)})
+        shapes.update({"dense_w": (self.features, C), "dense_b": (C,)})
+        return shapes
 
     @classmethod
     def from_json(cls, text: str, source: str) -> ModelConfig:
@@ -137,6 +174,9 @@ class SentimentClassifier:
         keep_prob: float = 0.8,
         train_embeddings: bool = True,
         num_classes: int | None = None,
+        layers: int = 1,
+        bidirectional: bool = False,
+        pooling: str = "last",
         seed: int = 0,
         log: Callable[[str], Any] = print,
     ) -> SentimentClassifier:
@@ -160,16 +200,6 @@ class SentimentClassifier:
             + f"; max_len {max_len}; classes {labels.names}"
         )
         E, H, C = init.matrix.shape[1], units, len(labels.names)
-        s = 1.0 / math.sqrt(H)
-        weights = {
-            "embedding": init.matrix,
-            "kernel": rng.uniform(-s, s, (E, 4 * H)).astype(np.float32),
-            "recurrent_kernel": rng.uniform(-s, s, (H, 4 * H)).astype(np.float32),
-            "bias": np.zeros(4 * H, np.float32),
-            "dense_w": truncated_normal(rng, (H, C), 0.1, np.float32),
-            "dense_b": np.full(C, 0.1, np.float32),
-        }
-        weights["bias"][H : 2 * H] = 1.0  # forget-gate bias 1 (Jozefowicz et al. 2015; Keras default)
         cfg = ModelConfig(
             units=H,
             embedding_dim=E,
@@ -180,7 +210,23 @@ class SentimentClassifier:
             labels=labels.names,
             train_embeddings=bool(train_embeddings),
             vectors=vectors,
+            layers=layers,
+            bidirectional=bool(bidirectional),
+            pooling=pooling,
         ).validate()
+        s = 1.0 / math.sqrt(H)
+        shapes = cfg.weight_shapes()
+        # The original model's weights are drawn first, in its order, so its runs reproduce.
+        weights = {"embedding": init.matrix}
+        for layer, dirs in enumerate(cfg.lstm_names()):
+            for k, r, b in dirs:
+                weights[k] = rng.uniform(-s, s, shapes[k]).astype(np.float32)
+                weights[r] = rng.uniform(-s, s, shapes[r]).astype(np.float32)
+                weights[b] = np.zeros(4 * H, np.float32)
+                weights[b][H : 2 * H] = 1.0  # forget-gate bias 1 (Jozefowicz et al. 2015; Keras default)
+                if layer == 0 and k == "kernel":
+                    weights["dense_w"] = truncated_normal(rng, shapes["dense_w"], 0.1, np.float32)
+        weights["dense_b"] = np.full(C, 0.1, np.float32)
         return cls(cfg, vocab, weights)
 
     def _check_weights(self) -> None:
@@ -205,6 +251,12 @@ class SentimentClassifier:
                 raise ValueError(f"sentence {i} is empty")
         return self.vocab.encode(tokenized, self.config.max_len)
 
+    def lstm_weights(self, params: dict[str, np.ndarray] | None = None) -> list[list[tuple[np.ndarray, ...]]]:
+        """Per layer, per direction: (kernel, recurrent_kernel, bias) arrays (of ``params``,
+        default the model's own)."""
+        p = self.params if params is None else params
+        return [[tuple(p[n] for n in names) for names in dirs] for dirs in self.config.lstm_names()]
+
     def forward_backward(
         self,
         ids: np.ndarray,
@@ -213,40 +265,54 @@ class SentimentClassifier:
         mask: np.ndarray | None = None,
         need_grads: bool = True,
     ) -> tuple[float, np.ndarray, dict[str, np.ndarray] | None, tuple[np.ndarray, np.ndarray] | None]:
-        """Loss (and gradients) of one batch. mask: the dropout multiplier [B, H] (None: no
-        dropout). Returns (loss, probabilities [B, C], the dense weights' gradients by name or
+        """Loss (and gradients) of one batch. mask: the dropout multiplier [B, features] (None:
+        no dropout). Returns (loss, probabilities [B, C], the dense weights' gradients by name or
         None, the embedding's sparse gradient (rows, row grads) or None when it is frozen or
         need_grads is False)."""
-        p = self.params
+        p, cfg = self.params, self.config
         T = int(lengths.max()) if len(lengths) else 1
         ids = ids[:, :T]  # a batch is only as long as its longest sentence
         x = np.take(p["embedding"], ids, axis=0)  # a row gather, cheaper than fancy indexing p[ids]
-        _, h_n, _, cache = lstm_forward(
-            x,
-            p["kernel"],
-            p["recurrent_kernel"],
-            p["bias"],
-            lengths=lengths,
-            training=need_grads,
-            return_sequences=False,
-        )
-        d = h_n * mask if mask is not None else h_n
+        weights = self.lstm_weights()
+        seq = cfg.pooling != "last"
+        single = cfg.layers == 1 and not cfg.bidirectional
+        if single:
+            out, top, _, cache = lstm_forward(
+                x, *weights[0][0], lengths=lengths, training=need_grads, return_sequences=seq
+            )
+        else:
+            layers = [tuple(d) if cfg.bidirectional else d[0] for d in weights]
+            out, h_n, _, cache = lstm_stack_forward(
+                x, layers, lengths=lengths, bidirectional=cfg.bidirectional, training=need_grads, return_sequences=seq
+            )
+            top = _top_state(h_n, cfg.directions)
+        feats, where = _pool(cfg.pooling, out, top, lengths)
+        d = feats * mask if mask is not None else feats
         logits = dense_forward(d, p["dense_w"], p["dense_b"])
         loss, d_logits, probs = softmax_cross_entropy(logits, labels)
         if not need_grads:
             return loss, probs, None, None
         d_d, g_w, g_b = dense_backward(d, p["dense_w"], d_logits)
-        d_h = d_d * mask if mask is not None else d_d
+        d_feats = d_d * mask if mask is not None else d_d
+        d_out, d_top = _pool_backward(cfg.pooling, d_feats, out, where, lengths)
+        grads = {"dense_w": g_w, "dense_b": g_b}
         # Frozen embeddings learn nothing from the input gradient: skip computing it.
-        g = lstm_backward(cache, d_h_n=d_h, need_dx=self.config.train_embeddings)
-        grads = {
-            "kernel": g.kernel,
-            "recurrent_kernel": g.recurrent_kernel,
-            "bias": g.bias,
-            "dense_w": g_w,
-            "dense_b": g_b,
-        }
-        sparse = embedding_backward(ids, lengths, g.x) if self.config.train_embeddings else None
+        if single:
+            g = lstm_backward(cache, d_outputs=d_out, d_h_n=d_top, need_dx=cfg.train_embeddings)
+            grads.update(kernel=g.kernel, recurrent_kernel=g.recurrent_kernel, bias=g.bias)
+            dx = g.x
+        else:
+            L, D, H = cfg.layers, cfg.directions, cfg.units
+            d_h_n = None
+            if d_top is not None:
+                d_h_n = np.zeros((L * D, len(lengths), H), d_top.dtype)
+                d_h_n[-D:] = d_top.reshape(len(lengths), D, H).transpose(1, 0, 2)
+            g = lstm_stack_backward(cache, d_out, d_h_n, None, need_dx=cfg.train_embeddings)
+            for names, lg in zip(cfg.lstm_names(), g.layers):
+                for dnames, dg in zip(names, lg if cfg.bidirectional else (lg,)):
+                    grads.update(zip(dnames, dg))
+            dx = g.x
+        sparse = embedding_backward(ids, lengths, dx) if cfg.train_embeddings else None
         return loss, probs, grads, sparse
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -259,20 +325,38 @@ class SentimentClassifier:
             out[sl] = self.probabilities(ids[sl], lengths[sl], lstm)
         return out
 
-    def prepared_lstm(self) -> PreparedLSTM:
+    def prepared_lstm(self) -> PreparedLSTM | list[list[PreparedLSTM]]:
         """The LSTM's current weights packed for inference (fusedlstm.prepare): a snapshot, not
-        updated by later training."""
-        p = self.params
-        return prepare(p["kernel"], p["recurrent_kernel"], p["bias"])
+        updated by later training. One PreparedLSTM for the original one-layer forward model;
+        else one per layer and direction."""
+        prepared = [[prepare(*w) for w in dirs] for dirs in self.lstm_weights()]
+        if self.config.layers == 1 and not self.config.bidirectional:
+            return prepared[0][0]
+        return prepared
 
-    def probabilities(self, ids: np.ndarray, lengths: np.ndarray, lstm: PreparedLSTM | None = None) -> np.ndarray:
+    def probabilities(
+        self, ids: np.ndarray, lengths: np.ndarray, lstm: PreparedLSTM | list[list[PreparedLSTM]] | None = None
+    ) -> np.ndarray:
         """Class probabilities [B, C] of encoded sentences (ids, lengths from ``encode``), no
         dropout. lstm: ``prepared_lstm()`` reused across batches (packed here when None)."""
-        p = self.params
+        p, cfg = self.params, self.config
         T = int(lengths.max()) if len(lengths) else 1
         x = np.take(p["embedding"], ids[:, :T], axis=0)
-        _, h_n, _ = (lstm or self.prepared_lstm()).infer(x, lengths=lengths, return_sequences=False)
-        return softmax(dense_forward(h_n, p["dense_w"], p["dense_b"]))
+        lstm = lstm if lstm is not None else self.prepared_lstm()
+        seq = cfg.pooling != "last"
+        if isinstance(lstm, PreparedLSTM):
+            out, top, _ = lstm.infer(x, lengths=lengths, return_sequences=seq)
+        else:
+            out = x
+            for layer, dirs in enumerate(lstm):
+                keep = seq or layer < len(lstm) - 1
+                results = [
+                    d.infer(out, lengths=lengths, return_sequences=keep, reverse=i == 1) for i, d in enumerate(dirs)
+                ]
+                out = np.concatenate([r[0] for r in results], axis=2) if keep else None
+                top = np.concatenate([r[1] for r in results], axis=1)
+        feats, _ = _pool(cfg.pooling, out, top, lengths)
+        return softmax(dense_forward(feats, p["dense_w"], p["dense_b"]))
 
     def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """One {"text", "label", "probability"} per sentence: the most probable class."""
@@ -333,7 +417,7 @@ class SentimentClassifier:
         w = weights if weights is not None else self.params
         cfg = asdict(self.config)
         atomic_write(path / "vocab.json", self.vocab.to_json().encode("utf-8"))
-        atomic_write(path / "weights.npz", npz_bytes({k: w[k] for k in WEIGHT_NAMES}))
+        atomic_write(path / "weights.npz", npz_bytes({k: w[k] for k in self.config.weight_shapes()}))
         atomic_write(
             path / "config.json", (json.dumps(dict(cfg, fusedlstm_version=__version__), indent=1) + "\n").encode()
         )
@@ -364,3 +448,40 @@ class SentimentClassifier:
             return cls(cfg, vocab, weights)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+
+
+def _top_state(h_n: np.ndarray, directions: int) -> np.ndarray:
+    """The last layer's final states [L·D, B, H] -> [B, D·H] (forward direction first)."""
+    top = h_n[-directions:]
+    return np.ascontiguousarray(top.transpose(1, 0, 2).reshape(top.shape[1], -1))
+
+
+def _pool(pooling: str, out: np.ndarray | None, top: np.ndarray, lengths: np.ndarray):
+    """Features [B, F] of each sentence and what the backward needs: the last valid output
+    (the final state; for the reverse direction that is its state after reading the whole
+    sentence), or the max (argmax kept) or mean over the valid steps only."""
+    if pooling == "last":
+        return top, None
+    valid = (np.arange(out.shape[1])[None, :] < np.asarray(lengths)[:, None])[:, :, None]
+    if pooling == "max":
+        masked = np.where(valid, out, -np.inf)
+        where = masked.argmax(axis=1)[:, None, :]  # [B, 1, F]
+        feats = np.take_along_axis(out, where, axis=1)[:, 0]
+        return np.where(np.asarray(lengths)[:, None] > 0, feats, 0).astype(out.dtype), where
+    n = np.maximum(np.asarray(lengths), 1).astype(out.dtype)[:, None]
+    return (out.sum(axis=1) / n).astype(out.dtype), None  # padded outputs are zero
+
+
+def _pool_backward(pooling: str, d_feats: np.ndarray, out, where, lengths):
+    """(d_outputs [B, T, F] or None, d_top [B, F] or None) from the features' gradient."""
+    if pooling == "last":
+        return None, d_feats
+    B, T, F = out.shape
+    d_out = np.zeros((B, T, F), d_feats.dtype)
+    if pooling == "max":
+        np.put_along_axis(d_out, where, d_feats[:, None, :], axis=1)
+    else:
+        n = np.maximum(np.asarray(lengths), 1).astype(d_feats.dtype)[:, None, None]
+        valid = (np.arange(T)[None, :] < np.asarray(lengths)[:, None])[:, :, None]
+        d_out[...] = np.where(valid, d_feats[:, None, :] / n, 0)
+    return d_out, None

@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = ["TrainOptions", "Callback", "fit", "batches", "clip_scale"]
 
-TRAINABLE = ("kernel", "recurrent_kernel", "bias", "dense_w", "dense_b")
+
+def dense_trainable(model) -> list[str]:
+    """The weights Adam updates densely: every one but the embedding table (sparse rows)."""
+    return [k for k in model.config.weight_shapes() if k != "embedding"]
 
 
 @dataclass
@@ -164,14 +167,14 @@ def fit(
     y = model.label_map.encode(train.labels, train.origins)
     ids, lengths = model.encode(train.texts)
     params = model.params
-    trainable = list(TRAINABLE) + (["embedding"] if model.config.train_embeddings else [])
+    trainable = dense_trainable(model) + (["embedding"] if model.config.train_embeddings else [])
     opt = Adam({k: params[k] for k in trainable}, lr=opts.lr)
     state = {"epoch": 0, "step": 0, "best_dev": -1.0, "bad_epochs": 0}
     metrics: list[dict] = []
     best = {k: v.copy() for k, v in params.items()}
     # Weight averaging (Polyak): the moving average of the LSTM and dense weights is what dev
     # sees and what is kept; the embedding (sparse updates) is used as trained.
-    avg = {k: params[k].copy() for k in TRAINABLE} if opts.average > 0 else {}
+    avg = {k: params[k].copy() for k in dense_trainable(model)} if opts.average > 0 else {}
     if out_dir is not None and out_dir.is_dir():
         stale = remove_stale_temporaries(out_dir)
         if stale:
@@ -201,7 +204,7 @@ def fit(
     n = len(y)
     steps_per_epoch = math.ceil(n / opts.batch_size)
     total_epochs = opts.epochs if opts.steps is None else math.ceil(opts.steps / steps_per_epoch)
-    H = model.config.units
+    features = model.config.features  # the dropout acts on the pooled features
     stop = False
     for epoch in range(state["epoch"], total_epochs):
         if stop or (opts.steps is None and state["bad_epochs"] >= opts.patience):
@@ -214,7 +217,7 @@ def fit(
         for b in bar:
             if opts.steps is not None and state["step"] >= opts.steps:
                 break
-            mask = dropout_mask(rng, (len(b), H), model.config.keep_prob, np.float32)
+            mask = dropout_mask(rng, (len(b), features), model.config.keep_prob, np.float32)
             loss, probs, grads, sparse = model.forward_backward(ids[b], lengths[b], y[b], mask)
             _, scale = clip_scale(grads, sparse, opts.clip_norm)
             state["step"] += 1
