@@ -1,14 +1,16 @@
 """End-to-end SST-2 benchmark: fusedlstm's SentimentClassifier vs the same model in PyTorch
 (nn.Embedding from the same vectors, fine-tuned with a sparse gradient and SparseAdam = lazy Adam
-as ours, or with --freeze-embeddings frozen -> nn.LSTM -> dropout -> nn.Linear on each
-sentence's last valid output, Adam, the same clipping and weight averaging, same
-hyper-parameters and the very same batches), trained side by side
+as ours, or with --freeze-embeddings frozen -> nn.LSTM with the same layers and directions (a
+packed batch when bidirectional) -> the same pooling over each sentence's valid steps -> dropout
+-> nn.Linear, Adam, the same clipping and weight averaging, same hyper-parameters and the very
+same batches), trained side by side
 in one run over several seeds. Reports test accuracy at the dev-selected epoch (mean ± std) and
 seconds per epoch, prints a table and, with --out, writes JSON.
 
     python bench/bench_sst2.py --dataset sst2        # download (GLUE SST-2) into the cache
     python bench/bench_sst2.py --data DIR            # a GLUE-style dir: train/dev[/test].tsv
         [--seeds 0,1,2] [--epochs 20] [--freeze-embeddings] [--no-torch]
+        [--layers N] [--bidirectional] [--pooling last|max|mean] [--units H]
         [--torch-dense-embedding-adam] [--out results.json]
 
 Without a labelled test split (GLUE's test labels are not public), the dev split is the test set
@@ -54,7 +56,8 @@ def torch_run(
     torch.manual_seed(opts.seed)
     p = init
     V, E = p["embedding"].shape
-    H, C = model.config.units, model.config.num_classes
+    cfg = model.config
+    H, C, D, L = cfg.units, cfg.num_classes, cfg.directions, cfg.layers
     # Fine-tuned vectors: by default the same algorithm as ours, a sparse embedding gradient and
     # lazy Adam on its rows (torch.optim.SparseAdam); dense_embedding_adam: the plain PyTorch
     # way (dense gradient, Adam over the whole table every step).
@@ -62,11 +65,15 @@ def torch_run(
     emb = torch.nn.Embedding(V, E, padding_idx=0, sparse=lazy)
     emb.weight.data.copy_(torch.from_numpy(p["embedding"]))
     emb.weight.requires_grad_(model.config.train_embeddings)
-    lstm = torch.nn.LSTM(E, H, batch_first=True)
-    wi, wh, bi, bh = keras_to_torch(p["kernel"], p["recurrent_kernel"], p["bias"])
-    for name, v in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), (wi, wh, bi, bh)):
-        getattr(lstm, name).data.copy_(torch.from_numpy(v))
-    dense = torch.nn.Linear(H, C)
+    lstm = torch.nn.LSTM(E, H, num_layers=L, bidirectional=cfg.bidirectional, batch_first=True)
+    for layer, dirs in enumerate(cfg.lstm_names()):
+        for d, names in enumerate(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            for name, v in zip(
+                ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), keras_to_torch(*(p[n] for n in names))
+            ):
+                getattr(lstm, name + sfx).data.copy_(torch.from_numpy(v))
+    dense = torch.nn.Linear(D * H, C)
     dense.weight.data.copy_(torch.from_numpy(p["dense_w"].T.copy()))
     dense.bias.data.copy_(torch.from_numpy(p["dense_b"]))
     params = [q for m in ((lstm, dense) if lazy else (emb, lstm, dense)) for q in m.parameters() if q.requires_grad]
@@ -99,8 +106,26 @@ def torch_run(
 
     def logits_of(ids, lengths, mask=None):
         T = int(lengths.max())
-        out, _ = lstm(emb(ids[:, :T]))
-        last = out[torch.arange(len(lengths)), torch.from_numpy(lengths.astype(np.int64) - 1)]
+        x = emb(ids[:, :T])
+        lens = torch.from_numpy(lengths.astype(np.int64))
+        if cfg.bidirectional:
+            # The reverse direction must start at each sentence's last word, not at the padding:
+            # a packed batch (as torch users must do).
+            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=False)
+            out, (h_n, _) = lstm(packed)
+            out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+            last = torch.cat([h_n[-2], h_n[-1]], dim=1)
+        else:
+            # One direction: the outputs at valid steps never see the padding, so the padded
+            # batch (faster in torch) gives the same results.
+            out, _ = lstm(x)
+            last = out[torch.arange(len(lengths)), lens - 1]
+        if cfg.pooling != "last":
+            valid = (torch.arange(T)[None, :] < lens[:, None])[:, :, None]
+            if cfg.pooling == "max":
+                last = out.masked_fill(~valid, float("-inf")).max(dim=1).values
+            else:
+                last = out.masked_fill(~valid, 0.0).sum(dim=1) / lens[:, None].clamp(min=1)
         if mask is not None:
             last = last * mask
         return dense(last)
@@ -131,7 +156,7 @@ def torch_run(
         rng = np.random.default_rng([opts.seed, epoch])
         t0 = time.perf_counter()
         for b in batches(rng, tr_len, opts.batch_size, opts.bucket):
-            mask = torch.from_numpy(dropout_mask(rng, (len(b), H), model.config.keep_prob, np.float32))
+            mask = torch.from_numpy(dropout_mask(rng, (len(b), D * H), model.config.keep_prob, np.float32))
             bt = torch.from_numpy(b)
             loss = torch.nn.functional.cross_entropy(logits_of(tr_ids[bt], tr_len[b], mask), tr_y[bt])
             opt.zero_grad()
@@ -156,7 +181,7 @@ def torch_run(
             best_dev, best_test = dev, accuracy(splits["test"])
         if opts.average > 0:
             swap_in_average()  # back to the trained weights
-        result.update(test_acc=best_test, epoch_s=times)
+        result.update(dev_acc=best_dev, test_acc=best_test, epoch_s=times)
         yield
 
 
@@ -196,6 +221,10 @@ def main(argv=None):
         action="store_true",
         help="the original model's frozen vectors (default: fine-tuned, as fusedlstm train)",
     )
+    ap.add_argument("--units", type=int, default=128, help="LSTM units per direction (default 128)")
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--bidirectional", action="store_true")
+    ap.add_argument("--pooling", choices=["last", "max", "mean"], default="last")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument(
         "--torch-dense-embedding-adam",
@@ -220,6 +249,10 @@ def main(argv=None):
             vectors=args.vectors,
             seed=seed,
             train_embeddings=not args.freeze_embeddings,
+            units=args.units,
+            layers=args.layers,
+            bidirectional=args.bidirectional,
+            pooling=args.pooling,
             log=lambda *a: None,
         )
         init = {k: v.copy() for k, v in model.params.items()}
@@ -242,6 +275,7 @@ def main(argv=None):
         for _ in twin:  # any epochs left (none: both train every epoch)
             pass
         ours = {
+            "dev_acc": max(m["dev_acc"] for m in metrics),
             "test_acc": model.evaluate(splits["test"])["accuracy"],
             "epoch_s": [m["seconds"] for m in metrics],
             "best_epoch": int(np.argmax([m["dev_acc"] for m in metrics])) + 1,
@@ -257,6 +291,7 @@ def main(argv=None):
                         v
                         if k == "seed"
                         else {
+                            "dev_acc": round(v["dev_acc"], 4),
                             "test_acc": round(v["test_acc"], 4),
                             "median_epoch_s": round(statistics.median(v["epoch_s"]), 3),
                         }
@@ -271,8 +306,11 @@ def main(argv=None):
         if impl not in rows[0]:
             continue
         accs = [100 * r[impl]["test_acc"] for r in rows]
+        devs = [100 * r[impl]["dev_acc"] for r in rows]
         secs = [statistics.median(r[impl]["epoch_s"]) for r in rows]
         summary[impl] = {
+            "dev_acc_mean": statistics.mean(devs),
+            "dev_acc_std": statistics.stdev(devs) if len(devs) > 1 else 0.0,
             "test_acc_mean": statistics.mean(accs),
             "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "epoch_s_median": statistics.median(secs),
@@ -280,10 +318,14 @@ def main(argv=None):
     print(
         f"\nSST-2 test accuracy (dev-selected epoch), {len(rows)} seeds, vectors {args.vectors}, "
         f"{'frozen' if args.freeze_embeddings else 'fine-tuned'} embeddings, "
-        f"{fusedlstm.get_num_threads()} threads"
+        f"{args.layers} layer(s), {'bidirectional' if args.bidirectional else 'forward'}, {args.pooling} pooling, "
+        f"{args.units} units, {fusedlstm.get_num_threads()} threads"
     )
     for impl, s in summary.items():
-        print(f"  {impl:>10}: {s['test_acc_mean']:.1f}% ± {s['test_acc_std']:.1f}   {s['epoch_s_median']:.2f} s/epoch")
+        print(
+            f"  {impl:>10}: test {s['test_acc_mean']:.1f}% ± {s['test_acc_std']:.1f}  "
+            f"(dev {s['dev_acc_mean']:.1f} ± {s['dev_acc_std']:.1f})   {s['epoch_s_median']:.2f} s/epoch"
+        )
     if "torch" in summary:
         print(
             f"  epoch speed-up vs torch: "

@@ -126,6 +126,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 max_vocab=args.max_vocab,
                 keep_prob=args.keep_prob,
                 train_embeddings=args.train_embeddings,
+                layers=args.layers,
+                bidirectional=args.bidirectional,
+                pooling=args.pooling,
                 seed=args.seed,
             )
         except (ValueError, FileNotFoundError, ImportError) as exc:
@@ -316,7 +319,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="keep the pre-trained vectors fixed, as the original model does",
     )
-    t.add_argument("--units", type=int, default=128, help="LSTM hidden units (default 128)")
+    t.add_argument("--units", type=int, default=128, help="LSTM hidden units per direction (default 128)")
+    t.add_argument("--layers", type=int, default=1, help="stacked LSTM layers (default 1)")
+    t.add_argument("--bidirectional", action="store_true", help="each layer reads the sentence both ways")
+    t.add_argument(
+        "--pooling",
+        choices=["last", "max", "mean"],
+        default="last",
+        help="sentence vector: the last valid output (default), or the max or mean over the valid steps",
+    )
     t.add_argument("--max-len", type=int, default=None, help="default: covers 95%% of training sentences")
     t.add_argument("--min-count", type=int, default=1, help="keep words seen at least this often in train (default 1)")
     t.add_argument(
