@@ -124,7 +124,7 @@ def test_ray_data_map_batches(model_dir, ray_cluster, batch_format):
         fn_constructor_kwargs={"batch_size": 64},
         batch_size=200,
         batch_format=batch_format,
-        concurrency=2,
+        compute=ray.data.ActorPoolStrategy(size=2),
         num_cpus=1,
     )
     rows = sorted(scored.take_all(), key=lambda r: r["row"])
