@@ -66,6 +66,18 @@ def test_stream_equals_predict_in_order(model_dir, batch_size, window):
     assert [got[i] for i in kept] == m.predict([lines[i] for i in kept])  # equal, probabilities included
 
 
+def test_stream_equals_predict_stacked_bidirectional_pooled():
+    rows = synthetic_sentences(120, 2)
+    split = Split([t for t, _ in rows], [str(y) for _, y in rows], [f"s:{i}" for i in range(len(rows))])
+    m = SentimentClassifier.create(
+        split, units=5, embedding_dim=4, layers=2, bidirectional=True, pooling="mean", log=lambda *a: None
+    )
+    lines = lines_with_empties(90)
+    got = list(predict_stream(m, lines, batch_size=8, window=30))
+    kept = [i for i, t in enumerate(lines) if t.strip()]
+    assert [got[i] for i in kept] == m.predict([lines[i] for i in kept])
+
+
 def test_score_encoded_restores_order(model_dir):
     m = SentimentClassifier.load(model_dir)
     texts = [t for t, _ in synthetic_sentences(50, 9)]

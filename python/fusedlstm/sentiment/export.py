@@ -10,10 +10,11 @@ stays outside the graph: the vocabulary (vocab.json) and the label names (config
 model directory, and the labels, max_len and the padding/unknown ids are also copied into the
 graph's metadata. ``fusedlstm export MODEL_DIR OUT.onnx`` is ``export_onnx``.
 
-The LSTM is built one node per layer (``_lstm_layer``), each taking one or two directions'
-weights; the exporter reads the architecture fields of the config (layers, bidirectional,
-pooling) and refuses by name every value it does not map, as it does any config field or weight
-it does not know, so that no architecture is ever exported wrong."""
+Stacked and bidirectional models: one LSTM node per layer (``_lstm_layer``, direction
+"bidirectional" for two directions, their outputs side by side as the classifier concatenates
+them); pooling "last" reads the top node's Y_h, "max" and "mean" reduce its Y over each sentence's
+valid steps (a mask from ``lengths``). The exporter refuses by name every config field, value and
+weight it does not map, so that no architecture is ever exported wrong."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ _PROTOBUF_LIMIT = 2**31 - 2**20  # one serialized ModelProto; headroom for the g
 # (training options and provenance) do not change inference.
 _INFERENCE_NEUTRAL = {"keep_prob", "train_embeddings", "vectors"}
 _SHAPE_FIELDS = {"units", "embedding_dim", "max_len", "num_classes", "vocab_size", "labels", "format_version"}
-_ARCHITECTURE = {"layers": 1, "bidirectional": False, "pooling": "last"}  # field: the value mapped so far
-_WEIGHTS = {"embedding", "kernel", "recurrent_kernel", "bias", "dense_w", "dense_b"}
+_ARCHITECTURE = {"layers": 1, "bidirectional": False, "pooling": "last"}  # field: its default
+_POOLINGS = ("last", "max", "mean")
 
 
 def _require_onnx():
@@ -122,29 +123,80 @@ def _lstm_layer(
     return seq, last
 
 
+def _lstm_names(model: SentimentClassifier) -> list[list[tuple[str, str, str]]]:
+    """Per layer, per direction (forward first): the weight names of (kernel, recurrent_kernel,
+    bias)."""
+    names = getattr(model.config, "lstm_names", None)
+    return names() if names is not None else [[("kernel", "recurrent_kernel", "bias")]]
+
+
+def _lstm_stack(model: SentimentClassifier) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Per layer, per direction (forward first): (kernel, recurrent_kernel, bias) arrays."""
+    p = model.params
+    try:
+        return [[tuple(p[n] for n in names) for names in dirs] for dirs in _lstm_names(model)]
+    except KeyError as exc:
+        cfg = model.config
+        raise ValueError(
+            f"export: the weights do not match layers={getattr(cfg, 'layers', 1)}, "
+            f"bidirectional={getattr(cfg, 'bidirectional', False)} (no {exc.args[0]!r})"
+        ) from None
+
+
 def _check_exportable(model: SentimentClassifier) -> None:
     """Refuse, by name, every config field, value and weight the graph below does not map."""
-    cfg = asdict(model.config)
-    for name in sorted(cfg):
-        if name in _INFERENCE_NEUTRAL or name in _SHAPE_FIELDS:
-            continue
-        if name not in _ARCHITECTURE:
+    cfg = model.config
+    for name in sorted(asdict(cfg)):
+        if name not in _INFERENCE_NEUTRAL and name not in _SHAPE_FIELDS and name not in _ARCHITECTURE:
             raise ValueError(f"export: config field {name!r} is not known to the ONNX exporter")
-    for name, mapped in _ARCHITECTURE.items():
-        value = getattr(model.config, name, mapped)
-        if value != mapped:
-            raise ValueError(f"export: {name}={value!r} is not supported yet (the exporter maps {name}={mapped!r})")
-    if model.config.format_version != 1:
-        raise ValueError(f"export: model format_version {model.config.format_version} is not supported (1 is)")
-    unknown = set(model.params) - _WEIGHTS
+    layers = getattr(cfg, "layers", 1)
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"export: layers={layers!r} is not supported (a positive integer is)")
+    bidirectional = getattr(cfg, "bidirectional", False)
+    if not isinstance(bidirectional, bool):
+        raise ValueError(f"export: bidirectional={bidirectional!r} is not supported (true or false is)")
+    pooling = getattr(cfg, "pooling", "last")
+    if pooling not in _POOLINGS:
+        raise ValueError(f"export: pooling={pooling!r} is not supported yet (the exporter maps {list(_POOLINGS)})")
+    if cfg.format_version != 1:
+        raise ValueError(f"export: model format_version {cfg.format_version} is not supported (1 is)")
+    stack = _lstm_stack(model)
+    if len(stack) != layers or any(len(dirs) != (2 if bidirectional else 1) for dirs in stack):
+        raise ValueError(f"export: the weights do not match layers={layers}, bidirectional={bidirectional}")
+    known = {"embedding", "dense_w", "dense_b"} | {n for dirs in _lstm_names(model) for d in dirs for n in d}
+    unknown = sorted(set(model.params) - known)
     if unknown:
-        raise ValueError(f"export: weights {sorted(unknown)} are not known to the ONNX exporter")
+        raise ValueError(f"export: weights {unknown} are not known to the ONNX exporter")
     total = sum(int(np.asarray(v).size) * 4 for v in model.params.values())
     if total > _PROTOBUF_LIMIT:
         raise ValueError(
             f"export: the weights take {total:,} bytes as float32, more than one ONNX file holds "
             f"without external data ({_PROTOBUF_LIMIT:,})"
         )
+
+
+def _pool(g: _Graph, pooling: str, seq: str, lengths: str, opset: int) -> str:
+    """Max or mean over each sentence's valid steps of time-major outputs [T, B, F] -> [B, F]."""
+    (shape,) = g.node("Shape", ["ids"], ["ids_shape"])
+    (t,) = g.node("Gather", [shape, g.const("one", np.array(1, np.int64))], ["time_steps"], axis=0)
+    (steps,) = g.node("Range", [g.const("zero", np.array(0, np.int64)), t, "one"], ["steps"])  # [T]
+    (n,) = g.node("Cast", [lengths], ["lengths_i64"], to=7)  # INT64
+    (st,) = g.node("Unsqueeze", [steps, g.const("axis_1", np.array([1], np.int64))], ["steps_t1"])  # [T, 1]
+    (nb,) = g.node("Unsqueeze", [n, g.const("axis_0", np.array([0], np.int64))], ["lengths_1b"])  # [1, B]
+    (valid,) = g.node("Less", [st, nb], ["valid_tb"])
+    (valid,) = g.node("Unsqueeze", [valid, g.const("axis_2", np.array([2], np.int64))], ["valid_tb1"])
+    axes = g.const("axes_time", np.array([0], np.int64))
+    if pooling == "max":
+        (masked,) = g.node("Where", [valid, seq, g.const("minus_inf", np.array(-np.inf, np.float32))], ["masked"])
+        if opset >= 18:  # ReduceMax takes its axes as an input from opset 18, as an attribute before
+            return g.node("ReduceMax", [masked, axes], ["pooled"], keepdims=0)[0]
+        return g.node("ReduceMax", [masked], ["pooled"], axes=[0], keepdims=0)[0]
+    (masked,) = g.node("Where", [valid, seq, g.const("zero_f", np.array(0, np.float32))], ["masked"])
+    (total,) = g.node("ReduceSum", [masked, axes], ["summed"], keepdims=0)  # [B, F]
+    (count,) = g.node("Cast", [lengths], ["lengths_f"], to=1)  # FLOAT
+    (count,) = g.node("Max", [count, g.const("one_f", np.array(1, np.float32))], ["count"])
+    (count,) = g.node("Unsqueeze", [count, g.const("axis_1b", np.array([1], np.int64))], ["count_b1"])
+    return g.node("Div", [total, count], ["pooled"])[0]
 
 
 def onnx_model(model: SentimentClassifier, opset: int = DEFAULT_OPSET) -> Any:
@@ -163,12 +215,15 @@ def onnx_model(model: SentimentClassifier, opset: int = DEFAULT_OPSET) -> Any:
     emb = g.const("embedding", np.asarray(p["embedding"], np.float32))
     (x,) = g.node("Gather", [emb, "ids"], ["embedded"], axis=0)  # [B, T, E]
     (x,) = g.node("Transpose", [x], ["embedded_tbe"], perm=[1, 0, 2])  # onnxruntime's LSTM is time-major
-    layers = [[(p["kernel"], p["recurrent_kernel"], p["bias"])]]  # per layer, per direction
+    pooling = getattr(cfg, "pooling", "last")
+    stack = _lstm_stack(model)
     last = x
-    for i, directions in enumerate(layers):
-        top = i == len(layers) - 1
-        seq, last = _lstm_layer(g, x, "lengths", directions, f"lstm{i}", need_sequence=not top)
+    for i, directions in enumerate(stack):
+        keep = pooling != "last" or i < len(stack) - 1
+        seq, last = _lstm_layer(g, x, "lengths", directions, f"lstm{i}", need_sequence=keep)
         x = seq if seq is not None else x
+    if pooling != "last":
+        last = _pool(g, pooling, x, "lengths", opset)
     dw = g.const("dense_w", np.asarray(p["dense_w"], np.float32))
     db = g.const("dense_b", np.asarray(p["dense_b"], np.float32))
     (logits,) = g.node("Gemm", [last, dw, db], ["logits"])

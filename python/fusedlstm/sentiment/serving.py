@@ -49,14 +49,14 @@ def score_encoded(
     ids: np.ndarray,
     lengths: np.ndarray,
     batch_size: int = 256,
-    lstm: PreparedLSTM | None = None,
+    lstm: PreparedLSTM | list[list[PreparedLSTM]] | None = None,
 ) -> np.ndarray:
     """Class probabilities [N, C] of encoded sentences, scored in batches of similar length
     (sorted within these N; results in the given order). lstm: ``model.prepared_lstm()`` reused
     across calls (packed here when None)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    lstm = lstm or model.prepared_lstm()
+    lstm = lstm if lstm is not None else model.prepared_lstm()
     n = len(lengths)
     out = np.empty((n, model.config.num_classes), np.float32)
     order = np.argsort(lengths, kind="stable")
