@@ -1,6 +1,6 @@
 """The CUDA kernels (a FUSEDLSTM_CUDA=ON build) against the CPU kernel: forward values and all
 six gradients, with lengths (0 and T included), h0/c0 present or not, bias or none, float32 and
-float64; inference stores nothing; repeated runs are bit-identical; a cache is good for one
+float64, forward and reverse; inference stores nothing; repeated runs are bit-identical; a cache is good for one
 backward. The device argument is checked in every build; the GPU tests skip, saying why, where
 there is no CUDA build or no GPU (.ci/cuda_build compiles the CUDA build wherever nvcc is)."""
 
@@ -52,11 +52,17 @@ SHAPES = [(1, 1, 1, 1), (3, 6, 5, 17), (7, 5, 12, 70), (33, 9, 20, 129)]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d_T%d_E%d_H%d" % s)
 @pytest.mark.parametrize("lengths", ["none", "random"])
 @pytest.mark.parametrize("state", [False, True])
-def test_cuda_matches_cpu(rng, dtype, shape, lengths, state):
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_cuda_matches_cpu(rng, dtype, shape, lengths, state, reverse):
     p, up = make_problem(rng, *shape, dtype=dtype, lengths=lengths, state=state, bias=shape[0] % 2 == 1)
-    cpu = fusedlstm.lstm_forward(**p)
-    gpu = fusedlstm.lstm_forward(**p, device="cuda")
+    cpu = fusedlstm.lstm_forward(**p, reverse=reverse)
+    gpu = fusedlstm.lstm_forward(**p, device="cuda", reverse=reverse)
     assert gpu[3].device == "cuda" and gpu[3].nbytes > 0 and gpu[3].shape == shape
+    assert gpu[3].reverse is reverse
+    # Inference on the GPU, reverse included, against the CPU's.
+    inf = fusedlstm.lstm_forward(**p, device="cuda", reverse=reverse, training=False)
+    tol_inf = dict(rtol=1e-10, atol=1e-11) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(inf[0], cpu[0], **tol_inf)
     g_cpu = fusedlstm.lstm_backward(cpu[3], **up)
     g_gpu = fusedlstm.lstm_backward(gpu[3], **up)
     tol = dict(rtol=1e-10, atol=1e-11) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)

@@ -77,6 +77,40 @@ __device__ inline int64_t Len(const int32_t* lengths, int64_t n, int64_t T) {
   return lengths ? lengths[n] : T;
 }
 
+// The position row n reads x from and writes its output to at its step t (lstm.h: reverse).
+__device__ inline int64_t Pos(bool reverse, const int32_t* lengths, int64_t n, int64_t t,
+                              int64_t T) {
+  if (!reverse) return t;
+  const int64_t len = Len(lengths, n, T);
+  return t < len ? len - 1 - t : t;
+}
+
+// dst[n, t, :] = src[n, Pos(n, t), :] for rows of w: a reverse pass's x in step order, so the
+// projection stays one GEMM and every cache array is in step order.
+template <typename S>
+__global__ void GatherSteps(const S* src, S* dst, int64_t N, int64_t T, int64_t w,
+                            const int32_t* lengths) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= N * T * w) return;
+  const int64_t row = i / w, k = i % w, n = row / T, t = row % T;
+  dst[i] = src[(n * T + Pos(true, lengths, n, t, T)) * w + k];
+}
+
+// Reverses each row's valid steps in place (dX of a reverse pass back to x's layout).
+template <typename S>
+__global__ void ReverseValidSteps(S* a, int64_t N, int64_t T, int64_t w, const int32_t* lengths) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= N * T * w) return;
+  const int64_t row = i / w, k = i % w, n = row / T, t = row % T;
+  const int64_t len = Len(lengths, n, T);
+  if (t >= len / 2) return;
+  S* p = a + (n * T + t) * w + k;
+  S* q = a + (n * T + len - 1 - t) * w + k;
+  const S tmp = *p;
+  *p = *q;
+  *q = tmp;
+}
+
 // dst[n, 0:w] = src ? src[n, 0:w] : 0 for rows with pitch dst_ld (a strided state init).
 template <typename S>
 __global__ void InitRows(S* dst, int64_t dst_ld, const S* src, int64_t N, int64_t w) {
@@ -90,7 +124,7 @@ __global__ void InitRows(S* dst, int64_t dst_ld, const S* src, int64_t N, int64_
 template <typename S>
 __global__ void GatesForward(int64_t t, int64_t N, int64_t T, int64_t H, S* gates, const S* bias,
                              const int32_t* lengths, bool training, S* hist_h, S* hist_c, S* hbuf,
-                             S* c_run, S* h_n, S* outputs) {
+                             S* c_run, S* h_n, S* outputs, bool reverse, int64_t out_ld) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= N * H) return;
   const int64_t n = i / H, u = i % H, G = 4 * H;
@@ -109,7 +143,7 @@ __global__ void GatesForward(int64_t t, int64_t N, int64_t T, int64_t H, S* gate
     h_prev = hbuf + (t % 2) * N * H + n * H + u;
     h_next = hbuf + ((t + 1) % 2) * N * H + n * H + u;
   }
-  S* out = outputs + (n * T + t) * H + u;
+  S* out = outputs + (n * T + Pos(reverse, lengths, n, t, T)) * out_ld + u;
   if (t >= Len(lengths, n, T)) {
     const S cp = *c_prev, hp = *h_prev;
     *c_next = cp;
@@ -139,7 +173,7 @@ __global__ void GatesForward(int64_t t, int64_t N, int64_t T, int64_t H, S* gate
 template <typename S>
 __global__ void GatesBackward(int64_t t, int64_t N, int64_t T, int64_t H, S* gates, const S* hist_c,
                               const int32_t* lengths, const S* d_outputs, const S* dh_run,
-                              S* dc_run) {
+                              S* dc_run, bool reverse, int64_t out_ld) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= N * H) return;
   const int64_t n = i / H, u = i % H, G = 4 * H;
@@ -151,7 +185,9 @@ __global__ void GatesBackward(int64_t t, int64_t N, int64_t T, int64_t H, S* gat
   const S gi = z[u], gf = z[H + u], gg = z[2 * H + u], go = z[3 * H + u];
   const S c_prev = hist_c[(n * (T + 1) + t) * H + u];
   const S tc = Tanh(hist_c[(n * (T + 1) + t + 1) * H + u]);
-  const S dh = d_outputs ? dh_run[i] + d_outputs[(n * T + t) * H + u] : dh_run[i];
+  const S dh = d_outputs
+                   ? dh_run[i] + d_outputs[(n * T + Pos(reverse, lengths, n, t, T)) * out_ld + u]
+                   : dh_run[i];
   const S dc = dc_run[i] + dh * go * (S(1) - tc * tc);
   dc_run[i] = dc * gf;
   z[3 * H + u] = dh * tc * (go * (S(1) - go));
@@ -213,9 +249,10 @@ struct Bound {
 
 }  // namespace
 
-int64_t CudaForwardWorkspaceSize(const LstmShape& s, bool training) {
+int64_t CudaForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse) {
   const int64_t G = 4 * s.H;
-  return training ? G : G + s.N * s.T * G + 2 * s.N * s.H;
+  // Inference keeps a reverse pass's x in step order here (training: in the cache).
+  return training ? G : G + s.N * s.T * G + 2 * s.N * s.H + (reverse ? s.N * s.T * s.C : 0);
 }
 
 int64_t CudaBackwardWorkspaceSize(const LstmShape& s) { return s.N * s.H; }
@@ -235,6 +272,7 @@ void LstmForwardCuda(const CudaContext& ctx, const LstmShape& s, const ForwardAr
   }
   S* bias = a.workspace;
   CopyOrZero(bias, a.bias, G, b.stream);
+  const int64_t out_ld = a.out_ld ? a.out_ld : H;
   S *kernel, *rkernel, *gates, *hist_h = nullptr, *hist_c = nullptr, *hbuf = nullptr;
   const S* x = a.x;
   if (training) {  // the cache: kernel, rkernel, x, gates, h history, c history (lstm_cpu.cc)
@@ -246,7 +284,13 @@ void LstmForwardCuda(const CudaContext& ctx, const LstmShape& s, const ForwardAr
     hist_c = hist_h + N * T * H;
     CopyOrZero(kernel, a.kernel, C * G, b.stream);
     CopyOrZero(rkernel, a.recurrent_kernel, H * G, b.stream);
-    CopyOrZero(xc, a.x, N * T * C, b.stream);
+    if (a.reverse && N * T * C > 0) {
+      GatherSteps<S><<<Blocks(N * T * C), kThreads, 0, b.stream>>>(a.x, xc, N, T, C, a.lengths);
+      FL_LAUNCH("GatherSteps");
+    } else {
+      CopyOrZero(xc, a.x, N * T * C, b.stream);
+    }
+    x = xc;
     InitRows<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(hist_h, T * H, a.h0, N, H);
     InitRows<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(hist_c, (T + 1) * H, a.c0, N, H);
     FL_LAUNCH("InitRows");
@@ -257,6 +301,12 @@ void LstmForwardCuda(const CudaContext& ctx, const LstmShape& s, const ForwardAr
     hbuf = gates + N * T * G;
     CopyOrZero(hbuf, a.h0, N * H, b.stream);
     CopyOrZero(a.c_n, a.c0, N * H, b.stream);
+    if (a.reverse && N * T * C > 0) {
+      S* xs = hbuf + 2 * N * H;
+      GatherSteps<S><<<Blocks(N * T * C), kThreads, 0, b.stream>>>(a.x, xs, N, T, C, a.lengths);
+      FL_LAUNCH("GatherSteps");
+      x = xs;
+    }
   }
   // Z[NT, G] = X[NT, C]·W[C, G]  (column-major: Zᵀ[G, NT] = Wᵀ[G, C]·Xᵀ[C, NT])
   if (C > 0) {
@@ -272,7 +322,7 @@ void LstmForwardCuda(const CudaContext& ctx, const LstmShape& s, const ForwardAr
          T * G);
     GatesForward<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(t, N, T, H, gates, bias, a.lengths,
                                                               training, hist_h, hist_c, hbuf, a.c_n,
-                                                              a.h_n, a.outputs);
+                                                              a.h_n, a.outputs, a.reverse, out_ld);
     FL_LAUNCH("GatesForward");
   }
   if (training) {  // c_n[n] = c history [n, T]
@@ -307,14 +357,15 @@ void LstmBackwardCuda(const CudaContext& ctx, const LstmShape& s, const Backward
   S* hist_h = gates + M * G;
   S* hist_c = hist_h + M * H;
   S* dh_new = a.workspace;
+  const int64_t out_ld = a.out_ld ? a.out_ld : H;
   if (a.lengths) {  // padded steps contribute nothing, even NaN/Inf data there
     if (C > 0) ZeroPadded<S><<<Blocks(M * C), kThreads, 0, b.stream>>>(x, N, T, C, a.lengths);
     ZeroPadded<S><<<Blocks(M * H), kThreads, 0, b.stream>>>(hist_h, N, T, H, a.lengths);
     FL_LAUNCH("ZeroPadded");
   }
   for (int64_t t = T - 1; t >= 0; --t) {
-    GatesBackward<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(t, N, T, H, gates, hist_c, a.lengths,
-                                                               a.d_outputs, a.d_h0, a.d_c0);
+    GatesBackward<S><<<Blocks(N * H), kThreads, 0, b.stream>>>(
+        t, N, T, H, gates, hist_c, a.lengths, a.d_outputs, a.d_h0, a.d_c0, a.reverse, out_ld);
     FL_LAUNCH("GatesBackward");
     // dh_new[N, H] = dZ_t[N, G]·Rᵀ[G, H]  (column-major: dh_newᵀ[H, N] = (Rᵀ)ᵀ... = R[H, G]·dZ_tᵀ)
     Gemm(b.blas, CUBLAS_OP_T, CUBLAS_OP_N, H, N, G, S(0), rkernel, G, gates + t * G, T * G, dh_new,
@@ -328,6 +379,10 @@ void LstmBackwardCuda(const CudaContext& ctx, const LstmShape& s, const Backward
     if (a.lengths) {
       ZeroPadded<S><<<Blocks(M * C), kThreads, 0, b.stream>>>(a.dx, N, T, C, a.lengths);
       FL_LAUNCH("ZeroPadded");
+    }
+    if (a.reverse) {  // dX came out in step order
+      ReverseValidSteps<S><<<Blocks(M * C), kThreads, 0, b.stream>>>(a.dx, N, T, C, a.lengths);
+      FL_LAUNCH("ReverseValidSteps");
     }
   }
   if (C > 0) {

@@ -58,9 +58,9 @@ class DeviceBuffer {
 // A CUDA training cache (cache.h): GPU memory, freed by the backward that consumes it.
 class CudaCache {
  public:
-  CudaCache(const LstmShape& s, bool is_double, const int32_t* lengths)
+  CudaCache(const LstmShape& s, bool is_double, const int32_t* lengths, bool reverse)
       : mem_(new DeviceBuffer(CacheSize(s), is_double ? sizeof(double) : sizeof(float))),
-        info_(s, is_double, lengths) {}
+        info_(s, is_double, lengths, reverse) {}
   const CacheInfo& info() const { return info_; }
   bool used() const { return mem_ == nullptr; }
   int64_t nbytes() const { return mem_ ? static_cast<int64_t>(mem_->nbytes()) : 0; }
@@ -156,7 +156,7 @@ struct CudaCall {
 template <typename S>
 py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::array& rkernel,
                       const py::object& bias, const py::object& h0, const py::object& c0,
-                      const py::object& lengths, bool training) {
+                      const py::object& lengths, bool training, bool reverse) {
   ForwardArgs<S> host;
   const LstmShape s = ReadForward<S>(x, kernel, rkernel, bias, h0, c0, lengths, &host);
   Require(ValidateCudaSizes(s));  // cuBLAS takes int sizes
@@ -164,7 +164,7 @@ py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::arr
   py::array_t<S> outputs({s.N, s.T, s.H}), h_n({s.N, s.H}), c_n({s.N, s.H});
   std::shared_ptr<CudaCache> cache;
   if (training) {
-    cache = std::make_shared<CudaCache>(s, std::is_same<S, double>::value, host.lengths);
+    cache = std::make_shared<CudaCache>(s, std::is_same<S, double>::value, host.lengths, reverse);
     host.lengths = cache->info().lengths();  // the forward runs on the copy the backward sees
   }
   {
@@ -183,8 +183,9 @@ py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::arr
     d.outputs = Scratch<S>(keep, s.N * s.T * s.H);
     d.h_n = Scratch<S>(keep, s.N * s.H);
     d.c_n = Scratch<S>(keep, s.N * s.H);
-    d.workspace = Scratch<S>(keep, CudaForwardWorkspaceSize(s, training));
+    d.workspace = Scratch<S>(keep, CudaForwardWorkspaceSize(s, training, reverse));
     d.cache = training ? cache->get<S>() : nullptr;
+    d.reverse = reverse;
     LstmForwardCuda<S>(ctx, s, d);
     Download(outputs, d.outputs, st);
     Download(h_n, d.h_n, st);
@@ -227,6 +228,7 @@ py::tuple BackwardCuda(CudaCache& cache, const py::object& d_outputs, const py::
     d.d_h0 = Scratch<S>(keep, s.N * s.H);
     d.d_c0 = Scratch<S>(keep, s.N * s.H);
     d.workspace = Scratch<S>(keep, CudaBackwardWorkspaceSize(s));
+    d.reverse = cache.info().reverse();
     LstmBackwardCuda<S>(ctx, s, d);
     if (need_dx) Download(dx, d.dx, st);
     Download(dk, d.d_kernel, st);
@@ -250,16 +252,16 @@ void RegisterCudaKernels(py::module_& m) {
       "forward_cuda",
       [](const py::array& x, const py::array& kernel, const py::array& rkernel,
          const py::object& bias, const py::object& h0, const py::object& c0,
-         const py::object& lengths, bool training) {
+         const py::object& lengths, bool training, bool reverse) {
         if (IsDtype(x, py::dtype::of<float>()))
-          return ForwardCuda<float>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+          return ForwardCuda<float>(x, kernel, rkernel, bias, h0, c0, lengths, training, reverse);
         if (IsDtype(x, py::dtype::of<double>()))
-          return ForwardCuda<double>(x, kernel, rkernel, bias, h0, c0, lengths, training);
+          return ForwardCuda<double>(x, kernel, rkernel, bias, h0, c0, lengths, training, reverse);
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
       py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
-      py::arg("c0"), py::arg("lengths"), py::arg("training"));
+      py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("reverse") = false);
   m.def(
       "backward_cuda",
       [](CudaCache& cache, const py::object& d_outputs, const py::object& d_h_n,

@@ -216,10 +216,8 @@ def lstm_forward(
             return fast
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     if device == "cuda":
-        if reverse:
-            raise NotImplementedError("reverse=True runs on the CPU only (the CUDA kernels have no reverse pass yet)")
         outputs, h_n, c_n, dbuf = _core.forward_cuda(
-            a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, bool(training)
+            a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, bool(training), reverse
         )
         cache = LstmCache(dbuf, "cuda") if training else None
         return (outputs if return_sequences else None), h_n, c_n, cache

@@ -134,7 +134,7 @@ struct CudaContext {
 };
 
 // Scratch sizes of the CUDA kernels (elements of Scalar).
-int64_t CudaForwardWorkspaceSize(const LstmShape& s, bool training);
+int64_t CudaForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse = false);
 int64_t CudaBackwardWorkspaceSize(const LstmShape& s);
 
 template <typename Scalar>
