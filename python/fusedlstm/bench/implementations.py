@@ -9,6 +9,11 @@ Modes:
                       the weights and x of sum(outputs * d_out)
     infer-last-state  inference returning only the final state (return_sequences=False), the
                       serving case of small batches
+    bidirectional     a training step of a bidirectional layer (outputs concatenated, [B, T, 2H])
+                      over sentences of random lengths in 1..T (seeded): fusedlstm's two-direction
+                      call; torch.nn.LSTM(bidirectional=True) on an unsorted PackedSequence, the
+                      correct way over padding in torch; and fusedlstm.1dir, one direction on the
+                      same lengths (what the two directions cost over one)
 
 Inputs carry a dtype (PRECISION, float32 today) that the worker's setup message names, so that a
 precision dimension only needs another value passed through (and, per implementation, a word on
@@ -29,6 +34,7 @@ __all__ = [
     "IMPL_MODES",
     "DEFAULT_CONFIGS",
     "SMALL_BATCH_CONFIGS",
+    "BIDIRECTIONAL_CONFIGS",
     "PRECISION",
     "Config",
     "PlanRow",
@@ -49,15 +55,25 @@ __all__ = [
 
 Config = tuple[int, int, int, int]  # (B, T, E, H)
 
-MODES = ("forward", "forward+backward", "infer-last-state")
-IMPLS = ("fusedlstm", "fusedlstm.prepared", "onnxruntime", "torch", "numpy", "keras", "fusedlstm.keras")
+MODES = ("forward", "forward+backward", "infer-last-state", "bidirectional")
+IMPLS = (
+    "fusedlstm",
+    "fusedlstm.prepared",
+    "fusedlstm.1dir",
+    "onnxruntime",
+    "torch",
+    "numpy",
+    "keras",
+    "fusedlstm.keras",
+)
 # The Keras layers stay out of the small-batch rows: there tf.function's per-call overhead is all
 # they would measure, and their workers would double --quick's time.
 IMPL_MODES: dict[str, tuple[str, ...]] = {
     "fusedlstm": MODES,
     "fusedlstm.prepared": ("forward", "infer-last-state"),
+    "fusedlstm.1dir": ("bidirectional",),
     "onnxruntime": ("forward", "infer-last-state"),
-    "numpy": MODES,
+    "numpy": ("forward", "forward+backward", "infer-last-state"),
     "torch": MODES,
     "keras": ("forward", "forward+backward"),
     "fusedlstm.keras": ("forward", "forward+backward"),
@@ -74,6 +90,8 @@ SMALL_BATCH_CONFIGS: list[Config] = [
     (16, 20, 50, 128),
     (32, 20, 50, 128),
 ]
+# A bidirectional layer's training step at the classifier's size.
+BIDIRECTIONAL_CONFIGS: list[Config] = [(64, 50, 300, 128)]
 
 
 class PlanRow(NamedTuple):
@@ -86,6 +104,7 @@ class PlanRow(NamedTuple):
 
 # --quick compares the small-batch rows with onnxruntime only (the prepared and plain calls).
 QUICK_SMALL_BATCH_IMPLS = ("fusedlstm", "fusedlstm.prepared", "onnxruntime")
+BIDIRECTIONAL_IMPLS = ("fusedlstm", "fusedlstm.1dir", "torch")
 
 
 def make_plan(
@@ -93,11 +112,13 @@ def make_plan(
 ) -> list[PlanRow]:
     """The rows of a run. User configs run the modes asked for (default: all); without them the
     standard configs run their own modes (DEFAULT_CONFIGS forward and forward+backward,
-    SMALL_BATCH_CONFIGS infer-last-state), filtered by `modes`. --quick leaves out NumPy at the
-    big configs (a second per call) and, in the standard small-batch rows, all but
-    QUICK_SMALL_BATCH_IMPLS."""
+    SMALL_BATCH_CONFIGS infer-last-state, BIDIRECTIONAL_CONFIGS bidirectional), filtered by
+    `modes`. --quick leaves out NumPy at the big configs (a second per call) and, in the standard
+    small-batch rows, all but QUICK_SMALL_BATCH_IMPLS."""
 
-    def skip(cfg: Config, small: bool) -> tuple[str, ...]:
+    def skip(cfg: Config, small) -> tuple[str, ...]:
+        if small == "bi":
+            return tuple(n for n in IMPLS if n not in BIDIRECTIONAL_IMPLS)
         if not quick:
             return ()
         if small:
@@ -110,6 +131,7 @@ def make_plan(
     for cfgs, own, small in (
         (DEFAULT_CONFIGS, ("forward", "forward+backward"), False),
         (SMALL_BATCH_CONFIGS, ("infer-last-state",), True),
+        (BIDIRECTIONAL_CONFIGS, ("bidirectional",), "bi"),
     ):
         keep = tuple(m for m in own if modes is None or m in modes)
         if keep:
@@ -128,8 +150,17 @@ def fwd_flops(B: int, T: int, E: int, H: int) -> float:
 
 
 def mode_flops(mode: str, cfg: Config) -> float:
-    """The matrix-multiply FLOPs of one call (a backward does twice a forward's)."""
+    """The matrix-multiply FLOPs of one call (a backward does twice a forward's; the
+    bidirectional step: two directions over the valid steps of bench_lengths)."""
+    if mode == "bidirectional":
+        B, T, E, H = cfg
+        return 2 * 3.0 * fwd_flops(*cfg) * float(bench_lengths(B, T).mean()) / T
     return (3.0 if mode == "forward+backward" else 1.0) * fwd_flops(*cfg)
+
+
+def bench_lengths(B: int, T: int, seed: int = 0) -> np.ndarray:
+    """The bidirectional mode's sentence lengths: uniform in 1..T, seeded."""
+    return np.random.default_rng([seed, 1]).integers(1, T + 1, size=B).astype(np.int32)
 
 
 def make_inputs(B: int, T: int, E: int, H: int, seed: int = 0, dtype: str = PRECISION) -> dict:
@@ -141,8 +172,14 @@ def make_inputs(B: int, T: int, E: int, H: int, seed: int = 0, dtype: str = PREC
         recurrent_kernel=rng.standard_normal((H, 4 * H), dtype=np.float32) * s,
         bias=rng.standard_normal(4 * H, dtype=np.float32) * 0.1,
         d_out=rng.standard_normal((B, T, H), dtype=np.float32),
+        kernel_reverse=rng.standard_normal((E, 4 * H), dtype=np.float32) * s,
+        recurrent_kernel_reverse=rng.standard_normal((H, 4 * H), dtype=np.float32) * s,
+        bias_reverse=rng.standard_normal(4 * H, dtype=np.float32) * 0.1,
+        d_out2=rng.standard_normal((B, T, 2 * H), dtype=np.float32),
     )
-    return {k: v.astype(dtype, copy=False) for k, v in out.items()}
+    out = {k: v.astype(dtype, copy=False) for k, v in out.items()}
+    out["lengths"] = bench_lengths(B, T)
+    return out
 
 
 # -- fusedlstm and its NumPy reference (one API) -----------------------------------------------
@@ -160,6 +197,33 @@ def _lstm_api(mod, inp) -> dict[str, Callable]:
         "forward+backward": fwd_bwd,
         "infer-last-state": lambda: mod.lstm_forward(x, W, R, b, training=False, return_sequences=False),
     }
+
+
+def _bidirectional(inp) -> dict[str, Callable]:
+    import fusedlstm
+
+    x, L = inp["x"], inp["lengths"]
+    fw = (inp["kernel"], inp["recurrent_kernel"], inp["bias"])
+    rv = (inp["kernel_reverse"], inp["recurrent_kernel_reverse"], inp["bias_reverse"])
+
+    def step():
+        _, _, _, cache = fusedlstm.lstm_bidirectional_forward(x, fw, rv, lengths=L)
+        fusedlstm.lstm_backward(cache, inp["d_out2"])
+
+    return {"bidirectional": step}
+
+
+def _one_direction(inp) -> dict[str, Callable]:
+    import fusedlstm
+
+    x, L, H = inp["x"], inp["lengths"], inp["recurrent_kernel"].shape[0]
+    d_out = np.ascontiguousarray(inp["d_out2"][..., :H])
+
+    def step():
+        _, _, _, cache = fusedlstm.lstm_forward(x, inp["kernel"], inp["recurrent_kernel"], inp["bias"], lengths=L)
+        fusedlstm.lstm_backward(cache, d_out)
+
+    return {"bidirectional": step}
 
 
 def _prepared(inp) -> dict[str, Callable]:
@@ -269,7 +333,26 @@ def _torch(inp) -> dict[str, Callable]:
         lstm.zero_grad(set_to_none=True)
         y.backward(tdo)
 
-    return {"forward": fwd, "forward+backward": fwd_bwd, "infer-last-state": fwd}
+    bi = torch.nn.LSTM(E, H, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for sfx, k in (("", ""), ("_reverse", "_reverse")):
+            getattr(bi, "weight_ih_l0" + sfx).copy_(torch.from_numpy(inp["kernel" + k].T.copy()))
+            getattr(bi, "weight_hh_l0" + sfx).copy_(torch.from_numpy(inp["recurrent_kernel" + k].T.copy()))
+            getattr(bi, "bias_ih_l0" + sfx).copy_(torch.from_numpy(inp["bias" + k]))
+            getattr(bi, "bias_hh_l0" + sfx).zero_()
+    lengths = torch.from_numpy(inp["lengths"].astype(np.int64))
+    tdo2 = torch.from_numpy(inp["d_out2"])
+    T = x.shape[1]
+
+    def bidirectional():
+        xg = tx.detach().requires_grad_(True)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(xg, lengths, batch_first=True, enforce_sorted=False)
+        y, _ = bi(packed)
+        y, _ = torch.nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=T)
+        bi.zero_grad(set_to_none=True)
+        y.backward(tdo2)
+
+    return {"forward": fwd, "forward+backward": fwd_bwd, "infer-last-state": fwd, "bidirectional": bidirectional}
 
 
 def _keras(layer_cls, inp) -> dict[str, Callable]:
@@ -310,7 +393,9 @@ def impl_fns(impl: str, inp: dict, modes: Sequence[str], threads: int) -> dict[s
     if impl == "fusedlstm":
         import fusedlstm
 
-        fns = _lstm_api(fusedlstm, inp)
+        fns = _lstm_api(fusedlstm, inp) | _bidirectional(inp)
+    elif impl == "fusedlstm.1dir":
+        fns = _one_direction(inp)
     elif impl == "numpy":
         from fusedlstm import reference
 

@@ -38,6 +38,7 @@ BASELINES = ("torch", "onnxruntime")
 LABELS = {
     "fusedlstm": "fusedlstm",
     "fusedlstm.prepared": "fusedlstm prepared",
+    "fusedlstm.1dir": "fusedlstm one direction",
     "onnxruntime": "onnxruntime",
     "numpy": "NumPy",
     "torch": "torch",
