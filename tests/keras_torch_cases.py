@@ -50,8 +50,11 @@ def compare(ref, ours, x, tol=2e-5, **kw):
         {"return_state": True},
         {"return_sequences": True, "return_state": True},
         {"go_backwards": True, "return_sequences": True},
+        {"go_backwards": True, "return_state": True},
         {"use_bias": False, "return_sequences": True},
         {"return_sequences": True, "zero_output_for_mask": True},
+        {"go_backwards": True, "return_sequences": True, "zero_output_for_mask": True},
+        {"zero_output_for_mask": True, "return_state": True},
     ],
     ids=lambda kw: "-".join(kw) or "default",
 )
@@ -71,14 +74,20 @@ def test_initial_state_and_float64_match_keras():
     compare(ref, ours, x.astype(np.float64), tol=1e-12)
 
 
-def test_bidirectional_matches_keras():
+@pytest.mark.parametrize("mask_kind", ["right", "left"])
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_bidirectional_matches_keras(mask_kind, return_sequences):
     rng = np.random.default_rng(2)
-    ref = keras.layers.Bidirectional(keras.layers.LSTM(H, return_sequences=True))
-    ours = keras.layers.Bidirectional(fk.LSTM(H, return_sequences=True))
+    kw = dict(return_sequences=return_sequences, return_state=True)
+    ref = keras.layers.Bidirectional(keras.layers.LSTM(H, **kw))
+    ours = keras.layers.Bidirectional(fk.LSTM(H, **kw))
     ref.build((None, T, E))
     ours.build((None, T, E))
+    ref.set_weights([w + 0.3 * rng.standard_normal(w.shape).astype(w.dtype) for w in ref.get_weights()])
     ours.set_weights(ref.get_weights())
-    compare(ref, ours, rng.standard_normal((B, T, E)).astype(np.float32), mask=masks()["right"])
+    state = [rng.standard_normal((B, H)).astype(np.float32) for _ in range(4)]
+    x = rng.standard_normal((B, T, E)).astype(np.float32)
+    compare(ref, ours, x, mask=masks()[mask_kind], initial_state=state)
 
 
 def test_mask_with_holes_is_refused():

@@ -66,7 +66,10 @@ def compare(ref, ours, x, mask=None, initial_state=None, tol=2e-5):
         {"return_sequences": True, "return_state": True},
         {"go_backwards": True},
         {"go_backwards": True, "return_sequences": True},
+        {"go_backwards": True, "return_sequences": True, "return_state": True},
         {"use_bias": False, "return_sequences": True},
+        {"zero_output_for_mask": True},  # the last output: zeros where the last step is masked
+        {"zero_output_for_mask": True, "go_backwards": True, "return_state": True},
     ],
     ids=lambda kw: "-".join(kw) or "default",
 )
@@ -112,6 +115,46 @@ def test_bidirectional_over_masked_embedding():
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "right", "left"])
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_bidirectional_matches_keras(mask_kind, return_sequences):
+    rng = np.random.default_rng(8)
+    layers = []
+    for cls in (keras.layers.LSTM, fk.LSTM):
+        layer = keras.layers.Bidirectional(cls(H, return_sequences=return_sequences, return_state=True))
+        layer.build((None, T, E))
+        layers.append(layer)
+    ref, ours = layers
+    ref.set_weights([w + 0.3 * rng.standard_normal(w.shape).astype(w.dtype) for w in ref.get_weights()])
+    ours.set_weights(ref.get_weights())
+    x = rng.standard_normal((B, T, E)).astype(np.float32)
+    state = [rng.standard_normal((B, H)).astype(np.float32) for _ in range(4)]
+    compare(ref, ours, x, mask=masks()[mask_kind], initial_state=state)
+
+
+def test_go_backwards_is_the_kernels_reverse_pass():
+    """go_backwards runs the op with reverse=True on x as it is: no flip of x or the mask in the
+    graph (only the returned sequence is put in Keras's processing order)."""
+    x = tf.constant(np.random.default_rng(9).standard_normal((B, T, E)).astype(np.float32))
+    mask = tf.constant(masks()["right"])
+    for return_sequences, flips in ((False, 0), (True, 0)):
+        layer = fk.LSTM(H, go_backwards=True, return_sequences=return_sequences)
+        layer.build((None, T, E))
+
+        @tf.function
+        def step(layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x, mask=mask))
+            return tape.gradient(loss, [x] + layer.trainable_weights)
+
+        ops = step.get_concrete_function().graph.get_operations()
+        fused = [op for op in ops if op.type == "FusedLstm"]
+        assert len(fused) == 1 and fused[0].get_attr("reverse")
+        assert [op.get_attr("reverse") for op in ops if op.type == "FusedLstmGrad"] == [True]
+        assert sum(op.type == "ReverseV2" for op in ops) == flips
+
+
 def test_mask_with_holes_is_rejected():
     _, ours = pair(np.random.default_rng(3))
     mask = np.ones((B, T), bool)
@@ -141,14 +184,15 @@ def test_gradient_checker_float64():
     rng = np.random.default_rng(4)
     args = [rng.standard_normal(s) * 0.5 for s in [(3, 4, 2), (2, 12), (3, 12), (12,), (3, 3), (3, 3)]]
     lengths = tf.constant([4, 2, 0], tf.int32)
+    for reverse in (False, True):
 
-    def f(x, k, r, b, h0, c0):
-        o, h, c, _ = lib.fused_lstm(x, k, r, b, h0, c0, lengths)
-        return tf.reduce_sum(o * o) + tf.reduce_sum(tf.sin(h)) + tf.reduce_sum(c)
+        def f(x, k, r, b, h0, c0, reverse=reverse):
+            o, h, c, _ = lib.fused_lstm(x, k, r, b, h0, c0, lengths, reverse=reverse)
+            return tf.reduce_sum(o * o) + tf.reduce_sum(tf.sin(h)) + tf.reduce_sum(c)
 
-    theoretical, numerical = tf.test.compute_gradient(f, [tf.constant(a) for a in args])
-    for t_, n_ in zip(theoretical, numerical):
-        np.testing.assert_allclose(t_, n_, rtol=1e-6, atol=1e-6)
+        theoretical, numerical = tf.test.compute_gradient(f, [tf.constant(a) for a in args])
+        for t_, n_ in zip(theoretical, numerical):
+            np.testing.assert_allclose(t_, n_, rtol=1e-6, atol=1e-6)
 
 
 def test_raw_op_input_checks():

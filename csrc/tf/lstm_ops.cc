@@ -41,6 +41,7 @@ REGISTER_OP("FusedLstm")
     .Attr("T: {float, double}")
     .Attr("training: bool = true")
     .Attr("return_sequences: bool = true")  // false: the kernel writes no outputs
+    .Attr("reverse: bool = false")  // each row's valid steps last to first (fusedlstm/lstm.h)
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x, k, r, b, h0, c0, len;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
@@ -76,6 +77,7 @@ REGISTER_OP("FusedLstmGrad")
     .Output("d_h0: T")
     .Output("d_c0: T")
     .Attr("T: {float, double}")
+    .Attr("reverse: bool = false")  // as the forward that wrote the cache ran
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x, r;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
@@ -161,6 +163,7 @@ class FusedLstmOp : public OpKernel {
   explicit FusedLstmOp(OpKernelConstruction* c) : OpKernel(c) {
     OP_REQUIRES_OK(c, c->GetAttr("training", &training_));
     OP_REQUIRES_OK(c, c->GetAttr("return_sequences", &return_sequences_));
+    OP_REQUIRES_OK(c, c->GetAttr("reverse", &reverse_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -181,10 +184,10 @@ class FusedLstmOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             3, TensorShape({training_ ? fusedlstm::CacheSize(s) : 0}), &cache));
     Tensor workspace;
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_temp(DataTypeToEnum<S>::value,
-                                      TensorShape({fusedlstm::ForwardWorkspaceSize(s, training_)}),
-                                      &workspace));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(
+                            DataTypeToEnum<S>::value,
+                            TensorShape({fusedlstm::ForwardWorkspaceSize(s, training_, reverse_)}),
+                            &workspace));
     fusedlstm::ForwardArgs<S> a;
     a.x = x.flat<S>().data();
     a.kernel = k.flat<S>().data();
@@ -198,18 +201,22 @@ class FusedLstmOp : public OpKernel {
     a.c_n = cn->flat<S>().data();
     a.workspace = workspace.flat<S>().data();
     a.cache = training_ ? cache->flat<S>().data() : nullptr;
+    a.reverse = reverse_;
     fusedlstm::LstmForward<S>(MakeDevice(ctx), s, a);
   }
 
  private:
   bool training_;
   bool return_sequences_;
+  bool reverse_;
 };
 
 template <typename S>
 class FusedLstmGradOp : public OpKernel {
  public:
-  explicit FusedLstmGradOp(OpKernelConstruction* c) : OpKernel(c) {}
+  explicit FusedLstmGradOp(OpKernelConstruction* c) : OpKernel(c) {
+    OP_REQUIRES_OK(c, c->GetAttr("reverse", &reverse_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &x = ctx->input(0), &r = ctx->input(1), &len = ctx->input(2),
@@ -273,8 +280,12 @@ class FusedLstmGradOp : public OpKernel {
     a.d_h0 = dh0->flat<S>().data();
     a.d_c0 = dc0->flat<S>().data();
     a.workspace = workspace.flat<S>().data();
+    a.reverse = reverse_;
     fusedlstm::LstmBackward<S>(MakeDevice(ctx), s, a);
   }
+
+ private:
+  bool reverse_;
 };
 
 #define REGISTER(S)                                                                        \

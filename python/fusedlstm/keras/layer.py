@@ -50,7 +50,7 @@ def _take_steps(x, idx):
     return x[torch.arange(x.shape[0], device=x.device)[:, None], idx.long()]
 
 
-def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, lengths, keep_cache, return_sequences):
+def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, lengths, keep_cache, return_sequences, reverse):
     """outputs, h_n, c_n of the fused kernel, on the backend's own op: the compiled TensorFlow
     op (tensorflow) or an autograd Function over fusedlstm's NumPy API (torch, which decides
     from grad mode whether to keep a cache, so keep_cache applies to TensorFlow only)."""
@@ -58,11 +58,32 @@ def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, lengths, keep_cache, r
         from .ops import fused_lstm
 
         return fused_lstm(
-            x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=keep_cache, return_sequences=return_sequences
+            x,
+            kernel,
+            recurrent_kernel,
+            bias,
+            h0,
+            c0,
+            lengths,
+            training=keep_cache,
+            return_sequences=return_sequences,
+            reverse=reverse,
         )[:3]
     from .torch_op import fused_lstm
 
-    return fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences=return_sequences)
+    return fused_lstm(
+        x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences=return_sequences, reverse=reverse
+    )
+
+
+class _Untracked:
+    """A holder Keras's attribute tracking does not look into: what it holds is not one of the
+    layer's weights (get_weights/set_weights stay keras.layers.LSTM's three)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value=None):
+        self.value = value
 
 
 @keras.saving.register_keras_serializable(package="fusedlstm")
@@ -162,6 +183,13 @@ class LSTM(keras.layers.Layer):
         self.supports_masking = True
         self.supports_jit = False  # a compiled custom op: XLA cannot compile it
         self.state_size = [units, units]
+        self._state_vars = _Untracked()  # stateful=True: [h, c] variables once built
+
+    @property
+    def states(self):
+        """The state variables [h, c] of a stateful layer (None otherwise), as Keras's RNN
+        layers have them (read by keras.layers.Bidirectional)."""
+        return self._state_vars.value
 
     def build(self, input_shape):
         E = input_shape[-1]
@@ -217,10 +245,6 @@ class LSTM(keras.layers.Layer):
             raise ValueError(f"inputs must be 3-d [batch, time, features], got shape {x.shape}")
         B, T, E = ops.shape(x)
         u = self.units
-        if self.go_backwards:
-            x = ops.flip(x, axis=1)
-            if mask is not None:
-                mask = ops.flip(mask, axis=1)
         if training and self.dropout > 0:  # one input mask per sequence, as Keras's LSTM
             keep = keras.random.dropout(ops.ones((B, 1, E), dtype), self.dropout, seed=self.seed_generator)
             x = x * keep
@@ -246,6 +270,8 @@ class LSTM(keras.layers.Layer):
         # pass; a gradient taken anyway recomputes the forward (see ops.py). A plain call
         # (training=None: a custom loop's `layer(x)` under a GradientTape) keeps it, or every
         # such training step would run the forward twice.
+        # go_backwards is the kernel's reverse pass: it reads each row's run last to first and
+        # writes each output at the position of the input it read, so x is never flipped.
         outputs, h_n, c_n = _run_fused(
             x,
             ops.cast(self.kernel, dtype),
@@ -256,19 +282,33 @@ class LSTM(keras.layers.Layer):
             lengths,
             keep_cache=training is not False,
             return_sequences=self.return_sequences,
+            reverse=self.go_backwards,
         )
-        has_steps = ops.expand_dims(lengths > 0, 1)
-        last = ops.where(has_steps, h_n, ops.zeros_like(h_n))  # Keras: zeros if nothing was valid
+        # Keras's outputs are in processing order: with go_backwards, step p of its output read
+        # input T-1-p, and the run of valid steps starts at `first` in that order.
+        first = T - starts - lengths if self.go_backwards else starts
+        has_steps = lengths > 0
+        if self.zero_output_for_mask and mask is not None:
+            # Keras's last output is the output of the last step processed: zeros if that step
+            # was masked.
+            has_steps = has_steps & (first + lengths == T)
+        last = ops.where(ops.expand_dims(has_steps, 1), h_n, ops.zeros_like(h_n))  # Keras: zeros if nothing valid
         if self.return_sequences:
             if mask is not None:
                 # Keras semantics: zeros before the run, the run, then its last output repeated
-                # (zero_output_for_mask: zeros there too).
-                idx = ops.clip(steps - ops.expand_dims(starts, 1), 0, ops.expand_dims(ops.maximum(lengths - 1, 0), 1))
+                # (zero_output_for_mask: zeros there too). The kernel's outputs are the run's,
+                # from position 0, in input order.
+                end = ops.expand_dims(ops.maximum(lengths - 1, 0), 1)
+                idx = ops.clip(steps - ops.expand_dims(first, 1), 0, end)
+                if self.go_backwards:
+                    idx = end - idx
                 outputs = _take_steps(outputs, idx)
-                keep = (steps >= ops.expand_dims(starts, 1)) & has_steps
+                keep = (steps >= ops.expand_dims(first, 1)) & ops.expand_dims(lengths > 0, 1)
                 if self.zero_output_for_mask:
-                    keep = keep & (steps < ops.expand_dims(starts + lengths, 1))
+                    keep = keep & (steps < ops.expand_dims(first + lengths, 1))
                 outputs = ops.where(ops.expand_dims(keep, -1), outputs, ops.zeros_like(outputs))
+            elif self.go_backwards:
+                outputs = ops.flip(outputs, axis=1)
             result = outputs
         else:
             result = last

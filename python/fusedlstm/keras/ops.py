@@ -28,6 +28,7 @@ def load_ops():
 @tf.RegisterGradient("FusedLstm")
 def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
     x, kernel, recurrent_kernel, bias, h0, c0, lengths = op.inputs
+    reverse = op.get_attr("reverse")
     if op.get_attr("training"):
         cache = op.outputs[3]
     else:
@@ -35,7 +36,7 @@ def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
         # differentiated: saliency maps, adversarial inputs). Run the forward again with one:
         # the kernel is deterministic, so its outputs are the ones being differentiated.
         cache = load_ops().fused_lstm(
-            x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True, return_sequences=False
+            x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True, return_sequences=False, reverse=reverse
         )[3]
 
     def zeros_if_none(g, like):
@@ -49,15 +50,26 @@ def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
         zeros_if_none(d_outputs, op.outputs[0]),
         zeros_if_none(d_h_n, h0),
         zeros_if_none(d_c_n, h0),
+        reverse=reverse,  # the backward must walk the steps as the forward did
     )
     return list(grads) + [None]  # no gradient for lengths
 
 
-def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True, return_sequences=True):
-    """outputs [B,T,H], h_n, c_n, cache — the raw op (see fusedlstm.lstm_forward for semantics).
+def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=True, return_sequences=True, reverse=False):
+    """outputs [B,T,H], h_n, c_n, cache — the raw op (see fusedlstm.lstm_forward for semantics;
+    reverse=True runs each row's valid steps last to first, outputs at their inputs' positions).
     training=False keeps no cache (the cache output is empty); its gradient, if one is taken
     anyway, runs the forward again with a cache first. return_sequences=False writes no outputs
     (they come back as an empty [B, 0, H] tensor)."""
     return load_ops().fused_lstm(
-        x, kernel, recurrent_kernel, bias, h0, c0, lengths, training=training, return_sequences=return_sequences
+        x,
+        kernel,
+        recurrent_kernel,
+        bias,
+        h0,
+        c0,
+        lengths,
+        training=training,
+        return_sequences=return_sequences,
+        reverse=reverse,
     )

@@ -23,11 +23,15 @@ def _array(t: torch.Tensor, name: str) -> np.ndarray:
 
 class _FusedLstm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences, training):
+    def forward(ctx, x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences, training, reverse):
         names = ("inputs", "kernel", "recurrent_kernel", "bias", "initial h", "initial c")
         arrays = [_array(t, n) for t, n in zip((x, kernel, recurrent_kernel, bias, h0, c0), names)]
         outputs, h_n, c_n, cache = lstm_forward(
-            *arrays, lengths=_array(lengths, "lengths"), training=training, return_sequences=return_sequences
+            *arrays,
+            lengths=_array(lengths, "lengths"),
+            training=training,
+            return_sequences=return_sequences,
+            reverse=reverse,
         )
         ctx.cache = cache
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
@@ -60,15 +64,17 @@ class _FusedLstm(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences=True):
+def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences=True, reverse=False):
     """outputs [B, T, H] ([B, 0, H] without return_sequences), h_n, c_n; differentiable in every
-    float argument (see fusedlstm.lstm_forward for the semantics)."""
+    float argument (see fusedlstm.lstm_forward for the semantics; reverse=True runs each row's
+    valid steps last to first, outputs at their inputs' positions)."""
     floats = (x, kernel, recurrent_kernel, bias, h0, c0)
     # The kernel keeps a cache only when a backward can follow: grad mode on and something to
     # differentiate (Keras's predict and evaluate run under torch.no_grad: no cache).
     # (ctx.needs_input_grad cannot tell: it ignores grad mode.)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in floats)
-    return _FusedLstm.apply(*floats, lengths, return_sequences, training)
+    return _FusedLstm.apply(*floats, lengths, return_sequences, training, reverse)
