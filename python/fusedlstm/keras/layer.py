@@ -91,7 +91,7 @@ class LSTM(keras.layers.Layer):
     """Long short-term memory layer on the fused kernel (arguments as keras.layers.LSTM).
 
     Not supported (a clear ValueError at construction): activations other than tanh/sigmoid,
-    recurrent_dropout, stateful, unroll, use_cudnn=True; a Keras backend other than TensorFlow
+    recurrent_dropout, stateful, use_cudnn=True; a Keras backend other than TensorFlow
     or torch (RuntimeError). A mask with holes raises InvalidArgumentError (TensorFlow) or
     ValueError (torch) at call.
     XLA cannot compile a custom op, so the layer opts out of jit_compile (``supports_jit``).
@@ -149,8 +149,6 @@ class LSTM(keras.layers.Layer):
             )
         if stateful:
             raise ValueError("stateful=True is not supported by fusedlstm.keras.LSTM")
-        if unroll:
-            raise ValueError("unroll=True is not supported (the fused kernel runs the whole sequence)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if use_cudnn is True:  # "auto" (Keras's default) and False mean: whatever runs here
@@ -178,6 +176,9 @@ class LSTM(keras.layers.Layer):
         self.return_sequences = return_sequences
         self.return_state = return_state
         self.go_backwards = go_backwards
+        # A speed hint in Keras (a Python loop unrolled into the graph), no effect on results;
+        # the fused kernel runs the whole sequence either way. Kept for the config.
+        self.unroll = bool(unroll)
         self.zero_output_for_mask = bool(zero_output_for_mask)
         self.stateful = False  # read by keras.layers.Bidirectional
         self.supports_masking = True
@@ -355,12 +356,12 @@ class LSTM(keras.layers.Layer):
             "return_sequences": self.return_sequences,
             "return_state": self.return_state,
             "go_backwards": self.go_backwards,
+            "unroll": self.unroll,
             "zero_output_for_mask": self.zero_output_for_mask,
             "activity_regularizer": ser(self.activity_regularizer),
             # Always their defaults here (anything else is refused), kept so the config has
             # every key keras.layers.LSTM's has and each layer can be built from the other's.
             "recurrent_dropout": 0.0,
             "stateful": False,
-            "unroll": False,
         }
         return {**super().get_config(), **config}
