@@ -170,7 +170,6 @@ def test_mask_with_holes_is_rejected():
         (dict(activation="relu"), "activation="),
         (dict(recurrent_activation="hard_sigmoid"), "recurrent_activation="),
         (dict(recurrent_dropout=0.1), "recurrent_dropout="),
-        (dict(stateful=True), "stateful=True"),
         (dict(dropout=1.5), "dropout must be"),
     ],
 )

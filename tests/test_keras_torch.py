@@ -1,6 +1,7 @@
-"""fusedlstm.keras.LSTM on Keras's torch backend: runs tests/keras_torch_cases.py under
-KERAS_BACKEND=torch in a process of its own (Keras fixes its backend at first import, and this
-process has keras on TensorFlow). Skips without torch; CI installs torch==2.13.0."""
+"""fusedlstm.keras.LSTM on Keras's torch backend: runs tests/keras_torch_cases.py and
+tests/test_keras_stateful.py under KERAS_BACKEND=torch in a process of its own (Keras fixes its
+backend at first import, and this process has keras on TensorFlow). Skips without torch; CI
+installs torch==2.13.0."""
 
 import importlib.util
 import os
@@ -21,7 +22,17 @@ HERE = Path(__file__).resolve().parent
 )
 def test_layer_on_the_torch_backend():
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(HERE / "keras_torch_cases.py")],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            str(HERE / "keras_torch_cases.py"),
+            str(HERE / "test_keras_stateful.py"),
+        ],
         capture_output=True,
         text=True,
         timeout=900,

@@ -5,7 +5,8 @@ weights (kernel, recurrent_kernel, bias; gate order i, f, c, o), same outputs an
 masking semantics: a mask whose True entries form one contiguous run per row (right- or
 left-padded) is run on the fused path by moving each row's run to the front, running with
 per-row lengths, and putting the outputs back the way Keras does (state carried through masked
-steps, the previous output repeated there)."""
+steps, the previous output repeated there). go_backwards is the kernel's reverse pass over each
+row's run (x is not flipped); stateful=True keeps [h, c] variables between calls as Keras does."""
 
 from __future__ import annotations
 
@@ -90,8 +91,13 @@ class _Untracked:
 class LSTM(keras.layers.Layer):
     """Long short-term memory layer on the fused kernel (arguments as keras.layers.LSTM).
 
+    stateful=True: as Keras's (a batch size fixed at build, each call's final states the next
+    call's initial states, reset_state()/reset_states() zero them), plus reset_state([h, c]) sets
+    given values, and the states are saved with the model (Keras 3's come back as zeros).
+    unroll=True is accepted and changes nothing (a speed hint in Keras).
+
     Not supported (a clear ValueError at construction): activations other than tanh/sigmoid,
-    recurrent_dropout, stateful, use_cudnn=True; a Keras backend other than TensorFlow
+    recurrent_dropout, use_cudnn=True; a Keras backend other than TensorFlow
     or torch (RuntimeError). A mask with holes raises InvalidArgumentError (TensorFlow) or
     ValueError (torch) at call.
     XLA cannot compile a custom op, so the layer opts out of jit_compile (``supports_jit``).
@@ -147,8 +153,6 @@ class LSTM(keras.layers.Layer):
                 f"recurrent_dropout={recurrent_dropout}: not supported by the fused "
                 "kernel (use dropout, or keras.layers.LSTM)"
             )
-        if stateful:
-            raise ValueError("stateful=True is not supported by fusedlstm.keras.LSTM")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if use_cudnn is True:  # "auto" (Keras's default) and False mean: whatever runs here
@@ -180,7 +184,10 @@ class LSTM(keras.layers.Layer):
         # the fused kernel runs the whole sequence either way. Kept for the config.
         self.unroll = bool(unroll)
         self.zero_output_for_mask = bool(zero_output_for_mask)
-        self.stateful = False  # read by keras.layers.Bidirectional
+        # As Keras's RNN layers: the final states of one call are the initial states of the
+        # next (variables of the batch size the layer was built with, not among its weights).
+        self.stateful = bool(stateful)
+        self._expected_batch_size = None
         self.supports_masking = True
         self.supports_jit = False  # a compiled custom op: XLA cannot compile it
         self.state_size = [units, units]
@@ -191,6 +198,34 @@ class LSTM(keras.layers.Layer):
         """The state variables [h, c] of a stateful layer (None otherwise), as Keras's RNN
         layers have them (read by keras.layers.Bidirectional)."""
         return self._state_vars.value
+
+    def reset_state(self, states=None) -> None:
+        """Zero the states of a stateful layer, or set them to `states` ([h, c], each
+        [batch, units]). A layer that is not stateful (or not built yet) has none: nothing to zero."""
+        if states is None:
+            for v in self.states or ():
+                v.assign(keras.ops.zeros_like(v.value))
+            return
+        if self.states is None:
+            raise ValueError(
+                "reset_state(states=...): the layer has no states to set "
+                + ("(build or call it first)" if self.stateful else "(it is not stateful)")
+            )
+        states = list(states) if isinstance(states, (list, tuple)) else [states]
+        if len(states) != 2:
+            raise ValueError(f"states must be [h, c] (2 arrays), got {len(states)}")
+        values = []
+        for name, v, value in zip(("h", "c"), self.states, states):
+            value = keras.ops.convert_to_tensor(value, dtype=v.dtype)
+            if tuple(value.shape) != tuple(v.shape):
+                raise ValueError(f"states ({name}): expected shape {tuple(v.shape)}, got {tuple(value.shape)}")
+            values.append(value)
+        for v, value in zip(self.states, values):
+            v.assign(value)
+
+    def reset_states(self, states=None) -> None:
+        """Alias of reset_state (Keras keeps both names)."""
+        self.reset_state(states)
 
     def build(self, input_shape):
         E = input_shape[-1]
@@ -229,7 +264,51 @@ class LSTM(keras.layers.Layer):
             )
         else:
             self.bias = None
+        if self.stateful:
+            if self.states is not None:
+                self.reset_state()  # built again: Keras zeros the states
+            else:
+                batch = input_shape[0]
+                if batch is None:
+                    raise ValueError(
+                        "When using `stateful=True` in a RNN, the batch size must be static "
+                        "(keras.Input(batch_shape=...) or the first call's input). Found dynamic "
+                        f"batch size: sequence.shape={input_shape}"
+                    )
+                with keras.name_scope(self.name, caller=self):
+                    self._state_vars.value = [
+                        keras.Variable(
+                            keras.ops.zeros((batch, u), dtype=self.variable_dtype),
+                            trainable=False,
+                            dtype=self.variable_dtype,
+                            name="rnn_state",
+                        )
+                        for _ in range(2)
+                    ]
+                self._expected_batch_size = batch
         self.built = True
+
+    # A stateful layer's states are saved with its weights (keras.layers.LSTM's are not: they
+    # come back as zeros), so a model saved mid-stream continues where it stopped. The keys are
+    # extra entries beside the weights' "0", "1", ...; a file without them loads zero states.
+    _STATE_KEYS = ("rnn_state_h", "rnn_state_c")
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for key, v in zip(self._STATE_KEYS, self.states or ()):
+            store[key] = v
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        super().load_own_variables({k: store[k] for k in keys if k not in self._STATE_KEYS})
+        saved = [k for k in self._STATE_KEYS if k in keys]
+        if saved and self.states is None:
+            raise ValueError(
+                f"layer {self.name!r}: the file holds the states of a stateful layer, "
+                "but this layer is not stateful (or not built)"
+            )
+        if saved:
+            self.reset_state([store[k] for k in self._STATE_KEYS])
 
     def call(self, sequences, initial_state=None, mask=None, training=None):
         # keras.ops throughout, so one body serves both backends; only the fused op itself and
@@ -249,6 +328,19 @@ class LSTM(keras.layers.Layer):
         if training and self.dropout > 0:  # one input mask per sequence, as Keras's LSTM
             keep = keras.random.dropout(ops.ones((B, 1, E), dtype), self.dropout, seed=self.seed_generator)
             x = x * keep
+        if self.stateful:
+            if (
+                self._expected_batch_size is not None
+                and x.shape[0] is not None
+                and x.shape[0] != self._expected_batch_size
+            ):
+                raise ValueError(
+                    "If an RNN is stateful, the batch size of the input sequences must be the same as "
+                    f"the batch size of the initial state. \n- Expected batch size: {self._expected_batch_size}"
+                    f"\n- Received batch size: {x.shape[0]}"
+                )
+            if initial_state is None:
+                initial_state = self.states
         if initial_state is not None:
             h0, c0 = [ops.cast(ops.convert_to_tensor(s), dtype) for s in initial_state]
         else:
@@ -315,6 +407,9 @@ class LSTM(keras.layers.Layer):
             result = last
         if out_dtype != dtype:
             result, h_n, c_n = (ops.cast(t, out_dtype) for t in (result, h_n, c_n))
+        if self.stateful:  # the states as returned (in the compute dtype), as Keras keeps them
+            for v, s in zip(self.states, (h_n, c_n)):
+                v.assign(ops.cast(s, v.dtype))
         if self.return_state:
             return [result, h_n, c_n]
         return result
@@ -356,12 +451,12 @@ class LSTM(keras.layers.Layer):
             "return_sequences": self.return_sequences,
             "return_state": self.return_state,
             "go_backwards": self.go_backwards,
+            "stateful": self.stateful,
             "unroll": self.unroll,
             "zero_output_for_mask": self.zero_output_for_mask,
             "activity_regularizer": ser(self.activity_regularizer),
-            # Always their defaults here (anything else is refused), kept so the config has
-            # every key keras.layers.LSTM's has and each layer can be built from the other's.
+            # Always its default here (anything else is refused), kept so the config has every
+            # key keras.layers.LSTM's has and each layer can be built from the other's.
             "recurrent_dropout": 0.0,
-            "stateful": False,
         }
         return {**super().get_config(), **config}
