@@ -150,3 +150,31 @@ def test_fit_predict_save_load(tmp_path):
     back = keras.models.load_model(tmp_path / "m.keras")
     assert isinstance(back.layers[0], fk.LSTM)
     np.testing.assert_array_equal(back.predict(x, verbose=0), pred)
+
+
+# Keras's own tests of keras.layers.LSTM (shipped in the installed package), run unchanged with our
+# layer in its place. test_basics is left out: it constructs recurrent_dropout=0.5, refused here.
+KERAS_OWN_LSTM_TESTS = ["test_correctness", "test_statefulness", "test_pass_initial_state", "test_masking"]
+
+
+def test_keras_own_lstm_tests_pass_with_our_layer(monkeypatch):
+    import io
+    import unittest
+
+    try:
+        from keras.src.layers.rnn import lstm_test
+    except ImportError as exc:  # a Keras build without its test modules
+        pytest.skip(f"keras.src.layers.rnn.lstm_test is not installed ({exc})")
+    import keras.src.layers
+
+    monkeypatch.setattr(keras.src.layers, "LSTM", fk.LSTM)
+    loader = unittest.defaultTestLoader
+    suite = unittest.TestSuite(
+        t
+        for t in loader.loadTestsFromTestCase(lstm_test.LSTMTest)
+        if t._testMethodName.split("_")[:2] != ["test", "basics"]
+    )
+    names = sorted({t._testMethodName.rstrip("0123456789") for t in suite})
+    assert names == sorted(KERAS_OWN_LSTM_TESTS)
+    result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(suite)
+    assert result.wasSuccessful(), [str(e[1])[-800:] for e in result.errors + result.failures]

@@ -141,6 +141,7 @@ class LSTM(keras.layers.Layer):
                 f"{keras.backend.backend()!r} backend. Set KERAS_BACKEND to tensorflow or torch "
                 "before importing keras, or use keras.layers.LSTM here."
             )
+        kwargs.pop("implementation", None)  # Keras's cell computation strategy (1 or 2): same results
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise ValueError(f"units must be a positive integer, got {units!r}")
