@@ -43,6 +43,76 @@ auto TanhGradFromOutput(const Eigen::ArrayBase<Derived>& y) {
   return typename Derived::Scalar(1) - y.square();
 }
 
+// Keras 3's hard_sigmoid: relu6(x + 3) / 6 (0 below -3, 1 above 3, linear between).
+template <typename Derived>
+auto HardSigmoid(const Eigen::ArrayBase<Derived>& x) {
+  using S = typename Derived::Scalar;
+  return (x + S(3)).cwiseMax(S(0)).cwiseMin(S(6)) / S(6);
+}
+
+// Its derivative from y = hard_sigmoid(x): 1/6 strictly inside (0, 1), else 0 (as TensorFlow's
+// Relu6Grad passes gradient only strictly inside its range).
+template <typename Derived>
+auto HardSigmoidGradFromOutput(const Eigen::ArrayBase<Derived>& y) {
+  using S = typename Derived::Scalar;
+  return ((y > S(0)) && (y < S(1))).template cast<S>() * (S(1) / S(6));
+}
+
+// relu(x) = max(x, 0); its derivative from y: 1 where y > 0, else 0.
+template <typename Derived>
+auto Relu(const Eigen::ArrayBase<Derived>& x) {
+  return x.cwiseMax(typename Derived::Scalar(0));
+}
+template <typename Derived>
+auto ReluGradFromOutput(const Eigen::ArrayBase<Derived>& y) {
+  using S = typename Derived::Scalar;
+  return (y > S(0)).template cast<S>();
+}
+
+// A runtime choice of one of the activations above (the lstm.h Activation codes), written into
+// `out` (an array of the same size): out = act(x), or out = act'(x) given y = act(x).
+template <typename Act, typename X, typename Out>
+void ApplyActivation(Act a, const X& x, Out&& out) {
+  switch (a) {
+    case Act::kTanh:
+      out = Tanh(x);
+      return;
+    case Act::kRelu:
+      out = Relu(x);
+      return;
+    case Act::kLinear:
+      out = x;
+      return;
+    case Act::kSigmoid:
+      out = Sigmoid(x);
+      return;
+    case Act::kHardSigmoid:
+      out = HardSigmoid(x);
+      return;
+  }
+}
+template <typename Act, typename Y, typename Out>
+void ActivationGradFromOutput(Act a, const Y& y, Out&& out) {
+  using S = typename Y::Scalar;
+  switch (a) {
+    case Act::kTanh:
+      out = TanhGradFromOutput(y);
+      return;
+    case Act::kRelu:
+      out = ReluGradFromOutput(y);
+      return;
+    case Act::kLinear:
+      out.setConstant(S(1));
+      return;
+    case Act::kSigmoid:
+      out = SigmoidGradFromOutput(y);
+      return;
+    case Act::kHardSigmoid:
+      out = HardSigmoidGradFromOutput(y);
+      return;
+  }
+}
+
 }  // namespace fusedlstm
 
 #endif  // FUSEDLSTM_COMMON_ACTIVATIONS_H_

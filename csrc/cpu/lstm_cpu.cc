@@ -110,10 +110,13 @@ constexpr int64_t kWholeSequenceRowBlock = 16;
 struct StepGrid {
   int64_t row_parts = 1, unit_parts = 1;
   bool whole_sequence = false;  // tasks own rows for all steps (no per-step barrier)
-  explicit StepGrid(const LstmShape& s) {
+  // rows_only: row-block tasks whatever the shape (recurrent masks need each gate's columns
+  // contiguous, Keras's order, which a unit split interleaves).
+  explicit StepGrid(const LstmShape& s, bool rows_only = false) {
     row_parts = CeilDiv(std::max<int64_t>(s.N, 1), kWholeSequenceRowBlock);
     if (row_parts > 1) row_parts = std::min<int64_t>(s.N, CeilDiv(row_parts, 4) * 4);
-    if (row_parts >= 4 || 16.0 * double(s.H) * double(s.H) <= kWholeSequenceAnyRowsBytes) {
+    if (rows_only || row_parts >= 4 ||
+        16.0 * double(s.H) * double(s.H) <= kWholeSequenceAnyRowsBytes) {
       whole_sequence = true;
       return;
     }
@@ -142,8 +145,8 @@ struct StepGrid {
 // widths of units (32 floats), keeps the step grid's row blocks, and splits rows further when
 // that leaves fewer than 4 tasks. Any partition gives the same sums (each output's K order is
 // fixed), so results do not change. Whole-sequence tasks keep the step grid (all units).
-inline StepGrid BackwardGemmGrid(const LstmShape& s) {
-  StepGrid g(s);
+inline StepGrid BackwardGemmGrid(const LstmShape& s, bool rows_only = false) {
+  StepGrid g(s, rows_only);
   if (g.whole_sequence) return g;
   constexpr int64_t kWidth = 32;
   g.unit_parts = std::max<int64_t>(1, std::min<int64_t>(kMaxUnitParts, s.H / kWidth));
@@ -175,6 +178,17 @@ struct PackedSteps {
   }
   int64_t total(const StepGrid& grid) const { return offset[grid.unit_parts]; }
 };
+
+// The recurrent weights packed per gate, R[:, gate g] as its own [H, H] (recurrent masks).
+inline int64_t PerGateSize(const LstmShape& s) { return 4 * PackedRhsSize<float>(s.H, s.H); }
+
+// Rows [0, count) of dst = src ⊙ mask (row strides ld_src, H, H).
+template <typename S>
+void MaskRows(const S* src, int64_t ld_src, const S* mask, int64_t count, int64_t H, S* dst) {
+  for (int64_t r = 0; r < count; ++r) {
+    MapA<S>(dst + r * H, H) = CMapA<S>(src + r * ld_src, H) * CMapA<S>(mask + r * H, H);
+  }
+}
 
 // Packs unit block k of the interleaved weights w ([K, 4H] forward; R, [H, 4H], transposed per
 // block backward).
@@ -278,23 +292,39 @@ void CopyOrZero(S* dst, const S* src, int64_t count) {
   }
 }
 
+// The activations of one call: the classic pair (tanh, sigmoid) keeps its own code path.
+struct Acts {
+  Activation act = Activation::kTanh, rec = Activation::kSigmoid;
+  bool classic() const { return act == Activation::kTanh && rec == Activation::kSigmoid; }
+};
+
 // The LSTM cell on m units, the step's one piece of arithmetic, shared by the training forward
 // and inference: z[g] the pre-activations of gate g (without bias), b[g] its bias, c_prev the
 // previous cell state. Writes the activated gates to gate[g], the new cell state to cell and
 // the output to hid (64-byte-aligned rows). Size: m when fixed (one SIMD register per gate).
 template <typename S, int Size = Eigen::Dynamic>
 inline void Cell(const S* const z[4], const S* const b[4], const S* c_prev, int64_t m,
-                 S* const gate[4], S* cell, S* hid) {
+                 S* const gate[4], S* cell, S* hid, Acts acts = Acts()) {
   using Arr = Eigen::Array<S, Size, 1>;
   using In = Eigen::Map<const Arr>;
   using Out = Eigen::Map<Arr, Eigen::Aligned64>;
   Out i(gate[0], m), f(gate[1], m), g(gate[2], m), o(gate[3], m), cn(cell, m), hn(hid, m);
-  i = Sigmoid(In(z[0], m) + In(b[0], m));
-  f = Sigmoid(In(z[1], m) + In(b[1], m));
-  g = Tanh(In(z[2], m) + In(b[2], m));
-  o = Sigmoid(In(z[3], m) + In(b[3], m));
+  if (acts.classic()) {
+    i = Sigmoid(In(z[0], m) + In(b[0], m));
+    f = Sigmoid(In(z[1], m) + In(b[1], m));
+    g = Tanh(In(z[2], m) + In(b[2], m));
+    o = Sigmoid(In(z[3], m) + In(b[3], m));
+    cn = f * In(c_prev, m) + i * g;
+    hn = o * Tanh(cn);
+    return;
+  }
+  ApplyActivation(acts.rec, In(z[0], m) + In(b[0], m), i);
+  ApplyActivation(acts.rec, In(z[1], m) + In(b[1], m), f);
+  ApplyActivation(acts.act, In(z[2], m) + In(b[2], m), g);
+  ApplyActivation(acts.rec, In(z[3], m) + In(b[3], m), o);
   cn = f * In(c_prev, m) + i * g;
-  hn = o * Tanh(cn);
+  ApplyActivation(acts.act, cn, hn);  // activation(c), then the output gate
+  hn = o * hn;
 }
 
 }  // namespace
@@ -376,15 +406,16 @@ struct InferGrid {
 // The gate pass of one group of u units for one row: z holds [i(u) f(u) c(u) o(u)], b is the
 // bias (Keras order, H apart), c and h the group's slices of the state.
 template <typename S, int U>
-inline void GroupGates(const S* z, const S* b, int64_t H, int64_t u, S* c, S* h, S* out) {
+inline void GroupGates(const S* z, const S* b, int64_t H, int64_t u, S* c, S* h, S* out,
+                       Acts acts) {
   alignas(64) S gate[4][U], cell[U], hid[U];
   const S* const zg[4] = {z, z + u, z + 2 * u, z + 3 * u};
   const S* const bg[4] = {b, b + H, b + 2 * H, b + 3 * H};
   S* const gates[4] = {gate[0], gate[1], gate[2], gate[3]};
   if (u == U) {
-    Cell<S, U>(zg, bg, c, U, gates, cell, hid);
+    Cell<S, U>(zg, bg, c, U, gates, cell, hid, acts);
   } else {
-    Cell<S>(zg, bg, c, u, gates, cell, hid);
+    Cell<S>(zg, bg, c, u, gates, cell, hid, acts);
   }
   std::memcpy(c, cell, sizeof(S) * u);
   std::memcpy(h, hid, sizeof(S) * u);
@@ -405,6 +436,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   const PreparedView<S> pv(a.prepared, C, H);
   const bool hoisted = HoistProjection(s);
   const int64_t ld = a.out_ld ? a.out_ld : H;
+  const Acts acts{a.activation, a.recurrent_activation};
   // Gates of step t for row n: z + n·z_ld + t·z_t. Hoisted: every step's, [N, T, 4H], the
   // projection's output; else one step's, [N, 4H], zeroed each step.
   S* z = a.workspace;
@@ -464,7 +496,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
         S* out = a.outputs ? a.outputs + (n * T + Pos(a.reverse, a.lengths, n, t, T)) * ld + u0
                            : nullptr;
         GroupGates<S, U>(zrow + q * 4 * U, pv.b + u0, H, u, a.c_n + n * H + u0, h_out + n * H + u0,
-                         out);
+                         out, acts);
       }
     }
   };
@@ -547,9 +579,12 @@ void LstmInfer(const CpuDevice& device, const LstmShape& s, const InferArgs<S>& 
 int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse) {
   const int64_t G = 4 * s.H;
   const StepGrid grid(s);
-  // Training: the interleaved bias and the packed R; everything else is in the cache.
-  // Inference: prepared weights and LstmInfer's scratch (float's sizes bound double's).
-  if (training) return G + PackedSteps(s, grid, false, s.H).total(grid);
+  // Training: the interleaved bias, the packed R (per unit block, or per gate with recurrent
+  // masks) and the masked-h rows; everything else is in the cache. Inference: prepared weights
+  // and LstmInfer's scratch (float's sizes bound double's).
+  if (training) {
+    return G + std::max(PackedSteps(s, grid, false, s.H).total(grid), PerGateSize(s)) + s.N * s.H;
+  }
   return PreparedWeightsSize<float>(s.C, s.H) + InferWorkspaceSize<float>(s, reverse);
 }
 
@@ -558,9 +593,12 @@ int64_t CacheSize(const LstmShape& s) {
   return s.C * G + s.H * G + s.N * s.T * (s.C + G + s.H) + s.N * (s.T + 1) * s.H;
 }
 
-int64_t BackwardWorkspaceSize(const LstmShape& s) {
-  const StepGrid bgrid = BackwardGemmGrid(s);
-  return (s.C + s.H + 1) * 4 * s.H + PackedSteps(s, bgrid, true, 4 * s.H).total(bgrid);
+int64_t BackwardWorkspaceSize(const LstmShape& s, bool recurrent_masks) {
+  const StepGrid bgrid = BackwardGemmGrid(s, recurrent_masks);
+  const int64_t packs =
+      recurrent_masks ? PerGateSize(s) : PackedSteps(s, bgrid, true, 4 * s.H).total(bgrid);
+  // With masks: a step's product per gate [N, H] and h_{t-1} ⊙ mask for every step [N·T, H].
+  return (s.C + s.H + 1) * 4 * s.H + packs + (recurrent_masks ? s.N * s.H * (1 + s.T) : 0);
 }
 
 template <typename S>
@@ -581,6 +619,8 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     ia.workspace = prepared + PreparedWeightsSize<S>(C, H);
     ia.reverse = a.reverse;
     ia.out_ld = a.out_ld;
+    ia.activation = a.activation;
+    ia.recurrent_activation = a.recurrent_activation;
     return LstmInferImpl<S>(device, s, ia);
   }
   if (N == 0) return;
@@ -589,8 +629,11 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     CopyOrZero(a.c_n, a.c0, N * H);
     return;  // backward of an empty problem reads nothing from the cache
   }
-  const StepGrid grid(s);
+  const bool masked = a.recurrent_masks != nullptr;
+  const StepGrid grid(s, masked);
   const int64_t ld = a.out_ld ? a.out_ld : H;
+  const Acts acts{a.activation, a.recurrent_activation};
+  const int64_t gate_pack = PackedRhsSize<S>(H, H);
 
   // Storage: weights and history in the cache (h_{t-1} at hprev[n, t], c at cstate[n, t]).
   CacheView<S> cv(a.cache, s);
@@ -598,6 +641,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   S* rp = cv.rkernel;
   S* bp = a.workspace;
   S* rpack = bp + G;
+  S* hmask = rpack + std::max(PackedSteps(s, grid, false, H).total(grid), PerGateSize(s));
   S* x_cache = cv.x;
   S* gates = cv.gates;
   S* h_hist = cv.hprev;
@@ -631,7 +675,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   // most parallel form), each row tile also copying its rows of x into the cache; packing R
   // per unit block; the cache's copies of W and R.
   const TileGrid tiles(C > 0 ? N * T : 0, G);
-  const int64_t n_tiles = tiles.count(), n_rpack = grid.unit_parts;
+  const int64_t n_tiles = tiles.count(), n_rpack = masked ? 4 : grid.unit_parts;
   const int64_t n_copies = keras_order ? 2 : 0;
   if (C == 0) std::fill(gates, gates + N * T * G, S(0));
   // The cache keeps x in step order; a reverse pass gathers it there first and projects that.
@@ -651,6 +695,9 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
                   return;
                 }
                 task -= n_tiles;
+                if (task < n_rpack && masked) {  // gate `task`'s columns (Keras's order here)
+                  return PackRhs<S>(r_src + task * H, G, 1, H, H, rpack + task * gate_pack);
+                }
                 if (task < n_rpack)
                   return PackStepBlock(s, grid, packed, r_src, H, false, rpack, task);
                 task -= n_rpack;
@@ -684,7 +731,14 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
         }
       }
     }
-    if (t < active) {
+    if (t < active && masked) {  // per gate: (h_{t-1} ⊙ mask_g)·R_g (whole rows, all units)
+      S* hm = hmask + rows.begin * H;
+      for (int64_t g = 0; g < 4; ++g) {
+        MaskRows(h_in + rows.begin * h_in_ld, h_in_ld, a.recurrent_masks + (g * N + rows.begin) * H,
+                 rows.size(), H, hm);
+        GemmPackedRhs<S>(rows.size(), H, H, hm, H, rpack + g * gate_pack, zblock + g * H, z_ld);
+      }
+    } else if (t < active) {
       GemmPackedRhs<S>(rows.size(), 4 * nu, H, h_in + rows.begin * h_in_ld, h_in_ld,
                        rpack + packed.offset[block], zblock, z_ld);
     }
@@ -713,7 +767,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
         const S* const zg[4] = {z, z + nu, z + 2 * nu, z + 3 * nu};
         const S* const bg[4] = {b, b + nu, b + 2 * nu, b + 3 * nu};
         S* const gates[4] = {gate[0], gate[1], gate[2], gate[3]};
-        Cell<S>(zg, bg, c_prev, m, gates, cell, hid);
+        Cell<S>(zg, bg, c_prev, m, gates, cell, hid, acts);
         for (int64_t k = 0; k < 4; ++k) std::memcpy(z + k * nu, gate[k], sizeof(S) * m);
         std::memcpy(c_next, cell, sizeof(S) * m);
         std::memcpy(h_next, hid, sizeof(S) * m);
@@ -753,8 +807,11 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     return;
   }
   CacheView<S> cv(a.cache, s);
-  const StepGrid grid(s);
+  const bool masked = a.recurrent_masks != nullptr;
+  const StepGrid grid(s, masked);
   const int64_t ld = a.out_ld ? a.out_ld : H;
+  const Acts acts{a.activation, a.recurrent_activation};
+  const int64_t gate_pack = PackedRhsSize<S>(H, H);
   // d_outputs of row n's step t (the cache and dZ are in step order, d_outputs in x's).
   auto d_out = [&](int64_t n, int64_t t) {
     return a.d_outputs + (n * T + Pos(a.reverse, a.lengths, n, t, T)) * ld;
@@ -768,10 +825,19 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   S* drp = keras_order ? a.d_recurrent_kernel : a.workspace + C * G;
   S* dbp = keras_order ? a.d_bias : a.workspace + (C + H) * G;
   S* rtpack = a.workspace + (C + H + 1) * G;
-  const StepGrid bgrid = BackwardGemmGrid(s);
+  const StepGrid bgrid = BackwardGemmGrid(s, masked);
   const PackedSteps packed(s, bgrid, true, 4 * H);
-  ParallelFor(device, bgrid.unit_parts, double(H) * G,
-              [&](int64_t k) { PackStepBlock(s, bgrid, packed, cv.rkernel, H, true, rtpack, k); });
+  S* dh_gate = rtpack + (masked ? PerGateSize(s) : 0);  // [N, H]: one gate's dZ_t·R_gᵀ
+  S* hprev_masked = dh_gate + N * H;                    // [N·T, H]: h_{t-1} ⊙ mask_g
+  if (masked) {                                         // R_gᵀ per gate: B(j, n) = R[n, g·H + j]
+    ParallelFor(device, 4, double(H) * G, [&](int64_t g) {
+      PackRhs<S>(cv.rkernel + g * H, 1, G, H, H, rtpack + g * gate_pack);
+    });
+  } else {
+    ParallelFor(device, bgrid.unit_parts, double(H) * G, [&](int64_t k) {
+      PackStepBlock(s, bgrid, packed, cv.rkernel, H, true, rtpack, k);
+    });
+  }
   // Padded steps contribute nothing, even when the data there is NaN or Inf (0 · Inf is NaN):
   // the padded rows of the cached x and h_{t-1} are zeroed (the cache is consumed anyway), dX's
   // padded rows are zeroed after its GEMM, and when R holds a non-finite value the per-step dh
@@ -791,7 +857,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   auto gate_pass = [&](int64_t t, int64_t task) {
     const Range rows = grid.rows(s, task), units = grid.units(s, task);
     const int64_t u0 = units.begin, nu = units.size(), col0 = 4 * u0;
-    alignas(64) S dh_buf[kChunk], dc_buf[kChunk], tc_buf[kChunk], i_buf[kChunk];
+    alignas(64) S dh_buf[kChunk], dc_buf[kChunk], tc_buf[kChunk], i_buf[kChunk], d_buf[kChunk];
     for (int64_t n = rows.begin; n < rows.end; ++n) {
       S* zrow = dz_all + (n * T + t) * G + col0;
       if (t > 0 && t - 1 < Length(a.lengths, n, T)) {  // step t-1's slices of this row
@@ -817,15 +883,32 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
         } else {
           dh = dh_run;
         }
-        tc = Tanh(c_t);
-        // The rest is + and × only: identical in packet and scalar code (no FMA contraction).
-        dc = dc_run + dh * o * TanhGradFromOutput(tc);
-        dc_run = dc * f;                             // dc_{t-1}
-        o = dh * tc * SigmoidGradFromOutput(o);      // dz_o
-        f = dc * c_prev * SigmoidGradFromOutput(f);  // dz_f
-        gi = i;
-        i = dc * gg * SigmoidGradFromOutput(gi);  // dz_i
-        gg = dc * gi * TanhGradFromOutput(gg);    // dz_c
+        if (acts.classic()) {
+          tc = Tanh(c_t);
+          // The rest is + and × only: identical in packet and scalar code (no FMA contraction).
+          dc = dc_run + dh * o * TanhGradFromOutput(tc);
+          dc_run = dc * f;                             // dc_{t-1}
+          o = dh * tc * SigmoidGradFromOutput(o);      // dz_o
+          f = dc * c_prev * SigmoidGradFromOutput(f);  // dz_f
+          gi = i;
+          i = dc * gg * SigmoidGradFromOutput(gi);  // dz_i
+          gg = dc * gi * TanhGradFromOutput(gg);    // dz_c
+        } else {
+          AMapA<S> d(d_buf, m);  // each activation's derivative in turn
+          ApplyActivation(acts.act, c_t, tc);
+          ActivationGradFromOutput(acts.act, tc, d);
+          dc = dc_run + dh * o * d;
+          dc_run = dc * f;
+          ActivationGradFromOutput(acts.rec, o, d);
+          o = dh * tc * d;
+          ActivationGradFromOutput(acts.rec, f, d);
+          f = dc * c_prev * d;
+          gi = i;
+          ActivationGradFromOutput(acts.rec, gi, d);
+          i = dc * gg * d;
+          ActivationGradFromOutput(acts.act, gg, d);
+          gg = dc * gi * d;
+        }
         dh_run.setZero();  // (b) adds dZ_t·Rᵀ; padded rows keep their carried dh
       }
     }
@@ -835,6 +918,20 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   auto dh_gemm = [&](int64_t t, int64_t task, int64_t active) {
     if (t >= active) return;
     const Range rows = bgrid.rows(s, task), units = bgrid.units(s, task);
+    if (masked) {  // dh_{t-1} = Σ_g (dZ_{t,g}·R_gᵀ) ⊙ mask_g, on the rows valid at t
+      S* tmp = dh_gate + rows.begin * H;
+      for (int64_t g = 0; g < 4; ++g) {
+        std::fill(tmp, tmp + rows.size() * H, S(0));
+        GemmPackedRhs<S>(rows.size(), H, H, dz_all + (rows.begin * T + t) * G + g * H, T * G,
+                         rtpack + g * gate_pack, tmp, H);
+        for (int64_t n = rows.begin; n < rows.end; ++n) {
+          if (t >= Length(a.lengths, n, T)) continue;
+          MapA<S>(a.d_h0 + n * H, H) += CMapA<S>(tmp + (n - rows.begin) * H, H) *
+                                        CMapA<S>(a.recurrent_masks + (g * N + n) * H, H);
+        }
+      }
+      return;
+    }
     const S* rt = rtpack + packed.offset[bgrid.unit_block(task)];
     if (!skip_padded_rows) {
       GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G, rt,
@@ -883,7 +980,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   MapRM<S> dW(dwp, C, G, Eigen::OuterStride<>(G));
   MapRM<S> dR(drp, H, G, Eigen::OuterStride<>(G));
   const TileGrid tx(M, C), tw(C, G), tr(H, G), tb(1, G);
-  const int64_t nx = a.dx ? tx.count() : 0, nw = tw.count(), nr = tr.count();
+  // With recurrent masks dR is one product per gate, on h_{t-1} ⊙ mask_g (below).
+  const int64_t nx = a.dx ? tx.count() : 0, nw = tw.count(), nr = masked ? 0 : tr.count();
   // The largest tiles (dW, dR: K = N·T) first, so dynamic scheduling balances the rest.
   ParallelFor(device, nw + nr + nx + tb.count(), 6.0 * M * (C + H) * G, [&](int64_t task) {
     if (task < nw) {
@@ -916,6 +1014,23 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       for (int64_t k = 0; k < c.size(); ++k) db[k] += row[k];
     }
   });
+  if (masked) {
+    const TileGrid tg(H, H);
+    CMapRM<S> Hm(hprev_masked, M, H, Eigen::OuterStride<>(H));
+    for (int64_t g = 0; g < 4; ++g) {
+      ParallelFor(device, N, double(M) * H, [&](int64_t n) {  // one mask row for all T steps
+        for (int64_t t = 0; t < T; ++t) {
+          MaskRows(cv.hprev + (n * T + t) * H, H, a.recurrent_masks + (g * N + n) * H, 1, H,
+                   hprev_masked + (n * T + t) * H);
+        }
+      });
+      ParallelFor(device, tg.count(), 2.0 * M * H * H, [&](int64_t task) {
+        const Range r = tg.rows(task), c = tg.cols(task);
+        dR.block(r.begin, g * H + c.begin, r.size(), c.size()).noalias() =
+            Hm.middleCols(r.begin, r.size()).transpose() * dZ.middleCols(g * H + c.begin, c.size());
+      });
+    }
+  }
   for (int64_t n = 0; any_padded && a.dx && n < N; ++n) {
     std::fill(a.dx + (n * T + Length(a.lengths, n, T)) * C, a.dx + (n + 1) * T * C, S(0));
   }

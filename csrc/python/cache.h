@@ -29,6 +29,10 @@ class CacheInfo {
   const LstmShape& shape() const { return shape_; }
   bool is_double() const { return is_double_; }
   bool reverse() const { return reverse_; }
+  // The forward's activations and recurrent masks (a private copy, or None): its backward's.
+  Activation activation = Activation::kTanh;
+  Activation recurrent_activation = Activation::kSigmoid;
+  py::object recurrent_masks = py::none();
   // The copy the forward ran with (and the backward must see); nullptr for all T.
   const int32_t* lengths() const { return has_lengths_ ? lengths_.data() : nullptr; }
 
@@ -69,6 +73,16 @@ void DefCacheProperties(py::class_<Class, std::shared_ptr<Class>>& c) {
       .def_property_readonly(
           "reverse", [](const Class& k) { return k.info().reverse(); },
           "whether the forward ran each row's steps last to first")
+      .def_property_readonly(
+          "activations",
+          [](const Class& k) {
+            return py::make_tuple(static_cast<int>(k.info().activation),
+                                  static_cast<int>(k.info().recurrent_activation));
+          },
+          "(activation, recurrent_activation) codes the forward ran with")
+      .def_property_readonly(
+          "has_recurrent_masks", [](const Class& k) { return !k.info().recurrent_masks.is_none(); },
+          "whether the forward applied recurrent masks")
       .def_property_readonly("used", &Class::used, "True once a backward has consumed it")
       .def_property_readonly("nbytes", &Class::nbytes, "bytes it holds (0 once used)");
 }

@@ -138,6 +138,14 @@ void ReadUpstream(const LstmShape& s, const py::object& d_outputs, const py::obj
   args->d_c_n = OptionalPtr<S>(d_c_n, "d_c_n", {s.N, s.H});
 }
 
+// An activation code from Python (fusedlstm's name table maps Keras's names to these).
+inline Activation ReadActivation(int code, const char* name) {
+  if (code < 0 || code > static_cast<int>(Activation::kHardSigmoid)) {
+    throw py::value_error(std::string(name) + ": unknown activation code " + std::to_string(code));
+  }
+  return static_cast<Activation>(code);
+}
+
 // A caller-provided scratch array when it is big enough (dtype, 1-d, contiguous, writeable):
 // its first `size` elements, else a fresh one. The Python layer recycles big buffers so a
 // steady training loop does not page-fault through a new mmap every call, even when the

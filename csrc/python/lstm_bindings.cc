@@ -32,6 +32,7 @@ class Cache {
   Cache(py::array buffer, const LstmShape& s, bool is_double, const int32_t* lengths, bool reverse)
       : buffer_(std::move(buffer)), info_(s, is_double, lengths, reverse) {}
   const CacheInfo& info() const { return info_; }
+  CacheInfo& mutable_info() { return info_; }
   bool used() const { return buffer_.is_none(); }
   int64_t nbytes() const {
     return used() ? 0 : static_cast<int64_t>(py::reinterpret_borrow<py::array>(buffer_).nbytes());
@@ -80,17 +81,47 @@ py::object NewCache(const LstmShape& s, const py::object& spare, ForwardArgs<S>*
   auto owner =
       std::make_shared<Cache>(c, s, std::is_same<S, double>::value, args->lengths, args->reverse);
   args->lengths = owner->info().lengths();
+  CacheInfo& info = owner->mutable_info();
+  info.activation = args->activation;
+  info.recurrent_activation = args->recurrent_activation;
+  if (args->recurrent_masks) {  // a private copy: the caller's array may change before backward
+    py::array_t<S> m({int64_t(4), s.N, s.H});
+    std::copy(args->recurrent_masks, args->recurrent_masks + 4 * s.N * s.H, MutablePtr(m));
+    info.recurrent_masks = m;
+    args->recurrent_masks = m.data();
+  }
   return py::cast(owner);
+}
+
+// Options of a forward call beyond its arrays.
+struct ForwardOptions {
+  bool training = true, return_sequences = true, reverse = false;
+  int activation = 0, recurrent_activation = 3;
+  py::object recurrent_masks = py::none();
+};
+
+template <typename S>
+void ReadOptions(const LstmShape& s, const ForwardOptions& o, ForwardArgs<S>* args) {
+  args->reverse = o.reverse;
+  args->activation = ReadActivation(o.activation, "activation");
+  args->recurrent_activation = ReadActivation(o.recurrent_activation, "recurrent_activation");
+  if (!o.recurrent_masks.is_none()) {
+    if (!o.training) {
+      throw py::value_error("recurrent_masks: recurrent dropout applies in training only");
+    }
+    args->recurrent_masks =
+        CheckedPtr<S>(o.recurrent_masks.cast<py::array>(), "recurrent_masks", {4, s.N, s.H});
+  }
 }
 
 template <typename S>
 py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& rkernel,
                   const py::object& bias, const py::object& h0, const py::object& c0,
-                  const py::object& lengths, bool training, const py::object& spare,
-                  bool return_sequences, bool reverse) {
+                  const py::object& lengths, const py::object& spare, const ForwardOptions& o) {
+  const bool training = o.training, return_sequences = o.return_sequences, reverse = o.reverse;
   ForwardArgs<S> args;
   const LstmShape s = ReadForward<S>(x, kernel, rkernel, bias, h0, c0, lengths, &args);
-  args.reverse = reverse;
+  ReadOptions<S>(s, o, &args);
 
   py::array_t<S> h_n({s.N, s.H}), c_n({s.N, s.H});
   // Without return_sequences the kernel writes no outputs and None stands in their place.
@@ -129,10 +160,16 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
   args.cache = cache.Data<S>();
   args.lengths = cache.info().lengths();
   args.reverse = cache.info().reverse();
+  args.activation = cache.info().activation;
+  args.recurrent_activation = cache.info().recurrent_activation;
+  const py::object& masks = cache.info().recurrent_masks;
+  if (!masks.is_none())
+    args.recurrent_masks = static_cast<const S*>(masks.cast<py::array>().data());
   ReadUpstream<S>(s, d_outputs, d_h_n, d_c_n, &args);
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
-  py::array_t<S> workspace(std::vector<int64_t>{BackwardWorkspaceSize(s)});
+  py::array_t<S> workspace(
+      std::vector<int64_t>{BackwardWorkspaceSize(s, args.recurrent_masks != nullptr)});
   args.dx = need_dx ? MutablePtr(dx) : nullptr;
   args.d_kernel = MutablePtr(dk);
   args.d_recurrent_kernel = MutablePtr(dr);
@@ -154,7 +191,7 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
 template <typename S>
 py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, const py::object& h0,
                                const py::object& c0, const py::object& lengths, bool training,
-                               bool return_sequences) {
+                               bool return_sequences, int activation, int recurrent_activation) {
   if (weights.size() != 6) throw py::value_error("weights: expected 6 arrays (3 per direction)");
   auto part = [](const py::object& a, int d) -> py::object {  // h0[d] of an [2, N, H] array
     return a.is_none() ? py::none() : py::object(a[py::int_(d)]);
@@ -182,6 +219,8 @@ py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, con
   for (int d = 0; d < 2; ++d) {
     a[d].reverse = d == 1;
     a[d].out_ld = 2 * s.H;
+    a[d].activation = ReadActivation(activation, "activation");
+    a[d].recurrent_activation = ReadActivation(recurrent_activation, "recurrent_activation");
     a[d].h_n = MutablePtr(h_n) + d * s.N * s.H;
     a[d].c_n = MutablePtr(c_n) + d * s.N * s.H;
     workspaces.emplace_back(std::vector<int64_t>{ForwardWorkspaceSize(s, training, a[d].reverse)});
@@ -221,6 +260,8 @@ py::tuple BackwardBidirectional(Cache& forward, Cache& backward, const py::objec
     a[d].cache = caches[d]->Data<S>();
     a[d].lengths = caches[d]->info().lengths();
     a[d].reverse = d == 1;
+    a[d].activation = caches[d]->info().activation;
+    a[d].recurrent_activation = caches[d]->info().recurrent_activation;
     a[d].out_ld = 2 * s.H;
     a[d].d_outputs = dout ? dout + d * s.H : nullptr;
     a[d].d_h_n = dhn ? dhn + d * s.N * s.H : nullptr;
@@ -262,34 +303,43 @@ void RegisterLstm(py::module_& m) {
       [](const py::array& x, const py::array& kernel, const py::array& rkernel,
          const py::object& bias, const py::object& h0, const py::object& c0,
          const py::object& lengths, bool training, const py::object& spare, bool return_sequences,
-         bool reverse) {
+         bool reverse, int activation, int recurrent_activation,
+         const py::object& recurrent_masks) {
+        ForwardOptions o;
+        o.training = training;
+        o.return_sequences = return_sequences;
+        o.reverse = reverse;
+        o.activation = activation;
+        o.recurrent_activation = recurrent_activation;
+        o.recurrent_masks = recurrent_masks;
         if (IsDtype(x, py::dtype::of<float>()))
-          return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare,
-                                return_sequences, reverse);
+          return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, spare, o);
         if (IsDtype(x, py::dtype::of<double>()))
-          return Forward<double>(x, kernel, rkernel, bias, h0, c0, lengths, training, spare,
-                                 return_sequences, reverse);
+          return Forward<double>(x, kernel, rkernel, bias, h0, c0, lengths, spare, o);
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
       py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
       py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("spare") = py::none(),
-      py::arg("return_sequences") = true, py::arg("reverse") = false);
+      py::arg("return_sequences") = true, py::arg("reverse") = false, py::arg("activation") = 0,
+      py::arg("recurrent_activation") = 3, py::arg("recurrent_masks") = py::none());
   m.def(
       "forward_bidirectional",
       [](const py::array& x, const py::tuple& weights, const py::object& h0, const py::object& c0,
-         const py::object& lengths, bool training, bool return_sequences) {
+         const py::object& lengths, bool training, bool return_sequences, int activation,
+         int recurrent_activation) {
         if (IsDtype(x, py::dtype::of<float>()))
           return ForwardBidirectional<float>(x, weights, h0, c0, lengths, training,
-                                             return_sequences);
+                                             return_sequences, activation, recurrent_activation);
         if (IsDtype(x, py::dtype::of<double>()))
           return ForwardBidirectional<double>(x, weights, h0, c0, lengths, training,
-                                              return_sequences);
+                                              return_sequences, activation, recurrent_activation);
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
       py::arg("x"), py::arg("weights"), py::arg("h0"), py::arg("c0"), py::arg("lengths"),
-      py::arg("training"), py::arg("return_sequences") = true,
+      py::arg("training"), py::arg("return_sequences") = true, py::arg("activation") = 0,
+      py::arg("recurrent_activation") = 3,
       "(outputs [N, T, 2H] or None, h_n [2, N, H], c_n [2, N, H], cache_forward, "
       "cache_reverse); weights: (kernel, recurrent_kernel, bias) of each direction.");
   m.def(

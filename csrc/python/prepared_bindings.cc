@@ -17,6 +17,10 @@
 namespace fusedlstm {
 namespace {
 
+struct Acts {
+  Activation act, rec;
+};
+
 class Prepared {
  public:
   Prepared(py::array buffer, int64_t C, int64_t H, bool is_double)
@@ -29,16 +33,18 @@ class Prepared {
 
   py::tuple Infer(const py::array& x, const py::object& h0, const py::object& c0,
                   const py::object& lengths, bool return_sequences, const py::object& spare,
-                  bool reverse) const {
-    return is_double_ ? Run<double>(x, h0, c0, lengths, return_sequences, spare, reverse)
-                      : Run<float>(x, h0, c0, lengths, return_sequences, spare, reverse);
+                  bool reverse, int activation, int recurrent_activation) const {
+    const Acts acts{ReadActivation(activation, "activation"),
+                    ReadActivation(recurrent_activation, "recurrent_activation")};
+    return is_double_ ? Run<double>(x, h0, c0, lengths, return_sequences, spare, reverse, acts)
+                      : Run<float>(x, h0, c0, lengths, return_sequences, spare, reverse, acts);
   }
 
  private:
   template <typename S>
   py::tuple Run(const py::array& x, const py::object& h0, const py::object& c0,
                 const py::object& lengths, bool return_sequences, const py::object& spare,
-                bool reverse) const {
+                bool reverse, Acts acts) const {
     const int64_t G = 4 * H_;
     std::vector<int64_t> h0_dims, c0_dims, len_dims;
     LstmShape s;
@@ -58,6 +64,8 @@ class Prepared {
     args.lengths = CheckedLengths(lengths, s);
     args.prepared = static_cast<const S*>(buffer_.data());
     args.reverse = reverse;
+    args.activation = acts.act;
+    args.recurrent_activation = acts.rec;
     py::array_t<S> h_n({s.N, s.H}), c_n({s.N, s.H});
     py::object outputs = py::none();
     if (return_sequences) {
@@ -122,7 +130,8 @@ void RegisterPrepared(py::module_& m) {
       .def("infer", &Prepared::Infer, py::arg("x"), py::arg("h0") = py::none(),
            py::arg("c0") = py::none(), py::arg("lengths") = py::none(),
            py::arg("return_sequences") = true, py::arg("spare") = py::none(),
-           py::arg("reverse") = false);
+           py::arg("reverse") = false, py::arg("activation") = 0,
+           py::arg("recurrent_activation") = 3);
   m.def(
       "prepare",
       [](const py::array& kernel, const py::array& rkernel, const py::object& bias) {

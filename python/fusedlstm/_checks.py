@@ -108,6 +108,19 @@ def check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths) -> Forward
     return ForwardInputs(x, kernel, recurrent_kernel, bias, h0, c0, as_lengths(lengths, B, T), B, T, E, H)
 
 
+# The activations the kernel computes (codes of lstm.h's Activation); Keras's names.
+ACTIVATIONS = {"tanh": 0, "relu": 1, "linear": 2, "sigmoid": 3, "hard_sigmoid": 4}
+
+
+def activation_code(name: str, value) -> int:
+    """The kernel's code of an activation given by Keras's name (None is Keras's linear)."""
+    if value is None:
+        value = "linear"
+    if not isinstance(value, str) or value not in ACTIVATIONS:
+        raise ValueError(f"{name}: {value!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[value]
+
+
 def check_flag(name: str, value) -> bool:
     """A bool argument (NumPy's bool too); anything else is a TypeError naming it."""
     if not isinstance(value, (bool, np.bool_)):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _core
-from ._checks import LstmGrads, as_float_array, check_flag, check_forward, check_upstream
+from ._checks import LstmGrads, activation_code, as_float_array, check_flag, check_forward, check_upstream
 
 __all__ = [
     "LstmCache",
@@ -130,13 +130,30 @@ class LstmCache:
         return f"LstmCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, device={self.device}, {state})"
 
 
-def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences=True, reverse=False):
+_DEFAULT_OPTS = (0, 3, None)  # tanh, sigmoid, no recurrent masks
+
+
+def _cpu_forward(
+    x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences=True, reverse=False, opts=None
+):
     """One compiled CPU forward, reusing the spare scratch buffer; the module checks every
-    array itself before it runs (TypeError/ValueError, the spare put back)."""
+    array itself before it runs (TypeError/ValueError, the spare put back). opts: the
+    activation codes and the recurrent masks."""
     spare = _spare.pop(x.dtype, None)
     try:
         outputs, h_n, c_n, buf = _core.forward(
-            x, kernel, recurrent_kernel, bias, h0, c0, lengths, bool(training), spare, bool(return_sequences), reverse
+            x,
+            kernel,
+            recurrent_kernel,
+            bias,
+            h0,
+            c0,
+            lengths,
+            bool(training),
+            spare,
+            bool(return_sequences),
+            reverse,
+            *(opts or _DEFAULT_OPTS),
         )
     except (TypeError, ValueError):
         if spare is not None:
@@ -148,7 +165,7 @@ def _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, r
     return outputs, h_n, c_n, LstmCache(buf)  # a _core.Cache: the buffer with its shape
 
 
-def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse):
+def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse, opts):
     """The call straight into the compiled module when every argument already is what it takes
     (NumPy arrays of one float dtype, C-contiguous, int32 lengths). None when it refuses: the
     caller then goes through check_forward, which converts what can be converted and words the
@@ -158,7 +175,9 @@ def _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, 
     if lengths is not None and (type(lengths) is not np.ndarray or lengths.dtype != np.int32):
         return None  # (the compiled cache keeps its own copy of the lengths)
     try:
-        return _cpu_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse)
+        return _cpu_forward(
+            x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse, opts
+        )
     except (TypeError, ValueError):
         return None
 
@@ -175,6 +194,9 @@ def lstm_forward(
     device: str = "cpu",
     return_sequences: bool = True,
     reverse: bool = False,
+    activation: str = "tanh",
+    recurrent_activation: str = "sigmoid",
+    recurrent_masks=None,
 ):
     """Run a single-layer LSTM over whole sequences in one compiled call.
 
@@ -202,6 +224,15 @@ def lstm_forward(
         output at the position of the input it read (zero past the length); h_n, c_n are the
         state after step 0. ``lstm_backward`` of its cache gives gradients in x's layout. No
         copies of x are flipped in Python.
+    activation, recurrent_activation : str
+        Keras's names: ``activation`` (candidate and cell output; default "tanh") and
+        ``recurrent_activation`` (gates i, f, o; default "sigmoid"), each one of "tanh",
+        "relu", "linear", "sigmoid", "hard_sigmoid" (Keras 3's relu6(x + 3) / 6).
+    recurrent_masks : array [4, B, H] or None
+        Training only: Keras's recurrent dropout. Gate g (i, f, c, o) multiplies h_{t-1} by
+        ``recurrent_masks[g]`` (the caller draws them, scaled: 0 or 1/(1-p)) in its recurrent
+        product, the same masks at every step; states and outputs stay unmasked. The backward
+        uses the same masks (the cache keeps a copy).
 
     Returns
     -------
@@ -210,11 +241,31 @@ def lstm_forward(
     """
     device = _check_device(device)
     reverse = check_flag("reverse", reverse)
+    opts = (
+        activation_code("activation", activation),
+        activation_code("recurrent_activation", recurrent_activation),
+        recurrent_masks,
+    )
     if device == "cpu":
-        fast = _forward_fast(x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse)
+        fast = _forward_fast(
+            x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse, opts
+        )
         if fast is not None:
             return fast
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
+    if recurrent_masks is not None:
+        if not training:
+            raise ValueError("recurrent_masks: recurrent dropout applies in training only (training=False given)")
+        masks = as_float_array("recurrent_masks", recurrent_masks, a.x.dtype, 3)
+        if masks.shape != (4, a.B, a.H):
+            raise ValueError(
+                f"recurrent_masks: expected shape {(4, a.B, a.H)} ([4 gates, B, H]), got {tuple(masks.shape)}"
+            )
+        opts = opts[:2] + (masks,)
+    if device == "cuda" and (opts[:2] != (0, 3) or recurrent_masks is not None):
+        raise NotImplementedError(
+            "device='cuda': activations other than tanh/sigmoid and recurrent_masks run on the CPU only"
+        )
     if device == "cuda":
         outputs, h_n, c_n, dbuf = _core.forward_cuda(
             a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, bool(training), reverse
@@ -222,7 +273,7 @@ def lstm_forward(
         cache = LstmCache(dbuf, "cuda") if training else None
         return (outputs if return_sequences else None), h_n, c_n, cache
     return _cpu_forward(
-        a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, training, return_sequences, reverse
+        a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, training, return_sequences, reverse, opts
     )
 
 
@@ -282,6 +333,8 @@ def lstm_bidirectional_forward(
     lengths=None,
     training: bool = True,
     return_sequences: bool = True,
+    activation: str = "tanh",
+    recurrent_activation: str = "sigmoid",
 ):
     """Both directions of a bidirectional LSTM layer over x in one compiled call.
 
@@ -295,7 +348,7 @@ def lstm_bidirectional_forward(
     x : array [B, T, E], float32 or float64
     forward_weights, reverse_weights : (kernel [E, 4H], recurrent_kernel [H, 4H], bias [4H] or None)
     h0, c0 : arrays [2, B, H] (forward direction first) or None (zeros)
-    lengths, training, return_sequences : as ``lstm_forward``
+    lengths, training, return_sequences, activation, recurrent_activation : as ``lstm_forward``
 
     Returns
     -------
@@ -320,7 +373,15 @@ def lstm_bidirectional_forward(
     c0 = _pair("c0", c0, a.x.dtype, shape)
     weights = (a.kernel, a.recurrent_kernel, a.bias, b.kernel, b.recurrent_kernel, b.bias)
     outputs, h_n, c_n, cf, cr = _core.forward_bidirectional(
-        a.x, weights, h0, c0, a.lengths, training, bool(return_sequences)
+        a.x,
+        weights,
+        h0,
+        c0,
+        a.lengths,
+        training,
+        bool(return_sequences),
+        activation_code("activation", activation),
+        activation_code("recurrent_activation", recurrent_activation),
     )
     cache = BidirectionalCache(LstmCache(cf), LstmCache(cr)) if training else None
     return outputs, h_n, c_n, cache

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._checks import as_float_array, check_flag, check_forward
+from ._checks import ACTIVATIONS, activation_code, as_float_array, check_flag, check_forward
 
 __all__ = ["PreparedLSTM", "prepare"]
 
@@ -33,9 +33,15 @@ class PreparedLSTM:
     while the kernel runs). Picklable: it pickles as its weights and packs them again on load.
     """
 
-    __slots__ = ("_core", "_kernel", "_recurrent_kernel", "_bias")
+    __slots__ = ("_core", "_kernel", "_recurrent_kernel", "_bias", "_acts")
 
-    def __init__(self, kernel, recurrent_kernel, bias=None) -> None:
+    def __init__(
+        self, kernel, recurrent_kernel, bias=None, activation: str = "tanh", recurrent_activation: str = "sigmoid"
+    ) -> None:
+        acts = (
+            activation_code("activation", activation),
+            activation_code("recurrent_activation", recurrent_activation),
+        )
         k = as_float_array("kernel", kernel, None, 2)
         r = as_float_array("recurrent_kernel", recurrent_kernel, k.dtype, 2)
         b = None if bias is None else as_float_array("bias", bias, k.dtype, 1)
@@ -51,13 +57,20 @@ class PreparedLSTM:
         object.__setattr__(self, "_kernel", _frozen_copy(k))
         object.__setattr__(self, "_recurrent_kernel", _frozen_copy(r))
         object.__setattr__(self, "_bias", _frozen_copy(b))
+        object.__setattr__(self, "_acts", acts)
         object.__setattr__(self, "_core", _core.prepare(self._kernel, self._recurrent_kernel, self._bias))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("PreparedLSTM is immutable: prepare new weights instead")
 
     def __reduce__(self):
-        return (PreparedLSTM, (self._kernel, self._recurrent_kernel, self._bias))
+        return (PreparedLSTM, (self._kernel, self._recurrent_kernel, self._bias, *self.activations))
+
+    @property
+    def activations(self) -> tuple[str, str]:
+        """(activation, recurrent_activation) by Keras's names."""
+        names = {v: k for k, v in ACTIVATIONS.items()}
+        return names[self._acts[0]], names[self._acts[1]]
 
     @property
     def kernel(self) -> np.ndarray:
@@ -119,7 +132,9 @@ class PreparedLSTM:
         reverse = check_flag("reverse", reverse)
         if type(x) is np.ndarray and (lengths is None or (type(lengths) is np.ndarray and lengths.dtype == np.int32)):
             try:  # already what the compiled call takes: skip the conversions
-                outputs, h_n, c_n, _ = self._core.infer(x, h0, c0, lengths, bool(return_sequences), None, reverse)
+                outputs, h_n, c_n, _ = self._core.infer(
+                    x, h0, c0, lengths, bool(return_sequences), None, reverse, *self._acts
+                )
                 return outputs, h_n, c_n
             except (TypeError, ValueError):
                 pass  # the checks below convert what they can and word the error
@@ -135,21 +150,26 @@ class PreparedLSTM:
                 f"with kernel {tuple(self._kernel.shape)}, got {tuple(xa.shape)}"
             )
         a = check_forward(xa, self._kernel, self._recurrent_kernel, self._bias, h0, c0, lengths)
-        outputs, h_n, c_n, _ = self._core.infer(a.x, a.h0, a.c0, a.lengths, bool(return_sequences), None, reverse)
+        outputs, h_n, c_n, _ = self._core.infer(
+            a.x, a.h0, a.c0, a.lengths, bool(return_sequences), None, reverse, *self._acts
+        )
         return outputs, h_n, c_n
 
 
-def prepare(kernel, recurrent_kernel, bias=None) -> PreparedLSTM:
+def prepare(
+    kernel, recurrent_kernel, bias=None, activation: str = "tanh", recurrent_activation: str = "sigmoid"
+) -> PreparedLSTM:
     """Pack LSTM weights once for fast repeated inference.
 
     Parameters
     ----------
     kernel : array [E, 4H]; recurrent_kernel : array [H, 4H]; bias : array [4H] or None
         Keras layout, gate order i, f, c, o (as ``lstm_forward``), float32 or float64.
+    activation, recurrent_activation : the activations ``infer`` computes (as ``lstm_forward``)
 
     Returns
     -------
     PreparedLSTM, whose ``infer(x, h0=None, c0=None, lengths=None, return_sequences=True)``
     returns ``(outputs, h_n, c_n)``.
     """
-    return PreparedLSTM(kernel, recurrent_kernel, bias)
+    return PreparedLSTM(kernel, recurrent_kernel, bias, activation, recurrent_activation)

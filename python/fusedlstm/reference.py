@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import LstmGrads, check_forward, check_upstream
+from ._checks import LstmGrads, activation_code, check_forward, check_upstream
 
 __all__ = ["lstm_forward", "lstm_backward", "sigmoid", "flip_valid"]
 
@@ -15,6 +15,21 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     """1 / (1 + exp(-z)); exp overflows to inf for very negative z and the result is then 0."""
     with np.errstate(over="ignore"):
         return 1.0 / (1.0 + np.exp(-z))
+
+
+def hard_sigmoid(z: np.ndarray) -> np.ndarray:
+    """Keras 3's hard_sigmoid: relu6(z + 3) / 6."""
+    return np.minimum(np.maximum(z + 3, 0), 6) / 6
+
+
+# By lstm.h's code: the function, and its derivative written with its output y.
+_ACTS = {
+    0: (np.tanh, lambda y: 1 - y * y),
+    1: (lambda z: np.maximum(z, 0), lambda y: (y > 0).astype(y.dtype)),
+    2: (lambda z: z, lambda y: np.ones_like(y)),
+    3: (sigmoid, lambda y: y * (1 - y)),
+    4: (hard_sigmoid, lambda y: ((y > 0) & (y < 1)).astype(y.dtype) / 6),
+}
 
 
 def flip_valid(a: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
@@ -38,12 +53,26 @@ def lstm_forward(
     training: bool = True,
     return_sequences: bool = True,
     reverse: bool = False,
+    activation: str = "tanh",
+    recurrent_activation: str = "sigmoid",
+    recurrent_masks=None,
 ):
     """NumPy reference of :func:`fusedlstm.lstm_forward` (same arguments and results)."""
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
+    acts = (activation_code("activation", activation), activation_code("recurrent_activation", recurrent_activation))
     if reverse:
         outputs, h, c, cache = lstm_forward(
-            flip_valid(a.x, a.lengths), a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, training
+            flip_valid(a.x, a.lengths),
+            a.kernel,
+            a.recurrent_kernel,
+            a.bias,
+            a.h0,
+            a.c0,
+            a.lengths,
+            training,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            recurrent_masks=recurrent_masks,
         )
         if cache is not None:
             cache["reverse"] = a.lengths
@@ -54,16 +83,21 @@ def lstm_forward(
     h = a.h0.copy() if a.h0 is not None else np.zeros((B, H), dt)
     c = a.c0.copy() if a.c0 is not None else np.zeros((B, H), dt)
     lengths = a.lengths if a.lengths is not None else np.full(B, T, np.int32)
+    act, rec = _ACTS[acts[0]][0], _ACTS[acts[1]][0]
+    masks = None if recurrent_masks is None else np.asarray(recurrent_masks, dt)
     outputs = np.zeros((B, T, H), dt)
     steps = []
     for t in range(T):
-        z = a.x[:, t] @ W + h @ R + b
-        i = sigmoid(z[:, :H])
-        f = sigmoid(z[:, H : 2 * H])
-        g = np.tanh(z[:, 2 * H : 3 * H])
-        o = sigmoid(z[:, 3 * H :])
+        if masks is None:
+            z = a.x[:, t] @ W + h @ R + b
+        else:  # gate k's product reads h ⊙ masks[k]
+            z = a.x[:, t] @ W + b + np.concatenate([(h * masks[k]) @ R[:, k * H : (k + 1) * H] for k in range(4)], 1)
+        i = rec(z[:, :H])
+        f = rec(z[:, H : 2 * H])
+        g = act(z[:, 2 * H : 3 * H])
+        o = rec(z[:, 3 * H :])
         c_new = f * c + i * g
-        h_new = o * np.tanh(c_new)
+        h_new = o * act(c_new)
         valid = (t < lengths)[:, None]
         steps.append((h, c, i, f, g, o, c_new, valid))
         outputs[:, t] = np.where(valid, h_new, 0)
@@ -78,6 +112,8 @@ def lstm_forward(
             "steps": steps,
             "shape": (B, T, a.E, H),
             "dtype": dt,
+            "acts": acts,
+            "masks": masks,
         }
     return (outputs if return_sequences else None), h, c, cache
 
@@ -98,6 +134,9 @@ def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool =
         g = lstm_backward(inner, d_out, d_h_n, d_c_n, need_dx)
         return g._replace(x=None if g.x is None else flip_valid(g.x, lengths))
     x, W, R = cache["x"], cache["kernel"], cache["recurrent_kernel"]
+    act, d_act = _ACTS[cache["acts"][0]]
+    d_rec = _ACTS[cache["acts"][1]][1]
+    masks = cache["masks"]
     dh = d_h_n.copy() if d_h_n is not None else np.zeros((B, H), dt)
     dc = d_c_n.copy() if d_c_n is not None else np.zeros((B, H), dt)
     dx = np.zeros((B, T, E), dt)
@@ -105,18 +144,27 @@ def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool =
     for t in reversed(range(T)):
         h_prev, c_prev, i, f, g, o, c_new, valid = cache["steps"][t]
         dh_t = dh + d_outputs[:, t] if d_outputs is not None else dh
-        tc = np.tanh(c_new)
-        dc_t = dc + dh_t * o * (1 - tc * tc)
+        tc = act(c_new)
+        dc_t = dc + dh_t * o * d_act(tc)
         dz = np.concatenate(
-            [dc_t * g * i * (1 - i), dc_t * c_prev * f * (1 - f), dc_t * i * (1 - g * g), dh_t * tc * o * (1 - o)],
+            [dc_t * g * d_rec(i), dc_t * c_prev * d_rec(f), dc_t * i * d_act(g), dh_t * tc * d_rec(o)],
             axis=1,
         )
         dz = np.where(valid, dz, 0)
         # Padded steps contribute exactly nothing, even where their data is NaN or Inf.
         dW += np.where(valid, x[:, t], 0).T @ dz
-        dR += np.where(valid, h_prev, 0).T @ dz
+        hp = np.where(valid, h_prev, 0)
+        if masks is None:
+            dR += hp.T @ dz
+            dh_prev = dz @ R.T
+        else:
+            dh_prev = 0
+            for k in range(4):
+                cols = slice(k * H, (k + 1) * H)
+                dR[:, cols] += (hp * masks[k]).T @ dz[:, cols]
+                dh_prev = dh_prev + (dz[:, cols] @ R[:, cols].T) * masks[k]
         db += dz.sum(axis=0)
         dx[:, t] = np.where(valid, dz @ W.T, 0)
-        dh = np.where(valid, dz @ R.T, dh)
+        dh = np.where(valid, dh_prev, dh)
         dc = np.where(valid, dc_t * f, dc)
     return LstmGrads(dx if need_dx else None, dW, dR, db, dh, dc)

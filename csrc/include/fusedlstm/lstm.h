@@ -31,6 +31,18 @@
 
 namespace fusedlstm {
 
+// The activations (Keras's names): `activation` for the candidate g and the cell output
+// (h = o ⊙ activation(c)), `recurrent_activation` for the gates i, f, o. The defaults are the
+// classic LSTM's; hard_sigmoid is Keras 3's relu6(x + 3) / 6. Derivatives of relu and
+// hard_sigmoid at their kinks are 0 (TensorFlow's convention).
+enum class Activation : int32_t {
+  kTanh = 0,
+  kRelu = 1,
+  kLinear = 2,
+  kSigmoid = 3,
+  kHardSigmoid = 4
+};
+
 struct LstmShape {
   int64_t T = 0;  // time steps
   int64_t N = 0;  // batch rows
@@ -44,8 +56,8 @@ int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse = f
 // Elements of Scalar the training cache holds (what backward reads). 0 is never returned for a
 // shape with N*T > 0.
 int64_t CacheSize(const LstmShape& s);
-// Elements of Scalar the backward pass needs as scratch.
-int64_t BackwardWorkspaceSize(const LstmShape& s);
+// Elements of Scalar the backward pass needs as scratch (more with recurrent masks).
+int64_t BackwardWorkspaceSize(const LstmShape& s, bool recurrent_masks = false);
 
 template <typename Scalar>
 struct ForwardArgs {
@@ -71,6 +83,13 @@ struct ForwardArgs {
   Scalar* cache = nullptr;
   bool reverse = false;  // run each row's valid steps last to first (see above)
   int64_t out_ld = 0;    // elements from one step's outputs to the next (0: H)
+  Activation activation = Activation::kTanh;
+  Activation recurrent_activation = Activation::kSigmoid;
+  // Training only: [4, N, H], or nullptr. Gate g's recurrent product reads h_{t-1} ⊙ masks[g]
+  // (Keras's recurrent dropout: one mask per gate and row, fixed over the steps; the caller
+  // draws and scales them). h, c, outputs and h_n stay unmasked. The backward needs the same
+  // array. With masks the recurrence runs row-block tasks only (no unit split).
+  const Scalar* recurrent_masks = nullptr;
 };
 
 template <typename Scalar>
@@ -95,6 +114,9 @@ struct BackwardArgs {
   Scalar* workspace = nullptr;
   bool reverse = false;  // as the forward that wrote the cache ran
   int64_t out_ld = 0;    // d_outputs' step stride (0: H), as ForwardArgs::out_ld
+  Activation activation = Activation::kTanh;  // as the forward ran
+  Activation recurrent_activation = Activation::kSigmoid;
+  const Scalar* recurrent_masks = nullptr;  // the forward's, or nullptr as it had none
 };
 
 // -- CPU kernels (csrc/cpu) -----------------------------------------------------------------

@@ -46,6 +46,8 @@ struct InferArgs {
   Scalar* workspace = nullptr;       // InferWorkspaceSize(shape, reverse) elements
   bool reverse = false;              // as ForwardArgs::reverse
   int64_t out_ld = 0;                // as ForwardArgs::out_ld
+  Activation activation = Activation::kTanh;  // as ForwardArgs
+  Activation recurrent_activation = Activation::kSigmoid;
 };
 
 // No output may alias an input or another output; arguments are trusted (adapters validate).
