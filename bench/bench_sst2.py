@@ -104,9 +104,11 @@ def torch_run(
 
     tr_ids, tr_len, tr_y = encode(splits["train"])
 
-    def logits_of(ids, lengths, mask=None):
+    def logits_of(ids, lengths, mask=None, emb_mask=None):
         T = int(lengths.max())
         x = emb(ids[:, :T])
+        if emb_mask is not None:
+            x = x * emb_mask
         lens = torch.from_numpy(lengths.astype(np.int64))
         if cfg.bidirectional:
             # The reverse direction must start at each sentence's last word, not at the padding:
@@ -157,8 +159,12 @@ def torch_run(
         t0 = time.perf_counter()
         for b in batches(rng, tr_len, opts.batch_size, opts.bucket):
             mask = torch.from_numpy(dropout_mask(rng, (len(b), D * H), model.config.keep_prob, np.float32))
+            emb_mask = None
+            if cfg.embedding_keep_prob < 1:  # drawn as fusedlstm's fit draws it
+                shape = (len(b), int(tr_len[b].max()), E)
+                emb_mask = torch.from_numpy(dropout_mask(rng, shape, cfg.embedding_keep_prob, np.float32))
             bt = torch.from_numpy(b)
-            loss = torch.nn.functional.cross_entropy(logits_of(tr_ids[bt], tr_len[b], mask), tr_y[bt])
+            loss = torch.nn.functional.cross_entropy(logits_of(tr_ids[bt], tr_len[b], mask, emb_mask), tr_y[bt])
             opt.zero_grad()
             if lazy:
                 emb.weight.grad = None
@@ -225,6 +231,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--bidirectional", action="store_true")
     ap.add_argument("--pooling", choices=["last", "max", "mean"], default="last")
+    ap.add_argument("--embedding-keep-prob", type=float, default=1.0)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument(
         "--torch-dense-embedding-adam",
@@ -253,6 +260,7 @@ def main(argv=None):
             layers=args.layers,
             bidirectional=args.bidirectional,
             pooling=args.pooling,
+            embedding_keep_prob=args.embedding_keep_prob,
             log=lambda *a: None,
         )
         init = {k: v.copy() for k, v in model.params.items()}

@@ -1,5 +1,6 @@
-"""The classifier's architectures (--layers, --bidirectional, --pooling): a float64 gradient check
-of every parameter against central differences, inference on prepared weights equal to the
+"""The classifier's architectures (--layers, --bidirectional, --pooling, --embedding-keep-prob): a
+float64 gradient check of every parameter against central differences (with and without
+dropout on the word vectors), inference on prepared weights equal to the
 training forward, learning, save/load, and old model directories (no architecture fields)."""
 
 import json
@@ -21,7 +22,7 @@ ARCHS = [  # (layers, bidirectional, pooling)
 ]
 
 
-def make(layers, bidirectional, pooling, units=4, seed=0):
+def make(layers, bidirectional, pooling, units=4, seed=0, embedding_keep_prob=1.0):
     return SentimentClassifier.create(
         tiny_split(),
         units=units,
@@ -30,20 +31,24 @@ def make(layers, bidirectional, pooling, units=4, seed=0):
         layers=layers,
         bidirectional=bidirectional,
         pooling=pooling,
+        embedding_keep_prob=embedding_keep_prob,
         log=lambda *a: None,
     )
 
 
+@pytest.mark.parametrize("word_dropout", [False, True], ids=["", "embedding_dropout"])
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "L%d_%s_%s" % (a[0], "bi" if a[1] else "uni", a[2]))
-def test_gradient_check(arch):
+def test_gradient_check(arch, word_dropout):
     m = make(*arch, units=3)
     for k in m.params:
         m.params[k] = m.params[k].astype(np.float64)
     split = tiny_split(5, seed=3)
     ids, lengths = m.encode(split.texts)
     y = m.label_map.encode(split.labels)
-    mask = (np.random.default_rng(1).random((5, m.config.features)) < 0.8) / 0.8
-    _, _, grads, (rows, sparse) = m.forward_backward(ids, lengths, y, mask)
+    rng = np.random.default_rng(1)
+    mask = (rng.random((5, m.config.features)) < 0.8) / 0.8
+    emb_mask = (rng.random((5, int(lengths.max()), 3)) < 0.7) / 0.7 if word_dropout else None
+    _, _, grads, (rows, sparse) = m.forward_backward(ids, lengths, y, mask, embedding_mask=emb_mask)
     grads = dict(grads)
     emb = np.zeros_like(m.params["embedding"])
     emb[rows] = sparse
@@ -58,9 +63,9 @@ def test_gradient_check(arch):
                 continue
             orig = p[idx]
             p[idx] = orig + eps
-            lp = m.forward_backward(ids, lengths, y, mask, need_grads=False)[0]
+            lp = m.forward_backward(ids, lengths, y, mask, need_grads=False, embedding_mask=emb_mask)[0]
             p[idx] = orig - eps
-            lm = m.forward_backward(ids, lengths, y, mask, need_grads=False)[0]
+            lm = m.forward_backward(ids, lengths, y, mask, need_grads=False, embedding_mask=emb_mask)[0]
             p[idx] = orig
             num[idx] = (lp - lm) / (2 * eps)
         np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-8, err_msg=name)
@@ -68,7 +73,7 @@ def test_gradient_check(arch):
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "L%d_%s_%s" % (a[0], "bi" if a[1] else "uni", a[2]))
 def test_learns_and_round_trips(tmp_path, arch):
-    m = make(*arch, units=8)
+    m = make(*arch, units=8, embedding_keep_prob=0.9 if arch[1] else 1.0)
     opts = TrainOptions(epochs=5, batch_size=8, lr=0.05, seed=3, progress=False)
     m.fit(tiny_split(), None, opts, log=lambda *x: None)
     assert m.evaluate(tiny_split(20, seed=5))["accuracy"] > 0.9
@@ -80,6 +85,7 @@ def test_learns_and_round_trips(tmp_path, arch):
     m.save(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert (cfg["layers"], cfg["bidirectional"], cfg["pooling"]) == arch
+    assert cfg["embedding_keep_prob"] == (0.9 if arch[1] else 1.0)
     r = SentimentClassifier.load(tmp_path / "m")
     np.testing.assert_array_equal(r.predict_proba(split.texts), got)
 
@@ -91,7 +97,7 @@ def test_original_architecture_is_the_default_and_old_directories_load(tmp_path)
     m.save(tmp_path / "m")
     path = tmp_path / "m" / "config.json"
     cfg = json.loads(path.read_text())
-    for k in ("layers", "bidirectional", "pooling"):  # a directory saved before these existed
+    for k in ("layers", "bidirectional", "pooling", "embedding_keep_prob"):  # saved before these existed
         del cfg[k]
     path.write_text(json.dumps(cfg))
     r = SentimentClassifier.load(tmp_path / "m")

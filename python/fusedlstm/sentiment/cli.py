@@ -129,6 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 layers=args.layers,
                 bidirectional=args.bidirectional,
                 pooling=args.pooling,
+                embedding_keep_prob=args.embedding_keep_prob,
                 seed=args.seed,
             )
         except (ValueError, FileNotFoundError, ImportError) as exc:
@@ -334,6 +335,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--max-vocab", type=int, default=None, help="keep at most this many of the most frequent words (default: all)"
     )
     t.add_argument("--keep-prob", type=float, default=0.8, help="dropout keep probability (default 0.8)")
+    t.add_argument(
+        "--embedding-keep-prob",
+        type=float,
+        default=1.0,
+        help="dropout keep probability on the word vectors, in training (default 1: none)",
+    )
     t.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default 20)")
     t.add_argument("--steps", type=int, default=None, help="stop after this many updates")
     t.add_argument("--batch-size", type=int, default=32, help="default 32")

@@ -41,7 +41,7 @@ _PROTOBUF_LIMIT = 2**31 - 2**20  # one serialized ModelProto; headroom for the g
 
 # Config fields the exporter knows: those that shape the graph are checked below, the others
 # (training options and provenance) do not change inference.
-_INFERENCE_NEUTRAL = {"keep_prob", "train_embeddings", "vectors"}
+_INFERENCE_NEUTRAL = {"keep_prob", "embedding_keep_prob", "train_embeddings", "vectors"}
 _SHAPE_FIELDS = {"units", "embedding_dim", "max_len", "num_classes", "vocab_size", "labels", "format_version"}
 _ARCHITECTURE = {"layers": 1, "bidirectional": False, "pooling": "last"}  # field: its default
 _POOLINGS = ("last", "max", "mean")

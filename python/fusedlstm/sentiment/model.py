@@ -67,6 +67,7 @@ class ModelConfig:
     layers: int = 1
     bidirectional: bool = False
     pooling: str = "last"
+    embedding_keep_prob: float = 1.0
 
     def validate(self, source: str = "config") -> ModelConfig:
         """Check every field (named, with `source`, in the error); returns self."""
@@ -74,8 +75,10 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
                 raise ValueError(f"{source}: {name} must be an integer in 1..{limit}, got {v!r}")
-        if not isinstance(self.keep_prob, (int, float)) or not 0 < self.keep_prob <= 1:
-            raise ValueError(f"{source}: keep_prob must be in (0, 1], got {self.keep_prob!r}")
+        for name in ("keep_prob", "embedding_keep_prob"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ValueError(f"{source}: {name} must be in (0, 1], got {v!r}")
         if (
             not isinstance(self.labels, list)
             or len(self.labels) != self.num_classes
@@ -177,6 +180,7 @@ class SentimentClassifier:
         layers: int = 1,
         bidirectional: bool = False,
         pooling: str = "last",
+        embedding_keep_prob: float = 1.0,
         seed: int = 0,
         log: Callable[[str], Any] = print,
     ) -> SentimentClassifier:
@@ -213,6 +217,7 @@ class SentimentClassifier:
             layers=layers,
             bidirectional=bool(bidirectional),
             pooling=pooling,
+            embedding_keep_prob=embedding_keep_prob,
         ).validate()
         s = 1.0 / math.sqrt(H)
         shapes = cfg.weight_shapes()
@@ -264,15 +269,19 @@ class SentimentClassifier:
         labels: np.ndarray,
         mask: np.ndarray | None = None,
         need_grads: bool = True,
+        embedding_mask: np.ndarray | None = None,
     ) -> tuple[float, np.ndarray, dict[str, np.ndarray] | None, tuple[np.ndarray, np.ndarray] | None]:
         """Loss (and gradients) of one batch. mask: the dropout multiplier [B, features] (None:
-        no dropout). Returns (loss, probabilities [B, C], the dense weights' gradients by name or
-        None, the embedding's sparse gradient (rows, row grads) or None when it is frozen or
-        need_grads is False)."""
+        no dropout); embedding_mask: the word vectors' dropout multiplier [B, T, E] (T: the
+        batch's longest sentence; None: none). Returns (loss, probabilities [B, C], the dense
+        weights' gradients by name or None, the embedding's sparse gradient (rows, row grads) or
+        None when it is frozen or need_grads is False)."""
         p, cfg = self.params, self.config
         T = int(lengths.max()) if len(lengths) else 1
         ids = ids[:, :T]  # a batch is only as long as its longest sentence
         x = np.take(p["embedding"], ids, axis=0)  # a row gather, cheaper than fancy indexing p[ids]
+        if embedding_mask is not None:
+            x = x * embedding_mask
         weights = self.lstm_weights()
         seq = cfg.pooling != "last"
         single = cfg.layers == 1 and not cfg.bidirectional
@@ -312,6 +321,8 @@ class SentimentClassifier:
                 for dnames, dg in zip(names, lg if cfg.bidirectional else (lg,)):
                     grads.update(zip(dnames, dg))
             dx = g.x
+        if dx is not None and embedding_mask is not None:
+            dx = dx * embedding_mask
         sparse = embedding_backward(ids, lengths, dx) if cfg.train_embeddings else None
         return loss, probs, grads, sparse
 

@@ -218,7 +218,11 @@ def fit(
             if opts.steps is not None and state["step"] >= opts.steps:
                 break
             mask = dropout_mask(rng, (len(b), features), model.config.keep_prob, np.float32)
-            loss, probs, grads, sparse = model.forward_backward(ids[b], lengths[b], y[b], mask)
+            emb_mask = None
+            if model.config.embedding_keep_prob < 1:  # drawn only then: other runs stay as they were
+                shape = (len(b), int(lengths[b].max()), model.config.embedding_dim)
+                emb_mask = dropout_mask(rng, shape, model.config.embedding_keep_prob, np.float32)
+            loss, probs, grads, sparse = model.forward_backward(ids[b], lengths[b], y[b], mask, embedding_mask=emb_mask)
             _, scale = clip_scale(grads, sparse, opts.clip_norm)
             state["step"] += 1
             # The average's decay ramps up over the first steps (as
