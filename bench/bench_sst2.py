@@ -232,6 +232,7 @@ def main(argv=None):
     ap.add_argument("--bidirectional", action="store_true")
     ap.add_argument("--pooling", choices=["last", "max", "mean"], default="last")
     ap.add_argument("--embedding-keep-prob", type=float, default=1.0)
+    ap.add_argument("--keep-prob", type=float, default=0.8, help="dropout keep probability on the features")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument(
         "--torch-dense-embedding-adam",
@@ -261,6 +262,7 @@ def main(argv=None):
             bidirectional=args.bidirectional,
             pooling=args.pooling,
             embedding_keep_prob=args.embedding_keep_prob,
+            keep_prob=args.keep_prob,
             log=lambda *a: None,
         )
         init = {k: v.copy() for k, v in model.params.items()}
