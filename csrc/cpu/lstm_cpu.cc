@@ -154,15 +154,6 @@ inline StepGrid BackwardGemmGrid(const LstmShape& s, bool rows_only = false) {
   return g;
 }
 
-// Steps [0, active) hold a valid step for at least one of the rows; past it every row only
-// carries its state, and the step's GEMMs can be skipped.
-inline int64_t ActiveSteps(const int32_t* lengths, Range rows, int64_t T) {
-  if (!lengths) return T;
-  int64_t active = 0;
-  for (int64_t n = rows.begin; n < rows.end; ++n) active = std::max<int64_t>(active, lengths[n]);
-  return std::min(active, T);
-}
-
 // Weights packed once per call for the per-step GEMMs, one packed matrix per unit block.
 // Forward packs Wp[:, block] (K = C) and Rp[:, block] (K = H), N = 4·nu each; backward packs
 // Rp[units, :]ᵀ (K = 4H, N = nu). Sizes use float's panel width, an upper bound for double's.
@@ -254,23 +245,56 @@ inline int64_t Length(const int32_t* lengths, int64_t n, int64_t T) {
   return lengths ? lengths[n] : T;
 }
 
-// The time position row n reads x from (and writes its output to) at its t-th step: t, or for
-// a reverse pass its valid steps backwards (padded steps, t >= length, stay where they are).
-inline int64_t Pos(bool reverse, const int32_t* lengths, int64_t n, int64_t t, int64_t T) {
-  if (!reverse) return t;
-  const int64_t len = Length(lengths, n, T);
-  return t < len ? len - 1 - t : t;
-}
+// Which of a row's steps are valid, and the time position each step reads x from and writes
+// its output to. Right-padded lengths: steps t < length, at t, or in a reverse pass at
+// length-1-t (the padded steps stay where they are). A step mask: any steps; a reverse pass
+// reads positions T-1 ... 0. Steps are counted in the order they run.
+struct Steps {
+  const int32_t* lengths;
+  const uint8_t* mask;
+  int64_t T;
+  bool reverse;
+  int64_t pos(int64_t n, int64_t t) const {
+    if (!reverse) return t;
+    if (mask) return T - 1 - t;
+    const int64_t len = Length(lengths, n, T);
+    return t < len ? len - 1 - t : t;
+  }
+  bool valid(int64_t n, int64_t t) const {
+    return mask ? mask[n * T + pos(n, t)] != 0 : t < Length(lengths, n, T);
+  }
+  bool any_invalid() const { return lengths != nullptr || mask != nullptr; }
+  // Steps [0, active) hold a valid step for at least one of the rows; past it every row only
+  // carries its state, and the steps' GEMMs can be skipped.
+  int64_t active(Range rows) const {
+    if (mask) {
+      int64_t active = 0;
+      for (int64_t n = rows.begin; n < rows.end; ++n) {
+        for (int64_t t = T; t > active; --t) {
+          if (valid(n, t - 1)) {
+            active = t;
+            break;
+          }
+        }
+      }
+      return active;
+    }
+    if (!lengths) return T;
+    int64_t active = 0;
+    for (int64_t n = rows.begin; n < rows.end; ++n) active = std::max<int64_t>(active, lengths[n]);
+    return std::min(active, T);
+  }
+};
 
-// dst[n, t] = src[n, Pos(n, t)] for rows of `width` elements: a reverse pass's inputs in the
+// dst[n, t] = src[n, pos(n, t)] for rows of `width` elements: a reverse pass's inputs in the
 // order its steps read them, so every per-step product stays one strided GEMM over a row block.
 template <typename S>
-void GatherSteps(const CpuDevice& device, const LstmShape& s, const int32_t* lengths, const S* src,
+void GatherSteps(const CpuDevice& device, const LstmShape& s, const Steps& steps, const S* src,
                  S* dst, int64_t width) {
   ParallelFor(device, s.N, double(s.T) * width * s.N, [&](int64_t n) {
     for (int64_t t = 0; t < s.T; ++t) {
-      std::memcpy(dst + (n * s.T + t) * width,
-                  src + (n * s.T + Pos(true, lengths, n, t, s.T)) * width, sizeof(S) * width);
+      std::memcpy(dst + (n * s.T + t) * width, src + (n * s.T + steps.pos(n, t)) * width,
+                  sizeof(S) * width);
     }
   });
 }
@@ -437,6 +461,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   const bool hoisted = HoistProjection(s);
   const int64_t ld = a.out_ld ? a.out_ld : H;
   const Acts acts{a.activation, a.recurrent_activation};
+  const Steps steps{a.lengths, a.step_mask, T, a.reverse};
   // Gates of step t for row n: z + n·z_ld + t·z_t. Hoisted: every step's, [N, T, 4H], the
   // projection's output; else one step's, [N, 4H], zeroed each step.
   S* z = a.workspace;
@@ -447,7 +472,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   const S* x = a.x;  // in step order
   if (a.reverse && C > 0) {
     S* xs = hbuf + 2 * N * H;
-    GatherSteps(device, s, a.lengths, a.x, xs, C);
+    GatherSteps(device, s, steps, a.x, xs, C);
     x = xs;
   }
   if (hoisted) {  // Zx = X·W, in tiles of rows × panels (any tiling gives the same sums)
@@ -485,7 +510,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
     GemmPackedRhsCols<S>(rows.size(), G, H, col0, col1, h_in + rows.begin * H, H, pv.rpack, zrows,
                          z_ld);
     for (int64_t n = rows.begin; n < rows.end; ++n) {
-      if (t >= Length(a.lengths, n, T)) {  // padded: carry h (c stays); output zeroed later
+      if (!steps.valid(n, t)) {  // padded: carry h (c stays); output zeroed later
         const int64_t u0 = groups.begin * U, u1 = std::min(H, groups.end * U);
         std::memcpy(h_out + n * H + u0, h_in + n * H + u0, sizeof(S) * (u1 - u0));
         continue;
@@ -493,8 +518,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
       const S* zrow = z + n * z_ld + t * z_t;
       for (int64_t q = groups.begin; q < groups.end; ++q) {
         const int64_t u0 = q * U, u = std::min<int64_t>(U, H - u0);
-        S* out = a.outputs ? a.outputs + (n * T + Pos(a.reverse, a.lengths, n, t, T)) * ld + u0
-                           : nullptr;
+        S* out = a.outputs ? a.outputs + (n * T + steps.pos(n, t)) * ld + u0 : nullptr;
         GroupGates<S, U>(zrow + q * 4 * U, pv.b + u0, H, u, a.c_n + n * H + u0, h_out + n * H + u0,
                          out, acts);
       }
@@ -507,9 +531,10 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
       std::memcpy(a.h_n + n * H + u0, hbuf + (active % 2) * N * H + n * H + u0,
                   sizeof(S) * (u1 - u0));
       if (!a.outputs) continue;
-      // (Padded positions are the same in a reverse pass.)
-      for (int64_t t = std::min<int64_t>(Length(a.lengths, n, T), active); t < T; ++t) {
-        std::fill(a.outputs + (n * T + t) * ld + u0, a.outputs + (n * T + t) * ld + u1, S(0));
+      for (int64_t t = 0; t < T; ++t) {
+        if (t < active && steps.valid(n, t)) continue;
+        S* out = a.outputs + (n * T + steps.pos(n, t)) * ld;
+        std::fill(out + u0, out + u1, S(0));
       }
     }
   };
@@ -520,13 +545,13 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   if (grid.unit_parts == 1) {
     ParallelFor(device, grid.row_parts, flops, [&](int64_t task) {
       const Range rows = Part(N, grid.row_parts, task), groups{0, n_groups};
-      const int64_t active = ActiveSteps(a.lengths, rows, T);
+      const int64_t active = steps.active(rows);
       for (int64_t t = 0; t < active; ++t) step(t, rows, groups);
       finish(rows, groups, active);
     });
     return;
   }
-  const int64_t K = grid.unit_parts, active = ActiveSteps(a.lengths, Range{0, N}, T);
+  const int64_t K = grid.unit_parts, active = steps.active(Range{0, N});
   const int64_t items = active * K;
   std::atomic<int64_t> next{0}, done{0};
   ParallelFor(device, K, flops, [&](int64_t) {
@@ -613,6 +638,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     ia.h0 = a.h0;
     ia.c0 = a.c0;
     ia.lengths = a.lengths;
+    ia.step_mask = a.step_mask;
     ia.outputs = a.outputs;
     ia.h_n = a.h_n;
     ia.c_n = a.c_n;
@@ -634,6 +660,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   const int64_t ld = a.out_ld ? a.out_ld : H;
   const Acts acts{a.activation, a.recurrent_activation};
   const int64_t gate_pack = PackedRhsSize<S>(H, H);
+  const Steps steps{a.lengths, a.step_mask, T, a.reverse};
 
   // Storage: weights and history in the cache (h_{t-1} at hprev[n, t], c at cstate[n, t]).
   CacheView<S> cv(a.cache, s);
@@ -679,7 +706,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   const int64_t n_copies = keras_order ? 2 : 0;
   if (C == 0) std::fill(gates, gates + N * T * G, S(0));
   // The cache keeps x in step order; a reverse pass gathers it there first and projects that.
-  if (a.reverse && C > 0) GatherSteps(device, s, a.lengths, a.x, x_cache, C);
+  if (a.reverse && C > 0) GatherSteps(device, s, steps, a.x, x_cache, C);
   CMapRM<S> X(a.reverse ? x_cache : a.x, N * T, C, Eigen::OuterStride<>(C));
   CMapRM<S> W(w_src, C, G, Eigen::OuterStride<>(G));
   MapRM<S> Z(gates, N * T, G, Eigen::OuterStride<>(G));
@@ -726,8 +753,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
         PrefetchSpan<1>(zstep + n * z_ld + G + col0, sizeof(S) * 4 * nu);
         PrefetchSpan<1>(c_hist + (n * (T + 1) + t + 2) * H + u0, sizeof(S) * nu);
         if (a.outputs) {
-          PrefetchSpan<1>(a.outputs + (n * T + Pos(a.reverse, a.lengths, n, t + 1, T)) * ld + u0,
-                          sizeof(S) * nu);
+          PrefetchSpan<1>(a.outputs + (n * T + steps.pos(n, t + 1)) * ld + u0, sizeof(S) * nu);
         }
       }
     }
@@ -745,10 +771,9 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     // Fused pass over the block, in chunks of kChunk units.
     alignas(64) S gate[4][kChunk], cell[kChunk], hid[kChunk];
     for (int64_t n = rows.begin; n < rows.end; ++n) {
-      const bool valid = t < Length(a.lengths, n, T);
+      const bool valid = steps.valid(n, t);
       S* zrow = zstep + n * z_ld + col0;
-      S* out_row =
-          a.outputs ? a.outputs + (n * T + Pos(a.reverse, a.lengths, n, t, T)) * ld : nullptr;
+      S* out_row = a.outputs ? a.outputs + (n * T + steps.pos(n, t)) * ld : nullptr;
       for (int64_t j0 = 0; j0 < nu; j0 += kChunk) {
         const int64_t m = std::min(kChunk, nu - j0), u = u0 + j0;
         const S* c_prev = c_hist + (n * (T + 1) + t) * H + u;
@@ -777,14 +802,13 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   };
   if (grid.whole_sequence) {  // one region: each task runs every step of its rows
     ParallelFor(device, grid.count(), step_flops * T, [&](int64_t task) {
-      const int64_t active = ActiveSteps(a.lengths, grid.rows(s, task), T);
+      const int64_t active = steps.active(grid.rows(s, task));
       for (int64_t t = 0; t < T; ++t) step(t, task, active);
     });
   } else {
     for (int64_t t = 0; t < T; ++t) {
-      ParallelFor(device, grid.count(), step_flops, [&](int64_t task) {
-        step(t, task, ActiveSteps(a.lengths, grid.rows(s, task), T));
-      });
+      ParallelFor(device, grid.count(), step_flops,
+                  [&](int64_t task) { step(t, task, steps.active(grid.rows(s, task))); });
     }
   }
 
@@ -812,10 +836,9 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   const int64_t ld = a.out_ld ? a.out_ld : H;
   const Acts acts{a.activation, a.recurrent_activation};
   const int64_t gate_pack = PackedRhsSize<S>(H, H);
+  const Steps steps{a.lengths, a.step_mask, T, a.reverse};
   // d_outputs of row n's step t (the cache and dZ are in step order, d_outputs in x's).
-  auto d_out = [&](int64_t n, int64_t t) {
-    return a.d_outputs + (n * T + Pos(a.reverse, a.lengths, n, t, T)) * ld;
-  };
+  auto d_out = [&](int64_t n, int64_t t) { return a.d_outputs + (n * T + steps.pos(n, t)) * ld; };
   S* dz_all = cv.gates;  // activated gates are overwritten by dZ, step by step
   const double step_flops = 2.0 * N * H * G;
   // With one unit block the interleaved layout is Keras's own: the gradients go straight to
@@ -843,12 +866,13 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   // padded rows are zeroed after its GEMM, and when R holds a non-finite value the per-step dh
   // GEMM skips padded rows instead of adding 0 · R to them.
   bool any_padded = false;
-  for (int64_t n = 0; a.lengths && n < N; ++n) {
-    const int64_t len = Length(a.lengths, n, T);
-    if (len == T) continue;
-    any_padded = true;
-    std::fill(cv.x + (n * T + len) * C, cv.x + (n + 1) * T * C, S(0));
-    std::fill(cv.hprev + (n * T + len) * H, cv.hprev + (n + 1) * T * H, S(0));
+  for (int64_t n = 0; steps.any_invalid() && n < N; ++n) {
+    for (int64_t t = 0; t < T; ++t) {
+      if (steps.valid(n, t)) continue;
+      any_padded = true;
+      std::fill(cv.x + (n * T + t) * C, cv.x + (n * T + t + 1) * C, S(0));
+      std::fill(cv.hprev + (n * T + t) * H, cv.hprev + (n * T + t + 1) * H, S(0));
+    }
   }
   const bool skip_padded_rows = any_padded && !AllFinite(cv.rkernel, H * G);
 
@@ -860,12 +884,12 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     alignas(64) S dh_buf[kChunk], dc_buf[kChunk], tc_buf[kChunk], i_buf[kChunk], d_buf[kChunk];
     for (int64_t n = rows.begin; n < rows.end; ++n) {
       S* zrow = dz_all + (n * T + t) * G + col0;
-      if (t > 0 && t - 1 < Length(a.lengths, n, T)) {  // step t-1's slices of this row
+      if (t > 0 && steps.valid(n, t - 1)) {  // step t-1's slices of this row
         PrefetchSpan<1>(zrow - G, sizeof(S) * 4 * nu);
         PrefetchSpan(cv.cstate + (n * (T + 1) + t - 1) * H + u0, sizeof(S) * nu);
         if (a.d_outputs) PrefetchSpan(d_out(n, t - 1) + u0, sizeof(S) * nu);
       }
-      if (t >= Length(a.lengths, n, T)) {
+      if (!steps.valid(n, t)) {
         // Padded step: no gradient into this step's gates; dh and dc pass through unchanged.
         std::fill(zrow, zrow + 4 * nu, S(0));
         continue;
@@ -925,7 +949,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
         GemmPackedRhs<S>(rows.size(), H, H, dz_all + (rows.begin * T + t) * G + g * H, T * G,
                          rtpack + g * gate_pack, tmp, H);
         for (int64_t n = rows.begin; n < rows.end; ++n) {
-          if (t >= Length(a.lengths, n, T)) continue;
+          if (!steps.valid(n, t)) continue;
           MapA<S>(a.d_h0 + n * H, H) += CMapA<S>(tmp + (n - rows.begin) * H, H) *
                                         CMapA<S>(a.recurrent_masks + (g * N + n) * H, H);
         }
@@ -939,12 +963,12 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       return;
     }
     for (int64_t n0 = rows.begin; n0 < rows.end;) {  // runs of rows that are valid at t
-      if (t >= Length(a.lengths, n0, T)) {
+      if (!steps.valid(n0, t)) {
         ++n0;
         continue;
       }
       int64_t n1 = n0 + 1;
-      while (n1 < rows.end && t < Length(a.lengths, n1, T)) ++n1;
+      while (n1 < rows.end && steps.valid(n1, t)) ++n1;
       GemmPackedRhs<S>(n1 - n0, units.size(), G, dz_all + (n0 * T + t) * G, T * G, rt,
                        a.d_h0 + n0 * H + units.begin, H);
       n0 = n1;
@@ -952,7 +976,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   };
   if (grid.whole_sequence) {  // one region: each task runs every step of its rows (bgrid = grid)
     ParallelFor(device, grid.count(), 3.0 * step_flops * T, [&](int64_t task) {
-      const int64_t active = ActiveSteps(a.lengths, grid.rows(s, task), T);
+      const int64_t active = steps.active(grid.rows(s, task));
       for (int64_t t = T - 1; t >= 0; --t) {
         gate_pass(t, task);
         dh_gemm(t, task, active);
@@ -961,9 +985,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   } else {
     for (int64_t t = T - 1; t >= 0; --t) {
       ParallelFor(device, grid.count(), 20.0 * N * G, [&](int64_t task) { gate_pass(t, task); });
-      ParallelFor(device, bgrid.count(), step_flops, [&](int64_t task) {
-        dh_gemm(t, task, ActiveSteps(a.lengths, bgrid.rows(s, task), T));
-      });
+      ParallelFor(device, bgrid.count(), step_flops,
+                  [&](int64_t task) { dh_gemm(t, task, steps.active(bgrid.rows(s, task))); });
     }
   }
 
@@ -1031,12 +1054,14 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       });
     }
   }
-  for (int64_t n = 0; any_padded && a.dx && n < N; ++n) {
-    std::fill(a.dx + (n * T + Length(a.lengths, n, T)) * C, a.dx + (n + 1) * T * C, S(0));
+  for (int64_t n = 0; any_padded && a.dx && n < N; ++n) {  // dX in step order
+    for (int64_t t = 0; t < T; ++t) {
+      if (!steps.valid(n, t)) std::fill(a.dx + (n * T + t) * C, a.dx + (n * T + t + 1) * C, S(0));
+    }
   }
-  if (a.reverse && a.dx && C > 0) {  // dX came out in step order: each row's valid prefix reversed
+  if (a.reverse && a.dx && C > 0) {  // dX back in x's order: the steps' positions reversed
     ParallelFor(device, N, double(N) * T * C, [&](int64_t n) {
-      const int64_t len = Length(a.lengths, n, T);
+      const int64_t len = a.step_mask ? T : Length(a.lengths, n, T);
       for (int64_t t = 0; t < len / 2; ++t) {
         std::swap_ranges(a.dx + (n * T + t) * C, a.dx + (n * T + t + 1) * C,
                          a.dx + (n * T + len - 1 - t) * C);

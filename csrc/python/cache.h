@@ -29,6 +29,11 @@ class CacheInfo {
   const LstmShape& shape() const { return shape_; }
   bool is_double() const { return is_double_; }
   bool reverse() const { return reverse_; }
+  // A private copy of the forward's step mask (nullptr: none); the backward sees the same.
+  const uint8_t* step_mask() const { return step_mask_.empty() ? nullptr : step_mask_.data(); }
+  void set_step_mask(const uint8_t* m) {
+    if (m) step_mask_.assign(m, m + shape_.N * shape_.T);
+  }
   // The forward's activations and recurrent masks (a private copy, or None): its backward's.
   Activation activation = Activation::kTanh;
   Activation recurrent_activation = Activation::kSigmoid;
@@ -42,6 +47,7 @@ class CacheInfo {
   bool has_lengths_;
   bool reverse_;
   std::vector<int32_t> lengths_;
+  std::vector<uint8_t> step_mask_;
 };
 
 // The read-only properties every cache class shows Python: shape (N, T, C, H: x's shape, then

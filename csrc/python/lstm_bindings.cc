@@ -82,6 +82,8 @@ py::object NewCache(const LstmShape& s, const py::object& spare, ForwardArgs<S>*
       std::make_shared<Cache>(c, s, std::is_same<S, double>::value, args->lengths, args->reverse);
   args->lengths = owner->info().lengths();
   CacheInfo& info = owner->mutable_info();
+  info.set_step_mask(args->step_mask);
+  args->step_mask = info.step_mask();
   info.activation = args->activation;
   info.recurrent_activation = args->recurrent_activation;
   if (args->recurrent_masks) {  // a private copy: the caller's array may change before backward
@@ -98,6 +100,7 @@ struct ForwardOptions {
   bool training = true, return_sequences = true, reverse = false;
   int activation = 0, recurrent_activation = 3;
   py::object recurrent_masks = py::none();
+  py::object step_mask = py::none();
 };
 
 template <typename S>
@@ -111,6 +114,10 @@ void ReadOptions(const LstmShape& s, const ForwardOptions& o, ForwardArgs<S>* ar
     }
     args->recurrent_masks =
         CheckedPtr<S>(o.recurrent_masks.cast<py::array>(), "recurrent_masks", {4, s.N, s.H});
+  }
+  if (!o.step_mask.is_none()) {
+    if (args->lengths) throw py::value_error("mask: give lengths or a mask, not both");
+    args->step_mask = CheckedPtr<uint8_t>(o.step_mask, "mask", {s.N, s.T});
   }
 }
 
@@ -162,6 +169,7 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
   args.reverse = cache.info().reverse();
   args.activation = cache.info().activation;
   args.recurrent_activation = cache.info().recurrent_activation;
+  args.step_mask = cache.info().step_mask();
   const py::object& masks = cache.info().recurrent_masks;
   if (!masks.is_none())
     args.recurrent_masks = static_cast<const S*>(masks.cast<py::array>().data());
@@ -303,8 +311,8 @@ void RegisterLstm(py::module_& m) {
       [](const py::array& x, const py::array& kernel, const py::array& rkernel,
          const py::object& bias, const py::object& h0, const py::object& c0,
          const py::object& lengths, bool training, const py::object& spare, bool return_sequences,
-         bool reverse, int activation, int recurrent_activation,
-         const py::object& recurrent_masks) {
+         bool reverse, int activation, int recurrent_activation, const py::object& recurrent_masks,
+         const py::object& mask) {
         ForwardOptions o;
         o.training = training;
         o.return_sequences = return_sequences;
@@ -312,6 +320,7 @@ void RegisterLstm(py::module_& m) {
         o.activation = activation;
         o.recurrent_activation = recurrent_activation;
         o.recurrent_masks = recurrent_masks;
+        o.step_mask = mask;
         if (IsDtype(x, py::dtype::of<float>()))
           return Forward<float>(x, kernel, rkernel, bias, h0, c0, lengths, spare, o);
         if (IsDtype(x, py::dtype::of<double>()))
@@ -322,7 +331,8 @@ void RegisterLstm(py::module_& m) {
       py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
       py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("spare") = py::none(),
       py::arg("return_sequences") = true, py::arg("reverse") = false, py::arg("activation") = 0,
-      py::arg("recurrent_activation") = 3, py::arg("recurrent_masks") = py::none());
+      py::arg("recurrent_activation") = 3, py::arg("recurrent_masks") = py::none(),
+      py::arg("mask") = py::none());
   m.def(
       "forward_bidirectional",
       [](const py::array& x, const py::tuple& weights, const py::object& h0, const py::object& c0,

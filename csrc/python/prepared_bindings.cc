@@ -33,18 +33,20 @@ class Prepared {
 
   py::tuple Infer(const py::array& x, const py::object& h0, const py::object& c0,
                   const py::object& lengths, bool return_sequences, const py::object& spare,
-                  bool reverse, int activation, int recurrent_activation) const {
+                  bool reverse, int activation, int recurrent_activation,
+                  const py::object& mask) const {
     const Acts acts{ReadActivation(activation, "activation"),
                     ReadActivation(recurrent_activation, "recurrent_activation")};
-    return is_double_ ? Run<double>(x, h0, c0, lengths, return_sequences, spare, reverse, acts)
-                      : Run<float>(x, h0, c0, lengths, return_sequences, spare, reverse, acts);
+    return is_double_
+               ? Run<double>(x, h0, c0, lengths, return_sequences, spare, reverse, acts, mask)
+               : Run<float>(x, h0, c0, lengths, return_sequences, spare, reverse, acts, mask);
   }
 
  private:
   template <typename S>
   py::tuple Run(const py::array& x, const py::object& h0, const py::object& c0,
                 const py::object& lengths, bool return_sequences, const py::object& spare,
-                bool reverse, Acts acts) const {
+                bool reverse, Acts acts, const py::object& mask) const {
     const int64_t G = 4 * H_;
     std::vector<int64_t> h0_dims, c0_dims, len_dims;
     LstmShape s;
@@ -64,6 +66,10 @@ class Prepared {
     args.lengths = CheckedLengths(lengths, s);
     args.prepared = static_cast<const S*>(buffer_.data());
     args.reverse = reverse;
+    if (!mask.is_none()) {
+      if (args.lengths) throw py::value_error("mask: give lengths or a mask, not both");
+      args.step_mask = CheckedPtr<uint8_t>(mask, "mask", {s.N, s.T});
+    }
     args.activation = acts.act;
     args.recurrent_activation = acts.rec;
     py::array_t<S> h_n({s.N, s.H}), c_n({s.N, s.H});
@@ -131,7 +137,7 @@ void RegisterPrepared(py::module_& m) {
            py::arg("c0") = py::none(), py::arg("lengths") = py::none(),
            py::arg("return_sequences") = true, py::arg("spare") = py::none(),
            py::arg("reverse") = false, py::arg("activation") = 0,
-           py::arg("recurrent_activation") = 3);
+           py::arg("recurrent_activation") = 3, py::arg("mask") = py::none());
   m.def(
       "prepare",
       [](const py::array& kernel, const py::array& rkernel, const py::object& bias) {

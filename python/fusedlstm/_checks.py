@@ -121,6 +121,26 @@ def activation_code(name: str, value) -> int:
     return ACTIVATIONS[value]
 
 
+def check_step_mask(mask, lengths, B: int, T: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(lengths, mask) for the kernel from a [B, T] step mask (Keras's: True where a step is
+    valid). A mask whose valid steps are each row's first ones becomes lengths (the kernel's
+    fast path); any other comes back as C-contiguous uint8. None: (lengths, None) unchanged."""
+    if mask is None:
+        return lengths, None
+    if lengths is not None:
+        raise ValueError("mask: give lengths or a mask, not both")
+    m = np.asarray(mask)
+    if m.dtype != np.bool_ and m.dtype.kind not in "iuf":
+        raise TypeError(f"mask: expected booleans (or 0/1 numbers), got dtype {m.dtype}")
+    if m.shape != (B, T):
+        raise ValueError(f"mask: expected shape {(B, T)} ([B, T] like x's first two axes), got {tuple(m.shape)}")
+    m = m != 0
+    counts = m.sum(axis=1).astype(np.int32)
+    if np.array_equal(m, np.arange(T)[None, :] < counts[:, None]):
+        return counts, None  # right padding
+    return None, np.ascontiguousarray(m, dtype=np.uint8)
+
+
 def check_flag(name: str, value) -> bool:
     """A bool argument (NumPy's bool too); anything else is a TypeError naming it."""
     if not isinstance(value, (bool, np.bool_)):

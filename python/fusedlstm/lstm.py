@@ -11,7 +11,15 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _core
-from ._checks import LstmGrads, activation_code, as_float_array, check_flag, check_forward, check_upstream
+from ._checks import (
+    LstmGrads,
+    activation_code,
+    as_float_array,
+    check_flag,
+    check_forward,
+    check_step_mask,
+    check_upstream,
+)
 
 __all__ = [
     "LstmCache",
@@ -130,7 +138,7 @@ class LstmCache:
         return f"LstmCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, device={self.device}, {state})"
 
 
-_DEFAULT_OPTS = (0, 3, None)  # tanh, sigmoid, no recurrent masks
+_DEFAULT_OPTS = (0, 3, None, None)  # tanh, sigmoid, no recurrent masks, no step mask
 
 
 def _cpu_forward(
@@ -197,6 +205,7 @@ def lstm_forward(
     activation: str = "tanh",
     recurrent_activation: str = "sigmoid",
     recurrent_masks=None,
+    mask=None,
 ):
     """Run a single-layer LSTM over whole sequences in one compiled call.
 
@@ -233,6 +242,11 @@ def lstm_forward(
         ``recurrent_masks[g]`` (the caller draws them, scaled: 0 or 1/(1-p)) in its recurrent
         product, the same masks at every step; states and outputs stay unmasked. The backward
         uses the same masks (the cache keeps a copy).
+    mask : array [B, T] of booleans, or None
+        Instead of lengths: the valid steps of each row, anywhere (Keras's masks with holes,
+        e.g. [1, 1, 0, 1, 0]). An invalid step is as a padded one: the state is carried through
+        it, its output is zero, its x is never read. A reverse pass reads the positions T-1 ... 0.
+        A mask that only pads on the right runs as lengths.
 
     Returns
     -------
@@ -245,7 +259,12 @@ def lstm_forward(
         activation_code("activation", activation),
         activation_code("recurrent_activation", recurrent_activation),
         recurrent_masks,
+        None,
     )
+    if mask is not None:
+        B, T = np.shape(x)[:2] if np.ndim(x) == 3 else (-1, -1)
+        lengths, step_mask = check_step_mask(mask, lengths, B, T)
+        opts = opts[:3] + (step_mask,)
     if device == "cpu":
         fast = _forward_fast(
             x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse, opts
@@ -261,10 +280,11 @@ def lstm_forward(
             raise ValueError(
                 f"recurrent_masks: expected shape {(4, a.B, a.H)} ([4 gates, B, H]), got {tuple(masks.shape)}"
             )
-        opts = opts[:2] + (masks,)
-    if device == "cuda" and (opts[:2] != (0, 3) or recurrent_masks is not None):
+        opts = opts[:2] + (masks, opts[3])
+    if device == "cuda" and (opts[:2] != (0, 3) or recurrent_masks is not None or opts[3] is not None):
         raise NotImplementedError(
-            "device='cuda': activations other than tanh/sigmoid and recurrent_masks run on the CPU only"
+            "device='cuda': activations other than tanh/sigmoid, recurrent_masks and masks with holes "
+            "run on the CPU only"
         )
     if device == "cuda":
         outputs, h_n, c_n, dbuf = _core.forward_cuda(

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._checks import ACTIVATIONS, activation_code, as_float_array, check_flag, check_forward
+from ._checks import ACTIVATIONS, activation_code, as_float_array, check_flag, check_forward, check_step_mask
 
 __all__ = ["PreparedLSTM", "prepare"]
 
@@ -108,7 +108,14 @@ class PreparedLSTM:
         return f"PreparedLSTM(input_size={self.input_size}, units={self.units}, dtype={self.dtype})"
 
     def infer(
-        self, x, h0=None, c0=None, lengths=None, return_sequences: bool = True, reverse: bool = False
+        self,
+        x,
+        h0=None,
+        c0=None,
+        lengths=None,
+        return_sequences: bool = True,
+        reverse: bool = False,
+        mask=None,
     ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """Run the LSTM over x with the prepared weights; store nothing for a backward.
 
@@ -124,16 +131,21 @@ class PreparedLSTM:
             False returns None for ``outputs`` and never writes them.
         reverse : bool
             Run each row's valid steps last to first, as ``lstm_forward(..., reverse=True)``.
+        mask : array [B, T] of booleans or None: valid steps anywhere, as ``lstm_forward``'s.
 
         Returns
         -------
         outputs [B, T, H] (None without return_sequences), h_n [B, H], c_n [B, H]
         """
         reverse = check_flag("reverse", reverse)
+        step_mask = None
+        if mask is not None:
+            B, T = np.shape(x)[:2] if np.ndim(x) == 3 else (-1, -1)
+            lengths, step_mask = check_step_mask(mask, lengths, B, T)
         if type(x) is np.ndarray and (lengths is None or (type(lengths) is np.ndarray and lengths.dtype == np.int32)):
             try:  # already what the compiled call takes: skip the conversions
                 outputs, h_n, c_n, _ = self._core.infer(
-                    x, h0, c0, lengths, bool(return_sequences), None, reverse, *self._acts
+                    x, h0, c0, lengths, bool(return_sequences), None, reverse, *self._acts, step_mask
                 )
                 return outputs, h_n, c_n
             except (TypeError, ValueError):
@@ -151,7 +163,7 @@ class PreparedLSTM:
             )
         a = check_forward(xa, self._kernel, self._recurrent_kernel, self._bias, h0, c0, lengths)
         outputs, h_n, c_n, _ = self._core.infer(
-            a.x, a.h0, a.c0, a.lengths, bool(return_sequences), None, reverse, *self._acts
+            a.x, a.h0, a.c0, a.lengths, bool(return_sequences), None, reverse, *self._acts, step_mask
         )
         return outputs, h_n, c_n
 

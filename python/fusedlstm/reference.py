@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import LstmGrads, activation_code, check_forward, check_upstream
+from ._checks import LstmGrads, activation_code, check_forward, check_step_mask, check_upstream
 
 __all__ = ["lstm_forward", "lstm_backward", "sigmoid", "flip_valid"]
 
@@ -56,9 +56,19 @@ def lstm_forward(
     activation: str = "tanh",
     recurrent_activation: str = "sigmoid",
     recurrent_masks=None,
+    mask=None,
+    step_valid=None,
 ):
-    """NumPy reference of :func:`fusedlstm.lstm_forward` (same arguments and results)."""
+    """NumPy reference of :func:`fusedlstm.lstm_forward` (same arguments and results).
+    (step_valid: internal, the [B, T] valid steps of a mask with holes.)"""
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
+    if mask is not None:
+        lengths, step_mask = check_step_mask(mask, a.lengths, a.B, a.T)
+        if step_mask is not None:
+            return _masked_forward(
+                a, step_mask, training, return_sequences, reverse, activation, recurrent_activation, recurrent_masks
+            )
+        a = a._replace(lengths=lengths)
     acts = (activation_code("activation", activation), activation_code("recurrent_activation", recurrent_activation))
     if reverse:
         outputs, h, c, cache = lstm_forward(
@@ -83,6 +93,7 @@ def lstm_forward(
     h = a.h0.copy() if a.h0 is not None else np.zeros((B, H), dt)
     c = a.c0.copy() if a.c0 is not None else np.zeros((B, H), dt)
     lengths = a.lengths if a.lengths is not None else np.full(B, T, np.int32)
+    valid_steps = np.arange(T)[None, :] < lengths[:, None] if step_valid is None else step_valid
     act, rec = _ACTS[acts[0]][0], _ACTS[acts[1]][0]
     masks = None if recurrent_masks is None else np.asarray(recurrent_masks, dt)
     outputs = np.zeros((B, T, H), dt)
@@ -98,7 +109,7 @@ def lstm_forward(
         o = rec(z[:, 3 * H :])
         c_new = f * c + i * g
         h_new = o * act(c_new)
-        valid = (t < lengths)[:, None]
+        valid = valid_steps[:, t][:, None]
         steps.append((h, c, i, f, g, o, c_new, valid))
         outputs[:, t] = np.where(valid, h_new, 0)
         h = np.where(valid, h_new, h)
@@ -118,6 +129,33 @@ def lstm_forward(
     return (outputs if return_sequences else None), h, c, cache
 
 
+def _masked_forward(a, step_mask, training, return_sequences, reverse, activation, recurrent_activation, masks):
+    """A mask with holes: the forward pass over the valid steps (invalid ones carry the state);
+    a reverse pass over the positions T-1 ... 0, its outputs flipped back."""
+    valid = step_mask.astype(bool)
+    x = a.x[:, ::-1] if reverse else a.x
+    v = valid[:, ::-1] if reverse else valid
+    outputs, h, c, cache = lstm_forward(
+        np.ascontiguousarray(x),
+        a.kernel,
+        a.recurrent_kernel,
+        a.bias,
+        a.h0,
+        a.c0,
+        None,
+        training,
+        activation=activation,
+        recurrent_activation=recurrent_activation,
+        recurrent_masks=masks,
+        step_valid=v,
+    )
+    if cache is not None and reverse:
+        cache["flip_all"] = True
+    if reverse:
+        outputs = outputs[:, ::-1]
+    return (np.ascontiguousarray(outputs) if return_sequences else None), h, c, cache
+
+
 def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool = True) -> LstmGrads:
     """NumPy reference of :func:`fusedlstm.lstm_backward`: BPTT, one step at a time."""
     if cache is None:
@@ -127,6 +165,11 @@ def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool =
     d_outputs = check_upstream("d_outputs", d_outputs, dt, (B, T, H), "[B, T, H] like outputs")
     d_h_n = check_upstream("d_h_n", d_h_n, dt, (B, H), "[B, H] like h_n")
     d_c_n = check_upstream("d_c_n", d_c_n, dt, (B, H), "[B, H] like c_n")
+    if cache.get("flip_all"):  # a reverse pass over a mask with holes: all positions flipped
+        inner = {k: v for k, v in cache.items() if k != "flip_all"}
+        d_out = None if d_outputs is None else np.ascontiguousarray(np.asarray(d_outputs)[:, ::-1])
+        g = lstm_backward(inner, d_out, d_h_n, d_c_n, need_dx)
+        return g._replace(x=None if g.x is None else np.ascontiguousarray(g.x[:, ::-1]))
     if "reverse" in cache:  # a reverse pass: the forward pass over flipped steps
         lengths = cache["reverse"]
         inner = {k: v for k, v in cache.items() if k != "reverse"}

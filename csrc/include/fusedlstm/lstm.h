@@ -90,6 +90,10 @@ struct ForwardArgs {
   // draws and scales them). h, c, outputs and h_n stay unmasked. The backward needs the same
   // array. With masks the recurrence runs row-block tasks only (no unit split).
   const Scalar* recurrent_masks = nullptr;
+  // [N, T], or nullptr: step t of row n is valid where nonzero (any steps, Keras's masks with
+  // holes); given instead of lengths. Invalid steps are as padded ones (state carried, output
+  // zero, nothing read); a reverse pass reads positions T-1 ... 0.
+  const uint8_t* step_mask = nullptr;
 };
 
 template <typename Scalar>
@@ -117,6 +121,7 @@ struct BackwardArgs {
   Activation activation = Activation::kTanh;  // as the forward ran
   Activation recurrent_activation = Activation::kSigmoid;
   const Scalar* recurrent_masks = nullptr;  // the forward's, or nullptr as it had none
+  const uint8_t* step_mask = nullptr;       // the forward's
 };
 
 // -- CPU kernels (csrc/cpu) -----------------------------------------------------------------

@@ -48,6 +48,7 @@ struct InferArgs {
   int64_t out_ld = 0;                // as ForwardArgs::out_ld
   Activation activation = Activation::kTanh;  // as ForwardArgs
   Activation recurrent_activation = Activation::kSigmoid;
+  const uint8_t* step_mask = nullptr;  // as ForwardArgs::step_mask
 };
 
 // No output may alias an input or another output; arguments are trusted (adapters validate).
