@@ -15,6 +15,9 @@ Modes:
                       correct way over padding in torch; and fusedlstm.1dir, one direction on the
                       same lengths (what the two directions cost over one)
 
+fusedlstm.torch is the PyTorch drop-in (fusedlstm.torch.LSTM) timed exactly as torch.nn.LSTM:
+the same padded calls, the same packed bidirectional step.
+
 Inputs carry a dtype (PRECISION, float32 today) that the worker's setup message names, so that a
 precision dimension only needs another value passed through (and, per implementation, a word on
 whether it runs it)."""
@@ -60,6 +63,7 @@ IMPLS = (
     "fusedlstm",
     "fusedlstm.prepared",
     "fusedlstm.1dir",
+    "fusedlstm.torch",
     "onnxruntime",
     "torch",
     "numpy",
@@ -72,6 +76,7 @@ IMPL_MODES: dict[str, tuple[str, ...]] = {
     "fusedlstm": MODES,
     "fusedlstm.prepared": ("forward", "infer-last-state"),
     "fusedlstm.1dir": ("bidirectional",),
+    "fusedlstm.torch": ("forward", "forward+backward", "bidirectional"),
     "onnxruntime": ("forward", "infer-last-state"),
     "numpy": ("forward", "forward+backward", "infer-last-state"),
     "torch": MODES,
@@ -104,7 +109,7 @@ class PlanRow(NamedTuple):
 
 # --quick compares the small-batch rows with onnxruntime only (the prepared and plain calls).
 QUICK_SMALL_BATCH_IMPLS = ("fusedlstm", "fusedlstm.prepared", "onnxruntime")
-BIDIRECTIONAL_IMPLS = ("fusedlstm", "fusedlstm.1dir", "torch")
+BIDIRECTIONAL_IMPLS = ("fusedlstm", "fusedlstm.1dir", "fusedlstm.torch", "torch")
 
 
 def make_plan(
@@ -310,12 +315,14 @@ def _onnxruntime(inp, modes: Iterable[str], threads: int) -> dict[str, Callable]
 # -- torch and Keras -----------------------------------------------------------------------------
 
 
-def _torch(inp) -> dict[str, Callable]:
+def _torch(inp, cls=None) -> dict[str, Callable]:
+    """torch.nn.LSTM, or `cls` (fusedlstm.torch.LSTM) with the same calls."""
     import torch
 
+    cls = cls or torch.nn.LSTM
     x, W, R, b, d_out = (inp[k] for k in ("x", "kernel", "recurrent_kernel", "bias", "d_out"))
     E, H = W.shape[0], R.shape[0]
-    lstm = torch.nn.LSTM(E, H, batch_first=True)
+    lstm = cls(E, H, batch_first=True)
     with torch.no_grad():
         lstm.weight_ih_l0.copy_(torch.from_numpy(W.T.copy()))
         lstm.weight_hh_l0.copy_(torch.from_numpy(R.T.copy()))
@@ -333,7 +340,7 @@ def _torch(inp) -> dict[str, Callable]:
         lstm.zero_grad(set_to_none=True)
         y.backward(tdo)
 
-    bi = torch.nn.LSTM(E, H, batch_first=True, bidirectional=True)
+    bi = cls(E, H, batch_first=True, bidirectional=True)
     with torch.no_grad():
         for sfx, k in (("", ""), ("_reverse", "_reverse")):
             getattr(bi, "weight_ih_l0" + sfx).copy_(torch.from_numpy(inp["kernel" + k].T.copy()))
@@ -406,6 +413,10 @@ def impl_fns(impl: str, inp: dict, modes: Sequence[str], threads: int) -> dict[s
         fns = _onnxruntime(inp, modes, threads)
     elif impl == "torch":
         fns = _torch(inp)
+    elif impl == "fusedlstm.torch":
+        from fusedlstm.torch import LSTM
+
+        fns = _torch(inp, LSTM)
     elif impl == "keras":
         import keras
 
@@ -431,7 +442,7 @@ def configure(impl: str, threads: int) -> None:
     import fusedlstm
 
     fusedlstm.set_num_threads(threads)
-    if impl == "torch":
+    if impl in ("torch", "fusedlstm.torch"):
         import torch
 
         torch.set_num_threads(threads)
@@ -447,8 +458,8 @@ def available(quick: bool, wanted: list[str]) -> tuple[list[str], list[str]]:
     """Implementations to run, and notes on the ones left out."""
     run, notes = [], []
     for name in wanted:
-        if name == "torch" and importlib.util.find_spec("torch") is None:
-            notes.append("torch: not installed (pip install torch)")
+        if name in ("torch", "fusedlstm.torch") and importlib.util.find_spec("torch") is None:
+            notes.append(f"{name}: torch not installed (pip install torch)")
             continue
         if name == "onnxruntime":
             missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]

@@ -39,6 +39,7 @@ LABELS = {
     "fusedlstm": "fusedlstm",
     "fusedlstm.prepared": "fusedlstm prepared",
     "fusedlstm.1dir": "fusedlstm one direction",
+    "fusedlstm.torch": "fusedlstm.torch.LSTM",
     "onnxruntime": "onnxruntime",
     "numpy": "NumPy",
     "torch": "torch",
