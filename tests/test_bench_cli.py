@@ -100,7 +100,14 @@ def test_bench_writes_nothing_without_out(tmp_path):
 
 
 def test_default_plan_has_the_small_batch_inference_rows():
-    from fusedlstm.bench.implementations import DEFAULT_CONFIGS, IMPLS, SMALL_BATCH_CONFIGS, make_plan
+    from fusedlstm.bench.implementations import (
+        BIDIRECTIONAL_CONFIGS,
+        BIDIRECTIONAL_IMPLS,
+        DEFAULT_CONFIGS,
+        IMPLS,
+        SMALL_BATCH_CONFIGS,
+        make_plan,
+    )
 
     small = [
         (1, 20, 50, 128),
@@ -111,16 +118,23 @@ def test_default_plan_has_the_small_batch_inference_rows():
         (32, 20, 50, 128),
     ]
     assert SMALL_BATCH_CONFIGS == small
+    assert BIDIRECTIONAL_CONFIGS == [(64, 50, 300, 128)]
     assert [tuple(r[:2]) for r in make_plan()] == (
-        [(c, ("forward", "forward+backward")) for c in DEFAULT_CONFIGS] + [(c, ("infer-last-state",)) for c in small]
+        [(c, ("forward", "forward+backward")) for c in DEFAULT_CONFIGS]
+        + [(c, ("infer-last-state",)) for c in small]
+        + [(c, ("bidirectional",)) for c in BIDIRECTIONAL_CONFIGS]
     )
-    assert all(r.skip == () for r in make_plan())
+    # Every implementation runs in the standard rows; the bidirectional row has its own set.
+    assert all(r.skip == () for r in make_plan() if r.modes != ("bidirectional",))
+    bi = [r for r in make_plan() if r.modes == ("bidirectional",)]
+    assert all(set(IMPLS) - set(r.skip) == set(BIDIRECTIONAL_IMPLS) for r in bi)
     assert [tuple(r[:2]) for r in make_plan(None, ["infer-last-state"])] == [(c, ("infer-last-state",)) for c in small]
     assert make_plan([(2, 3, 4, 5)], ["forward"]) == [((2, 3, 4, 5), ("forward",), ())]
     # --quick: the small-batch rows against onnxruntime only, no NumPy at the biggest config.
-    quick = {r.config: set(IMPLS) - set(r.skip) for r in make_plan(quick=True)}
-    assert all(quick[c] == {"fusedlstm", "fusedlstm.prepared", "onnxruntime"} for c in small)
-    assert "numpy" not in quick[(128, 100, 256, 512)] and "numpy" in quick[(64, 50, 300, 128)]
+    quick = {(r.config, r.modes): set(IMPLS) - set(r.skip) for r in make_plan(quick=True)}
+    assert all(quick[(c, ("infer-last-state",))] == {"fusedlstm", "fusedlstm.prepared", "onnxruntime"} for c in small)
+    big = ("forward", "forward+backward")
+    assert "numpy" not in quick[((128, 100, 256, 512), big)] and "numpy" in quick[((64, 50, 300, 128), big)]
 
 
 def test_prepared_column_runs_exactly_when_fusedlstm_has_prepare():
