@@ -92,3 +92,24 @@ def test_cuda_inference_reproducible_and_cache_single_use(rng):
     fusedlstm.lstm_backward(o[3], **up)
     with pytest.raises(ValueError, match="already used"):
         fusedlstm.lstm_backward(o[3], **up)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_cuda_options_match_cpu(rng, dtype, reverse):
+    """Activations, recurrent masks and masks with holes on the GPU against the CPU kernel."""
+    p, up = make_problem(rng, 7, 6, 5, 33, dtype=dtype)
+    p["lengths"] = None
+    mask = rng.random((7, 6)) < 0.6
+    mask[0] = False
+    rmasks = ((rng.random((4, 7, 33)) >= 0.3) / 0.7).astype(dtype)
+    kw = dict(activation="relu", recurrent_activation="hard_sigmoid", recurrent_masks=rmasks, mask=mask)
+    cpu = fusedlstm.lstm_forward(**p, reverse=reverse, **kw)
+    gpu = fusedlstm.lstm_forward(**p, reverse=reverse, device="cuda", **kw)
+    tol = dict(rtol=1e-10, atol=1e-11) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
+    for a, b in zip(gpu[:3], cpu[:3]):
+        np.testing.assert_allclose(a, b, **tol)
+    g_cpu, g_gpu = fusedlstm.lstm_backward(cpu[3], **up), fusedlstm.lstm_backward(gpu[3], **up)
+    for name in g_cpu._fields:
+        np.testing.assert_allclose(getattr(g_gpu, name), getattr(g_cpu, name), err_msg=name, **tol)

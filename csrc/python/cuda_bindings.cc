@@ -13,6 +13,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -62,6 +63,7 @@ class CudaCache {
       : mem_(new DeviceBuffer(CacheSize(s), is_double ? sizeof(double) : sizeof(float))),
         info_(s, is_double, lengths, reverse) {}
   const CacheInfo& info() const { return info_; }
+  CacheInfo& mutable_info() { return info_; }
   bool used() const { return mem_ == nullptr; }
   int64_t nbytes() const { return mem_ ? static_cast<int64_t>(mem_->nbytes()) : 0; }
   template <typename S>
@@ -156,9 +158,23 @@ struct CudaCall {
 template <typename S>
 py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::array& rkernel,
                       const py::object& bias, const py::object& h0, const py::object& c0,
-                      const py::object& lengths, bool training, bool reverse) {
+                      const py::object& lengths, bool training, bool reverse, int activation,
+                      int recurrent_activation, const py::object& recurrent_masks,
+                      const py::object& mask) {
   ForwardArgs<S> host;
   const LstmShape s = ReadForward<S>(x, kernel, rkernel, bias, h0, c0, lengths, &host);
+  host.activation = ReadActivation(activation, "activation");
+  host.recurrent_activation = ReadActivation(recurrent_activation, "recurrent_activation");
+  if (!recurrent_masks.is_none()) {
+    if (!training) {
+      throw py::value_error("recurrent_masks: recurrent dropout applies in training only");
+    }
+    host.recurrent_masks = CheckedPtr<S>(recurrent_masks, "recurrent_masks", {4, s.N, s.H});
+  }
+  if (!mask.is_none()) {
+    if (host.lengths) throw py::value_error("mask: give lengths or a mask, not both");
+    host.step_mask = CheckedPtr<uint8_t>(mask, "mask", {s.N, s.T});
+  }
   Require(ValidateCudaSizes(s));  // cuBLAS takes int sizes
   const int64_t G = 4 * s.H;
   py::array_t<S> outputs({s.N, s.T, s.H}), h_n({s.N, s.H}), c_n({s.N, s.H});
@@ -166,6 +182,16 @@ py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::arr
   if (training) {
     cache = std::make_shared<CudaCache>(s, std::is_same<S, double>::value, host.lengths, reverse);
     host.lengths = cache->info().lengths();  // the forward runs on the copy the backward sees
+    CacheInfo& info = cache->mutable_info();
+    info.activation = host.activation;
+    info.recurrent_activation = host.recurrent_activation;
+    info.set_step_mask(host.step_mask);
+    host.step_mask = info.step_mask();
+    if (host.recurrent_masks) {  // a private copy: the caller's array may change before backward
+      py::array_t<S> m({int64_t(4), s.N, s.H});
+      std::copy(host.recurrent_masks, host.recurrent_masks + 4 * s.N * s.H, m.mutable_data());
+      info.recurrent_masks = m;
+    }
   }
   {
     CudaCall call;  // GIL released, the runtime locked
@@ -180,6 +206,10 @@ py::tuple ForwardCuda(const py::array& x, const py::array& kernel, const py::arr
     d.h0 = Upload<S>(keep, host.h0, s.N * s.H, sizeof(S), st);
     d.c0 = Upload<S>(keep, host.c0, s.N * s.H, sizeof(S), st);
     d.lengths = Upload<int32_t>(keep, host.lengths, s.N, sizeof(int32_t), st);
+    d.step_mask = Upload<uint8_t>(keep, host.step_mask, s.N * s.T, sizeof(uint8_t), st);
+    d.recurrent_masks = Upload<S>(keep, host.recurrent_masks, 4 * s.N * s.H, sizeof(S), st);
+    d.activation = host.activation;
+    d.recurrent_activation = host.recurrent_activation;
     d.outputs = Scratch<S>(keep, s.N * s.T * s.H);
     d.h_n = Scratch<S>(keep, s.N * s.H);
     d.c_n = Scratch<S>(keep, s.N * s.H);
@@ -203,6 +233,10 @@ py::tuple BackwardCuda(CudaCache& cache, const py::object& d_outputs, const py::
   const int64_t G = 4 * s.H;
   if (cache.used()) throw py::value_error("cache: already used by a backward (good for one)");
   const int32_t* len = cache.info().lengths();
+  const uint8_t* step_mask = cache.info().step_mask();
+  const py::object& masks_obj = cache.info().recurrent_masks;
+  const S* rmasks =
+      masks_obj.is_none() ? nullptr : static_cast<const S*>(masks_obj.cast<py::array>().data());
   BackwardArgs<S> up;
   ReadUpstream<S>(s, d_outputs, d_h_n, d_c_n, &up);
   const S *dout = up.d_outputs, *dhn = up.d_h_n, *dcn = up.d_c_n;
@@ -227,8 +261,12 @@ py::tuple BackwardCuda(CudaCache& cache, const py::object& d_outputs, const py::
     d.d_bias = Scratch<S>(keep, G);
     d.d_h0 = Scratch<S>(keep, s.N * s.H);
     d.d_c0 = Scratch<S>(keep, s.N * s.H);
-    d.workspace = Scratch<S>(keep, CudaBackwardWorkspaceSize(s));
     d.reverse = cache.info().reverse();
+    d.activation = cache.info().activation;
+    d.recurrent_activation = cache.info().recurrent_activation;
+    d.step_mask = Upload<uint8_t>(keep, step_mask, s.N * s.T, sizeof(uint8_t), st);
+    d.recurrent_masks = Upload<S>(keep, rmasks, 4 * s.N * s.H, sizeof(S), st);
+    d.workspace = Scratch<S>(keep, CudaBackwardWorkspaceSize(s, rmasks != nullptr));
     LstmBackwardCuda<S>(ctx, s, d);
     if (need_dx) Download(dx, d.dx, st);
     Download(dk, d.d_kernel, st);
@@ -252,16 +290,21 @@ void RegisterCudaKernels(py::module_& m) {
       "forward_cuda",
       [](const py::array& x, const py::array& kernel, const py::array& rkernel,
          const py::object& bias, const py::object& h0, const py::object& c0,
-         const py::object& lengths, bool training, bool reverse) {
+         const py::object& lengths, bool training, bool reverse, int activation,
+         int recurrent_activation, const py::object& recurrent_masks, const py::object& mask) {
         if (IsDtype(x, py::dtype::of<float>()))
-          return ForwardCuda<float>(x, kernel, rkernel, bias, h0, c0, lengths, training, reverse);
+          return ForwardCuda<float>(x, kernel, rkernel, bias, h0, c0, lengths, training, reverse,
+                                    activation, recurrent_activation, recurrent_masks, mask);
         if (IsDtype(x, py::dtype::of<double>()))
-          return ForwardCuda<double>(x, kernel, rkernel, bias, h0, c0, lengths, training, reverse);
+          return ForwardCuda<double>(x, kernel, rkernel, bias, h0, c0, lengths, training, reverse,
+                                     activation, recurrent_activation, recurrent_masks, mask);
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
       py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
-      py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("reverse") = false);
+      py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("reverse") = false,
+      py::arg("activation") = 0, py::arg("recurrent_activation") = 3,
+      py::arg("recurrent_masks") = py::none(), py::arg("mask") = py::none());
   m.def(
       "backward_cuda",
       [](CudaCache& cache, const py::object& d_outputs, const py::object& d_h_n,

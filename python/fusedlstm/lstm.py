@@ -281,14 +281,9 @@ def lstm_forward(
                 f"recurrent_masks: expected shape {(4, a.B, a.H)} ([4 gates, B, H]), got {tuple(masks.shape)}"
             )
         opts = opts[:2] + (masks, opts[3])
-    if device == "cuda" and (opts[:2] != (0, 3) or recurrent_masks is not None or opts[3] is not None):
-        raise NotImplementedError(
-            "device='cuda': activations other than tanh/sigmoid, recurrent_masks and masks with holes "
-            "run on the CPU only"
-        )
     if device == "cuda":
         outputs, h_n, c_n, dbuf = _core.forward_cuda(
-            a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, bool(training), reverse
+            a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, bool(training), reverse, *opts
         )
         cache = LstmCache(dbuf, "cuda") if training else None
         return (outputs if return_sequences else None), h_n, c_n, cache

@@ -162,7 +162,7 @@ struct CudaContext {
 
 // Scratch sizes of the CUDA kernels (elements of Scalar).
 int64_t CudaForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse = false);
-int64_t CudaBackwardWorkspaceSize(const LstmShape& s);
+int64_t CudaBackwardWorkspaceSize(const LstmShape& s, bool recurrent_masks = false);
 
 template <typename Scalar>
 void LstmForwardCuda(const CudaContext& ctx, const LstmShape& shape,
