@@ -197,25 +197,34 @@ def test_eval_inference_uses_prepared_weights_and_notices_changes(monkeypatch):
 
 def test_backward_consumes_the_kept_cache_and_a_retained_graph_recomputes(monkeypatch):
     calls = []
-    real = ops._forward
-    monkeypatch.setattr(ops, "_forward", lambda *a, **kw: calls.append(kw["training"]) or real(*a, **kw))
-    m = LSTM(E, H, bidirectional=True, batch_first=True, dtype=torch.float64)
-    x = torch.randn(B, T, E, dtype=torch.float64, requires_grad=True)
-    out, _ = m(x, lengths=torch.tensor(LENS))
-    assert calls == [True, True] and len(ops._filed) == 2
-    out.sum().backward(retain_graph=True)
-    assert calls == [True, True] and len(ops._filed) == 0  # no forward ran again
-    first = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
-    x.grad = None
-    m.zero_grad()
-    out.sum().backward()  # the caches are used up: the backward runs the forward again
-    assert calls == [True, True, True, True]
-    assert_match(first, [x.grad] + [p.grad for p in m.parameters()], 0)
-    with torch.no_grad():
-        m(x)
-    assert calls[-2:] == [False, False]  # no gradient wanted: no cache kept
-    del out
-    assert len(ops._filed) == 0
+    for name in ("_forward", "_bi_forward"):  # one direction, and a bidirectional layer's one call
+        real = getattr(ops, name)
+        monkeypatch.setattr(
+            ops,
+            name,
+            lambda *a, _real=real, _name=name, **kw: (
+                calls.append((_name, a[-1] if not kw else kw["training"])) or _real(*a, **kw)
+            ),
+        )
+    for bidirectional, op in ((True, "_bi_forward"), (False, "_forward")):
+        calls.clear()
+        m = LSTM(E, H, bidirectional=bidirectional, batch_first=True, dtype=torch.float64)
+        x = torch.randn(B, T, E, dtype=torch.float64, requires_grad=True)
+        out, _ = m(x, lengths=torch.tensor(LENS))
+        assert calls == [(op, True)] and len(ops._filed) == 1
+        out.sum().backward(retain_graph=True)
+        assert calls == [(op, True)] and len(ops._filed) == 0  # no forward ran again
+        first = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+        x.grad = None
+        m.zero_grad()
+        out.sum().backward()  # the cache is used up: the backward runs the forward again
+        assert calls == [(op, True), (op, True)]
+        assert_match(first, [x.grad] + [p.grad for p in m.parameters()], 0)
+        with torch.no_grad():
+            m(x)
+        assert calls[-1] == (op, False)  # no gradient wanted: no cache kept
+        del out
+        assert len(ops._filed) == 0
 
 
 def test_bad_input_is_refused_clearly():
@@ -272,16 +281,16 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
     want_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     calls = []
-    real = ops._forward
-    monkeypatch.setattr(ops, "_forward", lambda *a, **kw: calls.append(kw["training"]) or real(*a, **kw))
+    real = ops._bi_forward  # each bidirectional layer: one two-direction call
+    monkeypatch.setattr(ops, "_bi_forward", lambda *a: calls.append(a[-1]) or real(*a))
     compiled = torch.compile(model, fullgraph=True)
     got = compiled(x, lens)
     got.sum().backward()
-    assert calls == [True] * 4  # the compiled backward consumed the kept caches too
+    assert calls == [True] * 2  # the compiled backward consumed the kept caches too
     assert_match([want] + want_grads, [got] + [p.grad for p in model.parameters()], 1e-5)
     model.eval()
     with torch.no_grad():
         assert_match([model(x, lens)], [compiled(x, lens)], 1e-5)
         exported = torch.export.export(model, (x, lens))
-        assert "fusedlstm.lstm" in exported.graph_module.code
+        assert "fusedlstm.lstm" in exported.graph_module.code  # eval under no_grad: per direction
         assert_match([model(x, lens)], [exported.module()(x, lens)], 1e-6)

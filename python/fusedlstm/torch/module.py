@@ -193,6 +193,14 @@ class LSTM(nn.Module):
         layer_in = x.contiguous()
         h_n, c_n = [], []
         for layer in range(self.num_layers):
+            if D == 2 and self._fused(layer_in, h0):
+                state = (None, None) if h0 is None else (h0[2 * layer : 2 * layer + 2], c0[2 * layer : 2 * layer + 2])
+                layer_in, h, c = self._both_directions(layer, layer_in, state, lens32)
+                h_n += [h[0], h[1]]
+                c_n += [c[0], c[1]]
+                if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                    layer_in = F.dropout(layer_in, self.dropout, training=True)
+                continue
             outs = []
             for d in range(D):
                 i = layer * D + d
@@ -221,6 +229,23 @@ class LSTM(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1).contiguous()
         return out, (h_n, c_n)
+
+    def _fused(self, x: torch.Tensor, h0) -> bool:
+        """Whether a bidirectional layer runs as one two-direction call: always, but for the
+        prepared inference path (eval under no_grad, eager), which packs each direction once."""
+        return torch.is_grad_enabled() or self.training or torch.compiler.is_compiling()
+
+    def _both_directions(self, layer: int, x: torch.Tensor, state, lens32):
+        """Both directions of a bidirectional layer in one kernel call (ops.lstm_bidirectional)."""
+        kf, rf, bf = _keras_weights(self._weights(2 * layer), self.bias)
+        kr, rr, br = _keras_weights(self._weights(2 * layer + 1), self.bias)
+        h0, c0 = state
+        if h0 is not None:
+            h0, c0 = h0.contiguous(), c0.contiguous()
+        tensors = (x, kf, rf, bf, kr, rr, br, h0, c0)
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        out, h, c, _ = ops.lstm_bidirectional(x, kf, rf, bf, kr, rr, br, h0, c0, lens32, keep)
+        return out, h, c
 
     def _direction(self, index: int, x: torch.Tensor, state, lens32, reverse: bool):
         weights = self._weights(index)

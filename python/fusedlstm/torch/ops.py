@@ -25,10 +25,10 @@ import weakref
 import numpy as np
 import torch
 
-from ..lstm import LstmCache, lstm_backward, lstm_forward
+from ..lstm import BidirectionalCache, LstmCache, lstm_backward, lstm_bidirectional_forward, lstm_forward
 from ..prepared import PreparedLSTM
 
-__all__ = ["lstm", "lstm_backward_op", "infer"]
+__all__ = ["lstm", "lstm_backward_op", "lstm_bidirectional", "lstm_bidirectional_backward_op", "infer"]
 
 _ids = itertools.count(1)
 _filed_lock = threading.Lock()
@@ -39,7 +39,7 @@ class _Filed:
 
     __slots__ = ("cache", "__weakref__")
 
-    def __init__(self, cache: LstmCache):
+    def __init__(self, cache: LstmCache | BidirectionalCache):
         self.cache = cache
 
 
@@ -212,3 +212,194 @@ def _backward_formula(ctx, d_outputs, d_h_n, d_c_n, _d_handle):
 
 
 torch.library.register_autograd("fusedlstm::lstm", _backward_formula, setup_context=_setup_context)
+
+
+# -- both directions of a layer in one kernel call (lstm_bidirectional_forward) ----------------
+
+
+def _file(cache) -> torch.Tensor:
+    key = next(_ids)
+    handle = torch.tensor(key, dtype=torch.int64)
+    handle._fusedlstm_cache = filed = _Filed(cache)
+    with _filed_lock:
+        _filed[key] = filed
+    return handle
+
+
+def _take(handle: torch.Tensor):
+    key = int(handle.item())
+    with _filed_lock:
+        filed = _filed.pop(key, None) if key else None
+    cache = None if filed is None else filed.cache
+    return None if cache is None or cache.used else cache
+
+
+def _bi_forward(x, kf, rf, bf, kr, rr, br, h0, c0, lengths, training):
+    a = _arrays(x, kf, rf, bf, h0, c0, lengths)
+    b = _arrays(x, kr, rr, br, None, None, None)
+    return lstm_bidirectional_forward(a[0], tuple(a[1:4]), tuple(b[1:4]), a[4], a[5], a[6], training=training)
+
+
+@torch.library.custom_op("fusedlstm::lstm_bidirectional", mutates_args=())
+def lstm_bidirectional(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    recurrent_kernel: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_reverse: torch.Tensor,
+    recurrent_kernel_reverse: torch.Tensor,
+    bias_reverse: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both directions of a bidirectional layer in one kernel call (the directions share the
+    cores): (outputs [B, T, 2H], h_n [2, B, H], c_n [2, B, H], handle); h0, c0 [2, B, H] or None."""
+    outputs, h_n, c_n, cache = _bi_forward(
+        x, kernel, recurrent_kernel, bias, kernel_reverse, recurrent_kernel_reverse, bias_reverse, h0, c0, lengths, keep
+    )
+    handle = _file(cache) if cache is not None else torch.zeros((), dtype=torch.int64)
+    return torch.from_numpy(outputs), torch.from_numpy(h_n), torch.from_numpy(c_n), handle
+
+
+@lstm_bidirectional.register_fake
+def _(x, kernel, recurrent_kernel, bias, kernel_reverse, recurrent_kernel_reverse, bias_reverse, h0, c0, lengths, keep):
+    B, T, _ = x.shape
+    H = recurrent_kernel.shape[0]
+    return (
+        x.new_empty((B, T, 2 * H)),
+        x.new_empty((2, B, H)),
+        x.new_empty((2, B, H)),
+        x.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("fusedlstm::lstm_bidirectional_backward", mutates_args=())
+def lstm_bidirectional_backward_op(
+    handle: torch.Tensor,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    recurrent_kernel: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_reverse: torch.Tensor,
+    recurrent_kernel_reverse: torch.Tensor,
+    bias_reverse: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    d_outputs: torch.Tensor | None,
+    d_h_n: torch.Tensor | None,
+    d_c_n: torch.Tensor | None,
+    need_dx: bool,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """Gradients of ``fusedlstm::lstm_bidirectional``: (dx (or [0]), d_kernel,
+    d_recurrent_kernel, d_bias of each direction, d_h0 [2, B, H], d_c0 [2, B, H]); as the
+    one-direction op, the forward runs again when its cache is gone."""
+    cache = _take(handle)
+    if cache is None:
+        _, _, _, cache = _bi_forward(
+            x,
+            kernel,
+            recurrent_kernel,
+            bias,
+            kernel_reverse,
+            recurrent_kernel_reverse,
+            bias_reverse,
+            h0,
+            c0,
+            lengths,
+            True,
+        )
+
+    def arr(t, name):
+        return None if t is None or t.numel() == 0 else _array(t.contiguous(), name)
+
+    g = lstm_backward(
+        cache,
+        d_outputs=arr(d_outputs, "d_outputs"),
+        d_h_n=arr(d_h_n, "d_h_n"),
+        d_c_n=arr(d_c_n, "d_c_n"),
+        need_dx=need_dx,
+    )
+    dx = torch.from_numpy(g.x) if g.x is not None else x.new_empty((0,))
+    f, r = g.forward, g.reverse
+    return (
+        dx,
+        *(torch.from_numpy(v) for v in (f.kernel, f.recurrent_kernel, f.bias, r.kernel, r.recurrent_kernel, r.bias)),
+        torch.from_numpy(np.stack([f.h0, r.h0])),
+        torch.from_numpy(np.stack([f.c0, r.c0])),
+    )
+
+
+@lstm_bidirectional_backward_op.register_fake
+def _(
+    handle,
+    x,
+    kernel,
+    recurrent_kernel,
+    bias,
+    kernel_reverse,
+    recurrent_kernel_reverse,
+    bias_reverse,
+    h0,
+    c0,
+    lengths,
+    d_outputs,
+    d_h_n,
+    d_c_n,
+    need_dx,
+):
+    B = x.shape[0]
+    H = recurrent_kernel.shape[0]
+    return (
+        torch.empty_like(x) if need_dx else x.new_empty((0,)),
+        torch.empty_like(kernel),
+        torch.empty_like(recurrent_kernel),
+        x.new_empty((4 * H,)),
+        torch.empty_like(kernel_reverse),
+        torch.empty_like(recurrent_kernel_reverse),
+        x.new_empty((4 * H,)),
+        x.new_empty((2, B, H)),
+        x.new_empty((2, B, H)),
+    )
+
+
+def _bi_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10], output[3])
+
+
+def _bi_backward_formula(ctx, d_outputs, d_h_n, d_c_n, _d_handle):
+    *saved, handle = ctx.saved_tensors
+    x, kf, rf, bf, kr, rr, br, h0, c0, lengths = saved
+    need = ctx.needs_input_grad
+    grads = lstm_bidirectional_backward_op(
+        handle, x, kf, rf, bf, kr, rr, br, h0, c0, lengths, d_outputs, d_h_n, d_c_n, need[0]
+    )
+    dx, dkf, drf, dbf, dkr, drr, dbr, dh0, dc0 = grads
+    return (
+        dx if need[0] else None,
+        dkf if need[1] else None,
+        drf if need[2] else None,
+        dbf if bf is not None and need[3] else None,
+        dkr if need[4] else None,
+        drr if need[5] else None,
+        dbr if br is not None and need[6] else None,
+        dh0 if h0 is not None and need[7] else None,
+        dc0 if c0 is not None and need[8] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("fusedlstm::lstm_bidirectional", _bi_backward_formula, setup_context=_bi_setup_context)
