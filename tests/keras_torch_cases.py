@@ -1,9 +1,10 @@
 """fusedlstm.keras.LSTM on Keras's torch backend against keras.layers.LSTM on the same backend:
 outputs, states and gradients (inputs and weights) with and without right-/left-padded masks,
 go_backwards, return_sequences/return_state, initial state, zero_output_for_mask, float64,
-Bidirectional, dropout, model.fit/predict and .keras save/load. Run by tests/test_keras_torch.py in
-a process of its own (the backend is chosen when keras is first imported); not collected by the
-main run (the file name does not start with test_)."""
+Bidirectional, dropout, model.fit/predict, .keras save/load and Keras's own LSTM tests (masks with
+holes, activations and recurrent_dropout: test_keras_dropout_masks.py, run under torch too). Run by
+tests/test_keras_torch.py in a process of its own (the backend is chosen when keras is first
+imported); not collected by the main run (the file name does not start with test_)."""
 
 import os
 
@@ -93,14 +94,6 @@ def test_bidirectional_matches_keras(mask_kind, return_sequences):
     compare(ref, ours, x, mask=masks()[mask_kind], initial_state=state)
 
 
-def test_mask_with_holes_is_refused():
-    layer = fk.LSTM(H)
-    holes = np.ones((B, T), bool)
-    holes[0, 2] = False
-    with pytest.raises(ValueError, match="one contiguous run of True per row"):
-        layer(torch.zeros(B, T, E), mask=torch.tensor(holes))
-
-
 def test_inference_keeps_no_cache_and_dropout_only_in_training(monkeypatch):
     from fusedlstm.keras import torch_op
 
@@ -153,8 +146,14 @@ def test_fit_predict_save_load(tmp_path):
 
 
 # Keras's own tests of keras.layers.LSTM (shipped in the installed package), run unchanged with our
-# layer in its place. test_basics is left out: it constructs recurrent_dropout=0.5, refused here.
-KERAS_OWN_LSTM_TESTS = ["test_correctness", "test_statefulness", "test_pass_initial_state", "test_masking"]
+# layer in its place (test_basics: dropout and recurrent_dropout in training, regularizers).
+KERAS_OWN_LSTM_TESTS = [
+    "test_basics",
+    "test_correctness",
+    "test_statefulness",
+    "test_pass_initial_state",
+    "test_masking",
+]
 
 
 def test_keras_own_lstm_tests_pass_with_our_layer(monkeypatch):
@@ -169,11 +168,7 @@ def test_keras_own_lstm_tests_pass_with_our_layer(monkeypatch):
 
     monkeypatch.setattr(keras.src.layers, "LSTM", fk.LSTM)
     loader = unittest.defaultTestLoader
-    suite = unittest.TestSuite(
-        t
-        for t in loader.loadTestsFromTestCase(lstm_test.LSTMTest)
-        if t._testMethodName.split("_")[:2] != ["test", "basics"]
-    )
+    suite = loader.loadTestsFromTestCase(lstm_test.LSTMTest)
     names = sorted({t._testMethodName.rstrip("0123456789") for t in suite})
     assert names == sorted(KERAS_OWN_LSTM_TESTS)
     result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(suite)

@@ -1,8 +1,10 @@
 """fusedlstm.keras.LSTM against keras.layers.LSTM (outputs, states and gradients, with and
 without right-/left-padded masks, go_backwards, Bidirectional, return_sequences/return_state,
-initial state), tf.test's gradient checker on the raw op in float64, raw-op input checks,
-tf.function / model.fit, .keras save/load, and every rejected argument. Skips without
-TensorFlow; CI installs tensorflow-cpu (extra [tf])."""
+initial state), tf.test's gradient checker on the raw op in float64 (with step masks with holes,
+recurrent dropout masks and other activations too), raw-op input checks, masks with holes on
+the op's step mask, tf.function / model.fit, .keras save/load, and every rejected argument
+(masks with holes, activations and recurrent_dropout against Keras: test_keras_dropout_masks.py).
+Skips without TensorFlow; CI installs tensorflow-cpu (extra [tf])."""
 
 import importlib.util
 import os
@@ -28,6 +30,7 @@ if importlib.util.find_spec("tensorflow") is not None:
     import tensorflow as tf
 
     import fusedlstm.keras as fk
+    from fusedlstm.keras import ops as fk_ops  # the raw ops' wrappers: optional inputs as None
 
 B, T, E, H = KERAS_SHAPE
 pair, masks = keras_pair, keras_masks
@@ -134,16 +137,18 @@ def test_bidirectional_matches_keras(mask_kind, return_sequences):
 
 
 def test_go_backwards_is_the_kernels_reverse_pass():
-    """go_backwards runs the op with reverse=True on x as it is: no flip of x or the mask in the
-    graph (only the returned sequence is put in Keras's processing order)."""
+    """go_backwards runs the op with reverse=True on x as it is: no flip of x or of its gradient
+    in the graph (only the returned sequence is put in Keras's processing order, by one gather
+    with a mask), right-padded or with holes."""
     x = tf.constant(np.random.default_rng(9).standard_normal((B, T, E)).astype(np.float32))
-    mask = tf.constant(masks()["right"])
-    for return_sequences in (False, True):
+    holes = masks()["right"].copy()
+    holes[0, 2] = False
+    for mask, return_sequences in [(tf.constant(m), r) for m in (masks()["right"], holes) for r in (False, True)]:
         layer = fk.LSTM(H, go_backwards=True, return_sequences=return_sequences)
         layer.build((None, T, E))
 
         @tf.function
-        def step(layer=layer):
+        def step(layer=layer, mask=mask):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 loss = tf.reduce_sum(layer(x, mask=mask))
@@ -153,23 +158,52 @@ def test_go_backwards_is_the_kernels_reverse_pass():
         fused = [op for op in ops if op.type == "FusedLstm"]
         assert len(fused) == 1 and fused[0].get_attr("reverse")
         assert [op.get_attr("reverse") for op in ops if op.type == "FusedLstmGrad"] == [True]
-        assert not any(op.type == "ReverseV2" for op in ops)
+        assert not any(op.type == "ReverseV2" and op.inputs[0].dtype != tf.bool for op in ops)
 
 
-def test_mask_with_holes_is_rejected():
-    _, ours = pair(np.random.default_rng(3))
-    mask = np.ones((B, T), bool)
-    mask[1, 2] = False
-    with pytest.raises(tf.errors.InvalidArgumentError, match="one contiguous run"):
-        ours(np.zeros((B, T, E), np.float32), mask=mask)
+def test_mask_with_holes_runs_on_the_ops_step_mask():
+    """A mask with holes goes to the op as it is (its step_mask input; x is not gathered) and a
+    right-padded step mask gives bit for bit what its lengths give (the op runs it as lengths)."""
+    layer = fk.LSTM(H, return_sequences=True)
+    layer.build((None, T, E))
+    x = tf.constant(np.random.default_rng(3).standard_normal((B, T, E)).astype(np.float32))
+    holes = np.ones((B, T), bool)
+    holes[1, 2] = holes[3, 0] = False
+
+    @tf.function
+    def step(x, mask):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(layer(x, mask=mask)))
+        return tape.gradient(loss, [x] + layer.trainable_weights)
+
+    graph = step.get_concrete_function(tf.TensorSpec((B, T, E)), tf.TensorSpec((B, T), tf.bool)).graph
+    fused = [op for op in graph.get_operations() if op.type == "FusedLstm"]
+    assert len(fused) == 1 and fused[0].inputs[0].op.type == "Placeholder"  # x as given
+    assert fused[0].inputs[7].shape == (B, T)  # the step mask
+    assert all(g is not None for g in step(x, tf.constant(holes)))
+
+    rng = np.random.default_rng(4)
+    args = [tf.constant(rng.standard_normal(s).astype(np.float32)) for s in [(B, T, E), (E, 4 * H), (H, 4 * H)]]
+    args += [tf.zeros(4 * H), tf.zeros((B, H)), tf.zeros((B, H))]
+    right = masks()["right"]
+    lengths = right.sum(axis=1).astype(np.int32)
+    d_out = tf.constant(rng.standard_normal((B, T, H)).astype(np.float32))
+    results = []
+    for steps in ({"lengths": lengths}, {"step_mask": right}):
+        o, hn, cn, cache = fk_ops.fused_lstm(*args, **steps)
+        grads = fk_ops.fused_lstm_grad(args[0], args[2], steps.pop("lengths", None), cache, d_out, hn, cn, **steps)
+        results.append([t.numpy() for t in (o, hn, cn, *grads)])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize(
     "kw,msg",
     [
-        (dict(activation="relu"), "activation="),
-        (dict(recurrent_activation="hard_sigmoid"), "recurrent_activation="),
-        (dict(recurrent_dropout=0.1), "recurrent_dropout="),
+        (dict(activation="selu"), "activation="),
+        (dict(recurrent_activation="softmax"), "recurrent_activation="),
+        (dict(recurrent_dropout=1.0), "recurrent_dropout must be"),
         (dict(dropout=1.5), "dropout must be"),
     ],
 )
@@ -179,23 +213,33 @@ def test_rejected_arguments(kw, msg):
 
 
 def test_gradient_checker_float64():
-    lib = fk.load_ops()
+    lib = fk_ops
     rng = np.random.default_rng(4)
     args = [rng.standard_normal(s) * 0.5 for s in [(3, 4, 2), (2, 12), (3, 12), (12,), (3, 3), (3, 3)]]
     lengths = tf.constant([4, 2, 0], tf.int32)
-    for reverse in (False, True):
+    holes = tf.constant(np.array([[1, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]], bool))
+    drop = tf.constant((rng.random((4, 3, 3)) > 0.3) / 0.7)  # recurrent dropout masks [4, B, H]
+    cases = [
+        dict(lengths=lengths),
+        dict(lengths=lengths, reverse=True),
+        # Masks with holes, recurrent dropout and other activations: the gradient op must be given
+        # the forward's step mask, masks and attributes.
+        dict(step_mask=holes, recurrent_masks=drop, activation="sigmoid", recurrent_activation="tanh"),
+        dict(step_mask=holes, recurrent_masks=drop, reverse=True, activation="linear"),
+    ]
+    for kw in cases:
 
-        def f(x, k, r, b, h0, c0, reverse=reverse):
-            o, h, c, _ = lib.fused_lstm(x, k, r, b, h0, c0, lengths, reverse=reverse)
+        def f(x, k, r, b, h0, c0, kw=kw):
+            o, h, c, _ = lib.fused_lstm(x, k, r, b, h0, c0, **kw)
             return tf.reduce_sum(o * o) + tf.reduce_sum(tf.sin(h)) + tf.reduce_sum(c)
 
-        theoretical, numerical = tf.test.compute_gradient(f, [tf.constant(a) for a in args])
+        theoretical, numerical = tf.test.compute_gradient(f, [tf.constant(a) for a in args], delta=1e-5)
         for t_, n_ in zip(theoretical, numerical):
             np.testing.assert_allclose(t_, n_, rtol=1e-6, atol=1e-6)
 
 
 def test_raw_op_input_checks():
-    lib = fk.load_ops()
+    lib = fk_ops
     x = np.zeros((2, 3, 4), np.float32)
     k, r, b = np.zeros((4, 8), np.float32), np.zeros((2, 8), np.float32), np.zeros(8, np.float32)
     h = np.zeros((2, 2), np.float32)
@@ -208,10 +252,22 @@ def test_raw_op_input_checks():
     for args, msg in bad:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=msg):
             lib.fused_lstm(*args)
+    m, drop = np.ones((2, 3), bool), np.ones((4, 2, 2), np.float32)
+    bad_kw = [
+        (dict(step_mask=m[:, :2]), "step_mask: expected shape"),
+        (dict(step_mask=m, lengths=np.array([3, 3], np.int32)), "not both"),
+        (dict(recurrent_masks=drop[:3]), "recurrent_masks: expected shape"),
+        (dict(recurrent_masks=drop, training=False), "training only"),
+    ]
+    for kw, msg in bad_kw:
+        with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=msg):
+            lib.fused_lstm(x, k, r, b, h, h, **kw)
     # The same through a graph with unknown shapes: the shape functions cannot reject these, so
     # the kernels must (ranks checked before any dimension is read).
     any_f = tf.TensorSpec(None, tf.float32)
     fwd = tf.function(lambda *a: lib.fused_lstm(*a)[0], input_signature=[any_f] * 6 + [tf.TensorSpec(None, tf.int32)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="recurrent_masks: expected shape"):
+        tf.function(lambda m: lib.fused_lstm(x, k, r, b, h, h, recurrent_masks=m)[1])(tf.ones((4, 2, 3)))
     graph_bad = [
         ((np.zeros((2, 3, 4, 1), np.float32), k, r, b, h, h, [3, 3]), "x: expected rank 3"),
         ((x, k, np.zeros(8, np.float32), b, h, h, [3, 3]), "recurrent_kernel: expected rank"),
@@ -233,6 +289,7 @@ def test_raw_op_input_checks():
         ((x, r, lengths, cache, d_out, h, h.T[:1]), "d_c_n: expected shape"),
         ((x, r, np.array([3, 9], np.int32), cache, d_out, h, h), "outside"),
         ((x, r[0], lengths, cache, d_out, h, h), "rank"),
+        ((x, r, None, cache, d_out, h, h, np.ones((2, 4), bool)), "step_mask: expected shape"),
     ]
     for args, msg in grad_bad:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=msg):
@@ -254,7 +311,7 @@ def test_gradient_op_takes_over_or_copies_the_cache_consistently():
     """The gradient op consumes the cache in place when it holds the only reference (TensorFlow
     forwards the buffer) and copies it otherwise. Sole consumer in a graph, two consumers of one
     cache, and a persistent tape asked twice must all give the same gradients."""
-    lib = fk.load_ops()
+    lib = fk_ops
     rng = np.random.default_rng(11)
     Bq, Tq, Eq, Hq = 5, 7, 3, 4
     x, k, r, b = (
@@ -300,7 +357,7 @@ def test_inference_keeps_no_cache_and_still_differentiates():
     """training=False runs the op without a cache (the predict path); a gradient taken through
     it anyway recomputes the forward with one, eagerly and in a tf.function, and matches the
     training call's gradient bit for bit."""
-    lib = fk.load_ops()
+    lib = fk_ops
     rng = np.random.default_rng(12)
     x = tf.constant(rng.standard_normal((5, 7, 3)).astype(np.float32))
     mask = tf.constant(np.arange(7)[None, :] < np.array([7, 3, 0, 5, 1])[:, None])
@@ -355,7 +412,7 @@ def test_op_without_return_sequences_writes_no_outputs():
     """return_sequences=False (the layer's default): the op's outputs are an empty [B, 0, H]
     tensor, the state is bit-identical, and gradients through h_n and c_n are too, eagerly and
     in a tf.function."""
-    lib = fk.load_ops()
+    lib = fk_ops
     rng = np.random.default_rng(13)
     x = tf.constant(rng.standard_normal((5, 7, 3)).astype(np.float32))
     k = tf.constant(rng.standard_normal((3, 16)).astype(np.float32) * 0.3)
@@ -692,6 +749,9 @@ def test_configs_are_interchangeable_with_keras_lstm():
         go_backwards=True,
         zero_output_for_mask=True,
         unroll=True,
+        activation="relu",
+        recurrent_activation="hard_sigmoid",
+        recurrent_dropout=0.3,
         use_cudnn="auto",
         activity_regularizer="l2",
         kernel_regularizer="l1",
@@ -711,8 +771,14 @@ def test_configs_are_interchangeable_with_keras_lstm():
 
 
 # Keras's own tests of keras.layers.LSTM (shipped in the installed package), run unchanged with our
-# layer in its place. test_basics is left out: it constructs recurrent_dropout=0.5, refused here.
-KERAS_OWN_LSTM_TESTS = ["test_correctness", "test_statefulness", "test_pass_initial_state", "test_masking"]
+# layer in its place (test_basics: dropout and recurrent_dropout in training, regularizers).
+KERAS_OWN_LSTM_TESTS = [
+    "test_basics",
+    "test_correctness",
+    "test_statefulness",
+    "test_pass_initial_state",
+    "test_masking",
+]
 
 
 def test_keras_own_lstm_tests_pass_with_our_layer(monkeypatch):
@@ -727,11 +793,7 @@ def test_keras_own_lstm_tests_pass_with_our_layer(monkeypatch):
 
     monkeypatch.setattr(keras.src.layers, "LSTM", fk.LSTM)
     loader = unittest.defaultTestLoader
-    suite = unittest.TestSuite(
-        t
-        for t in loader.loadTestsFromTestCase(lstm_test.LSTMTest)
-        if t._testMethodName.split("_")[:2] != ["test", "basics"]
-    )
+    suite = loader.loadTestsFromTestCase(lstm_test.LSTMTest)
     names = sorted({t._testMethodName.rstrip("0123456789") for t in suite})
     assert names == sorted(KERAS_OWN_LSTM_TESTS)
     result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(suite)

@@ -1,7 +1,7 @@
-"""fusedlstm.keras.LSTM on Keras's torch backend: runs tests/keras_torch_cases.py and
-tests/test_keras_stateful.py under KERAS_BACKEND=torch in a process of its own (Keras fixes its
-backend at first import, and this process has keras on TensorFlow). Skips without torch; CI
-installs torch==2.13.0."""
+"""fusedlstm.keras.LSTM on Keras's torch backend: runs tests/keras_torch_cases.py,
+tests/test_keras_stateful.py and tests/test_keras_dropout_masks.py under KERAS_BACKEND=torch in a
+process of its own (Keras fixes its backend at first import, and this process has keras on
+TensorFlow). Skips without torch; CI installs torch==2.13.0."""
 
 import importlib.util
 import os
@@ -32,6 +32,7 @@ def test_layer_on_the_torch_backend():
             "-rs",
             str(HERE / "keras_torch_cases.py"),
             str(HERE / "test_keras_stateful.py"),
+            str(HERE / "test_keras_dropout_masks.py"),
         ],
         capture_output=True,
         text=True,

@@ -3,6 +3,9 @@
 // allocate outputs and workspaces through TensorFlow, and run the kernels on TensorFlow's CPU
 // thread pool adapted to CpuDevice. The gradient op is wired to FusedLstm by a registered
 // Python gradient (fusedlstm/keras/ops.py).
+// Optional inputs are empty 1-d tensors ([0]): lengths (then every step is valid, unless a step
+// mask says otherwise), step_mask (Keras's [N, T] booleans, masks with holes; given instead of
+// lengths) and recurrent_masks (Keras's recurrent dropout, training only).
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -26,6 +29,9 @@ using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 
+// The attribute values of fusedlstm::Activation, by Keras's names.
+#define ACTIVATIONS "{'tanh', 'relu', 'linear', 'sigmoid', 'hard_sigmoid'}"
+
 REGISTER_OP("FusedLstm")
     .Input("x: T")                 // [N, T, C] (the attr T is the dtype, not the steps)
     .Input("kernel: T")            // [C, 4H]
@@ -33,7 +39,9 @@ REGISTER_OP("FusedLstm")
     .Input("bias: T")              // [4H]
     .Input("h0: T")                // [N, H]
     .Input("c0: T")                // [N, H]
-    .Input("lengths: int32")       // [N], 0..T
+    .Input("lengths: int32")       // [N], 0..T; or [0]: none
+    .Input("step_mask: bool")      // [N, T]; or [0]: none (lengths apply)
+    .Input("recurrent_masks: T")   // [4, N, H], training only; or [0]: none
     .Output("outputs: T")          // [N, T, H]; [N, 0, H] when return_sequences = false
     .Output("h_n: T")              // [N, H]
     .Output("c_n: T")              // [N, H]
@@ -42,6 +50,8 @@ REGISTER_OP("FusedLstm")
     .Attr("training: bool = true")
     .Attr("return_sequences: bool = true")  // false: the kernel writes no outputs
     .Attr("reverse: bool = false")  // each row's valid steps last to first (fusedlstm/lstm.h)
+    .Attr("activation: " ACTIVATIONS " = 'tanh'")  // Keras's names (fusedlstm/lstm.h)
+    .Attr("recurrent_activation: " ACTIVATIONS " = 'sigmoid'")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x, k, r, b, h0, c0, len;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
@@ -65,7 +75,9 @@ REGISTER_OP("FusedLstm")
 REGISTER_OP("FusedLstmGrad")
     .Input("x: T")                 // the forward's x (its shape; the cache holds the values)
     .Input("recurrent_kernel: T")  // the forward's recurrent_kernel (its shape)
-    .Input("lengths: int32")
+    .Input("lengths: int32")       // the forward's
+    .Input("step_mask: bool")      // the forward's
+    .Input("recurrent_masks: T")   // the forward's
     .Input("cache: T")
     .Input("d_outputs: T")  // [N, T, H], or [N, 0, H]: none (return_sequences = false)
     .Input("d_h_n: T")      // [N, H]
@@ -78,6 +90,8 @@ REGISTER_OP("FusedLstmGrad")
     .Output("d_c0: T")
     .Attr("T: {float, double}")
     .Attr("reverse: bool = false")  // as the forward that wrote the cache ran
+    .Attr("activation: " ACTIVATIONS " = 'tanh'")  // as the forward ran
+    .Attr("recurrent_activation: " ACTIVATIONS " = 'sigmoid'")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x, r;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
@@ -147,14 +161,104 @@ bool Valid(OpKernelContext* ctx, const std::string& error) {
   return false;
 }
 
-// The problem shape from x [N, T, C] and recurrent_kernel [H, 4H], and lengths [N] with values
-// in 0..T (fusedlstm/validate.h). False (with the error set) on bad input.
-bool ReadShape(OpKernelContext* ctx, const Tensor& x, const Tensor& r, const Tensor& len,
-               fusedlstm::LstmShape* s) {
-  const std::vector<int64_t> len_dims = Dims(len);
-  return Valid(ctx, fusedlstm::ValidateProblem(Dims(x), Dims(r), &len_dims, s)) &&
-         Valid(ctx, fusedlstm::ValidateSizes(*s)) &&
-         Valid(ctx, fusedlstm::ValidateLengths(len.flat<int32_t>().data(), *s));
+// The problem shape from x [N, T, C] and recurrent_kernel [H, 4H]. False (with the error set)
+// on bad input.
+bool ReadShape(OpKernelContext* ctx, const Tensor& x, const Tensor& r, fusedlstm::LstmShape* s) {
+  return Valid(ctx, fusedlstm::ValidateProblem(Dims(x), Dims(r), nullptr, s)) &&
+         Valid(ctx, fusedlstm::ValidateSizes(*s));
+}
+
+// An optional input left out: an empty 1-d tensor.
+bool Omitted(const Tensor& t) { return t.dims() == 1 && t.NumElements() == 0; }
+
+// Which steps are valid, as the kernels take them: lengths [N] (values in 0..T), or a step mask
+// [N, T] (bool), or neither (every step). A step mask that only pads on the right becomes
+// lengths held in `own` (the kernels' faster path), so the forward and its gradient, given the
+// same inputs, decide alike. False (with the error set) on bad input.
+struct StepInputs {
+  const int32_t* lengths = nullptr;
+  const uint8_t* step_mask = nullptr;
+  Tensor own;  // lengths converted from a right-padded step mask
+};
+
+bool ReadSteps(OpKernelContext* ctx, const Tensor& len, const Tensor& mask,
+               const fusedlstm::LstmShape& s, StepInputs* out) {
+  const bool has_len = !Omitted(len), has_mask = !Omitted(mask);
+  if (has_len && has_mask) {
+    ctx->CtxFailure(absl::InvalidArgumentError(
+        "lengths and step_mask: give one of them (the other as an empty [0] tensor), not both"));
+    return false;
+  }
+  if (has_len) {
+    if (!Valid(ctx, fusedlstm::CheckShape("lengths", Dims(len), {{s.N, "N", "x's N"}}, "[N]"))) {
+      return false;
+    }
+    out->lengths = len.flat<int32_t>().data();
+    return Valid(ctx, fusedlstm::ValidateLengths(out->lengths, s));
+  }
+  if (!has_mask) return true;
+  if (!Valid(ctx, fusedlstm::CheckShape("step_mask", Dims(mask),
+                                        {{s.N, "N", "x's N"}, {s.T, "T", "x's T"}}, "[N, T]"))) {
+    return false;
+  }
+  // TensorFlow's bool is one byte holding 0 or 1: the kernels' uint8 mask as it is.
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.flat<bool>().data());
+  absl::Status st = ctx->allocate_temp(DT_INT32, TensorShape({s.N}), &out->own);
+  if (!st.ok()) {
+    ctx->CtxFailure(st);
+    return false;
+  }
+  int32_t* counts = out->own.flat<int32_t>().data();
+  bool right_padded = true;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const uint8_t* row = m + n * s.T;
+    int64_t k = 0;
+    while (k < s.T && row[k]) ++k;
+    counts[n] = static_cast<int32_t>(k);
+    for (int64_t t = k; t < s.T && right_padded; ++t) right_padded = row[t] == 0;
+  }
+  if (right_padded) {
+    out->lengths = counts;
+  } else {
+    out->step_mask = m;
+  }
+  return true;
+}
+
+// recurrent_masks [4, N, H], or nullptr when omitted. False (with the error set) on bad input.
+template <typename S>
+bool ReadRecurrentMasks(OpKernelContext* ctx, const Tensor& masks, const fusedlstm::LstmShape& s,
+                        const S** out) {
+  *out = nullptr;
+  if (Omitted(masks)) return true;
+  if (!Valid(ctx, fusedlstm::CheckShape("recurrent_masks", Dims(masks),
+                                        {{4, "4", "the four gates i, f, c, o"},
+                                         {s.N, "N", "x's N"},
+                                         {s.H, "H", "recurrent_kernel's H"}},
+                                        "[4, N, H]"))) {
+    return false;
+  }
+  *out = masks.flat<S>().data();
+  return true;
+}
+
+fusedlstm::Activation ReadActivation(const std::string& name) {
+  if (name == "relu") return fusedlstm::Activation::kRelu;
+  if (name == "linear") return fusedlstm::Activation::kLinear;
+  if (name == "sigmoid") return fusedlstm::Activation::kSigmoid;
+  if (name == "hard_sigmoid") return fusedlstm::Activation::kHardSigmoid;
+  return fusedlstm::Activation::kTanh;  // the attribute's enum admits nothing else
+}
+
+// The activation attributes of either op.
+absl::Status ReadActivations(OpKernelConstruction* c, fusedlstm::Activation* act,
+                       fusedlstm::Activation* rec) {
+  std::string a, r;
+  TF_RETURN_IF_ERROR(c->GetAttr("activation", &a));
+  TF_RETURN_IF_ERROR(c->GetAttr("recurrent_activation", &r));
+  *act = ReadActivation(a);
+  *rec = ReadActivation(r);
+  return absl::OkStatus();
 }
 
 template <typename S>
@@ -164,18 +268,26 @@ class FusedLstmOp : public OpKernel {
     OP_REQUIRES_OK(c, c->GetAttr("training", &training_));
     OP_REQUIRES_OK(c, c->GetAttr("return_sequences", &return_sequences_));
     OP_REQUIRES_OK(c, c->GetAttr("reverse", &reverse_));
+    OP_REQUIRES_OK(c, ReadActivations(c, &activation_, &recurrent_activation_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &x = ctx->input(0), &k = ctx->input(1), &r = ctx->input(2), &b = ctx->input(3),
-                 &h0 = ctx->input(4), &c0 = ctx->input(5), &len = ctx->input(6);
+                 &h0 = ctx->input(4), &c0 = ctx->input(5), &len = ctx->input(6),
+                 &mask = ctx->input(7), &rmasks = ctx->input(8);
     fusedlstm::LstmShape s;
-    if (!ReadShape(ctx, x, r, len, &s)) return;
+    if (!ReadShape(ctx, x, r, &s)) return;
     const std::vector<int64_t> b_dims = Dims(b), h0_dims = Dims(h0), c0_dims = Dims(c0);
     if (!Valid(ctx, fusedlstm::ValidateForwardInputs(s, Dims(k), &b_dims, &h0_dims, &c0_dims))) {
       return;
     }
-    const int32_t* lengths = len.flat<int32_t>().data();
+    StepInputs steps;
+    if (!ReadSteps(ctx, len, mask, s, &steps)) return;
+    const S* recurrent_masks;
+    if (!ReadRecurrentMasks<S>(ctx, rmasks, s, &recurrent_masks)) return;
+    OP_REQUIRES(ctx, training_ || recurrent_masks == nullptr,
+                absl::InvalidArgumentError(
+                    "recurrent_masks: recurrent dropout applies in training only (training=false)"));
     Tensor *out, *hn, *cn, *cache;
     OP_REQUIRES_OK(
         ctx, ctx->allocate_output(0, TensorShape({s.N, return_sequences_ ? s.T : 0, s.H}), &out));
@@ -195,13 +307,17 @@ class FusedLstmOp : public OpKernel {
     a.bias = b.flat<S>().data();
     a.h0 = h0.flat<S>().data();
     a.c0 = c0.flat<S>().data();
-    a.lengths = lengths;
+    a.lengths = steps.lengths;
+    a.step_mask = steps.step_mask;
     a.outputs = return_sequences_ ? out->flat<S>().data() : nullptr;
     a.h_n = hn->flat<S>().data();
     a.c_n = cn->flat<S>().data();
     a.workspace = workspace.flat<S>().data();
     a.cache = training_ ? cache->flat<S>().data() : nullptr;
     a.reverse = reverse_;
+    a.activation = activation_;
+    a.recurrent_activation = recurrent_activation_;
+    a.recurrent_masks = recurrent_masks;
     fusedlstm::LstmForward<S>(MakeDevice(ctx), s, a);
   }
 
@@ -209,6 +325,7 @@ class FusedLstmOp : public OpKernel {
   bool training_;
   bool return_sequences_;
   bool reverse_;
+  fusedlstm::Activation activation_, recurrent_activation_;
 };
 
 template <typename S>
@@ -216,14 +333,20 @@ class FusedLstmGradOp : public OpKernel {
  public:
   explicit FusedLstmGradOp(OpKernelConstruction* c) : OpKernel(c) {
     OP_REQUIRES_OK(c, c->GetAttr("reverse", &reverse_));
+    OP_REQUIRES_OK(c, ReadActivations(c, &activation_, &recurrent_activation_));
   }
 
   void Compute(OpKernelContext* ctx) override {
+    constexpr int kCache = 5;
     const Tensor &x = ctx->input(0), &r = ctx->input(1), &len = ctx->input(2),
-                 &cache = ctx->input(3), &dout = ctx->input(4), &dhn = ctx->input(5),
-                 &dcn = ctx->input(6);
+                 &mask = ctx->input(3), &rmasks = ctx->input(4), &cache = ctx->input(kCache),
+                 &dout = ctx->input(6), &dhn = ctx->input(7), &dcn = ctx->input(8);
     fusedlstm::LstmShape s;
-    if (!ReadShape(ctx, x, r, len, &s)) return;
+    if (!ReadShape(ctx, x, r, &s)) return;
+    StepInputs steps;
+    if (!ReadSteps(ctx, len, mask, s, &steps)) return;
+    const S* recurrent_masks;
+    if (!ReadRecurrentMasks<S>(ctx, rmasks, s, &recurrent_masks)) return;
     const int64_t G = 4 * s.H;
     if (!Valid(ctx, fusedlstm::CheckShape("cache (run the forward with training=True)", Dims(cache),
                                           {{fusedlstm::CacheSize(s), "CacheSize(T, N, C, H)",
@@ -238,14 +361,14 @@ class FusedLstmGradOp : public OpKernel {
                                                 &dcn_dims))) {
       return;
     }
-    const int32_t* lengths = len.flat<int32_t>().data();
     // Backward consumes its cache in place. When this op holds the only reference to the cache
     // buffer (the usual case: nothing else reads the forward's cache), TensorFlow lets it take the
     // buffer over; otherwise (a persistent tape may take the gradient twice, or the cache is
     // fetched) the input must stay intact and the kernel works on a copy.
     std::unique_ptr<Tensor> owned =
-        ctx->forward_input(3, OpKernelContext::Params::kNoReservation, DataTypeToEnum<S>::value,
-                           cache.shape(), DEVICE_MEMORY, AllocatorAttributes());
+        ctx->forward_input(kCache, OpKernelContext::Params::kNoReservation,
+                           DataTypeToEnum<S>::value, cache.shape(), DEVICE_MEMORY,
+                           AllocatorAttributes());
     Tensor work_cache;
     if (owned != nullptr) {
       work_cache = *owned;
@@ -265,11 +388,14 @@ class FusedLstmGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({s.N, s.H}), &dc0));
     Tensor workspace;
     OP_REQUIRES_OK(
-        ctx, ctx->allocate_temp(DataTypeToEnum<S>::value,
-                                TensorShape({fusedlstm::BackwardWorkspaceSize(s)}), &workspace));
+        ctx, ctx->allocate_temp(
+                 DataTypeToEnum<S>::value,
+                 TensorShape({fusedlstm::BackwardWorkspaceSize(s, recurrent_masks != nullptr)}),
+                 &workspace));
     fusedlstm::BackwardArgs<S> a;
     a.cache = work_cache.flat<S>().data();
-    a.lengths = lengths;
+    a.lengths = steps.lengths;
+    a.step_mask = steps.step_mask;
     a.d_outputs = no_dout ? nullptr : dout.flat<S>().data();
     a.d_h_n = dhn.flat<S>().data();
     a.d_c_n = dcn.flat<S>().data();
@@ -281,11 +407,15 @@ class FusedLstmGradOp : public OpKernel {
     a.d_c0 = dc0->flat<S>().data();
     a.workspace = workspace.flat<S>().data();
     a.reverse = reverse_;
+    a.activation = activation_;
+    a.recurrent_activation = recurrent_activation_;
+    a.recurrent_masks = recurrent_masks;
     fusedlstm::LstmBackward<S>(MakeDevice(ctx), s, a);
   }
 
  private:
   bool reverse_;
+  fusedlstm::Activation activation_, recurrent_activation_;
 };
 
 #define REGISTER(S)                                                                        \
@@ -296,6 +426,7 @@ class FusedLstmGradOp : public OpKernel {
 REGISTER(float)
 REGISTER(double)
 #undef REGISTER
+#undef ACTIVATIONS
 
 }  // namespace
 }  // namespace tensorflow

@@ -2,11 +2,12 @@
 compiled FusedLstm op on Keras's TensorFlow backend and through a torch.autograd.Function
 (torch_op.py) on its torch backend; the layer's own logic is keras.ops, shared by both. Same
 weights (kernel, recurrent_kernel, bias; gate order i, f, c, o), same outputs and states, same
-masking semantics: a mask whose True entries form one contiguous run per row (right- or
-left-padded) is run on the fused path by moving each row's run to the front, running with
-per-row lengths, and putting the outputs back the way Keras does (state carried through masked
-steps, the previous output repeated there). go_backwards is the kernel's reverse pass over each
-row's run (x is not flipped); stateful=True keeps [h, c] variables between calls as Keras does."""
+masking semantics: the mask goes to the kernel as it is (a right-padded one runs as lengths, any
+other, holes included, as a step mask: state carried through masked steps), and the outputs are
+put the way Keras has them (the previous output repeated at a masked step, or zeros with
+zero_output_for_mask). go_backwards is the kernel's reverse pass (x is not flipped); stateful=True
+keeps [h, c] variables between calls as Keras does; dropout and recurrent_dropout draw Keras's
+masks from the layer's seed generator in training and the kernel applies them."""
 
 from __future__ import annotations
 
@@ -16,26 +17,27 @@ __all__ = ["LSTM"]
 
 _BACKENDS = ("tensorflow", "torch")
 
-
-def _is(value, name: str) -> bool:
-    if isinstance(value, str):
-        return value == name
-    return value is getattr(keras.activations, name, None) or getattr(value, "__name__", None) == name
+# The activations the kernel computes, by Keras's names (fusedlstm.lstm_forward).
+_ACTIVATIONS = ("tanh", "relu", "linear", "sigmoid", "hard_sigmoid")
 
 
-_MASK_HOLES = (
-    "fusedlstm.keras.LSTM: the mask must be one contiguous run of True per row "
-    "(right- or left-padded); a mask with holes is not supported"
-)
-
-
-def _check_one_run(run, mask) -> None:
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.debugging.assert_equal(run, mask, message=_MASK_HOLES)  # also inside a tf.function
-    elif not bool(keras.ops.all(run == mask)):
-        raise ValueError(_MASK_HOLES)
+def _activation_name(arg: str, value) -> str:
+    """Keras's name of a supported activation given as Keras accepts it (a name, None for
+    linear, the function itself, its serialized form); anything else is refused by name."""
+    refused = ValueError(
+        f"{arg}={value!r}: the fused kernel implements {', '.join(_ACTIVATIONS)} (Keras's "
+        "functions by those names, or None for linear); use keras.layers.LSTM for another"
+    )
+    if isinstance(value, str) and value not in _ACTIVATIONS:
+        raise refused
+    try:
+        fn = keras.activations.get(value)
+    except (ValueError, TypeError):
+        raise refused from None
+    for name in _ACTIVATIONS:
+        if fn is keras.activations.get(name):
+            return name
+    raise refused
 
 
 def _take_steps(x, idx):
@@ -51,10 +53,27 @@ def _take_steps(x, idx):
     return x[torch.arange(x.shape[0], device=x.device)[:, None], idx.long()]
 
 
-def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, lengths, keep_cache, return_sequences, reverse):
+def _last_valid(mask):
+    """For a bool mask [B, T]: the position of the last True at or before each step, or 0 where
+    there is none."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # The count of valid steps so far reached its value at that step: the first position
+        # with the same count (batched binary search over each nondecreasing row).
+        counts = tf.cumsum(tf.cast(mask, tf.int32), axis=1)
+        return tf.searchsorted(counts, counts, side="left", out_type=tf.int32)
+    import torch
+
+    steps = torch.arange(mask.shape[1], device=mask.device)
+    return torch.cummax(torch.where(mask, steps, 0), dim=1).values
+
+
+def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, mask, recurrent_masks, keep_cache, options):
     """outputs, h_n, c_n of the fused kernel, on the backend's own op: the compiled TensorFlow
     op (tensorflow) or an autograd Function over fusedlstm's NumPy API (torch, which decides
-    from grad mode whether to keep a cache, so keep_cache applies to TensorFlow only)."""
+    from grad mode whether to keep a cache, so keep_cache applies to TensorFlow only). mask:
+    [B, T] bool or None; options: return_sequences, reverse, activation, recurrent_activation."""
     if keras.backend.backend() == "tensorflow":
         from .ops import fused_lstm
 
@@ -65,16 +84,14 @@ def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, lengths, keep_cache, r
             bias,
             h0,
             c0,
-            lengths,
+            step_mask=mask,  # the op runs a right-padded one as lengths
+            recurrent_masks=recurrent_masks,
             training=keep_cache,
-            return_sequences=return_sequences,
-            reverse=reverse,
+            **options,
         )[:3]
     from .torch_op import fused_lstm
 
-    return fused_lstm(
-        x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences=return_sequences, reverse=reverse
-    )
+    return fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, mask=mask, recurrent_masks=recurrent_masks, **options)
 
 
 class _Untracked:
@@ -96,10 +113,15 @@ class LSTM(keras.layers.Layer):
     given values, and the states are saved with the model (Keras 3's come back as zeros).
     unroll=True is accepted and changes nothing (a speed hint in Keras).
 
-    Not supported (a clear ValueError at construction): activations other than tanh/sigmoid,
-    recurrent_dropout, use_cudnn=True; a Keras backend other than TensorFlow
-    or torch (RuntimeError). A mask with holes raises InvalidArgumentError (TensorFlow) or
-    ValueError (torch) at call.
+    activation and recurrent_activation: "tanh", "relu", "linear" (or None), "sigmoid",
+    "hard_sigmoid" (Keras's functions by those names too). Masks may have holes (any steps
+    valid). dropout and recurrent_dropout are Keras's: in training, masks drawn from the layer's
+    seed generator in Keras's order and shapes (so the same seed gives the same masks), fixed
+    over the steps; recurrent_dropout (or implementation=1) makes the input dropout one mask per
+    gate, as Keras's LSTMCell, which runs the input projection on a [B, T, 4E] input.
+
+    Not supported (a clear ValueError at construction): other activations, use_cudnn=True;
+    a Keras backend other than TensorFlow or torch (RuntimeError).
     XLA cannot compile a custom op, so the layer opts out of jit_compile (``supports_jit``).
     """
 
@@ -141,21 +163,18 @@ class LSTM(keras.layers.Layer):
                 f"{keras.backend.backend()!r} backend. Set KERAS_BACKEND to tensorflow or torch "
                 "before importing keras, or use keras.layers.LSTM here."
             )
-        kwargs.pop("implementation", None)  # Keras's cell computation strategy (1 or 2): same results
+        # Keras's cell computation strategy: the same results, except that implementation 1 (which
+        # recurrent_dropout implies) draws one input dropout mask per gate.
+        implementation = kwargs.pop("implementation", 2)
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise ValueError(f"units must be a positive integer, got {units!r}")
-        if not _is(activation, "tanh"):
-            raise ValueError(f"activation={activation!r}: the fused kernel implements tanh only")
-        if not _is(recurrent_activation, "sigmoid"):
-            raise ValueError(f"recurrent_activation={recurrent_activation!r}: the fused kernel implements sigmoid only")
-        if recurrent_dropout:
-            raise ValueError(
-                f"recurrent_dropout={recurrent_dropout}: not supported by the fused "
-                "kernel (use dropout, or keras.layers.LSTM)"
-            )
+        act = _activation_name("activation", activation)
+        rec_act = _activation_name("recurrent_activation", recurrent_activation)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0.0 <= recurrent_dropout < 1.0:
+            raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
         if use_cudnn is True:  # "auto" (Keras's default) and False mean: whatever runs here
             raise ValueError(
                 "use_cudnn=True: fusedlstm.keras.LSTM always runs the fused kernel, "
@@ -164,6 +183,9 @@ class LSTM(keras.layers.Layer):
         if use_cudnn not in ("auto", False):
             raise ValueError(f"use_cudnn must be 'auto', True or False, got {use_cudnn!r}")
         self.units = units
+        self.activation = keras.activations.get(act)
+        self.recurrent_activation = keras.activations.get(rec_act)
+        self._kernel_activations = {"activation": act, "recurrent_activation": rec_act}
         self.use_bias = use_bias
         self.unit_forget_bias = unit_forget_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -176,8 +198,11 @@ class LSTM(keras.layers.Layer):
         self.recurrent_constraint = keras.constraints.get(recurrent_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.dropout = float(dropout)
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.implementation = 1 if self.recurrent_dropout else implementation  # as Keras's LSTMCell
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed) if self.dropout else None
+        drops = self.dropout or self.recurrent_dropout
+        self.seed_generator = keras.random.SeedGenerator(seed) if drops else None
         self.return_sequences = return_sequences
         self.return_state = return_state
         self.go_backwards = go_backwards
@@ -311,9 +336,27 @@ class LSTM(keras.layers.Layer):
         if saved:
             self.reset_state([store[k] for k in self._STATE_KEYS])
 
+    def _dropout_masks(self, B, E, training):
+        """Keras's dropout masks for one call, drawn as its LSTM draws them (the same order,
+        shapes and dtype from the same seed generator): the input mask(s) [B, E] (one, or one per
+        gate under implementation 1), then the recurrent masks [B, H], one per gate. Keras draws
+        them at every call and uses them in training only; outside training the generator is
+        only advanced as far, so a seed gives Keras's masks over any sequence of calls."""
+        n_x = (4 if self.implementation == 1 else 1) if self.dropout else 0
+        n_h = 4 if self.recurrent_dropout else 0
+        if not training:
+            for _ in range(n_x + n_h):
+                self.seed_generator.next()
+            return [], []
+        ones_x = keras.ops.ones((B, E), self.compute_dtype)
+        ones_h = keras.ops.ones((B, self.units), self.compute_dtype)
+        inputs = [keras.random.dropout(ones_x, self.dropout, seed=self.seed_generator) for _ in range(n_x)]
+        recurrent = [keras.random.dropout(ones_h, self.recurrent_dropout, seed=self.seed_generator) for _ in range(n_h)]
+        return inputs, recurrent
+
     def call(self, sequences, initial_state=None, mask=None, training=None):
         # keras.ops throughout, so one body serves both backends; only the fused op itself and
-        # the mask check differ (_run_fused, _check_one_run).
+        # two gathers differ (_run_fused, _take_steps, _last_valid).
         ops = keras.ops
         x = ops.convert_to_tensor(sequences, dtype=self.compute_dtype)
         # The kernel computes in float32 or float64. Under a mixed-precision policy
@@ -326,9 +369,6 @@ class LSTM(keras.layers.Layer):
             raise ValueError(f"inputs must be 3-d [batch, time, features], got shape {x.shape}")
         B, T, E = ops.shape(x)
         u = self.units
-        if training and self.dropout > 0:  # one input mask per sequence, as Keras's LSTM
-            keep = keras.random.dropout(ops.ones((B, 1, E), dtype), self.dropout, seed=self.seed_generator)
-            x = x * keep
         if self.stateful:
             if (
                 self._expected_batch_size is not None
@@ -346,66 +386,72 @@ class LSTM(keras.layers.Layer):
             h0, c0 = [ops.cast(ops.convert_to_tensor(s), dtype) for s in initial_state]
         else:
             h0 = c0 = ops.zeros((B, u), dtype)
+        kernel = ops.cast(self.kernel, dtype)
         bias = ops.cast(self.bias, dtype) if self.bias is not None else ops.zeros((4 * u,), dtype)
-        steps = ops.expand_dims(ops.arange(T, dtype="int32"), 0)
-        if mask is None:
-            lengths = ops.full((B,), T, dtype="int32")
-            starts = ops.zeros((B,), "int32")
-        else:
-            m = ops.cast(mask, "bool")
-            lengths = ops.sum(ops.cast(m, "int32"), axis=1)
-            starts = ops.cast(ops.argmax(ops.cast(m, "int32"), axis=1), "int32")
-            run = (steps >= ops.expand_dims(starts, 1)) & (steps < ops.expand_dims(starts + lengths, 1))
-            _check_one_run(run, m)
-            # Move each row's run to the front.
-            src = ops.minimum(steps + ops.expand_dims(starts, 1), T - 1)
-            x = _take_steps(x, src)
+        recurrent_masks = None
+        if self.seed_generator is not None:
+            # Keras's masks (in training), fixed over the steps of this call.
+            keep_x, keep_h = self._dropout_masks(B, E, training)
+            if len(keep_x) == 1:
+                x = x * ops.expand_dims(ops.cast(keep_x[0], dtype), 1)
+            elif keep_x:
+                # One input mask per gate: gate g projects x ⊙ mask_g. The kernel projects
+                # [x ⊙ mask_i, x ⊙ mask_f, x ⊙ mask_c, x ⊙ mask_o] ([B, T, 4E]) with the
+                # block-diagonal kernel [4E, 4H] whose block g is the kernel's gate-g columns
+                # (autodiff takes the gradients back to x and the kernel).
+                keep = ops.expand_dims(ops.cast(ops.stack(keep_x), dtype), 2)  # [4, B, 1, E]
+                x = ops.reshape(ops.transpose(ops.expand_dims(x, 0) * keep, (1, 2, 0, 3)), (-1, T, 4 * E))
+                eye = ops.reshape(ops.eye(4, dtype=dtype), (4, 1, 4, 1))
+                kernel = ops.reshape(eye * ops.reshape(kernel, (1, E, 4, u)), (4 * E, 4 * u))
+            if keep_h:
+                recurrent_masks = ops.cast(ops.stack(keep_h), dtype)  # [4, B, H], gates i, f, c, o
+        m = None if mask is None else ops.cast(mask, "bool")
         # Only an explicit training=False (predict, evaluate) keeps no cache for a backward
         # pass; a gradient taken anyway recomputes the forward (see ops.py). A plain call
         # (training=None: a custom loop's `layer(x)` under a GradientTape) keeps it, or every
         # such training step would run the forward twice.
-        # go_backwards is the kernel's reverse pass: it reads each row's run last to first and
-        # writes each output at the position of the input it read, so x is never flipped.
+        # go_backwards is the kernel's reverse pass: it reads the steps last to first and writes
+        # each output at the position of the input it read, so x is never flipped.
         outputs, h_n, c_n = _run_fused(
             x,
-            ops.cast(self.kernel, dtype),
+            kernel,
             ops.cast(self.recurrent_kernel, dtype),
             bias,
             h0,
             c0,
-            lengths,
+            m,
+            recurrent_masks,
             keep_cache=training is not False,
-            return_sequences=self.return_sequences,
-            reverse=self.go_backwards,
+            options={
+                "return_sequences": self.return_sequences,
+                "reverse": self.go_backwards,
+                **self._kernel_activations,
+            },
         )
-        # Keras's outputs are in processing order: with go_backwards, step p of its output read
-        # input T-1-p, and the run of valid steps starts at `first` in that order.
-        first = T - starts - lengths if self.go_backwards else starts
-        has_steps = lengths > 0
-        if self.zero_output_for_mask and mask is not None:
-            # Keras's last output is the output of the last step processed: zeros if that step
-            # was masked.
-            has_steps = has_steps & (first + lengths == T)
-        last = ops.where(ops.expand_dims(has_steps, 1), h_n, ops.zeros_like(h_n))  # Keras: zeros if nothing valid
-        if self.return_sequences:
-            if mask is not None:
-                # Keras semantics: zeros before the run, the run, then its last output repeated
-                # (zero_output_for_mask: zeros there too). The kernel's outputs are the run's,
-                # from position 0, in input order.
-                end = ops.expand_dims(ops.maximum(lengths - 1, 0), 1)
-                idx = ops.clip(steps - ops.expand_dims(first, 1), 0, end)
-                if self.go_backwards:
-                    idx = end - idx
-                outputs = _take_steps(outputs, idx)
-                keep = (steps >= ops.expand_dims(first, 1)) & ops.expand_dims(lengths > 0, 1)
-                if self.zero_output_for_mask:
-                    keep = keep & (steps < ops.expand_dims(first + lengths, 1))
-                outputs = ops.where(ops.expand_dims(keep, -1), outputs, ops.zeros_like(outputs))
-            elif self.go_backwards:
-                outputs = ops.flip(outputs, axis=1)
-            result = outputs
+        # Keras's outputs are in processing order (with go_backwards, step p read input T-1-p);
+        # the kernel's are at their inputs' positions, zero at masked steps.
+        if m is None:
+            last = h_n
         else:
+            # Keras's last output: the last valid step's (h_n), zeros if no step is valid; with
+            # zero_output_for_mask, zeros where the last step processed is masked.
+            if self.zero_output_for_mask:
+                has_out = m[:, 0] if self.go_backwards else m[:, -1]
+            else:
+                has_out = ops.any(m, axis=1)
+            last = ops.where(ops.expand_dims(has_out, 1), h_n, ops.zeros_like(h_n))
+        if not self.return_sequences:
             result = last
+        elif m is not None and not self.zero_output_for_mask:
+            # Keras repeats the previous output at a masked step (zeros before the first valid
+            # one, where the kernel's output at that step is zero too): one gather, which also
+            # puts a reverse pass's outputs in processing order.
+            if self.go_backwards:
+                result = _take_steps(outputs, (T - 1) - _last_valid(ops.flip(m, axis=1)))
+            else:
+                result = _take_steps(outputs, _last_valid(m))
+        else:
+            result = ops.flip(outputs, axis=1) if self.go_backwards else outputs
         if out_dtype != dtype:
             result, h_n, c_n = (ops.cast(t, out_dtype) for t in (result, h_n, c_n))
         if self.stateful:  # the states as returned (in the compute dtype), as Keras keeps them
@@ -434,8 +480,8 @@ class LSTM(keras.layers.Layer):
         ser = keras.saving.serialize_keras_object
         config = {
             "units": self.units,
-            "activation": "tanh",
-            "recurrent_activation": "sigmoid",
+            "activation": keras.activations.serialize(self.activation),
+            "recurrent_activation": keras.activations.serialize(self.recurrent_activation),
             "use_bias": self.use_bias,
             "unit_forget_bias": self.unit_forget_bias,
             "kernel_initializer": ser(self.kernel_initializer),
@@ -456,8 +502,6 @@ class LSTM(keras.layers.Layer):
             "unroll": self.unroll,
             "zero_output_for_mask": self.zero_output_for_mask,
             "activity_regularizer": ser(self.activity_regularizer),
-            # Always its default here (anything else is refused), kept so the config has every
-            # key keras.layers.LSTM's has and each layer can be built from the other's.
-            "recurrent_dropout": 0.0,
+            "recurrent_dropout": self.recurrent_dropout,
         }
         return {**super().get_config(), **config}

@@ -23,15 +23,18 @@ def _array(t: torch.Tensor, name: str) -> np.ndarray:
 
 class _FusedLstm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences, training, reverse):
+    def forward(
+        ctx, x, kernel, recurrent_kernel, bias, h0, c0, mask, recurrent_masks, return_sequences, training, opts
+    ):
         names = ("inputs", "kernel", "recurrent_kernel", "bias", "initial h", "initial c")
         arrays = [_array(t, n) for t, n in zip((x, kernel, recurrent_kernel, bias, h0, c0), names)]
         outputs, h_n, c_n, cache = lstm_forward(
             *arrays,
-            lengths=_array(lengths, "lengths"),
+            mask=None if mask is None else _array(mask, "mask"),  # a right-padded one runs as lengths
+            recurrent_masks=None if recurrent_masks is None else _array(recurrent_masks, "recurrent dropout masks"),
             training=training,
             return_sequences=return_sequences,
-            reverse=reverse,
+            **opts,
         )
         ctx.cache = cache
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
@@ -61,20 +64,41 @@ class _FusedLstm(torch.autograd.Function):
                 torch.from_numpy(a) if a is not None and need else None
                 for a, need in zip(grads, ctx.needs_input_grad[:6])
             ),
-            None,
+            None,  # the mask
+            None,  # the recurrent dropout masks: drawn, not learned
             None,
             None,
             None,
         )
 
 
-def fused_lstm(x, kernel, recurrent_kernel, bias, h0, c0, lengths, return_sequences=True, reverse=False):
+def fused_lstm(
+    x,
+    kernel,
+    recurrent_kernel,
+    bias,
+    h0,
+    c0,
+    mask=None,
+    return_sequences=True,
+    reverse=False,
+    activation="tanh",
+    recurrent_activation="sigmoid",
+    recurrent_masks=None,
+):
     """outputs [B, T, H] ([B, 0, H] without return_sequences), h_n, c_n; differentiable in every
-    float argument (see fusedlstm.lstm_forward for the semantics; reverse=True runs each row's
-    valid steps last to first, outputs at their inputs' positions)."""
+    float argument (see fusedlstm.lstm_forward for the semantics: mask [B, T] bool, valid steps
+    anywhere, or None; reverse=True runs each row's valid steps last to first, outputs at their
+    inputs' positions; recurrent_masks [4, B, H], Keras's recurrent dropout, needs a backward to
+    follow)."""
     floats = (x, kernel, recurrent_kernel, bias, h0, c0)
     # The kernel keeps a cache only when a backward can follow: grad mode on and something to
     # differentiate (Keras's predict and evaluate run under torch.no_grad: no cache).
     # (ctx.needs_input_grad cannot tell: it ignores grad mode.)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in floats)
-    return _FusedLstm.apply(*floats, lengths, return_sequences, training, reverse)
+    if recurrent_masks is not None and not training:
+        # The kernel takes recurrent masks in training only; a training call with no graph to
+        # differentiate (frozen weights under no_grad) still drops out, as Keras's would.
+        training = True
+    opts = {"reverse": reverse, "activation": activation, "recurrent_activation": recurrent_activation}
+    return _FusedLstm.apply(*floats, mask, recurrent_masks, return_sequences, training, opts)
