@@ -28,6 +28,7 @@ __all__ = [
     "speedup",
     "format_table",
     "markdown_tables",
+    "compact_table",
     "write_atomic",
     "write_json",
     "plot",
@@ -217,6 +218,28 @@ def _markdown(report: dict, rows: list[dict], baseline: str) -> str:
             + f" | {perf} |"
         )
     return "\n".join(out)
+
+
+def compact_table(report: dict) -> str:
+    """The README's table: the training-size and bidirectional rows, fusedlstm's and torch's
+    milliseconds and the speed-ups over torch of fusedlstm and of its PyTorch drop-in (the full
+    tables: markdown_tables)."""
+    rows = [r for r in report["results"] if r["mode"] != "infer-last-state" and "torch" in r["impls"]]
+    out = [
+        "| (B, T, E, H) | threads | mode | fusedlstm ms | torch ms | fusedlstm vs torch "
+        "| fusedlstm.torch.LSTM vs torch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        im = r["impls"]
+        ours = speedup(r, "fusedlstm", "torch")
+        drop_in = speedup(r, "fusedlstm.torch", "torch")
+        out.append(
+            f"| {tuple(r['config'])} | {r['threads']} | {_mode(r, report)} | "
+            f"{im['fusedlstm']['median_s'] * 1e3:.3g} | {im['torch']['median_s'] * 1e3:.3g} | "
+            f"**{ours:.2f}×** | " + (f"{drop_in:.2f}×" if drop_in is not None else "–") + " |"
+        )
+    return "\n".join(out) + "\n"
 
 
 def markdown_tables(report: dict) -> str:
