@@ -182,13 +182,18 @@ def test_activations_given_as_functions():
         {"recurrent_dropout": 0.3, "return_sequences": True, "return_state": True},
         {"recurrent_dropout": 0.4, "dropout": 0.25, "go_backwards": True, "return_sequences": True},
         {"recurrent_dropout": 0.3, "activation": "relu", "return_state": True},
+        {"dropout": 0.3, "return_sequences": True},  # one input mask
+        # One input mask per gate without recurrent dropout (Keras 3.15 needs use_cudnn=False
+        # for it: its "auto" path fails on either backend).
+        {"dropout": 0.3, "implementation": 1, "use_cudnn": False, "return_state": True},
     ],
     ids=lambda kw: "-".join(kw),
 )
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "holes"])
-def test_recurrent_dropout_matches_keras_with_the_same_seed(kw, masked):
-    """Both layers have seed generators of seed 7 and draw the same masks (Keras's input masks,
-    one per gate under recurrent_dropout, then its four recurrent masks), in training only."""
+def test_dropout_matches_keras_with_the_same_seed(kw, masked):
+    """Both layers have seed generators of seed 7 and draw the same masks (Keras's input mask,
+    or one per gate under implementation 1 or recurrent_dropout, then its four recurrent masks),
+    in training only."""
     rng = np.random.default_rng(4)
     ref, ours = pair(rng, seed=7, **kw)
     x = rng.standard_normal((B, T, E)).astype(np.float32)

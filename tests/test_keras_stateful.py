@@ -1,7 +1,8 @@
 """fusedlstm.keras.LSTM(stateful=True) against keras.layers.LSTM(stateful=True) with the same
 weights over consecutive calls: outputs, the states kept between calls, gradients, reset_state
-(zeros or given values), masks, go_backwards, return_state, Bidirectional (each direction its own
-states), a fixed batch size, model.fit, and .keras save/load (the states survive it). Written in
+(zeros or given values), masks (holes too), go_backwards, return_state, recurrent_dropout and
+activations in training, Bidirectional (each direction its own states), a fixed batch size,
+model.fit, and .keras save/load (the states survive it). Written in
 keras.ops so one file serves both backends: collected here on the TensorFlow backend, and run by
 tests/test_keras_torch.py on the torch backend."""
 
@@ -39,14 +40,22 @@ def as_list(y):
     return list(y) if isinstance(y, (list, tuple)) else [y]
 
 
-def call_with_grads(layer, x, mask=None, initial_state=None):
+def masks():
+    """keras_masks() and a mask with holes (a row with none valid, first and last steps masked)."""
+    holes = np.array([[1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 0], [0] * 6, [1, 0, 0, 0, 0, 1]], bool)
+    return {**keras_masks(), "holes": holes}
+
+
+def call_with_grads(layer, x, mask=None, initial_state=None, training=None):
     """The layer's outputs and the gradients (x, then the trainable weights) of a loss that weighs
     every returned tensor differently, on whichever backend runs."""
 
     def loss_of(ys):
         return sum(keras.ops.sum(y * (i + 1.0)) + keras.ops.sum(keras.ops.sin(y)) for i, y in enumerate(ys))
 
-    kwargs = {} if mask is None else {"mask": keras.ops.convert_to_tensor(mask)}
+    kwargs = {"training": training}
+    if mask is not None:
+        kwargs["mask"] = keras.ops.convert_to_tensor(mask)
     if initial_state is not None:
         kwargs["initial_state"] = [keras.ops.convert_to_tensor(s) for s in initial_state]
     if keras.backend.backend() == "tensorflow":
@@ -70,12 +79,14 @@ def call_with_grads(layer, x, mask=None, initial_state=None):
     return [numpy(y) for y in ys], [numpy(g) for g in grads]
 
 
-def forward_only(layer, x, mask=None):
+def forward_only(layer, x, mask=None, training=None):
     """Outputs without a gradient: Keras 3.15's stateful LSTM cannot be differentiated on the
     torch backend (its state update modifies a tensor its backward needs), so its gradients come
     from a layer that is not stateful, given the states as initial_state (what a stateful call
     is)."""
-    kwargs = {} if mask is None else {"mask": keras.ops.convert_to_tensor(mask)}
+    kwargs = {"training": training}
+    if mask is not None:
+        kwargs["mask"] = keras.ops.convert_to_tensor(mask)
     if keras.backend.backend() == "torch":
         import torch
 
@@ -107,18 +118,18 @@ def assert_states_match(ref, ours, tol=2e-5):
         np.testing.assert_allclose(numpy(b), numpy(a), rtol=tol, atol=tol)
 
 
-def run_calls(ref, ours, plain, rng, n, mask=None):
+def run_calls(ref, ours, plain, rng, n, mask=None, training=None):
     for _ in range(n):
         x = rng.standard_normal((B, T, E)).astype(np.float32)
         before = [numpy(s) for s in ours.states]
-        got = call_with_grads(ours, x, mask)
-        assert_keras_results_match(call_with_grads(plain, x, mask, initial_state=before), got)
-        want = forward_only(ref, x, mask)
+        got = call_with_grads(ours, x, mask, training=training)
+        assert_keras_results_match(call_with_grads(plain, x, mask, initial_state=before, training=training), got)
+        want = forward_only(ref, x, mask, training=training)
         assert_keras_results_match((want, []), (got[0], []))
         assert_states_match(ref, ours)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "right", "left"])
+@pytest.mark.parametrize("mask_kind", ["none", "right", "left", "holes"])
 @pytest.mark.parametrize(
     "kw",
     [
@@ -133,7 +144,7 @@ def test_consecutive_calls_and_reset_match_keras(kw, mask_kind):
     rng = np.random.default_rng(0)
     ref, ours, plain = stateful_trio(rng, **kw)
     assert len(ours.get_weights()) == 3  # the states are not weights
-    mask = keras_masks()[mask_kind]
+    mask = masks()[mask_kind]
     run_calls(ref, ours, plain, rng, 3, mask)
     assert np.abs(numpy(ours.states[0])).max() > 0.05  # the states did carry something
     ref.reset_states()
@@ -180,18 +191,28 @@ def test_batch_size_is_fixed():
         layer(np.zeros((B + 1, T, E), np.float32))
 
 
-@pytest.mark.parametrize("mask_kind", ["right", "left"])
+@pytest.mark.parametrize("mask_kind", ["right", "left", "holes"])
 def test_bidirectional_keeps_a_state_per_direction(mask_kind):
     rng = np.random.default_rng(2)
     # (not return_state: Keras 3.15's Bidirectional.compute_mask fails on a stateful layer with it)
     ref, ours, plain = stateful_trio(rng, wrap=keras.layers.Bidirectional, return_sequences=True)
     assert len(ours.states) == 4
-    run_calls(ref, ours, plain, rng, 3, keras_masks()[mask_kind])
+    run_calls(ref, ours, plain, rng, 3, masks()[mask_kind])
     forward, backward = (numpy(s) for s in ours.states[::2])
     assert np.abs(forward - backward).max() > 1e-3
     ref.reset_state()
     ours.reset_state()
-    run_calls(ref, ours, plain, rng, 1, keras_masks()[mask_kind])
+    run_calls(ref, ours, plain, rng, 1, masks()[mask_kind])
+
+
+def test_recurrent_dropout_and_activations_with_states():
+    """A stateful layer with recurrent_dropout (all three layers seeded alike: the same masks)
+    and other activations, in training, over a mask with holes: outputs, states and gradients
+    call after call."""
+    rng = np.random.default_rng(3)
+    kw = dict(recurrent_dropout=0.3, dropout=0.2, seed=9, activation="relu", recurrent_activation="hard_sigmoid")
+    ref, ours, plain = stateful_trio(rng, return_sequences=True, return_state=True, **kw)
+    run_calls(ref, ours, plain, rng, 3, masks()["holes"], training=True)
 
 
 def test_fit_then_save_and_load_keeps_the_states(tmp_path):
