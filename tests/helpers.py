@@ -228,3 +228,26 @@ def make_model(seed: int = 0, train_embeddings: bool = True, units: int = 5):
     return SentimentClassifier.create(
         tiny_split(), units=units, embedding_dim=4, seed=seed, train_embeddings=train_embeddings, log=lambda *a: None
     )
+
+
+def results_across_threads(run, threads=(1, 2, 3)):
+    """run() at each fusedlstm thread count (restored after): the list of its results, for
+    bit-identity checks."""
+    import fusedlstm
+
+    before = fusedlstm.get_num_threads()
+    out = []
+    try:
+        for n in threads:
+            fusedlstm.set_num_threads(n)
+            out.append(run())
+    finally:
+        fusedlstm.set_num_threads(before)
+    return out
+
+
+def assert_all_equal(runs):
+    """Every run's arrays equal the first run's, bit for bit."""
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)

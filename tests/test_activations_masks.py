@@ -8,7 +8,7 @@ import pytest
 
 import fusedlstm
 from fusedlstm import reference
-from helpers import as64, assert_close, make_problem
+from helpers import as64, assert_all_equal, assert_close, make_problem, results_across_threads
 
 PAIRS = [("relu", "sigmoid"), ("linear", "hard_sigmoid"), ("tanh", "hard_sigmoid"), ("sigmoid", "tanh")]
 SHAPES = [(3, 6, 5, 7), (5, 4, 12, 70), (40, 5, 9, 20), (6, 3, 10, 190)]
@@ -99,18 +99,12 @@ def test_central_differences(rng, case):
 def test_masks_bit_identical_across_threads(rng):
     p, up = make_problem(rng, 40, 6, 8, 48, dtype=np.float32, lengths="random")
     m = masks_for(rng, 40, 48, np.float32)
-    before = fusedlstm.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 3):
-            fusedlstm.set_num_threads(threads)
-            out = fusedlstm.lstm_forward(**p, recurrent_masks=m, activation="relu")
-            runs.append((out[0], *fusedlstm.lstm_backward(out[3], **up)))
-    finally:
-        fusedlstm.set_num_threads(before)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            np.testing.assert_array_equal(a, b)
+
+    def run():
+        out = fusedlstm.lstm_forward(**p, recurrent_masks=m, activation="relu")
+        return (out[0], *fusedlstm.lstm_backward(out[3], **up))
+
+    assert_all_equal(results_across_threads(run))
 
 
 def test_bad_arguments_are_named(rng):

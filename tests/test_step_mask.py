@@ -8,7 +8,7 @@ import pytest
 
 import fusedlstm
 from fusedlstm import reference
-from helpers import as64, assert_close, make_problem
+from helpers import as64, assert_all_equal, assert_close, make_problem, results_across_threads
 
 SHAPES = [(1, 7, 3, 5), (4, 6, 5, 7), (9, 5, 12, 70), (40, 6, 9, 20), (6, 4, 10, 190)]
 
@@ -66,18 +66,12 @@ def test_holes_bit_identical_across_threads(rng):
     p, up = make_problem(rng, 40, 8, 6, 48, dtype=np.float32)
     p["lengths"] = None
     mask = holes(rng, 40, 8)
-    before = fusedlstm.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 3):
-            fusedlstm.set_num_threads(threads)
-            out = fusedlstm.lstm_forward(**p, mask=mask)
-            runs.append((out[0], *fusedlstm.lstm_backward(out[3], **up)))
-    finally:
-        fusedlstm.set_num_threads(before)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            np.testing.assert_array_equal(a, b)
+
+    def run():
+        out = fusedlstm.lstm_forward(**p, mask=mask)
+        return (out[0], *fusedlstm.lstm_backward(out[3], **up))
+
+    assert_all_equal(results_across_threads(run))
 
 
 def test_bad_masks_are_named(rng):

@@ -322,6 +322,25 @@ struct Acts {
   bool classic() const { return act == Activation::kTanh && rec == Activation::kSigmoid; }
 };
 
+// What a training forward and its backward derive alike from their arguments (ForwardArgs or
+// BackwardArgs): the task grid, the output stride, the activations, the step map.
+template <typename S>
+struct Setup {
+  bool masked;  // recurrent masks: each gate its own product, row-block tasks
+  StepGrid grid;
+  int64_t ld, gate_pack;
+  Acts acts;
+  Steps steps;
+  template <typename Args>
+  Setup(const LstmShape& s, const Args& a)
+      : masked(a.recurrent_masks != nullptr),
+        grid(s, masked),
+        ld(a.out_ld ? a.out_ld : s.H),
+        gate_pack(PackedRhsSize<S>(s.H, s.H)),
+        acts{a.activation, a.recurrent_activation},
+        steps{a.lengths, a.step_mask, s.T, a.reverse} {}
+};
+
 // The LSTM cell on m units, the step's one piece of arithmetic, shared by the training forward
 // and inference: z[g] the pre-activations of gate g (without bias), b[g] its bias, c_prev the
 // previous cell state. Writes the activated gates to gate[g], the new cell state to cell and
@@ -655,12 +674,12 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     CopyOrZero(a.c_n, a.c0, N * H);
     return;  // backward of an empty problem reads nothing from the cache
   }
-  const bool masked = a.recurrent_masks != nullptr;
-  const StepGrid grid(s, masked);
-  const int64_t ld = a.out_ld ? a.out_ld : H;
-  const Acts acts{a.activation, a.recurrent_activation};
-  const int64_t gate_pack = PackedRhsSize<S>(H, H);
-  const Steps steps{a.lengths, a.step_mask, T, a.reverse};
+  const Setup<S> setup(s, a);
+  const bool masked = setup.masked;
+  const StepGrid& grid = setup.grid;
+  const int64_t ld = setup.ld, gate_pack = setup.gate_pack;
+  const Acts acts = setup.acts;
+  const Steps& steps = setup.steps;
 
   // Storage: weights and history in the cache (h_{t-1} at hprev[n, t], c at cstate[n, t]).
   CacheView<S> cv(a.cache, s);
@@ -831,12 +850,12 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     return;
   }
   CacheView<S> cv(a.cache, s);
-  const bool masked = a.recurrent_masks != nullptr;
-  const StepGrid grid(s, masked);
-  const int64_t ld = a.out_ld ? a.out_ld : H;
-  const Acts acts{a.activation, a.recurrent_activation};
-  const int64_t gate_pack = PackedRhsSize<S>(H, H);
-  const Steps steps{a.lengths, a.step_mask, T, a.reverse};
+  const Setup<S> setup(s, a);
+  const bool masked = setup.masked;
+  const StepGrid& grid = setup.grid;
+  const int64_t ld = setup.ld, gate_pack = setup.gate_pack;
+  const Acts acts = setup.acts;
+  const Steps& steps = setup.steps;
   // d_outputs of row n's step t (the cache and dZ are in step order, d_outputs in x's).
   auto d_out = [&](int64_t n, int64_t t) { return a.d_outputs + (n * T + steps.pos(n, t)) * ld; };
   S* dz_all = cv.gates;  // activated gates are overwritten by dZ, step by step

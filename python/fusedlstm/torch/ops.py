@@ -92,6 +92,26 @@ def infer(
     return torch.from_numpy(outputs), torch.from_numpy(h_n), torch.from_numpy(c_n)
 
 
+def _file(cache) -> torch.Tensor:
+    """A fresh handle tensor that owns the kept cache (_filed only points at it)."""
+    key = next(_ids)
+    handle = torch.tensor(key, dtype=torch.int64)
+    handle._fusedlstm_cache = filed = _Filed(cache)
+    with _filed_lock:
+        _filed[key] = filed
+    return handle
+
+
+def _take(handle: torch.Tensor):
+    """The cache a handle filed, taken out; None when there is none or it was already consumed
+    (a second backward through a retained graph)."""
+    key = int(handle.item())
+    with _filed_lock:
+        filed = _filed.pop(key, None) if key else None
+    cache = None if filed is None else filed.cache
+    return None if cache is None or cache.used else cache
+
+
 def _empty_outputs(x: torch.Tensor, H: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], 0, H))
 
@@ -116,13 +136,7 @@ def lstm(
     a = _arrays(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     outputs, h_n, c_n, cache = _forward(*a, reverse=reverse, training=keep, return_sequences=return_sequences)
     out = _empty_outputs(x, h_n.shape[1]) if outputs is None else torch.from_numpy(outputs)
-    if cache is None:
-        return out, torch.from_numpy(h_n), torch.from_numpy(c_n), torch.zeros((), dtype=torch.int64)
-    key = next(_ids)
-    handle = torch.tensor(key, dtype=torch.int64)
-    handle._fusedlstm_cache = filed = _Filed(cache)  # the handle owns the cache; _filed only points at it
-    with _filed_lock:
-        _filed[key] = filed
+    handle = _file(cache) if cache is not None else torch.zeros((), dtype=torch.int64)
     return out, torch.from_numpy(h_n), torch.from_numpy(c_n), handle
 
 
@@ -153,12 +167,7 @@ def lstm_backward_op(
     """Gradients of ``fusedlstm::lstm``: (dx [B, T, E] (or [0] without need_dx), d_kernel,
     d_recurrent_kernel, d_bias [4H], d_h0 [B, H], d_c0 [B, H]); d_bias is returned even when the
     forward had no bias. None upstream gradients are zero."""
-    key = int(handle.item())
-    with _filed_lock:
-        filed = _filed.pop(key, None) if key else None
-    cache = None if filed is None else filed.cache
-    if cache is not None and cache.used:
-        cache = None  # already consumed (a second backward through a retained graph)
+    cache = _take(handle)
     a = _arrays(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     if cache is None:
         _, _, _, cache = _forward(*a, reverse=reverse, training=True, return_sequences=False)
@@ -215,23 +224,6 @@ torch.library.register_autograd("fusedlstm::lstm", _backward_formula, setup_cont
 
 
 # -- both directions of a layer in one kernel call (lstm_bidirectional_forward) ----------------
-
-
-def _file(cache) -> torch.Tensor:
-    key = next(_ids)
-    handle = torch.tensor(key, dtype=torch.int64)
-    handle._fusedlstm_cache = filed = _Filed(cache)
-    with _filed_lock:
-        _filed[key] = filed
-    return handle
-
-
-def _take(handle: torch.Tensor):
-    key = int(handle.item())
-    with _filed_lock:
-        filed = _filed.pop(key, None) if key else None
-    cache = None if filed is None else filed.cache
-    return None if cache is None or cache.used else cache
 
 
 def _bi_forward(x, kf, rf, bf, kr, rr, br, h0, c0, lengths, training):
