@@ -89,7 +89,7 @@ REGISTER_OP("FusedLstmGrad")
     .Output("d_h0: T")
     .Output("d_c0: T")
     .Attr("T: {float, double}")
-    .Attr("reverse: bool = false")  // as the forward that wrote the cache ran
+    .Attr("reverse: bool = false")                 // as the forward that wrote the cache ran
     .Attr("activation: " ACTIVATIONS " = 'tanh'")  // as the forward ran
     .Attr("recurrent_activation: " ACTIVATIONS " = 'sigmoid'")
     .SetShapeFn([](InferenceContext* c) {
@@ -252,7 +252,7 @@ fusedlstm::Activation ReadActivation(const std::string& name) {
 
 // The activation attributes of either op.
 absl::Status ReadActivations(OpKernelConstruction* c, fusedlstm::Activation* act,
-                       fusedlstm::Activation* rec) {
+                             fusedlstm::Activation* rec) {
   std::string a, r;
   TF_RETURN_IF_ERROR(c->GetAttr("activation", &a));
   TF_RETURN_IF_ERROR(c->GetAttr("recurrent_activation", &r));
@@ -285,9 +285,10 @@ class FusedLstmOp : public OpKernel {
     if (!ReadSteps(ctx, len, mask, s, &steps)) return;
     const S* recurrent_masks;
     if (!ReadRecurrentMasks<S>(ctx, rmasks, s, &recurrent_masks)) return;
-    OP_REQUIRES(ctx, training_ || recurrent_masks == nullptr,
-                absl::InvalidArgumentError(
-                    "recurrent_masks: recurrent dropout applies in training only (training=false)"));
+    OP_REQUIRES(
+        ctx, training_ || recurrent_masks == nullptr,
+        absl::InvalidArgumentError(
+            "recurrent_masks: recurrent dropout applies in training only (training=false)"));
     Tensor *out, *hn, *cn, *cache;
     OP_REQUIRES_OK(
         ctx, ctx->allocate_output(0, TensorShape({s.N, return_sequences_ ? s.T : 0, s.H}), &out));
@@ -365,10 +366,9 @@ class FusedLstmGradOp : public OpKernel {
     // buffer (the usual case: nothing else reads the forward's cache), TensorFlow lets it take the
     // buffer over; otherwise (a persistent tape may take the gradient twice, or the cache is
     // fetched) the input must stay intact and the kernel works on a copy.
-    std::unique_ptr<Tensor> owned =
-        ctx->forward_input(kCache, OpKernelContext::Params::kNoReservation,
-                           DataTypeToEnum<S>::value, cache.shape(), DEVICE_MEMORY,
-                           AllocatorAttributes());
+    std::unique_ptr<Tensor> owned = ctx->forward_input(
+        kCache, OpKernelContext::Params::kNoReservation, DataTypeToEnum<S>::value, cache.shape(),
+        DEVICE_MEMORY, AllocatorAttributes());
     Tensor work_cache;
     if (owned != nullptr) {
       work_cache = *owned;
