@@ -222,11 +222,19 @@ def tiny_split(n: int = 40, seed: int = 0):
 
 
 def make_model(seed: int = 0, train_embeddings: bool = True, units: int = 5):
-    """An untrained SentimentClassifier over tiny_split() (4-d random embedding)."""
+    """An untrained SentimentClassifier over tiny_split() (4-d random embedding), the original
+    architecture (one forward layer, its last output)."""
     from fusedlstm import SentimentClassifier
+    from fusedlstm.sentiment.model import ORIGINAL_ARCHITECTURE
 
     return SentimentClassifier.create(
-        tiny_split(), units=units, embedding_dim=4, seed=seed, train_embeddings=train_embeddings, log=lambda *a: None
+        tiny_split(),
+        units=units,
+        embedding_dim=4,
+        seed=seed,
+        train_embeddings=train_embeddings,
+        log=lambda *a: None,
+        **ORIGINAL_ARCHITECTURE,
     )
 
 

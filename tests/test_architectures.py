@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fusedlstm import SentimentClassifier
-from fusedlstm.sentiment.model import TrainOptions
+from fusedlstm.sentiment.model import DEFAULT_ARCHITECTURE, ORIGINAL_ARCHITECTURE, TrainOptions
 from helpers import tiny_split
 
 ARCHS = [  # (layers, bidirectional, pooling)
@@ -90,8 +90,10 @@ def test_learns_and_round_trips(tmp_path, arch):
     np.testing.assert_array_equal(r.predict_proba(split.texts), got)
 
 
-def test_original_architecture_is_the_default_and_old_directories_load(tmp_path):
-    m = SentimentClassifier.create(tiny_split(), units=4, embedding_dim=3, log=lambda *a: None)
+def test_defaults_the_original_architecture_and_old_directories_load(tmp_path):
+    d = SentimentClassifier.create(tiny_split(), units=4, embedding_dim=3, log=lambda *a: None)
+    assert {k: getattr(d.config, k) for k in DEFAULT_ARCHITECTURE} == DEFAULT_ARCHITECTURE
+    m = SentimentClassifier.create(tiny_split(), units=4, embedding_dim=3, log=lambda *a: None, **ORIGINAL_ARCHITECTURE)
     assert (m.config.layers, m.config.bidirectional, m.config.pooling) == (1, False, "last")
     assert set(m.params) == {"embedding", "kernel", "recurrent_kernel", "bias", "dense_w", "dense_b"}
     m.save(tmp_path / "m")

@@ -19,7 +19,7 @@ import pytest
 from fusedlstm import SentimentClassifier, lstm_forward
 from fusedlstm.sentiment import checkpoint
 from fusedlstm.sentiment.data import Split
-from fusedlstm.sentiment.model import ModelConfig, TrainOptions
+from fusedlstm.sentiment.model import ORIGINAL_ARCHITECTURE, ModelConfig, TrainOptions
 from helpers import real_data, requires_data, synthetic_sentences
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'fusedlstm[bench]')")
@@ -30,7 +30,9 @@ from fusedlstm.sentiment.export import _Graph, _lstm_layer, export_onnx, onnx_mo
 
 def train_small(texts, labels, seed=0, units=12, epochs=4) -> SentimentClassifier:
     split = Split(list(texts), [str(y) for y in labels], [f"s:{i}" for i in range(len(texts))])
-    m = SentimentClassifier.create(split, units=units, embedding_dim=10, seed=seed, log=lambda *a: None)
+    m = SentimentClassifier.create(
+        split, units=units, embedding_dim=10, seed=seed, log=lambda *a: None, **ORIGINAL_ARCHITECTURE
+    )
     m.fit(split, None, TrainOptions(epochs=epochs, batch_size=16, lr=0.02, progress=False), log=lambda *a: None)
     return m
 

@@ -321,13 +321,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="keep the pre-trained vectors fixed, as the original model does",
     )
     t.add_argument("--units", type=int, default=128, help="LSTM hidden units per direction (default 128)")
-    t.add_argument("--layers", type=int, default=1, help="stacked LSTM layers (default 1)")
-    t.add_argument("--bidirectional", action="store_true", help="each layer reads the sentence both ways")
+    from .model import DEFAULT_ARCHITECTURE as arch
+
+    t.add_argument(
+        "--layers",
+        type=int,
+        default=arch["layers"],
+        help=f"stacked LSTM layers (default {arch['layers']}; the original model: --layers 1 --no-bidirectional "
+        "--pooling last --embedding-keep-prob 1)",
+    )
+    t.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
+        default=arch["bidirectional"],
+        help=f"each layer reads the sentence both ways (default {'on' if arch['bidirectional'] else 'off'})",
+    )
     t.add_argument(
         "--pooling",
         choices=["last", "max", "mean"],
-        default="last",
-        help="sentence vector: the last valid output (default), or the max or mean over the valid steps",
+        default=arch["pooling"],
+        help=f"sentence vector: the last valid output, or the max or mean over the valid steps "
+        f"(default {arch['pooling']})",
     )
     t.add_argument("--max-len", type=int, default=None, help="default: covers 95%% of training sentences")
     t.add_argument("--min-count", type=int, default=1, help="keep words seen at least this often in train (default 1)")
@@ -338,8 +352,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--embedding-keep-prob",
         type=float,
-        default=1.0,
-        help="dropout keep probability on the word vectors, in training (default 1: none)",
+        default=arch["embedding_keep_prob"],
+        help=f"dropout keep probability on the word vectors, in training (default {arch['embedding_keep_prob']}; "
+        "1: none)",
     )
     t.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default 20)")
     t.add_argument("--steps", type=int, default=None, help="stop after this many updates")

@@ -29,13 +29,27 @@ from .training import TrainOptions
 from .training import fit as _fit
 from .vectors import embedding_from_vectors
 
-__all__ = ["ModelConfig", "SentimentClassifier", "TrainOptions", "WEIGHT_NAMES", "POOLINGS"]
+__all__ = [
+    "ModelConfig",
+    "SentimentClassifier",
+    "TrainOptions",
+    "WEIGHT_NAMES",
+    "POOLINGS",
+    "DEFAULT_ARCHITECTURE",
+    "ORIGINAL_ARCHITECTURE",
+]
 
 # The original architecture's weights; a deeper or bidirectional model adds one set of LSTM
 # weights per layer and direction (ModelConfig.lstm_names) under torch-like suffixes.
 WEIGHT_NAMES = ("embedding", "kernel", "recurrent_kernel", "bias", "dense_w", "dense_b")
 POOLINGS = ("last", "max", "mean")
 _MAX_LAYERS = 16
+# The architecture `create` and `fusedlstm train` build unless told otherwise, chosen on the
+# SST-2 dev set (docs/classifier.md). ModelConfig's own defaults stay the original model's (one
+# forward layer, its last output, no word-vector dropout): model files saved before these
+# fields existed describe that model. `ORIGINAL_ARCHITECTURE` is it, as create()'s keywords.
+DEFAULT_ARCHITECTURE = {"layers": 2, "bidirectional": True, "pooling": "max", "embedding_keep_prob": 0.7}
+ORIGINAL_ARCHITECTURE = {"layers": 1, "bidirectional": False, "pooling": "last", "embedding_keep_prob": 1.0}
 # Sanity bounds checked before anything is allocated from a config file.
 _LIMITS = {
     "units": 65536,
@@ -177,10 +191,10 @@ class SentimentClassifier:
         keep_prob: float = 0.8,
         train_embeddings: bool = True,
         num_classes: int | None = None,
-        layers: int = 1,
-        bidirectional: bool = False,
-        pooling: str = "last",
-        embedding_keep_prob: float = 1.0,
+        layers: int = DEFAULT_ARCHITECTURE["layers"],
+        bidirectional: bool = DEFAULT_ARCHITECTURE["bidirectional"],
+        pooling: str = DEFAULT_ARCHITECTURE["pooling"],
+        embedding_keep_prob: float = DEFAULT_ARCHITECTURE["embedding_keep_prob"],
         seed: int = 0,
         log: Callable[[str], Any] = print,
     ) -> SentimentClassifier:
@@ -188,7 +202,9 @@ class SentimentClassifier:
         split. vectors: a word-vectors file or ``glove-6b-50d`` (see sentiment.vectors); without
         it a random embedding_dim-wide table. Pre-trained vectors are fine-tuned unless
         train_embeddings=False (the original model's frozen table); a random table is always
-        trained. max_len None: the length that covers 95% of the training sentences."""
+        trained. max_len None: the length that covers 95% of the training sentences. The
+        architecture defaults to DEFAULT_ARCHITECTURE; **ORIGINAL_ARCHITECTURE gives the original
+        one-layer forward model."""
         rng = np.random.default_rng([seed, 10**6])
         tokenized = [tokenize(t) for t in train.texts]
         vocab = Vocabulary.build(tokenized, min_count=min_count, max_size=max_vocab)
