@@ -10,7 +10,8 @@ seconds per epoch, prints a table and, with --out, writes JSON.
     python bench/bench_sst2.py --dataset sst2        # download (GLUE SST-2) into the cache
     python bench/bench_sst2.py --data DIR            # a GLUE-style dir: train/dev[/test].tsv
         [--seeds 0,1,2] [--epochs 20] [--freeze-embeddings] [--no-torch]
-        [--layers N] [--bidirectional] [--pooling last|max|mean] [--units H]
+        [--layers N] [--[no-]bidirectional] [--pooling last|max|mean] [--embedding-keep-prob P]
+        [--keep-prob P] [--units H]     (the architecture defaults to the classifier's)
         [--torch-dense-embedding-adam] [--out results.json]
 
 Without a labelled test split (GLUE's test labels are not public), the dev split is the test set
@@ -33,6 +34,7 @@ import fusedlstm
 from fusedlstm import SentimentClassifier
 from fusedlstm.sentiment.data import Split, fetch, load_data
 from fusedlstm.sentiment.layers import dropout_mask
+from fusedlstm.sentiment.model import DEFAULT_ARCHITECTURE
 from fusedlstm.sentiment.training import Callback, TrainOptions, batches
 
 
@@ -227,11 +229,14 @@ def main(argv=None):
         action="store_true",
         help="the original model's frozen vectors (default: fine-tuned, as fusedlstm train)",
     )
+    # The architecture defaults to the classifier's (DEFAULT_ARCHITECTURE); the original model:
+    # --layers 1 --no-bidirectional --pooling last --embedding-keep-prob 1.
+    arch = DEFAULT_ARCHITECTURE
     ap.add_argument("--units", type=int, default=128, help="LSTM units per direction (default 128)")
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--bidirectional", action="store_true")
-    ap.add_argument("--pooling", choices=["last", "max", "mean"], default="last")
-    ap.add_argument("--embedding-keep-prob", type=float, default=1.0)
+    ap.add_argument("--layers", type=int, default=arch["layers"])
+    ap.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=arch["bidirectional"])
+    ap.add_argument("--pooling", choices=["last", "max", "mean"], default=arch["pooling"])
+    ap.add_argument("--embedding-keep-prob", type=float, default=arch["embedding_keep_prob"])
     ap.add_argument("--keep-prob", type=float, default=0.8, help="dropout keep probability on the features")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument(
