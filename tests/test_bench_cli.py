@@ -322,8 +322,9 @@ def test_keras_bench_script_runs(tmp_path):
     r = run_script("bench_keras.py", "--quick", "--config", "2,3,4,5", "--out", str(out))
     assert r.returncode == 0, r.stderr
     rep = json.loads(out.read_text())
-    (row,) = rep["results"]
-    assert row["config"] == [2, 3, 4, 5] and set(row["impls"]) == {"fusedlstm.keras", "keras"}
+    assert [r["variant"] for r in rep["results"]] == ["plain", "recurrent_dropout", "holes"]
+    for row in rep["results"]:
+        assert row["config"] == [2, 3, 4, 5] and set(row["impls"]) == {"fusedlstm.keras", "keras"}
 
 
 @pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
