@@ -59,38 +59,49 @@ def ours_stream(model: SentimentClassifier, path: Path, batch_size: int) -> floa
 
 
 def torch_twin(model: SentimentClassifier):
-    """The same network in PyTorch from our weights (one forward layer, last output: the twin of
-    bench/bench_sst2.py), as a function of (ids, lengths) -> probabilities."""
+    """The same network in PyTorch from our weights (the twin of bench/bench_sst2.py: the same
+    layers and directions, a packed batch when bidirectional, the same pooling), as a function of
+    (ids, lengths) -> probabilities."""
     import torch
 
     from fusedlstm.convert import keras_to_torch
 
     cfg = model.config
-    if (
-        getattr(cfg, "layers", 1) != 1
-        or getattr(cfg, "bidirectional", False)
-        or getattr(cfg, "pooling", "last") != "last"
-    ):
-        return None
     p = model.params
     V, E = p["embedding"].shape
     emb = torch.nn.Embedding(V, E, padding_idx=0)
     emb.weight.data.copy_(torch.from_numpy(p["embedding"]))
-    lstm = torch.nn.LSTM(E, cfg.units, batch_first=True)
-    for name, v in zip(
-        ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
-        keras_to_torch(p["kernel"], p["recurrent_kernel"], p["bias"]),
-    ):
-        getattr(lstm, name).data.copy_(torch.from_numpy(v))
-    dense = torch.nn.Linear(cfg.units, cfg.num_classes)
+    lstm = torch.nn.LSTM(E, cfg.units, num_layers=cfg.layers, bidirectional=cfg.bidirectional, batch_first=True)
+    for layer, dirs in enumerate(cfg.lstm_names()):
+        for d, names in enumerate(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            for name, v in zip(
+                ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), keras_to_torch(*(p[n] for n in names))
+            ):
+                getattr(lstm, name + sfx).data.copy_(torch.from_numpy(v))
+    dense = torch.nn.Linear(cfg.features, cfg.num_classes)
     dense.weight.data.copy_(torch.from_numpy(p["dense_w"].T.copy()))
     dense.bias.data.copy_(torch.from_numpy(p["dense_b"]))
 
     @torch.inference_mode()
     def probs(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         T = int(lengths.max())
-        out, _ = lstm(emb(torch.from_numpy(ids[:, :T].astype(np.int64))))
-        last = out[torch.arange(len(lengths)), torch.from_numpy(lengths.astype(np.int64) - 1)]
+        x = emb(torch.from_numpy(ids[:, :T].astype(np.int64)))
+        lens = torch.from_numpy(lengths.astype(np.int64))
+        if cfg.bidirectional:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=False)
+            out, (h_n, _) = lstm(packed)
+            out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+            last = torch.cat([h_n[-2], h_n[-1]], dim=1)
+        else:
+            out, _ = lstm(x)
+            last = out[torch.arange(len(lengths)), lens - 1]
+        if cfg.pooling != "last":
+            valid = (torch.arange(T)[None, :] < lens[:, None])[:, :, None]
+            if cfg.pooling == "max":
+                last = out.masked_fill(~valid, float("-inf")).max(dim=1).values
+            else:
+                last = out.masked_fill(~valid, 0.0).sum(dim=1) / lens[:, None]
         return torch.softmax(dense(last), dim=1).numpy()
 
     return probs
@@ -213,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
             torch_probs = torch_twin(model)
-            if torch_probs is None:
-                notes.append("torch: the twin covers the one-layer forward, last-output model only")
         except ImportError:
             notes.append("torch: not installed")
     result: dict = {
         "model": str(args.model),
-        "config": {k: getattr(model.config, k) for k in ("units", "embedding_dim", "max_len", "vocab_size")},
+        "config": {
+            k: getattr(model.config, k)
+            for k in ("units", "embedding_dim", "max_len", "vocab_size", "layers", "bidirectional", "pooling")
+        },
         "threads": args.threads,
         "batch_size": args.batch_size,
         "build": fusedlstm.build_info(),
@@ -233,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             "fusedlstm_stream_sentences_per_s": ours_stream(model, n, args.batch_size),
         }
         if torch_probs is not None:
+            # The twin is the same network: its probabilities on the first sentences, beside ours.
+            ids, lengths = model.encode(lines[: args.batch_size])
+            diff = np.abs(torch_probs(ids, lengths) - model.probabilities(ids, lengths)).max()
+            result["torch_twin_max_abs_diff"] = float(diff)
             result["throughput"]["torch_stream_sentences_per_s"] = torch_stream(model, torch_probs, n, args.batch_size)
         env_threads = str(args.threads)
         os.environ["OMP_NUM_THREADS"] = env_threads  # the command's kernel threads
