@@ -203,6 +203,12 @@ def _peak_rss_mib(args: list[str]) -> float:
 def test_memory_does_not_grow_with_the_input(model_dir, tmp_path):
     """200k then 400k lines: the peak RSS of the whole process may not grow by more than 5% (the
     pre-streaming command grew by ~80% between these two sizes of the real data)."""
+    import fusedlstm
+
+    if fusedlstm.build_info()["sanitizers"]:
+        # AddressSanitizer keeps freed memory in quarantine (up to 256 MiB): the RSS then grows
+        # with what was allocated, not with what is held. The normal build measures this.
+        pytest.skip("peak RSS under a sanitizer build measures its quarantine, not the program")
     base = [t for t, _ in synthetic_sentences(1000, 11)]
     sizes = (200_000, 400_000)
     peaks = []
