@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from ..prepared import PreparedLSTM
 from . import ops
@@ -169,7 +169,7 @@ class LSTM(nn.Module):
         if packed:
             if lengths is not None:
                 raise ValueError("lengths: a PackedSequence carries its own lengths; pass lengths only with a tensor")
-            x, lens = pad_packed_sequence(input, batch_first=True)  # rows in the original order
+            x, lens, order = _unpack(input)  # rows in the original order
             batched = True
         else:
             if not isinstance(input, torch.Tensor):
@@ -216,12 +216,9 @@ class LSTM(nn.Module):
         c_n = torch.stack(c_n)
         out = layer_in
         if packed:
-            if input.sorted_indices is not None:
-                out = out.index_select(0, input.sorted_indices)
-                lens = lens.index_select(0, input.sorted_indices.to(lens.device))
-            data = pack_padded_sequence(out, lens, batch_first=True, enforce_sorted=True)
+            data = out.reshape(-1, out.shape[2]).index_select(0, order)
             return (
-                PackedSequence(data.data, data.batch_sizes, input.sorted_indices, input.unsorted_indices),
+                PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
                 (h_n, c_n),
             )
         if not batched:
@@ -311,6 +308,30 @@ class LSTM(nn.Module):
             if t.device.type != "cpu":
                 raise RuntimeError(f"hx[{i}] is on {t.device}; fusedlstm.torch.LSTM runs on the CPU")
         return h0, c0
+
+
+def _unpack(packed: PackedSequence):
+    """A PackedSequence as a padded [B, T, E] batch in the original row order, its lengths, and
+    `order`: for each packed row, its row in the padded [B·T, ·] layout (out.view(B·T, F)[order]
+    packs a result back). One gather each way (index_select, whose gradient is one index_add):
+    torch's pad_packed_sequence/pack_padded_sequence run a copy per step, forward and backward."""
+    data, sizes = packed.data, packed.batch_sizes.to("cpu", torch.int64)
+    T, B = len(sizes), int(sizes[0]) if len(sizes) else 0
+    lens_sorted = (sizes[None, :] > torch.arange(B)[:, None]).sum(dim=1)
+    sorted_to_orig = packed.sorted_indices if packed.sorted_indices is not None else torch.arange(B)
+    sorted_to_orig = sorted_to_orig.to("cpu", torch.int64)
+    # Packed row i is step t of sorted row b (time-major: each step's rows in sorted order).
+    t_of = torch.repeat_interleave(torch.arange(T), sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    b_sorted = torch.arange(len(t_of)) - starts[t_of]
+    order = sorted_to_orig[b_sorted] * T + t_of  # padded position of each packed row
+    where = torch.full((B * T,), len(t_of), dtype=torch.int64)  # padding reads an appended zero row
+    where[order] = torch.arange(len(t_of))
+    ext = torch.cat([data, data.new_zeros((1,) + tuple(data.shape[1:]))])
+    x = ext.index_select(0, where.to(data.device)).view(B, T, *data.shape[1:])
+    lens = torch.empty(B, dtype=torch.int64)
+    lens[sorted_to_orig] = lens_sorted
+    return x, lens, order.to(data.device)
 
 
 def _keras_weights(weights, has_bias: bool):
