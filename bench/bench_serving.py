@@ -63,22 +63,14 @@ def torch_twin(model: SentimentClassifier):
     layers and directions, a packed batch when bidirectional, the same pooling), as a function of
     (ids, lengths) -> probabilities."""
     import torch
-
-    from fusedlstm.convert import keras_to_torch
+    from torch_twin import make_lstm, sentence_vectors
 
     cfg = model.config
     p = model.params
     V, E = p["embedding"].shape
     emb = torch.nn.Embedding(V, E, padding_idx=0)
     emb.weight.data.copy_(torch.from_numpy(p["embedding"]))
-    lstm = torch.nn.LSTM(E, cfg.units, num_layers=cfg.layers, bidirectional=cfg.bidirectional, batch_first=True)
-    for layer, dirs in enumerate(cfg.lstm_names()):
-        for d, names in enumerate(dirs):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            for name, v in zip(
-                ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), keras_to_torch(*(p[n] for n in names))
-            ):
-                getattr(lstm, name + sfx).data.copy_(torch.from_numpy(v))
+    lstm = make_lstm(cfg, p)
     dense = torch.nn.Linear(cfg.features, cfg.num_classes)
     dense.weight.data.copy_(torch.from_numpy(p["dense_w"].T.copy()))
     dense.bias.data.copy_(torch.from_numpy(p["dense_b"]))
@@ -87,21 +79,7 @@ def torch_twin(model: SentimentClassifier):
     def probs(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         T = int(lengths.max())
         x = emb(torch.from_numpy(ids[:, :T].astype(np.int64)))
-        lens = torch.from_numpy(lengths.astype(np.int64))
-        if cfg.bidirectional:
-            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=False)
-            out, (h_n, _) = lstm(packed)
-            out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
-            last = torch.cat([h_n[-2], h_n[-1]], dim=1)
-        else:
-            out, _ = lstm(x)
-            last = out[torch.arange(len(lengths)), lens - 1]
-        if cfg.pooling != "last":
-            valid = (torch.arange(T)[None, :] < lens[:, None])[:, :, None]
-            if cfg.pooling == "max":
-                last = out.masked_fill(~valid, float("-inf")).max(dim=1).values
-            else:
-                last = out.masked_fill(~valid, 0.0).sum(dim=1) / lens[:, None]
+        last = sentence_vectors(cfg, lstm, x, lengths)
         return torch.softmax(dense(last), dim=1).numpy()
 
     return probs

@@ -52,14 +52,13 @@ def torch_run(
     can interleave its epochs with ours; fills result with the test accuracy at the best dev
     epoch and the epoch seconds."""
     import torch
-
-    from fusedlstm.convert import keras_to_torch
+    from torch_twin import make_lstm, sentence_vectors
 
     torch.manual_seed(opts.seed)
     p = init
     V, E = p["embedding"].shape
     cfg = model.config
-    H, C, D, L = cfg.units, cfg.num_classes, cfg.directions, cfg.layers
+    H, C, D = cfg.units, cfg.num_classes, cfg.directions
     # Fine-tuned vectors: by default the same algorithm as ours, a sparse embedding gradient and
     # lazy Adam on its rows (torch.optim.SparseAdam); dense_embedding_adam: the plain PyTorch
     # way (dense gradient, Adam over the whole table every step).
@@ -67,14 +66,7 @@ def torch_run(
     emb = torch.nn.Embedding(V, E, padding_idx=0, sparse=lazy)
     emb.weight.data.copy_(torch.from_numpy(p["embedding"]))
     emb.weight.requires_grad_(model.config.train_embeddings)
-    lstm = torch.nn.LSTM(E, H, num_layers=L, bidirectional=cfg.bidirectional, batch_first=True)
-    for layer, dirs in enumerate(cfg.lstm_names()):
-        for d, names in enumerate(dirs):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            for name, v in zip(
-                ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), keras_to_torch(*(p[n] for n in names))
-            ):
-                getattr(lstm, name + sfx).data.copy_(torch.from_numpy(v))
+    lstm = make_lstm(cfg, p)
     dense = torch.nn.Linear(D * H, C)
     dense.weight.data.copy_(torch.from_numpy(p["dense_w"].T.copy()))
     dense.bias.data.copy_(torch.from_numpy(p["dense_b"]))
@@ -111,25 +103,7 @@ def torch_run(
         x = emb(ids[:, :T])
         if emb_mask is not None:
             x = x * emb_mask
-        lens = torch.from_numpy(lengths.astype(np.int64))
-        if cfg.bidirectional:
-            # The reverse direction must start at each sentence's last word, not at the padding:
-            # a packed batch (as torch users must do).
-            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=False)
-            out, (h_n, _) = lstm(packed)
-            out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
-            last = torch.cat([h_n[-2], h_n[-1]], dim=1)
-        else:
-            # One direction: the outputs at valid steps never see the padding, so the padded
-            # batch (faster in torch) gives the same results.
-            out, _ = lstm(x)
-            last = out[torch.arange(len(lengths)), lens - 1]
-        if cfg.pooling != "last":
-            valid = (torch.arange(T)[None, :] < lens[:, None])[:, :, None]
-            if cfg.pooling == "max":
-                last = out.masked_fill(~valid, float("-inf")).max(dim=1).values
-            else:
-                last = out.masked_fill(~valid, 0.0).sum(dim=1) / lens[:, None].clamp(min=1)
+        last = sentence_vectors(cfg, lstm, x, lengths)
         if mask is not None:
             last = last * mask
         return dense(last)
