@@ -34,9 +34,11 @@
 #include "fusedlstm/lstm.h"
 #include "fusedlstm/lstm_infer.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 
 #include <atomic>
 #include <thread>
+#include <type_traits>
 
 #ifndef EIGEN_DONT_PARALLELIZE
 #error "Build with EIGEN_DONT_PARALLELIZE: threads come only through CpuDevice."
@@ -93,6 +95,68 @@ inline int64_t Parts(int64_t n, int64_t block) {
   if (p > 1) p = std::min<int64_t>(n, CeilDiv(p, 4) * 4);
   return std::max<int64_t>(1, p);
 }
+
+// Floats a bfloat16 pack of a K × N right-hand side takes (two elements per float).
+inline int64_t Bf16PackFloats(int64_t K, int64_t N) { return (PackedRhsBf16Size(K, N) + 1) / 2; }
+
+// The operand precision of one call's products: Scalar's own packed GEMM (gemm.h), or
+// bfloat16 operands on the engine gemm_bf16.h chose. Packed right-hand sides live in buffers of
+// Scalar either way (bfloat16 pairs reinterpreted).
+struct Products {
+  Bf16Engine engine = Bf16Engine::kNone;
+  template <typename S>
+  static Products For(Precision p) {
+    Products r;
+    if (std::is_same<S, float>::value && p == Precision::kBfloat16) r.engine = Bf16Active();
+    return r;
+  }
+  bool bf16() const { return engine != Bf16Engine::kNone; }
+  // Elements of S a packed K × N right-hand side takes.
+  template <typename S>
+  int64_t PackSize(int64_t K, int64_t N) const {
+    return bf16() ? Bf16PackFloats(K, N) : PackedRhsSize<S>(K, N);
+  }
+  // B(k, n) = b[k·rs + n·cs], packed whole.
+  template <typename S>
+  void Pack(const S* b, int64_t rs, int64_t cs, int64_t K, int64_t N, S* out) const {
+    if constexpr (std::is_same<S, float>::value) {
+      if (bf16()) return PackRhsBf16(b, rs, cs, K, N, 0, N, reinterpret_cast<uint16_t*>(out));
+    }
+    PackRhs<S>(b, rs, cs, K, N, out);
+  }
+  // C[M, col0..col1) += A·B (A row-major, leading dimension lda), B packed by Pack or by
+  // gate panels; col0 a multiple of the panel width.
+  template <typename S>
+  void Gemm(int64_t M, int64_t N, int64_t K, int64_t col0, int64_t col1, const S* a, int64_t lda,
+            const S* packed, S* c, int64_t ldc) const {
+    if constexpr (std::is_same<S, float>::value) {
+      if (bf16()) {
+        return GemmBf16(engine, M, N, K, col0, col1, a, lda, 1,
+                        reinterpret_cast<const uint16_t*>(packed), c, ldc, true);
+      }
+    }
+    GemmPackedRhsCols<S>(M, N, K, col0, col1, a, lda, packed, c, ldc);
+  }
+  // bfloat16 only, for the hoisted products. Columns [32·task, 32·task + 32) of B packed, a
+  // task of a parallel region that packs the whole matrix:
+  template <typename S>
+  void PackTask(const S* b, int64_t rs, int64_t cs, int64_t K, int64_t N, int64_t task,
+                S* out) const {
+    if constexpr (std::is_same<S, float>::value) {
+      PackRhsBf16(b, rs, cs, K, N, 32 * task, std::min(N, 32 * (task + 1)),
+                  reinterpret_cast<uint16_t*>(out));
+    }
+  }
+  // and C[M, N] = A·B, A(m, k) = a[m·ars + k·acs], B packed whole.
+  template <typename S>
+  void Product(int64_t M, int64_t N, int64_t K, const S* a, int64_t ars, int64_t acs,
+               const S* packed, S* c, int64_t ldc) const {
+    if constexpr (std::is_same<S, float>::value) {
+      GemmBf16(engine, M, N, K, 0, N, a, ars, acs, reinterpret_cast<const uint16_t*>(packed), c,
+               ldc, false);
+    }
+  }
+};
 
 // The per-step task grid (rows × unit blocks): a function of the shape alone, shared by forward
 // and backward because the interleaved layout depends on the unit blocks.
@@ -159,19 +223,22 @@ inline StepGrid BackwardGemmGrid(const LstmShape& s, bool rows_only = false) {
 // Rp[units, :]ᵀ (K = 4H, N = nu). Sizes use float's panel width, an upper bound for double's.
 struct PackedSteps {
   int64_t offset[kMaxUnitParts + 1];
-  PackedSteps(const LstmShape& s, const StepGrid& grid, bool backward, int64_t K) {
+  PackedSteps(const LstmShape& s, const StepGrid& grid, bool backward, int64_t K, bool bf16) {
     offset[0] = 0;
     for (int64_t k = 0; k < grid.unit_parts; ++k) {
       const int64_t nu = Part(s.H, grid.unit_parts, k).size();
-      offset[k + 1] = offset[k] + (backward ? PackedRhsSize<float>(4 * s.H, nu)
-                                            : PackedRhsSize<float>(K, 4 * nu));
+      const int64_t rows = backward ? 4 * s.H : K, cols = backward ? nu : 4 * nu;
+      offset[k + 1] =
+          offset[k] + (bf16 ? Bf16PackFloats(rows, cols) : PackedRhsSize<float>(rows, cols));
     }
   }
   int64_t total(const StepGrid& grid) const { return offset[grid.unit_parts]; }
 };
 
 // The recurrent weights packed per gate, R[:, gate g] as its own [H, H] (recurrent masks).
-inline int64_t PerGateSize(const LstmShape& s) { return 4 * PackedRhsSize<float>(s.H, s.H); }
+inline int64_t PerGateSize(const LstmShape& s, bool bf16) {
+  return 4 * (bf16 ? Bf16PackFloats(s.H, s.H) : PackedRhsSize<float>(s.H, s.H));
+}
 
 // Rows [0, count) of dst = src ⊙ mask (row strides ld_src, H, H).
 template <typename S>
@@ -184,16 +251,27 @@ void MaskRows(const S* src, int64_t ld_src, const S* mask, int64_t count, int64_
 // Packs unit block k of the interleaved weights w ([K, 4H] forward; R, [H, 4H], transposed per
 // block backward).
 template <typename S>
-void PackStepBlock(const LstmShape& s, const StepGrid& grid, const PackedSteps& packed, const S* w,
-                   int64_t K, bool backward, S* out, int64_t k) {
+void PackStepBlock(const LstmShape& s, const StepGrid& grid, const PackedSteps& packed,
+                   const Products& p, const S* w, int64_t K, bool backward, S* out, int64_t k) {
   const int64_t G = 4 * s.H;
   const Range u = Part(s.H, grid.unit_parts, k);
   if (backward) {  // B(j, n) = Rp[u0 + n, j]
-    PackRhs<S>(w + u.begin * G, 1, G, G, u.size(), out + packed.offset[k]);
+    p.Pack<S>(w + u.begin * G, 1, G, G, u.size(), out + packed.offset[k]);
   } else {  // B(j, n) = w[j, 4·u0 + n]
-    PackRhs<S>(w + 4 * u.begin, G, 1, K, 4 * u.size(), out + packed.offset[k]);
+    p.Pack<S>(w + 4 * u.begin, G, 1, K, 4 * u.size(), out + packed.offset[k]);
   }
 }
+
+// The hoisted GEMMs' tasks with bfloat16 products: blocks of whole rows (every column), 64
+// rows each (two AMX tile rows, twice), so each block rounds its rows of A once.
+struct RowBlocks {
+  static constexpr int64_t kRows = 64;
+  int64_t M;
+  int64_t count() const { return CeilDiv(M, kRows); }
+  Range rows(int64_t task) const { return {task * kRows, std::min(M, (task + 1) * kRows)}; }
+};
+
+inline int64_t PackTasks(int64_t N) { return CeilDiv(N, 32); }  // Products::PackTask's count
 
 // A fixed grid of output tiles for a GEMM of M × Nc.
 struct TileGrid {
@@ -328,6 +406,7 @@ template <typename S>
 struct Setup {
   bool masked;  // recurrent masks: each gate its own product, row-block tasks
   StepGrid grid;
+  Products products;
   int64_t ld, gate_pack;
   Acts acts;
   Steps steps;
@@ -335,8 +414,9 @@ struct Setup {
   Setup(const LstmShape& s, const Args& a)
       : masked(a.recurrent_masks != nullptr),
         grid(s, masked),
+        products(Products::For<S>(a.precision)),
         ld(a.out_ld ? a.out_ld : s.H),
-        gate_pack(PackedRhsSize<S>(s.H, s.H)),
+        gate_pack(products.PackSize<S>(s.H, s.H)),
         acts{a.activation, a.recurrent_activation},
         steps{a.lengths, a.step_mask, s.T, a.reverse} {}
 };
@@ -402,27 +482,36 @@ inline bool HoistProjection(const LstmShape& s) {
 template <typename S>
 struct PreparedView {
   const S *wpack, *rpack, *b;
-  PreparedView(const S* base, int64_t C, int64_t H) {
+  PreparedView(const S* base, int64_t C, int64_t H, const Products& p) {
     const int64_t G = 4 * H;
     wpack = base;
-    rpack = wpack + PackedRhsSize<S>(C, G);
-    b = rpack + PackedRhsSize<S>(H, G);
+    rpack = wpack + p.PackSize<S>(C, G);
+    b = rpack + p.PackSize<S>(H, G);
   }
 };
+
+// Panel `panel` of w in gate groups, in the products' precision.
+template <typename S>
+void PackGroups(const Products& p, const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
+  if constexpr (std::is_same<S, float>::value) {
+    if (p.bf16()) return PackGatePanelBf16(w, K, H, panel, reinterpret_cast<uint16_t*>(out));
+  }
+  PackGatePanel<S>(w, K, H, panel, out);
+}
 
 // Packing tasks: W's and R's panels and the bias (Keras order: the gate pass reads it so).
 template <typename S>
 void PrepareInto(const CpuDevice& device, int64_t C, int64_t H, const S* kernel,
-                 const S* recurrent_kernel, const S* bias, S* prepared) {
+                 const S* recurrent_kernel, const S* bias, S* prepared, const Products& p) {
   const int64_t G = 4 * H, panels = CeilDiv(G, PanelWidth<S>());
-  const PreparedView<S> pv(prepared, C, H);
+  const PreparedView<S> pv(prepared, C, H, p);
   S* wpack = const_cast<S*>(pv.wpack);
   S* rpack = const_cast<S*>(pv.rpack);
   const int64_t n_w = C > 0 ? panels : 0;
   ParallelFor(device, panels + n_w + 1, double(C + H) * G, [&](int64_t task) {
-    if (task < panels) return PackGatePanel<S>(recurrent_kernel, H, H, task, rpack);
+    if (task < panels) return PackGroups<S>(p, recurrent_kernel, H, H, task, rpack);
     task -= panels;
-    if (task < n_w) return PackGatePanel<S>(kernel, C, H, task, wpack);
+    if (task < n_w) return PackGroups<S>(p, kernel, C, H, task, wpack);
     CopyOrZero(const_cast<S*>(pv.b), bias, G);
   });
 }
@@ -476,7 +565,8 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   }
   constexpr int U = kGateGroupUnits<S>;
   const int64_t NR = PanelWidth<S>(), panels = CeilDiv(G, NR);
-  const PreparedView<S> pv(a.prepared, C, H);
+  const Products products = Products::For<S>(a.precision);
+  const PreparedView<S> pv(a.prepared, C, H, products);
   const bool hoisted = HoistProjection(s);
   const int64_t ld = a.out_ld ? a.out_ld : H;
   const Acts acts{a.activation, a.recurrent_activation};
@@ -505,8 +595,8 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
         std::fill(z + i * G + c.begin * NR, z + i * G + std::min(G, c.end * NR), S(0));
       }
       if (C > 0) {
-        GemmPackedRhsCols<S>(r.size(), G, C, c.begin * NR, c.end * NR, x + r.begin * C, C, pv.wpack,
-                             z + r.begin * G, G);
+        products.Gemm<S>(r.size(), G, C, c.begin * NR, c.end * NR, x + r.begin * C, C, pv.wpack,
+                         z + r.begin * G, G);
       }
     });
   }
@@ -522,12 +612,12 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
         std::fill(zrows + n * z_ld + col0, zrows + n * z_ld + col1, S(0));
       }
       if (C > 0) {
-        GemmPackedRhsCols<S>(rows.size(), G, C, col0, col1, x + (rows.begin * T + t) * C, T * C,
-                             pv.wpack, zrows, z_ld);
+        products.Gemm<S>(rows.size(), G, C, col0, col1, x + (rows.begin * T + t) * C, T * C,
+                         pv.wpack, zrows, z_ld);
       }
     }
-    GemmPackedRhsCols<S>(rows.size(), G, H, col0, col1, h_in + rows.begin * H, H, pv.rpack, zrows,
-                         z_ld);
+    products.Gemm<S>(rows.size(), G, H, col0, col1, h_in + rows.begin * H, H, pv.rpack, zrows,
+                     z_ld);
     for (int64_t n = rows.begin; n < rows.end; ++n) {
       if (!steps.valid(n, t)) {  // padded: carry h (c stays); output zeroed later
         const int64_t u0 = groups.begin * U, u1 = std::min(H, groups.end * U);
@@ -597,15 +687,17 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
 }  // namespace
 
 template <typename S>
-int64_t PreparedWeightsSize(int64_t C, int64_t H) {
+int64_t PreparedWeightsSize(int64_t C, int64_t H, Precision precision) {
   const int64_t G = 4 * H;
-  return PackedRhsSize<S>(C, G) + PackedRhsSize<S>(H, G) + G;
+  const Products p = Products::For<S>(precision);
+  return p.PackSize<S>(C, G) + p.PackSize<S>(H, G) + G;
 }
 
 template <typename S>
 void PrepareWeights(const CpuDevice& device, int64_t C, int64_t H, const S* kernel,
-                    const S* recurrent_kernel, const S* bias, S* prepared) {
-  PrepareInto(device, C, H, kernel, recurrent_kernel, bias, prepared);
+                    const S* recurrent_kernel, const S* bias, S* prepared, Precision precision) {
+  PrepareInto(device, C, H, kernel, recurrent_kernel, bias, prepared,
+              Products::For<S>(precision));
 }
 
 template <typename S>
@@ -620,16 +712,20 @@ void LstmInfer(const CpuDevice& device, const LstmShape& s, const InferArgs<S>& 
   LstmInferImpl(device, s, a);
 }
 
-int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse) {
+int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse,
+                             Precision precision) {
   const int64_t G = 4 * s.H;
   const StepGrid grid(s);
+  const bool bf16 = precision == Precision::kBfloat16;
   // Training: the interleaved bias, the packed R (per unit block, or per gate with recurrent
-  // masks) and the masked-h rows; everything else is in the cache. Inference: prepared weights
-  // and LstmInfer's scratch (float's sizes bound double's).
+  // masks), the masked-h rows and, for bfloat16, the packed W; everything else is in the cache.
+  // Inference: prepared weights and LstmInfer's scratch (float's sizes bound double's).
   if (training) {
-    return G + std::max(PackedSteps(s, grid, false, s.H).total(grid), PerGateSize(s)) + s.N * s.H;
+    return G +
+           std::max(PackedSteps(s, grid, false, s.H, bf16).total(grid), PerGateSize(s, bf16)) +
+           s.N * s.H + (bf16 ? Bf16PackFloats(s.C, G) : 0);
   }
-  return PreparedWeightsSize<float>(s.C, s.H) + InferWorkspaceSize<float>(s, reverse);
+  return PreparedWeightsSize<float>(s.C, s.H, precision) + InferWorkspaceSize<float>(s, reverse);
 }
 
 int64_t CacheSize(const LstmShape& s) {
@@ -637,12 +733,16 @@ int64_t CacheSize(const LstmShape& s) {
   return s.C * G + s.H * G + s.N * s.T * (s.C + G + s.H) + s.N * (s.T + 1) * s.H;
 }
 
-int64_t BackwardWorkspaceSize(const LstmShape& s, bool recurrent_masks) {
+int64_t BackwardWorkspaceSize(const LstmShape& s, bool recurrent_masks, Precision precision) {
   const StepGrid bgrid = BackwardGemmGrid(s, recurrent_masks);
-  const int64_t packs =
-      recurrent_masks ? PerGateSize(s) : PackedSteps(s, bgrid, true, 4 * s.H).total(bgrid);
+  const bool bf16 = precision == Precision::kBfloat16;
+  const int64_t packs = recurrent_masks ? PerGateSize(s, bf16)
+                                        : PackedSteps(s, bgrid, true, 4 * s.H, bf16).total(bgrid);
   // With masks: a step's product per gate [N, H] and h_{t-1} ⊙ mask for every step [N·T, H].
-  return (s.C + s.H + 1) * 4 * s.H + packs + (recurrent_masks ? s.N * s.H * (1 + s.T) : 0);
+  // bfloat16: dZ [N·T, 4H] and Wᵀ packed for the hoisted products.
+  const int64_t G = 4 * s.H;
+  return (s.C + s.H + 1) * G + packs + (recurrent_masks ? s.N * s.H * (1 + s.T) : 0) +
+         (bf16 ? Bf16PackFloats(s.N * s.T, G) + Bf16PackFloats(G, s.C) : 0);
 }
 
 template <typename S>
@@ -650,7 +750,8 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   const int64_t T = s.T, N = s.N, H = s.H, C = s.C, G = 4 * H;
   if (a.cache == nullptr) {  // inference: the weights packed for this call
     S* prepared = a.workspace;
-    PrepareInto<S>(device, C, H, a.kernel, a.recurrent_kernel, a.bias, prepared);
+    PrepareInto<S>(device, C, H, a.kernel, a.recurrent_kernel, a.bias, prepared,
+                   Products::For<S>(a.precision));
     InferArgs<S> ia;
     ia.x = a.x;
     ia.prepared = prepared;
@@ -661,7 +762,8 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     ia.outputs = a.outputs;
     ia.h_n = a.h_n;
     ia.c_n = a.c_n;
-    ia.workspace = prepared + PreparedWeightsSize<S>(C, H);
+    ia.workspace = prepared + PreparedWeightsSize<S>(C, H, a.precision);
+    ia.precision = a.precision;
     ia.reverse = a.reverse;
     ia.out_ld = a.out_ld;
     ia.activation = a.activation;
@@ -680,6 +782,8 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   const int64_t ld = setup.ld, gate_pack = setup.gate_pack;
   const Acts acts = setup.acts;
   const Steps& steps = setup.steps;
+  const Products& products = setup.products;
+  const bool bf16 = products.bf16();
 
   // Storage: weights and history in the cache (h_{t-1} at hprev[n, t], c at cstate[n, t]).
   CacheView<S> cv(a.cache, s);
@@ -687,7 +791,9 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   S* rp = cv.rkernel;
   S* bp = a.workspace;
   S* rpack = bp + G;
-  S* hmask = rpack + std::max(PackedSteps(s, grid, false, H).total(grid), PerGateSize(s));
+  S* hmask =
+      rpack + std::max(PackedSteps(s, grid, false, H, bf16).total(grid), PerGateSize(s, bf16));
+  S* wpack = hmask + N * H;  // bfloat16: W packed for the input projection
   S* x_cache = cv.x;
   S* gates = cv.gates;
   S* h_hist = cv.hprev;
@@ -714,14 +820,17 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     std::fill(bp, bp + G, S(0));
   }
 
-  const PackedSteps packed(s, grid, false, H);
+  const PackedSteps packed(s, grid, false, H, bf16);
   // Everything before the recurrence, independent tasks of one parallel region (a serial copy
   // or pack would idle the other threads): the input projection Z = X·Wp in row × column
   // tiles (every step's gates are kept in the cache anyway: one GEMM over all steps is the
   // most parallel form), each row tile also copying its rows of x into the cache; packing R
   // per unit block; the cache's copies of W and R.
+  // (bfloat16: W is packed first, and the projection's tasks are whole-row blocks.)
   const TileGrid tiles(C > 0 ? N * T : 0, G);
-  const int64_t n_tiles = tiles.count(), n_rpack = masked ? 4 : grid.unit_parts;
+  const RowBlocks blocks{C > 0 ? N * T : 0};
+  const int64_t n_tiles = bf16 ? blocks.count() : tiles.count();
+  const int64_t n_rpack = masked ? 4 : grid.unit_parts;
   const int64_t n_copies = keras_order ? 2 : 0;
   if (C == 0) std::fill(gates, gates + N * T * G, S(0));
   // The cache keeps x in step order; a reverse pass gathers it there first and projects that.
@@ -729,12 +838,22 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   CMapRM<S> X(a.reverse ? x_cache : a.x, N * T, C, Eigen::OuterStride<>(C));
   CMapRM<S> W(w_src, C, G, Eigen::OuterStride<>(G));
   MapRM<S> Z(gates, N * T, G, Eigen::OuterStride<>(G));
+  if (bf16 && C > 0) {
+    ParallelFor(device, PackTasks(G), double(C) * G, [&](int64_t task) {
+      products.PackTask<S>(w_src, G, 1, C, G, task, wpack);
+    });
+  }
   ParallelFor(device, n_tiles + n_rpack + n_copies, 2.0 * N * T * C * G + double(C + H) * G,
               [&](int64_t task) {
                 if (task < n_tiles) {
-                  const Range r = tiles.rows(task), c = tiles.cols(task);
+                  const Range r = bf16 ? blocks.rows(task) : tiles.rows(task);
+                  const Range c = bf16 ? Range{0, G} : tiles.cols(task);
                   if (c.begin == 0 && !a.reverse) {
                     std::memcpy(x_cache + r.begin * C, a.x + r.begin * C, sizeof(S) * r.size() * C);
+                  }
+                  if (bf16) {
+                    return products.Product<S>(r.size(), G, C, X.data() + r.begin * C, C, 1,
+                                               wpack, gates + r.begin * G, G);
                   }
                   Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
                       X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
@@ -742,10 +861,10 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
                 }
                 task -= n_tiles;
                 if (task < n_rpack && masked) {  // gate `task`'s columns (Keras's order here)
-                  return PackRhs<S>(r_src + task * H, G, 1, H, H, rpack + task * gate_pack);
+                  return products.Pack<S>(r_src + task * H, G, 1, H, H, rpack + task * gate_pack);
                 }
                 if (task < n_rpack)
-                  return PackStepBlock(s, grid, packed, r_src, H, false, rpack, task);
+                  return PackStepBlock(s, grid, packed, products, r_src, H, false, rpack, task);
                 task -= n_rpack;
                 if (task == 0) {
                   CopyOrZero(wp, a.kernel, C * G);
@@ -781,10 +900,11 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
       for (int64_t g = 0; g < 4; ++g) {
         MaskRows(h_in + rows.begin * h_in_ld, h_in_ld, a.recurrent_masks + (g * N + rows.begin) * H,
                  rows.size(), H, hm);
-        GemmPackedRhs<S>(rows.size(), H, H, hm, H, rpack + g * gate_pack, zblock + g * H, z_ld);
+        products.Gemm<S>(rows.size(), H, H, 0, H, hm, H, rpack + g * gate_pack, zblock + g * H,
+                         z_ld);
       }
     } else if (t < active) {
-      GemmPackedRhs<S>(rows.size(), 4 * nu, H, h_in + rows.begin * h_in_ld, h_in_ld,
+      products.Gemm<S>(rows.size(), 4 * nu, H, 0, 4 * nu, h_in + rows.begin * h_in_ld, h_in_ld,
                        rpack + packed.offset[block], zblock, z_ld);
     }
     // Fused pass over the block, in chunks of kChunk units.
@@ -856,6 +976,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   const int64_t ld = setup.ld, gate_pack = setup.gate_pack;
   const Acts acts = setup.acts;
   const Steps& steps = setup.steps;
+  const Products& products = setup.products;
+  const bool bf16 = products.bf16();
   // d_outputs of row n's step t (the cache and dZ are in step order, d_outputs in x's).
   auto d_out = [&](int64_t n, int64_t t) { return a.d_outputs + (n * T + steps.pos(n, t)) * ld; };
   S* dz_all = cv.gates;  // activated gates are overwritten by dZ, step by step
@@ -868,16 +990,20 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   S* dbp = keras_order ? a.d_bias : a.workspace + (C + H) * G;
   S* rtpack = a.workspace + (C + H + 1) * G;
   const StepGrid bgrid = BackwardGemmGrid(s, masked);
-  const PackedSteps packed(s, bgrid, true, 4 * H);
-  S* dh_gate = rtpack + (masked ? PerGateSize(s) : 0);  // [N, H]: one gate's dZ_t·R_gᵀ
-  S* hprev_masked = dh_gate + N * H;                    // [N·T, H]: h_{t-1} ⊙ mask_g
-  if (masked) {                                         // R_gᵀ per gate: B(j, n) = R[n, g·H + j]
+  const PackedSteps packed(s, bgrid, true, 4 * H, bf16);
+  const int64_t packs = masked ? PerGateSize(s, bf16) : packed.total(bgrid);
+  S* dh_gate = rtpack + (masked ? packs : 0);  // [N, H]: one gate's dZ_t·R_gᵀ
+  S* hprev_masked = dh_gate + N * H;           // [N·T, H]: h_{t-1} ⊙ mask_g
+  // bfloat16: dZ [N·T, 4H] and Wᵀ packed for the hoisted products.
+  S* dzpack = rtpack + packs + (masked ? N * H * (1 + T) : 0);
+  S* wtpack = dzpack + Bf16PackFloats(N * T, G);
+  if (masked) {  // R_gᵀ per gate: B(j, n) = R[n, g·H + j]
     ParallelFor(device, 4, double(H) * G, [&](int64_t g) {
-      PackRhs<S>(cv.rkernel + g * H, 1, G, H, H, rtpack + g * gate_pack);
+      products.Pack<S>(cv.rkernel + g * H, 1, G, H, H, rtpack + g * gate_pack);
     });
   } else {
     ParallelFor(device, bgrid.unit_parts, double(H) * G, [&](int64_t k) {
-      PackStepBlock(s, bgrid, packed, cv.rkernel, H, true, rtpack, k);
+      PackStepBlock(s, bgrid, packed, products, cv.rkernel, H, true, rtpack, k);
     });
   }
   // Padded steps contribute nothing, even when the data there is NaN or Inf (0 · Inf is NaN):
@@ -965,7 +1091,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       S* tmp = dh_gate + rows.begin * H;
       for (int64_t g = 0; g < 4; ++g) {
         std::fill(tmp, tmp + rows.size() * H, S(0));
-        GemmPackedRhs<S>(rows.size(), H, H, dz_all + (rows.begin * T + t) * G + g * H, T * G,
+        products.Gemm<S>(rows.size(), H, H, 0, H, dz_all + (rows.begin * T + t) * G + g * H, T * G,
                          rtpack + g * gate_pack, tmp, H);
         for (int64_t n = rows.begin; n < rows.end; ++n) {
           if (!steps.valid(n, t)) continue;
@@ -977,7 +1103,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     }
     const S* rt = rtpack + packed.offset[bgrid.unit_block(task)];
     if (!skip_padded_rows) {
-      GemmPackedRhs<S>(rows.size(), units.size(), G, dz_all + (rows.begin * T + t) * G, T * G, rt,
+      products.Gemm<S>(rows.size(), units.size(), G, 0, units.size(),
+                       dz_all + (rows.begin * T + t) * G, T * G, rt,
                        a.d_h0 + rows.begin * H + units.begin, H);
       return;
     }
@@ -988,8 +1115,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       }
       int64_t n1 = n0 + 1;
       while (n1 < rows.end && steps.valid(n1, t)) ++n1;
-      GemmPackedRhs<S>(n1 - n0, units.size(), G, dz_all + (n0 * T + t) * G, T * G, rt,
-                       a.d_h0 + n0 * H + units.begin, H);
+      products.Gemm<S>(n1 - n0, units.size(), G, 0, units.size(), dz_all + (n0 * T + t) * G, T * G,
+                       rt, a.d_h0 + n0 * H + units.begin, H);
       n0 = n1;
     }
   };
@@ -1022,11 +1149,27 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   MapRM<S> dW(dwp, C, G, Eigen::OuterStride<>(G));
   MapRM<S> dR(drp, H, G, Eigen::OuterStride<>(G));
   const TileGrid tx(M, C), tw(C, G), tr(H, G), tb(1, G);
+  // bfloat16: whole-row blocks on dZ and Wᵀ packed first.
+  const RowBlocks bx{M}, bw{C}, br{H};
+  if (bf16) {
+    const int64_t nz = PackTasks(G), nwt = a.dx ? PackTasks(C) : 0;
+    ParallelFor(device, nz + nwt, double(M + C) * G, [&](int64_t task) {
+      if (task < nz) return products.PackTask<S>(dz_all, G, 1, M, G, task, dzpack);
+      products.PackTask<S>(cv.kernel, 1, G, G, C, task - nz, wtpack);
+    });
+  }
   // With recurrent masks dR is one product per gate, on h_{t-1} ⊙ mask_g (below).
-  const int64_t nx = a.dx ? tx.count() : 0, nw = tw.count(), nr = masked ? 0 : tr.count();
+  const int64_t nx = a.dx ? (bf16 ? bx.count() : tx.count()) : 0;
+  const int64_t nw = bf16 ? bw.count() : tw.count();
+  const int64_t nr = masked ? 0 : (bf16 ? br.count() : tr.count());
   // The largest tiles (dW, dR: K = N·T) first, so dynamic scheduling balances the rest.
   ParallelFor(device, nw + nr + nx + tb.count(), 6.0 * M * (C + H) * G, [&](int64_t task) {
     if (task < nw) {
+      if (bf16) {  // A = Xᵀ: A(c, m) = x[m·C + c]
+        const Range r = bw.rows(task);
+        return products.Product<S>(r.size(), G, M, cv.x + r.begin, 1, C, dzpack, dwp + r.begin * G,
+                                   G);
+      }
       const Range r = tw.rows(task), c = tw.cols(task);
       dW.block(r.begin, c.begin, r.size(), c.size()).noalias() =
           X.middleCols(r.begin, r.size()).transpose() * dZ.middleCols(c.begin, c.size());
@@ -1034,6 +1177,11 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     }
     task -= nw;
     if (task < nr) {
+      if (bf16) {
+        const Range r = br.rows(task);
+        return products.Product<S>(r.size(), G, M, cv.hprev + r.begin, 1, H, dzpack,
+                                   drp + r.begin * G, G);
+      }
       const Range r = tr.rows(task), c = tr.cols(task);
       dR.block(r.begin, c.begin, r.size(), c.size()).noalias() =
           Hp.middleCols(r.begin, r.size()).transpose() * dZ.middleCols(c.begin, c.size());
@@ -1041,6 +1189,11 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     }
     task -= nr;
     if (task < nx) {
+      if (bf16) {
+        const Range r = bx.rows(task);
+        return products.Product<S>(r.size(), C, G, dz_all + r.begin * G, G, 1, wtpack,
+                                   a.dx + r.begin * C, C);
+      }
       const Range r = tx.rows(task), c = tx.cols(task);
       dX.block(r.begin, c.begin, r.size(), c.size()).noalias() =
           dZ.middleRows(r.begin, r.size()) * W.middleRows(c.begin, c.size()).transpose();
@@ -1066,6 +1219,17 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
                    hprev_masked + (n * T + t) * H);
         }
       });
+      if (bf16) {  // dZ's gate g packed, then row blocks of dR's gate g
+        ParallelFor(device, PackTasks(H), double(M) * H, [&](int64_t task) {
+          products.PackTask<S>(dz_all + g * H, G, 1, M, H, task, dzpack);
+        });
+        ParallelFor(device, br.count(), 2.0 * M * H * H, [&](int64_t task) {
+          const Range r = br.rows(task);
+          products.Product<S>(r.size(), H, M, hprev_masked + r.begin, 1, H, dzpack,
+                              drp + r.begin * G + g * H, G);
+        });
+        continue;
+      }
       ParallelFor(device, tg.count(), 2.0 * M * H * H, [&](int64_t task) {
         const Range r = tg.rows(task), c = tg.cols(task);
         dR.block(r.begin, g * H + c.begin, r.size(), c.size()).noalias() =
@@ -1102,9 +1266,9 @@ bool RunDirectionsConcurrently(const CpuDevice& device, const LstmShape& s) {
 #define FUSEDLSTM_INSTANTIATE(S)                                                             \
   template void LstmForward<S>(const CpuDevice&, const LstmShape&, const ForwardArgs<S>&);   \
   template void LstmBackward<S>(const CpuDevice&, const LstmShape&, const BackwardArgs<S>&); \
-  template int64_t PreparedWeightsSize<S>(int64_t, int64_t);                                 \
+  template int64_t PreparedWeightsSize<S>(int64_t, int64_t, Precision);                      \
   template void PrepareWeights<S>(const CpuDevice&, int64_t, int64_t, const S*, const S*,    \
-                                  const S*, S*);                                             \
+                                  const S*, S*, Precision);                                  \
   template int64_t InferWorkspaceSize<S>(const LstmShape&, bool);                            \
   template void LstmInfer<S>(const CpuDevice&, const LstmShape&, const InferArgs<S>&);
 FUSEDLSTM_INSTANTIATE(float)

@@ -37,6 +37,7 @@ class CacheInfo {
   // The forward's activations and recurrent masks (a private copy, or None): its backward's.
   Activation activation = Activation::kTanh;
   Activation recurrent_activation = Activation::kSigmoid;
+  Precision precision = Precision::kFloat32;
   py::object recurrent_masks = py::none();
   // The copy the forward ran with (and the backward must see); nullptr for all T.
   const int32_t* lengths() const { return has_lengths_ ? lengths_.data() : nullptr; }
@@ -86,6 +87,12 @@ void DefCacheProperties(py::class_<Class, std::shared_ptr<Class>>& c) {
                                   static_cast<int>(k.info().recurrent_activation));
           },
           "(activation, recurrent_activation) codes the forward ran with")
+      .def_property_readonly(
+          "precision",
+          [](const Class& k) {
+            return k.info().precision == Precision::kBfloat16 ? "bfloat16" : "float32";
+          },
+          "the products' precision the forward ran with (its backward's)")
       .def_property_readonly(
           "has_recurrent_masks", [](const Class& k) { return !k.info().recurrent_masks.is_none(); },
           "whether the forward applied recurrent masks")

@@ -11,9 +11,12 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "../cpu/gemm_bf16.h"
 #include "fusedlstm/lstm.h"
 #include "fusedlstm/validate.h"
 
@@ -144,6 +147,24 @@ inline Activation ReadActivation(int code, const char* name) {
     throw py::value_error(std::string(name) + ": unknown activation code " + std::to_string(code));
   }
   return static_cast<Activation>(code);
+}
+
+// The products' precision from its code (0 float32, 1 bfloat16), checked against the arrays'
+// dtype and this CPU: bfloat16 computes on float32 arrays, with AVX512_BF16.
+template <typename S>
+Precision ReadPrecision(int code) {
+  if (code == 0) return Precision::kFloat32;
+  if (code != 1) throw py::value_error("precision: unknown code " + std::to_string(code));
+  if (!std::is_same<S, float>::value) {
+    throw py::type_error(
+        "precision='bfloat16' computes on float32 arrays (it rounds the products' operands "
+        "itself); got float64 (use float32 arrays, or precision='float32')");
+  }
+  if (Bf16Active() == Bf16Engine::kNone) {
+    throw std::runtime_error(std::string("precision='bfloat16' needs ") + Bf16Missing() +
+                             "; use precision='float32' on this machine");
+  }
+  return Precision::kBfloat16;
 }
 
 // A caller-provided scratch array when it is big enough (dtype, 1-d, contiguous, writeable):

@@ -86,6 +86,7 @@ py::object NewCache(const LstmShape& s, const py::object& spare, ForwardArgs<S>*
   args->step_mask = info.step_mask();
   info.activation = args->activation;
   info.recurrent_activation = args->recurrent_activation;
+  info.precision = args->precision;
   if (args->recurrent_masks) {  // a private copy: the caller's array may change before backward
     py::array_t<S> m({int64_t(4), s.N, s.H});
     std::copy(args->recurrent_masks, args->recurrent_masks + 4 * s.N * s.H, MutablePtr(m));
@@ -98,7 +99,7 @@ py::object NewCache(const LstmShape& s, const py::object& spare, ForwardArgs<S>*
 // Options of a forward call beyond its arrays.
 struct ForwardOptions {
   bool training = true, return_sequences = true, reverse = false;
-  int activation = 0, recurrent_activation = 3;
+  int activation = 0, recurrent_activation = 3, precision = 0;
   py::object recurrent_masks = py::none();
   py::object step_mask = py::none();
 };
@@ -106,6 +107,7 @@ struct ForwardOptions {
 template <typename S>
 void ReadOptions(const LstmShape& s, const ForwardOptions& o, ForwardArgs<S>* args) {
   args->reverse = o.reverse;
+  args->precision = ReadPrecision<S>(o.precision);
   args->activation = ReadActivation(o.activation, "activation");
   args->recurrent_activation = ReadActivation(o.recurrent_activation, "recurrent_activation");
   if (!o.recurrent_masks.is_none()) {
@@ -140,8 +142,9 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
   }
   // The spare (if any) serves as the cache in training, as the (large) workspace in inference.
   py::array_t<S> workspace =
-      training ? py::array_t<S>(std::vector<int64_t>{ForwardWorkspaceSize(s, true)})
-               : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false, reverse));
+      training
+          ? py::array_t<S>(std::vector<int64_t>{ForwardWorkspaceSize(s, true, false, args.precision)})
+          : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false, reverse, args.precision));
   py::object cache = py::none();
   args.h_n = MutablePtr(h_n);
   args.c_n = MutablePtr(c_n);
@@ -170,6 +173,7 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
   args.activation = cache.info().activation;
   args.recurrent_activation = cache.info().recurrent_activation;
   args.step_mask = cache.info().step_mask();
+  args.precision = cache.info().precision;
   const py::object& masks = cache.info().recurrent_masks;
   if (!masks.is_none())
     args.recurrent_masks = static_cast<const S*>(masks.cast<py::array>().data());
@@ -177,7 +181,7 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
   py::array_t<S> workspace(
-      std::vector<int64_t>{BackwardWorkspaceSize(s, args.recurrent_masks != nullptr)});
+      std::vector<int64_t>{BackwardWorkspaceSize(s, args.recurrent_masks != nullptr, args.precision)});
   args.dx = need_dx ? MutablePtr(dx) : nullptr;
   args.d_kernel = MutablePtr(dk);
   args.d_recurrent_kernel = MutablePtr(dr);
@@ -199,7 +203,8 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
 template <typename S>
 py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, const py::object& h0,
                                const py::object& c0, const py::object& lengths, bool training,
-                               bool return_sequences, int activation, int recurrent_activation) {
+                               bool return_sequences, int activation, int recurrent_activation,
+                               int precision) {
   if (weights.size() != 6) throw py::value_error("weights: expected 6 arrays (3 per direction)");
   auto part = [](const py::object& a, int d) -> py::object {  // h0[d] of an [2, N, H] array
     return a.is_none() ? py::none() : py::object(a[py::int_(d)]);
@@ -229,9 +234,11 @@ py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, con
     a[d].out_ld = 2 * s.H;
     a[d].activation = ReadActivation(activation, "activation");
     a[d].recurrent_activation = ReadActivation(recurrent_activation, "recurrent_activation");
+    a[d].precision = ReadPrecision<S>(precision);
     a[d].h_n = MutablePtr(h_n) + d * s.N * s.H;
     a[d].c_n = MutablePtr(c_n) + d * s.N * s.H;
-    workspaces.emplace_back(std::vector<int64_t>{ForwardWorkspaceSize(s, training, a[d].reverse)});
+    workspaces.emplace_back(
+        std::vector<int64_t>{ForwardWorkspaceSize(s, training, a[d].reverse, a[d].precision)});
     a[d].workspace = MutablePtr(workspaces.back());
     if (training) caches[d] = NewCache<S>(s, py::none(), &a[d]);
   }
@@ -270,6 +277,7 @@ py::tuple BackwardBidirectional(Cache& forward, Cache& backward, const py::objec
     a[d].reverse = d == 1;
     a[d].activation = caches[d]->info().activation;
     a[d].recurrent_activation = caches[d]->info().recurrent_activation;
+    a[d].precision = caches[d]->info().precision;
     a[d].out_ld = 2 * s.H;
     a[d].d_outputs = dout ? dout + d * s.H : nullptr;
     a[d].d_h_n = dhn ? dhn + d * s.N * s.H : nullptr;
@@ -280,7 +288,7 @@ py::tuple BackwardBidirectional(Cache& forward, Cache& backward, const py::objec
     a[d].d_bias = array({G});
     a[d].d_h0 = MutablePtr(dh0) + d * s.N * s.H;
     a[d].d_c0 = MutablePtr(dc0) + d * s.N * s.H;
-    a[d].workspace = array({BackwardWorkspaceSize(s)});
+    a[d].workspace = array({BackwardWorkspaceSize(s, false, a[d].precision)});
   }
   const py::object buffers[2] = {forward.Take(), backward.Take()};  // consumed
   {
@@ -312,8 +320,9 @@ void RegisterLstm(py::module_& m) {
          const py::object& bias, const py::object& h0, const py::object& c0,
          const py::object& lengths, bool training, const py::object& spare, bool return_sequences,
          bool reverse, int activation, int recurrent_activation, const py::object& recurrent_masks,
-         const py::object& mask) {
+         const py::object& mask, int precision) {
         ForwardOptions o;
+        o.precision = precision;
         o.training = training;
         o.return_sequences = return_sequences;
         o.reverse = reverse;
@@ -332,24 +341,26 @@ void RegisterLstm(py::module_& m) {
       py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("spare") = py::none(),
       py::arg("return_sequences") = true, py::arg("reverse") = false, py::arg("activation") = 0,
       py::arg("recurrent_activation") = 3, py::arg("recurrent_masks") = py::none(),
-      py::arg("mask") = py::none());
+      py::arg("mask") = py::none(), py::arg("precision") = 0);
   m.def(
       "forward_bidirectional",
       [](const py::array& x, const py::tuple& weights, const py::object& h0, const py::object& c0,
          const py::object& lengths, bool training, bool return_sequences, int activation,
-         int recurrent_activation) {
+         int recurrent_activation, int precision) {
         if (IsDtype(x, py::dtype::of<float>()))
           return ForwardBidirectional<float>(x, weights, h0, c0, lengths, training,
-                                             return_sequences, activation, recurrent_activation);
+                                             return_sequences, activation, recurrent_activation,
+                                             precision);
         if (IsDtype(x, py::dtype::of<double>()))
           return ForwardBidirectional<double>(x, weights, h0, c0, lengths, training,
-                                              return_sequences, activation, recurrent_activation);
+                                              return_sequences, activation, recurrent_activation,
+                                              precision);
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
       py::arg("x"), py::arg("weights"), py::arg("h0"), py::arg("c0"), py::arg("lengths"),
       py::arg("training"), py::arg("return_sequences") = true, py::arg("activation") = 0,
-      py::arg("recurrent_activation") = 3,
+      py::arg("recurrent_activation") = 3, py::arg("precision") = 0,
       "(outputs [N, T, 2H] or None, h_n [2, N, H], c_n [2, N, H], cache_forward, "
       "cache_reverse); weights: (kernel, recurrent_kernel, bias) of each direction.");
   m.def(

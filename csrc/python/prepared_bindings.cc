@@ -23,13 +23,16 @@ struct Acts {
 
 class Prepared {
  public:
-  Prepared(py::array buffer, int64_t C, int64_t H, bool is_double)
-      : buffer_(std::move(buffer)), C_(C), H_(H), is_double_(is_double) {}
+  Prepared(py::array buffer, int64_t C, int64_t H, bool is_double, Precision precision)
+      : buffer_(std::move(buffer)), C_(C), H_(H), is_double_(is_double), precision_(precision) {}
 
   int64_t input_size() const { return C_; }
   int64_t units() const { return H_; }
   py::dtype dtype() const { return is_double_ ? py::dtype::of<double>() : py::dtype::of<float>(); }
   int64_t nbytes() const { return static_cast<int64_t>(buffer_.nbytes()); }
+  const char* precision() const {
+    return precision_ == Precision::kBfloat16 ? "bfloat16" : "float32";
+  }
 
   py::tuple Infer(const py::array& x, const py::object& h0, const py::object& c0,
                   const py::object& lengths, bool return_sequences, const py::object& spare,
@@ -65,6 +68,7 @@ class Prepared {
     args.c0 = OptionalPtr<S>(c0, "c0", {s.N, s.H});
     args.lengths = CheckedLengths(lengths, s);
     args.prepared = static_cast<const S*>(buffer_.data());
+    args.precision = precision_;
     args.reverse = reverse;
     if (!mask.is_none()) {
       if (args.lengths) throw py::value_error("mask: give lengths or a mask, not both");
@@ -93,10 +97,13 @@ class Prepared {
   py::array buffer_;
   int64_t C_, H_;
   bool is_double_;
+  Precision precision_;
 };
 
 template <typename S>
-Prepared Prepare(const py::array& kernel, const py::array& rkernel, const py::object& bias) {
+Prepared Prepare(const py::array& kernel, const py::array& rkernel, const py::object& bias,
+                 int precision_code) {
+  const Precision precision = ReadPrecision<S>(precision_code);
   const std::vector<int64_t> r = Dims(rkernel), k = Dims(kernel);
   if (r.size() != 2 || r[1] != 4 * r[0]) {
     throw py::value_error("recurrent_kernel: expected shape (H, 4H), got " + ShapeString(r));
@@ -116,13 +123,13 @@ Prepared Prepare(const py::array& kernel, const py::array& rkernel, const py::ob
   const S* kp = CheckedPtr<S>(kernel, "kernel", {C, G});
   const S* rp = CheckedPtr<S>(rkernel, "recurrent_kernel", {H, G});
   const S* bp = OptionalPtr<S>(bias, "bias", {G});
-  py::array_t<S> buffer(std::vector<int64_t>{PreparedWeightsSize<S>(C, H)});
+  py::array_t<S> buffer(std::vector<int64_t>{PreparedWeightsSize<S>(C, H, precision)});
   S* out = buffer.mutable_data();
   {
     py::gil_scoped_release release;
-    PrepareWeights<S>(OpenMpDevice(NumThreads()), C, H, kp, rp, bp, out);
+    PrepareWeights<S>(OpenMpDevice(NumThreads()), C, H, kp, rp, bp, out, precision);
   }
-  return Prepared(buffer, C, H, std::is_same<S, double>::value);
+  return Prepared(buffer, C, H, std::is_same<S, double>::value, precision);
 }
 
 }  // namespace
@@ -133,6 +140,7 @@ void RegisterPrepared(py::module_& m) {
       .def_property_readonly("units", &Prepared::units)
       .def_property_readonly("dtype", &Prepared::dtype)
       .def_property_readonly("nbytes", &Prepared::nbytes)
+      .def_property_readonly("precision", &Prepared::precision)
       .def("infer", &Prepared::Infer, py::arg("x"), py::arg("h0") = py::none(),
            py::arg("c0") = py::none(), py::arg("lengths") = py::none(),
            py::arg("return_sequences") = true, py::arg("spare") = py::none(),
@@ -140,13 +148,15 @@ void RegisterPrepared(py::module_& m) {
            py::arg("recurrent_activation") = 3, py::arg("mask") = py::none());
   m.def(
       "prepare",
-      [](const py::array& kernel, const py::array& rkernel, const py::object& bias) {
+      [](const py::array& kernel, const py::array& rkernel, const py::object& bias,
+         int precision) {
         if (IsDtype(kernel, py::dtype::of<double>())) {
-          return Prepare<double>(kernel, rkernel, bias);
+          return Prepare<double>(kernel, rkernel, bias, precision);
         }
-        return Prepare<float>(kernel, rkernel, bias);
+        return Prepare<float>(kernel, rkernel, bias, precision);
       },
-      py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias") = py::none());
+      py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias") = py::none(),
+      py::arg("precision") = 0);
 }
 
 }  // namespace fusedlstm

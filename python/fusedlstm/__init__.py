@@ -57,6 +57,7 @@ __all__ = [
     "build_info",
     "empty_cache",
     "cuda_available",
+    "bf16_engine",
     "SentimentClassifier",
     "BatchScorer",
     "__version__",
@@ -95,6 +96,13 @@ def get_num_threads() -> int:
     return int(_core.get_num_threads())
 
 
+def bf16_engine() -> str | None:
+    """The engine ``precision="bfloat16"`` runs on here: "amx" (AMX tiles), "avx512_bf16"
+    (VDPBF16PS), or None where the CPU lacks AVX512_BF16 (bfloat16 then raises RuntimeError)."""
+    engine = str(_core.bf16_engine())
+    return None if engine == "none" else engine
+
+
 def build_info() -> dict[str, Any]:
     """How this build was compiled: version, compiler, SIMD, OpenMP, threads."""
     info = dict(_core.build_info())
@@ -102,4 +110,5 @@ def build_info() -> dict[str, Any]:
     info["python"] = sys.version.split()[0]
     info["machine"] = platform.machine()
     info["isa_required"] = _isa.required()
+    info["bf16_engine"] = bf16_engine()
     return info

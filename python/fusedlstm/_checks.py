@@ -121,6 +121,16 @@ def activation_code(name: str, value) -> int:
     return ACTIVATIONS[value]
 
 
+PRECISIONS = {"float32": 0, "bfloat16": 1}
+
+
+def precision_code(value) -> int:
+    """The kernel's code of a compute precision ("float32" or "bfloat16")."""
+    if not isinstance(value, str) or value not in PRECISIONS:
+        raise ValueError(f"precision: {value!r} is not supported; choose 'float32' or 'bfloat16'")
+    return PRECISIONS[value]
+
+
 def check_step_mask(mask, lengths, B: int, T: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(lengths, mask) for the kernel from a [B, T] step mask (Keras's: True where a step is
     valid). A mask whose valid steps are each row's first ones becomes lengths (the kernel's

@@ -19,6 +19,7 @@ from ._checks import (
     check_forward,
     check_step_mask,
     check_upstream,
+    precision_code,
 )
 
 __all__ = [
@@ -112,6 +113,11 @@ class LstmCache:
         return self._core.lengths
 
     @property
+    def precision(self) -> str:
+        """The products' precision the forward ran with ("float32" or "bfloat16")."""
+        return str(getattr(self._core, "precision", "float32"))
+
+    @property
     def reverse(self) -> bool:
         """Whether the forward ran each row's steps last to first."""
         return bool(getattr(self._core, "reverse", False))
@@ -138,7 +144,7 @@ class LstmCache:
         return f"LstmCache(B={B}, T={T}, E={E}, H={H}, dtype={self.dtype}, device={self.device}, {state})"
 
 
-_DEFAULT_OPTS = (0, 3, None, None)  # tanh, sigmoid, no recurrent masks, no step mask
+_DEFAULT_OPTS = (0, 3, None, None, 0)  # tanh, sigmoid, no recurrent masks, no step mask, float32
 
 
 def _cpu_forward(
@@ -206,6 +212,7 @@ def lstm_forward(
     recurrent_activation: str = "sigmoid",
     recurrent_masks=None,
     mask=None,
+    precision: str = "float32",
 ):
     """Run a single-layer LSTM over whole sequences in one compiled call.
 
@@ -247,6 +254,12 @@ def lstm_forward(
         e.g. [1, 1, 0, 1, 0]). An invalid step is as a padded one: the state is carried through
         it, its output is zero, its x is never read. A reverse pass reads the positions T-1 ... 0.
         A mask that only pads on the right runs as lengths.
+    precision : "float32" (default) or "bfloat16"
+        The products' precision. "bfloat16" (float32 arrays only, CPU only) rounds x, h and the
+        weights to bfloat16 as the kernel packs them for its GEMMs and sums the products in
+        float32; gates, cell state, outputs and (in the backward, whose products are bfloat16
+        too) every gradient stay float32. It needs AVX512_BF16 (AMX tiles are used where
+        present; ``bf16_engine()`` says which) and raises RuntimeError on a CPU without it.
 
     Returns
     -------
@@ -260,11 +273,12 @@ def lstm_forward(
         activation_code("recurrent_activation", recurrent_activation),
         recurrent_masks,
         None,
+        precision_code(precision),
     )
     if mask is not None:
         B, T = np.shape(x)[:2] if np.ndim(x) == 3 else (-1, -1)
         lengths, step_mask = check_step_mask(mask, lengths, B, T)
-        opts = opts[:3] + (step_mask,)
+        opts = opts[:3] + (step_mask, opts[4])
     if device == "cpu":
         fast = _forward_fast(
             x, kernel, recurrent_kernel, bias, h0, c0, lengths, training, return_sequences, reverse, opts
@@ -280,10 +294,12 @@ def lstm_forward(
             raise ValueError(
                 f"recurrent_masks: expected shape {(4, a.B, a.H)} ([4 gates, B, H]), got {tuple(masks.shape)}"
             )
-        opts = opts[:2] + (masks, opts[3])
+        opts = opts[:2] + (masks,) + opts[3:]
     if device == "cuda":
+        if opts[4]:
+            raise ValueError("precision='bfloat16' runs on the CPU kernels only; use device='cpu' or float32")
         outputs, h_n, c_n, dbuf = _core.forward_cuda(
-            a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, bool(training), reverse, *opts
+            a.x, a.kernel, a.recurrent_kernel, a.bias, a.h0, a.c0, a.lengths, bool(training), reverse, *opts[:4]
         )
         cache = LstmCache(dbuf, "cuda") if training else None
         return (outputs if return_sequences else None), h_n, c_n, cache
@@ -350,6 +366,7 @@ def lstm_bidirectional_forward(
     return_sequences: bool = True,
     activation: str = "tanh",
     recurrent_activation: str = "sigmoid",
+    precision: str = "float32",
 ):
     """Both directions of a bidirectional LSTM layer over x in one compiled call.
 
@@ -363,7 +380,8 @@ def lstm_bidirectional_forward(
     x : array [B, T, E], float32 or float64
     forward_weights, reverse_weights : (kernel [E, 4H], recurrent_kernel [H, 4H], bias [4H] or None)
     h0, c0 : arrays [2, B, H] (forward direction first) or None (zeros)
-    lengths, training, return_sequences, activation, recurrent_activation : as ``lstm_forward``
+    lengths, training, return_sequences, activation, recurrent_activation, precision : as
+        ``lstm_forward``
 
     Returns
     -------
@@ -397,6 +415,7 @@ def lstm_bidirectional_forward(
         bool(return_sequences),
         activation_code("activation", activation),
         activation_code("recurrent_activation", recurrent_activation),
+        precision_code(precision),
     )
     cache = BidirectionalCache(LstmCache(cf), LstmCache(cr)) if training else None
     return outputs, h_n, c_n, cache

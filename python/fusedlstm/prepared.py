@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._checks import ACTIVATIONS, activation_code, as_float_array, check_flag, check_forward, check_step_mask
+from ._checks import (
+    ACTIVATIONS,
+    activation_code,
+    as_float_array,
+    check_flag,
+    check_forward,
+    check_step_mask,
+    precision_code,
+)
 
 __all__ = ["PreparedLSTM", "prepare"]
 
@@ -36,8 +44,15 @@ class PreparedLSTM:
     __slots__ = ("_core", "_kernel", "_recurrent_kernel", "_bias", "_acts")
 
     def __init__(
-        self, kernel, recurrent_kernel, bias=None, activation: str = "tanh", recurrent_activation: str = "sigmoid"
+        self,
+        kernel,
+        recurrent_kernel,
+        bias=None,
+        activation: str = "tanh",
+        recurrent_activation: str = "sigmoid",
+        precision: str = "float32",
     ) -> None:
+        code = precision_code(precision)
         acts = (
             activation_code("activation", activation),
             activation_code("recurrent_activation", recurrent_activation),
@@ -58,19 +73,24 @@ class PreparedLSTM:
         object.__setattr__(self, "_recurrent_kernel", _frozen_copy(r))
         object.__setattr__(self, "_bias", _frozen_copy(b))
         object.__setattr__(self, "_acts", acts)
-        object.__setattr__(self, "_core", _core.prepare(self._kernel, self._recurrent_kernel, self._bias))
+        object.__setattr__(self, "_core", _core.prepare(self._kernel, self._recurrent_kernel, self._bias, code))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("PreparedLSTM is immutable: prepare new weights instead")
 
     def __reduce__(self):
-        return (PreparedLSTM, (self._kernel, self._recurrent_kernel, self._bias, *self.activations))
+        return (PreparedLSTM, (self._kernel, self._recurrent_kernel, self._bias, *self.activations, self.precision))
 
     @property
     def activations(self) -> tuple[str, str]:
         """(activation, recurrent_activation) by Keras's names."""
         names = {v: k for k, v in ACTIVATIONS.items()}
         return names[self._acts[0]], names[self._acts[1]]
+
+    @property
+    def precision(self) -> str:
+        """The products' precision the weights were packed for ("float32" or "bfloat16")."""
+        return str(self._core.precision)
 
     @property
     def kernel(self) -> np.ndarray:
@@ -105,7 +125,8 @@ class PreparedLSTM:
         return int(self._core.nbytes)
 
     def __repr__(self) -> str:
-        return f"PreparedLSTM(input_size={self.input_size}, units={self.units}, dtype={self.dtype})"
+        extra = ", precision='bfloat16'" if self.precision == "bfloat16" else ""
+        return f"PreparedLSTM(input_size={self.input_size}, units={self.units}, dtype={self.dtype}{extra})"
 
     def infer(
         self,
@@ -169,7 +190,12 @@ class PreparedLSTM:
 
 
 def prepare(
-    kernel, recurrent_kernel, bias=None, activation: str = "tanh", recurrent_activation: str = "sigmoid"
+    kernel,
+    recurrent_kernel,
+    bias=None,
+    activation: str = "tanh",
+    recurrent_activation: str = "sigmoid",
+    precision: str = "float32",
 ) -> PreparedLSTM:
     """Pack LSTM weights once for fast repeated inference.
 
@@ -178,10 +204,12 @@ def prepare(
     kernel : array [E, 4H]; recurrent_kernel : array [H, 4H]; bias : array [4H] or None
         Keras layout, gate order i, f, c, o (as ``lstm_forward``), float32 or float64.
     activation, recurrent_activation : the activations ``infer`` computes (as ``lstm_forward``)
+    precision : "float32" or "bfloat16": the products' precision (as ``lstm_forward``); the
+        weights are packed as bfloat16 once, half the bytes each step streams.
 
     Returns
     -------
     PreparedLSTM, whose ``infer(x, h0=None, c0=None, lengths=None, return_sequences=True)``
     returns ``(outputs, h_n, c_n)``.
     """
-    return PreparedLSTM(kernel, recurrent_kernel, bias, activation, recurrent_activation)
+    return PreparedLSTM(kernel, recurrent_kernel, bias, activation, recurrent_activation, precision)

@@ -6,9 +6,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import LstmGrads, activation_code, check_forward, check_step_mask, check_upstream
+from ._checks import LstmGrads, activation_code, check_forward, check_step_mask, check_upstream, precision_code
 
-__all__ = ["lstm_forward", "lstm_backward", "sigmoid", "flip_valid"]
+__all__ = ["lstm_forward", "lstm_backward", "sigmoid", "flip_valid", "round_bf16"]
+
+
+def round_bf16(a) -> np.ndarray:
+    """a rounded to bfloat16 as the kernel rounds its products' operands, in a's dtype: through
+    float32, to nearest even; float32 denormals become signed zeros and NaN stays NaN."""
+    a = np.asarray(a)
+    f = np.ascontiguousarray(a, np.float32)
+    u = f.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    r = np.where((u & 0x7F800000) == 0, (u >> 16) & 0x8000, r)
+    r = np.where(np.isnan(f), (u >> 16) | 0x40, r)
+    return (r.astype(np.uint32) << 16).view(np.float32).astype(a.dtype)
+
+
+def _products(precision: str):
+    """The matrix product with the kernel's operand precision."""
+    if precision_code(precision):
+        return lambda a, b: round_bf16(a) @ round_bf16(b)
+    return lambda a, b: a @ b
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -58,15 +77,28 @@ def lstm_forward(
     recurrent_masks=None,
     mask=None,
     step_valid=None,
+    precision: str = "float32",
 ):
     """NumPy reference of :func:`fusedlstm.lstm_forward` (same arguments and results).
-    (step_valid: internal, the [B, T] valid steps of a mask with holes.)"""
+    (step_valid: internal, the [B, T] valid steps of a mask with holes.) With
+    precision="bfloat16" every product's operands are rounded by ``round_bf16`` and the rest
+    runs in the arrays' dtype: given float64 copies of float32 inputs, it is the kernel's
+    rounding with exact sums, the oracle for its bfloat16 results."""
+    mm = _products(precision)
     a = check_forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     if mask is not None:
         lengths, step_mask = check_step_mask(mask, a.lengths, a.B, a.T)
         if step_mask is not None:
             return _masked_forward(
-                a, step_mask, training, return_sequences, reverse, activation, recurrent_activation, recurrent_masks
+                a,
+                step_mask,
+                training,
+                return_sequences,
+                reverse,
+                activation,
+                recurrent_activation,
+                recurrent_masks,
+                precision,
             )
         a = a._replace(lengths=lengths)
     acts = (activation_code("activation", activation), activation_code("recurrent_activation", recurrent_activation))
@@ -83,6 +115,7 @@ def lstm_forward(
             activation=activation,
             recurrent_activation=recurrent_activation,
             recurrent_masks=recurrent_masks,
+            precision=precision,
         )
         if cache is not None:
             cache["reverse"] = a.lengths
@@ -100,9 +133,9 @@ def lstm_forward(
     steps = []
     for t in range(T):
         if masks is None:
-            z = a.x[:, t] @ W + h @ R + b
+            z = mm(a.x[:, t], W) + mm(h, R) + b
         else:  # gate k's product reads h ⊙ masks[k]
-            z = a.x[:, t] @ W + b + np.concatenate([(h * masks[k]) @ R[:, k * H : (k + 1) * H] for k in range(4)], 1)
+            z = mm(a.x[:, t], W) + np.concatenate([mm(h * masks[k], R[:, k * H : (k + 1) * H]) for k in range(4)], 1) + b
         i = rec(z[:, :H])
         f = rec(z[:, H : 2 * H])
         g = act(z[:, 2 * H : 3 * H])
@@ -125,11 +158,14 @@ def lstm_forward(
             "dtype": dt,
             "acts": acts,
             "masks": masks,
+            "precision": precision,
         }
     return (outputs if return_sequences else None), h, c, cache
 
 
-def _masked_forward(a, step_mask, training, return_sequences, reverse, activation, recurrent_activation, masks):
+def _masked_forward(
+    a, step_mask, training, return_sequences, reverse, activation, recurrent_activation, masks, precision
+):
     """A mask with holes: the forward pass over the valid steps (invalid ones carry the state);
     a reverse pass over the positions T-1 ... 0, its outputs flipped back."""
     valid = step_mask.astype(bool)
@@ -148,6 +184,7 @@ def _masked_forward(a, step_mask, training, return_sequences, reverse, activatio
         recurrent_activation=recurrent_activation,
         recurrent_masks=masks,
         step_valid=v,
+        precision=precision,
     )
     if cache is not None and reverse:
         cache["flip_all"] = True
@@ -180,6 +217,7 @@ def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool =
     act, d_act = _ACTS[cache["acts"][0]]
     d_rec = _ACTS[cache["acts"][1]][1]
     masks = cache["masks"]
+    mm = _products(cache.get("precision", "float32"))
     dh = d_h_n.copy() if d_h_n is not None else np.zeros((B, H), dt)
     dc = d_c_n.copy() if d_c_n is not None else np.zeros((B, H), dt)
     dx = np.zeros((B, T, E), dt)
@@ -195,19 +233,19 @@ def lstm_backward(cache, d_outputs=None, d_h_n=None, d_c_n=None, need_dx: bool =
         )
         dz = np.where(valid, dz, 0)
         # Padded steps contribute exactly nothing, even where their data is NaN or Inf.
-        dW += np.where(valid, x[:, t], 0).T @ dz
+        dW += mm(np.where(valid, x[:, t], 0).T, dz)
         hp = np.where(valid, h_prev, 0)
         if masks is None:
-            dR += hp.T @ dz
-            dh_prev = dz @ R.T
+            dR += mm(hp.T, dz)
+            dh_prev = mm(dz, R.T)
         else:
             dh_prev = 0
             for k in range(4):
                 cols = slice(k * H, (k + 1) * H)
-                dR[:, cols] += (hp * masks[k]).T @ dz[:, cols]
-                dh_prev = dh_prev + (dz[:, cols] @ R[:, cols].T) * masks[k]
+                dR[:, cols] += mm((hp * masks[k]).T, dz[:, cols])
+                dh_prev = dh_prev + mm(dz[:, cols], R[:, cols].T) * masks[k]
         db += dz.sum(axis=0)
-        dx[:, t] = np.where(valid, dz @ W.T, 0)
+        dx[:, t] = np.where(valid, mm(dz, W.T), 0)
         dh = np.where(valid, dh_prev, dh)
         dc = np.where(valid, dc_t * f, dc)
     return LstmGrads(dx if need_dx else None, dW, dR, db, dh, dc)

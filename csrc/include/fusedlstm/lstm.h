@@ -43,6 +43,13 @@ enum class Activation : int32_t {
   kHardSigmoid = 4
 };
 
+// The precision of the products (the GEMMs): float32 (Scalar's own, the default), or bfloat16
+// operands with float32 sums, for Scalar = float only. With bfloat16, x, h, the weights and dZ
+// are rounded to bfloat16 as they are packed for a product; the gate math, the cell state, the
+// outputs and every gradient stay float32 (mixed precision with float32 master weights). The
+// CPU kernels need AVX512_BF16 for it (csrc/cpu/gemm_bf16.h says which engine runs).
+enum class Precision : int32_t { kFloat32 = 0, kBfloat16 = 1 };
+
 struct LstmShape {
   int64_t T = 0;  // time steps
   int64_t N = 0;  // batch rows
@@ -52,12 +59,14 @@ struct LstmShape {
 
 // Elements of Scalar the forward pass needs as scratch (valid for both modes; contents undefined
 // on entry and exit).
-int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse = false);
+int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse = false,
+                             Precision precision = Precision::kFloat32);
 // Elements of Scalar the training cache holds (what backward reads). 0 is never returned for a
 // shape with N*T > 0.
 int64_t CacheSize(const LstmShape& s);
 // Elements of Scalar the backward pass needs as scratch (more with recurrent masks).
-int64_t BackwardWorkspaceSize(const LstmShape& s, bool recurrent_masks = false);
+int64_t BackwardWorkspaceSize(const LstmShape& s, bool recurrent_masks = false,
+                              Precision precision = Precision::kFloat32);
 
 template <typename Scalar>
 struct ForwardArgs {
@@ -94,6 +103,7 @@ struct ForwardArgs {
   // holes); given instead of lengths. Invalid steps are as padded ones (state carried, output
   // zero, nothing read); a reverse pass reads positions T-1 ... 0.
   const uint8_t* step_mask = nullptr;
+  Precision precision = Precision::kFloat32;  // of the products (workspace sized for it)
 };
 
 template <typename Scalar>
@@ -122,6 +132,7 @@ struct BackwardArgs {
   Activation recurrent_activation = Activation::kSigmoid;
   const Scalar* recurrent_masks = nullptr;  // the forward's, or nullptr as it had none
   const uint8_t* step_mask = nullptr;       // the forward's
+  Precision precision = Precision::kFloat32;  // the forward's (workspace sized for it)
 };
 
 // -- CPU kernels (csrc/cpu) -----------------------------------------------------------------

@@ -21,13 +21,16 @@
 
 namespace fusedlstm {
 
-// Elements of Scalar in a prepared-weights buffer for C input features and H units.
+// Elements of Scalar in a prepared-weights buffer for C input features and H units. Weights
+// prepared for bfloat16 products (Scalar = float) are packed as bfloat16; LstmInfer must be
+// called with the precision they were prepared for.
 template <typename Scalar>
-int64_t PreparedWeightsSize(int64_t C, int64_t H);
+int64_t PreparedWeightsSize(int64_t C, int64_t H, Precision precision = Precision::kFloat32);
 
 template <typename Scalar>
 void PrepareWeights(const CpuDevice& device, int64_t C, int64_t H, const Scalar* kernel,
-                    const Scalar* recurrent_kernel, const Scalar* bias, Scalar* prepared);
+                    const Scalar* recurrent_kernel, const Scalar* bias, Scalar* prepared,
+                    Precision precision = Precision::kFloat32);
 
 // Elements of Scalar LstmInfer needs as scratch.
 template <typename Scalar>
@@ -49,6 +52,7 @@ struct InferArgs {
   Activation activation = Activation::kTanh;  // as ForwardArgs
   Activation recurrent_activation = Activation::kSigmoid;
   const uint8_t* step_mask = nullptr;  // as ForwardArgs::step_mask
+  Precision precision = Precision::kFloat32;  // the one the weights were prepared for
 };
 
 // No output may alias an input or another output; arguments are trusted (adapters validate).

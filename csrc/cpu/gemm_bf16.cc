@@ -1,0 +1,520 @@
+// bfloat16 GEMMs (gemm_bf16.h). Every function using AVX-512 or AMX carries its own target
+// attribute, and only Bf16Active() lets a caller reach one, so the file is built with the
+// library's baseline flags and the portable build still imports on any x86-64 CPU.
+#include "gemm_bf16.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDLSTM_BF16_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace fusedlstm {
+
+namespace {
+
+inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+constexpr int64_t kPanel = 16;  // columns per packed panel (one vector of float32 sums)
+constexpr int64_t kKBlock = 32;  // K rounding: one AMX tile's depth
+
+uint32_t Bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+std::atomic<int32_t> g_engine{-1};  // the active engine, -1 until detected
+std::once_flag g_detect_once;
+Bf16Engine g_available = Bf16Engine::kNone;
+const char* g_missing = "";
+
+#ifdef FUSEDLSTM_BF16_X86
+void Detect() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    g_missing = "AVX512_BF16 (no CPUID leaf 7)";
+    return;
+  }
+  const bool avx512 = (b >> 16 & 1) && (b >> 17 & 1) && (b >> 30 & 1) && (b >> 31 & 1);
+  const bool amx = (d >> 22 & 1) && (d >> 24 & 1);
+  unsigned a1 = 0, b1, c1, d1;
+  __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+  const bool bf16 = a1 >> 5 & 1;
+  unsigned ca, cb, cc, cd;
+  __get_cpuid(1, &ca, &cb, &cc, &cd);
+  uint64_t xcr0 = 0;
+  if (cc >> 27 & 1) {  // OSXSAVE: the OS saves extended state, xgetbv is allowed
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = (uint64_t(hi) << 32) | lo;
+  }
+  const bool os_zmm = (xcr0 & 0xE6) == 0xE6;
+  if (!(avx512 && bf16)) {
+    g_missing = "AVX512_BF16 (the CPU lacks the instruction set)";
+    return;
+  }
+  if (!os_zmm) {
+    g_missing = "AVX512_BF16 (the OS does not enable AVX-512 state)";
+    return;
+  }
+  g_available = Bf16Engine::kAvx512;
+  // AMX: tile state enabled in XCR0 and this process allowed to use it (Linux asks for it).
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  if (amx && (xcr0 & 0x60000) == 0x60000 &&
+      syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0) {
+    g_available = Bf16Engine::kAmx;
+  }
+}
+#else
+void Detect() { g_missing = "AVX512_BF16 (not an x86-64 build)"; }
+#endif
+
+void EnsureDetected() {
+  std::call_once(g_detect_once, [] {
+    Detect();
+    g_engine.store(static_cast<int32_t>(g_available));
+  });
+}
+
+}  // namespace
+
+Bf16Engine Bf16Available() {
+  EnsureDetected();
+  return g_available;
+}
+
+Bf16Engine Bf16Active() {
+  EnsureDetected();
+  return static_cast<Bf16Engine>(g_engine.load(std::memory_order_relaxed));
+}
+
+bool SetBf16Engine(Bf16Engine e) {
+  EnsureDetected();
+  if (static_cast<int32_t>(e) > static_cast<int32_t>(g_available)) return false;
+  g_engine.store(static_cast<int32_t>(e));
+  return true;
+}
+
+const char* Bf16Missing() {
+  EnsureDetected();
+  return g_missing;
+}
+
+uint16_t FloatToBf16(float x) {
+  const uint32_t u = Bits(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000);  // denormal: ±0
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+int64_t PackedRhsBf16Size(int64_t K, int64_t N) { return RoundUp(K, kKBlock) * RoundUp(N, 32); }
+
+#ifdef FUSEDLSTM_BF16_X86
+
+#define FUSEDLSTM_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define FUSEDLSTM_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+
+namespace {
+
+// 16 floats at rows k and k + 1 → 16 (k, k+1) pairs, k's value in the low half.
+FUSEDLSTM_AVX512BF16 inline __m512i Pairs(__m512 lo, __m512 hi) {
+  const __m256i l = (__m256i)_mm512_cvtneps_pbh(lo), h = (__m256i)_mm512_cvtneps_pbh(hi);
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(l), _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// r[i] lane j → r[j] lane i, for 16 vectors of 16 32-bit lanes.
+FUSEDLSTM_AVX512BF16 inline void Transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // u[4q + e], 128-bit lane L: rows 4q..4q+3 of column 4L + e.
+  for (int e = 0; e < 4; ++e) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
+    r[e] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[e + 8] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[e + 4] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[e + 12] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+// One panel of 16 columns of B, column j's source at src_col[j] (-1: zero), B(k, col) =
+// b[k·rs + col·cs], into out ([Kp/2][16][2]).
+FUSEDLSTM_AVX512BF16 void PackPanel(const float* b, int64_t rs, int64_t cs, int64_t K,
+                                    const int64_t* src_col, uint16_t* out) {
+  const int64_t Kp = RoundUp(K, kKBlock);
+  bool contiguous = src_col[0] >= 0;
+  for (int j = 1; j < 16 && contiguous; ++j) contiguous = src_col[j] == src_col[0] + j;
+  int64_t k = 0;
+  if (contiguous && cs == 1) {  // rows of 16 floats: pairs of rows interleaved
+    for (; k + 2 <= K; k += 2) {
+      const __m512 lo = _mm512_loadu_ps(b + k * rs + src_col[0]);
+      const __m512 hi = _mm512_loadu_ps(b + (k + 1) * rs + src_col[0]);
+      _mm512_storeu_si512(out + k * 16, Pairs(lo, hi));
+    }
+  } else if (contiguous && rs == 1) {  // columns of K floats: 32 k of 16 columns, transposed
+    for (; k + 32 <= K; k += 32) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) {
+        const float* col = b + (src_col[0] + j) * cs + k;
+        r[j] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(col + 16), _mm512_loadu_ps(col));
+      }
+      Transpose16(r);  // r[p]: pair p of each column
+      for (int p = 0; p < 16; ++p) _mm512_storeu_si512(out + (k + 2 * p) * 16, r[p]);
+    }
+  }
+  for (; k < Kp; k += 2) {  // the rest, element by element; zero past K and at -1 columns
+    for (int j = 0; j < 16; ++j) {
+      const int64_t col = src_col[j];
+      const bool ok = col >= 0;
+      out[k * 16 + 2 * j] = ok && k < K ? FloatToBf16(b[k * rs + col * cs]) : 0;
+      out[k * 16 + 2 * j + 1] = ok && k + 1 < K ? FloatToBf16(b[(k + 1) * rs + col * cs]) : 0;
+    }
+  }
+}
+
+// Rows [0, M) of A (A(m, k) = a[m·ars + k·acs]) as bfloat16 rows of Kp, rows up to Mp zero.
+FUSEDLSTM_AVX512BF16 void PackLhs(int64_t M, int64_t Mp, int64_t K, const float* a, int64_t ars,
+                                  int64_t acs, uint16_t* out) {
+  const int64_t Kp = RoundUp(K, kKBlock);
+  int64_t m = 0;
+  if (ars == 1 && acs != 1) {  // columns of A contiguous: blocks of 16 rows × 32 k, transposed
+    for (; m + 16 <= M; m += 16) {
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32) {
+        __m512i r[16];
+        for (int p = 0; p < 16; ++p) {
+          r[p] = Pairs(_mm512_loadu_ps(a + m + (k + 2 * p) * acs),
+                       _mm512_loadu_ps(a + m + (k + 2 * p + 1) * acs));
+        }
+        Transpose16(r);  // r[i]: row m + i's 16 pairs
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (m + i) * Kp + k, r[i]);
+      }
+      for (int i = 0; i < 16; ++i) {
+        uint16_t* row = out + (m + i) * Kp;
+        for (int64_t kk = k; kk < Kp; ++kk) {
+          row[kk] = kk < K ? FloatToBf16(a[(m + i) + kk * acs]) : 0;
+        }
+      }
+    }
+  }
+  for (; m < M; ++m) {
+    uint16_t* row = out + m * Kp;
+    const float* src = a + m * ars;
+    int64_t k = 0;
+    if (acs == 1) {
+      for (; k + 32 <= K; k += 32) {
+        _mm512_storeu_si512(row + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16),
+                                                                   _mm512_loadu_ps(src + k)));
+      }
+    }
+    for (; k < Kp; ++k) row[k] = k < K ? FloatToBf16(src[k * acs]) : 0;
+  }
+  if (Mp > M) std::memset(out + M * Kp, 0, sizeof(uint16_t) * (Mp - M) * Kp);
+}
+
+inline __mmask16 ColMask(int64_t valid) {
+  return valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << std::max<int64_t>(valid, 0)) - 1);
+}
+
+FUSEDLSTM_AVX512BF16 inline void StoreSums(__m512 sum, float* c, __mmask16 mask, bool accumulate) {
+  if (accumulate) sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), sum);
+  _mm512_mask_storeu_ps(c, mask, sum);
+}
+
+// VDPBF16PS: rows [0, MR) of the packed A (rows Kp apart) × NP panels from `panel` (Kp·16
+// apart), into c (column 0 of the first panel), `valid` columns from there.
+template <int MR, int NP>
+FUSEDLSTM_AVX512BF16 void DotBlock(int64_t Kp, const uint16_t* ap, const uint16_t* panel,
+                                   float* c, int64_t ldc, int64_t valid, bool accumulate) {
+  __m512 acc[MR][NP];
+  for (int r = 0; r < MR; ++r) {
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < Kp; k += 2) {
+    __m512bh bv[NP];
+    for (int p = 0; p < NP; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(panel + p * Kp * 16 + k * 16);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, ap + r * Kp + k, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], av, bv[p]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int p = 0; p < NP; ++p) {
+      StoreSums(acc[r][p], c + r * ldc + p * 16, ColMask(valid - p * 16), accumulate);
+    }
+  }
+}
+
+using DotFn = void (*)(int64_t, const uint16_t*, const uint16_t*, float*, int64_t, int64_t, bool);
+
+template <int MR>
+DotFn DotFor(int np) {
+  switch (np) {
+    case 1:
+      return DotBlock<MR, 1>;
+    case 2:
+      return DotBlock<MR, 2>;
+    case 3:
+      return DotBlock<MR, 3>;
+    case 4:
+      return DotBlock<MR, 4>;
+    default:
+      return nullptr;
+  }
+}
+
+DotFn DotKernel(int mr, int np) {
+  switch (mr) {
+    case 1:
+      return DotFor<1>(np);
+    case 2:
+      return DotFor<2>(np);
+    case 3:
+      return DotFor<3>(np);
+    case 4:
+      return DotFor<4>(np);
+    case 5:
+      return DotFor<5>(np);
+    case 6:
+      return DotFor<6>(np);
+    default:
+      return nullptr;
+  }
+}
+
+// Panels [q0, q1) for all M rows of the packed A: blocks of 6 rows × 2 panels (12 sums in
+// registers), or, with fewer rows, more panels per pass (independent accumulation chains).
+FUSEDLSTM_AVX512BF16 void DotGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uint16_t* bp,
+                                  int64_t q0, int64_t q1, int64_t N, float* c, int64_t ldc,
+                                  bool accumulate) {
+  for (int64_t m = 0; m < M; m += 6) {
+    const int mr = static_cast<int>(std::min<int64_t>(6, M - m));
+    const int np_max = mr <= 2 ? 4 : 2;
+    for (int64_t q = q0; q < q1; q += np_max) {
+      const int np = static_cast<int>(std::min<int64_t>(np_max, q1 - q));
+      DotKernel(mr, np)(Kp, ap + m * Kp, bp + q * Kp * 16, c + m * ldc + q * 16, ldc, N - q * 16,
+                        accumulate);
+    }
+  }
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// AMX: row blocks of 32 (2 A tiles) × column blocks of 32 (2 B tiles), 4 accumulator tiles,
+// over all of K; the sums then go to C through a float buffer (masked at the edges).
+template <int RT, int CT>
+FUSEDLSTM_AMX void TileBlock(int64_t Kp, const uint16_t* ap, const uint16_t* panel, float* c,
+                             int64_t ldc, int64_t rows, int64_t valid, bool accumulate) {
+  _tile_zero(0);
+  if (CT > 1) _tile_zero(1);
+  if (RT > 1) _tile_zero(2);
+  if (RT > 1 && CT > 1) _tile_zero(3);
+  const int64_t a_stride = Kp * 2;
+  for (int64_t k = 0; k < Kp; k += kKBlock) {
+    _tile_loadd(4, ap + k, a_stride);
+    _tile_loadd(6, panel + k * 16, 64);
+    if (CT > 1) _tile_loadd(7, panel + Kp * 16 + k * 16, 64);
+    if (RT > 1) _tile_loadd(5, ap + 16 * Kp + k, a_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    if (CT > 1) _tile_dpbf16ps(1, 4, 7);
+    if (RT > 1) _tile_dpbf16ps(2, 5, 6);
+    if (RT > 1 && CT > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float sums[4][16 * 16];
+  _tile_stored(0, sums[0], 64);
+  if (CT > 1) _tile_stored(1, sums[1], 64);
+  if (RT > 1) _tile_stored(2, sums[2], 64);
+  if (RT > 1 && CT > 1) _tile_stored(3, sums[3], 64);
+  for (int rt = 0; rt < RT; ++rt) {
+    for (int64_t r = 0; r < std::min<int64_t>(16, rows - 16 * rt); ++r) {
+      for (int ct = 0; ct < CT; ++ct) {
+        StoreSums(_mm512_load_ps(sums[2 * rt + ct] + r * 16), c + (16 * rt + r) * ldc + 16 * ct,
+                  ColMask(valid - 16 * ct), accumulate);
+      }
+    }
+  }
+}
+
+FUSEDLSTM_AMX void TileGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uint16_t* bp,
+                            int64_t q0, int64_t q1, int64_t N, float* c, int64_t ldc,
+                            bool accumulate) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  for (int64_t m = 0; m < M; m += 32) {
+    const int64_t rows = std::min<int64_t>(32, M - m);
+    for (int64_t q = q0; q < q1; q += 2) {
+      const uint16_t* a = ap + m * Kp;
+      const uint16_t* b = bp + q * Kp * 16;
+      float* cb = c + m * ldc + q * 16;
+      const int64_t valid = N - q * 16;
+      if (rows > 16 && q + 1 < q1) {
+        TileBlock<2, 2>(Kp, a, b, cb, ldc, rows, valid, accumulate);
+      } else if (rows > 16) {
+        TileBlock<2, 1>(Kp, a, b, cb, ldc, rows, valid, accumulate);
+      } else if (q + 1 < q1) {
+        TileBlock<1, 2>(Kp, a, b, cb, ldc, rows, valid, accumulate);
+      } else {
+        TileBlock<1, 1>(Kp, a, b, cb, ldc, rows, valid, accumulate);
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+void PackRhsBf16(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, int64_t n0,
+                 int64_t n1, uint16_t* out) {
+  const int64_t Kp = RoundUp(K, kKBlock), end = RoundUp(std::min(n1, RoundUp(N, 32)), kPanel);
+  for (int64_t q = n0 / kPanel; q * kPanel < end; ++q) {
+    int64_t cols[16];
+    for (int j = 0; j < 16; ++j) cols[j] = q * kPanel + j < N ? q * kPanel + j : -1;
+    PackPanel(b, rs, cs, K, cols, out + q * Kp * kPanel);
+  }
+}
+
+void PackGatePanelBf16(const float* w, int64_t K, int64_t H, int64_t panel, uint16_t* out) {
+  constexpr int64_t U = 16;  // gemm.h's kGateGroupUnits<float>
+  const int64_t Kp = RoundUp(K, kKBlock), G = 4 * H;
+  for (int64_t half = 0; half < 2; ++half) {
+    int64_t cols[16];
+    for (int j = 0; j < 16; ++j) {
+      const int64_t col = panel * 32 + half * 16 + j;  // column in the grouped order
+      const int64_t q = col / (4 * U), u = std::min<int64_t>(U, H - q * U);
+      const int64_t within = col - q * 4 * U, g = u > 0 ? within / u : 4;
+      cols[j] = col < G && g < 4 ? g * H + q * U + (within - g * u) : -1;
+    }
+    PackPanel(w, G, 1, K, cols, out + (panel * 2 + half) * Kp * kPanel);
+  }
+}
+
+void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_begin,
+              int64_t col_end, const float* a, int64_t ars, int64_t acs, const uint16_t* packed_b,
+              float* c, int64_t ldc, bool accumulate) {
+  col_end = std::min(col_end, N);
+  if (M <= 0 || col_end <= col_begin) return;
+  const int64_t Kp = RoundUp(K, kKBlock);
+  const bool amx = engine == Bf16Engine::kAmx;
+  const int64_t Mp = amx ? RoundUp(M, 16) : M;
+  thread_local std::vector<uint16_t> apack;
+  if (static_cast<int64_t>(apack.size()) < Mp * Kp) apack.resize(Mp * Kp);
+  PackLhs(M, Mp, K, a, ars, acs, apack.data());
+  const int64_t q0 = col_begin / kPanel, q1 = (col_end + kPanel - 1) / kPanel;
+  if (amx) {
+    TileGemm(M, Kp, apack.data(), packed_b, q0, q1, col_end, c, ldc, accumulate);
+  } else {
+    DotGemm(M, Kp, apack.data(), packed_b, q0, q1, col_end, c, ldc, accumulate);
+  }
+}
+
+namespace {
+
+FUSEDLSTM_AVX512BF16 double DotPeak(double seconds) {
+  constexpr int kAcc = 16;
+  __m512 acc[kAcc];
+  for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_set1_ps(1e-3f * i);
+  const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = a;  // pairs of 1.0
+  int64_t iters = 0;
+  const auto start = std::chrono::steady_clock::now();
+  double elapsed = 0;
+  do {
+    for (int64_t k = 0; k < (1 << 20); ++k) {
+      for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+      __asm__ volatile("" : "+v"(acc[0]));  // keep the chains live
+    }
+    iters += 1 << 20;
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  } while (elapsed < seconds);
+  float sink = 0;
+  for (int i = 0; i < kAcc; ++i) sink += _mm512_reduce_add_ps(acc[i]);
+  volatile float keep = sink;
+  (void)keep;
+  return 2.0 * 32 * kAcc * double(iters) / elapsed;  // 32 products per instruction
+}
+
+FUSEDLSTM_AMX double TilePeak(double seconds) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) static const uint16_t zeros[16 * 32] = {};
+  _tile_loadd(4, zeros, 64);
+  _tile_loadd(6, zeros, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  int64_t iters = 0;
+  const auto start = std::chrono::steady_clock::now();
+  double elapsed = 0;
+  do {
+    for (int64_t k = 0; k < (1 << 16); ++k) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_dpbf16ps(2, 4, 6);
+      _tile_dpbf16ps(3, 4, 6);
+    }
+    iters += 4 << 16;
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  } while (elapsed < seconds);
+  _tile_release();
+  return 2.0 * 16 * 16 * 32 * double(iters) / elapsed;
+}
+
+}  // namespace
+
+double Bf16DotPeakFlopsOneThread(double seconds) {
+  return Bf16Available() == Bf16Engine::kNone ? 0.0 : DotPeak(seconds);
+}
+
+double AmxPeakFlopsOneThread(double seconds) {
+  return Bf16Available() == Bf16Engine::kAmx ? TilePeak(seconds) : 0.0;
+}
+
+#else  // not x86-64: no engine; nothing below can be reached (Bf16Active() is kNone)
+
+void PackRhsBf16(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+void PackGatePanelBf16(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
+void GemmBf16(Bf16Engine, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+              int64_t, const uint16_t*, float*, int64_t, bool) {}
+double Bf16DotPeakFlopsOneThread(double) { return 0.0; }
+double AmxPeakFlopsOneThread(double) { return 0.0; }
+
+#endif
+
+}  // namespace fusedlstm
