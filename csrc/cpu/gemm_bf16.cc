@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -24,7 +26,22 @@ namespace {
 
 inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-constexpr int64_t kPanel = 16;  // columns per packed panel (one vector of float32 sums)
+// 64-byte-aligned storage (tile stores and aligned loads of partial sums).
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const AlignedAllocator&) const { return true; }
+  bool operator!=(const AlignedAllocator&) const { return false; }
+};
+
+constexpr int64_t kPanel = 16;   // columns per packed panel (one vector of float32 sums)
 constexpr int64_t kKBlock = 32;  // K rounding: one AMX tile's depth
 
 uint32_t Bits(float x) {
@@ -227,7 +244,7 @@ FUSEDLSTM_AVX512BF16 void PackLhs(int64_t M, int64_t Mp, int64_t K, const float*
     if (acs == 1) {
       for (; k + 32 <= K; k += 32) {
         _mm512_storeu_si512(row + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16),
-                                                                   _mm512_loadu_ps(src + k)));
+                                                                  _mm512_loadu_ps(src + k)));
       }
     }
     for (; k < Kp; ++k) row[k] = k < K ? FloatToBf16(src[k * acs]) : 0;
@@ -247,8 +264,8 @@ FUSEDLSTM_AVX512BF16 inline void StoreSums(__m512 sum, float* c, __mmask16 mask,
 // VDPBF16PS: rows [0, MR) of the packed A (rows Kp apart) × NP panels from `panel` (Kp·16
 // apart), into c (column 0 of the first panel), `valid` columns from there.
 template <int MR, int NP>
-FUSEDLSTM_AVX512BF16 void DotBlock(int64_t Kp, const uint16_t* ap, const uint16_t* panel,
-                                   float* c, int64_t ldc, int64_t valid, bool accumulate) {
+FUSEDLSTM_AVX512BF16 void DotBlock(int64_t Kp, const uint16_t* ap, const uint16_t* panel, float* c,
+                                   int64_t ldc, int64_t valid, bool accumulate) {
   __m512 acc[MR][NP];
   for (int r = 0; r < MR; ++r) {
     for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
@@ -329,40 +346,109 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-// AMX: row blocks of 32 (2 A tiles) × column blocks of 32 (2 B tiles), 4 accumulator tiles,
-// over all of K; the sums then go to C through a float buffer (masked at the edges).
+// Tiles of B (and rows of A) are prefetched this many depth steps ahead of their loads: a tile
+// load waits on its register's previous products (tiles are not renamed), so a miss to L2 is
+// never hidden otherwise.
+constexpr int64_t kPrefetch = 2;
+// AMX: blocks of 32 rows (2 A tiles) × 32 columns (2 B tiles), 4 accumulator tiles, over
+// depth [k0, k1). The first depth block starts from zero or, accumulating, from C itself; a
+// later one from `part`, where the previous block left its sums (stored exactly as float32, so
+// blocking the depth cannot change a result). The last block writes C. A whole block moves
+// between C and the tiles directly; one at the edges (fewer rows or columns) goes through
+// `part`, masked, with the same arithmetic, so how rows are split into calls changes nothing.
 template <int RT, int CT>
-FUSEDLSTM_AMX void TileBlock(int64_t Kp, const uint16_t* ap, const uint16_t* panel, float* c,
+FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t k0, int64_t k1, const uint16_t* ap,
+                             const uint16_t* panel, float* part, bool first, bool last, float* c,
                              int64_t ldc, int64_t rows, int64_t valid, bool accumulate) {
-  _tile_zero(0);
-  if (CT > 1) _tile_zero(1);
-  if (RT > 1) _tile_zero(2);
-  if (RT > 1 && CT > 1) _tile_zero(3);
+  const bool direct = rows >= 16 * RT && valid >= 16 * CT;
+  const int64_t c_stride = ldc * 4;
+  if (first && accumulate && !direct) {  // C's block into part, zeros past its edges
+    for (int rt = 0; rt < RT; ++rt) {
+      for (int64_t r = 0; r < 16; ++r) {
+        for (int ct = 0; ct < CT; ++ct) {
+          float* dst = part + (2 * rt + ct) * 256 + r * 16;
+          const __mmask16 m = r < rows - 16 * rt ? ColMask(valid - 16 * ct) : __mmask16(0);
+          _mm512_store_ps(dst, _mm512_maskz_loadu_ps(m, c + (16 * rt + r) * ldc + 16 * ct));
+        }
+      }
+    }
+  }
+  if (first && !accumulate) {
+    _tile_zero(0);
+    if (CT > 1) _tile_zero(1);
+    if (RT > 1) _tile_zero(2);
+    if (RT > 1 && CT > 1) _tile_zero(3);
+  } else if (first && direct) {
+    _tile_loadd(0, c, c_stride);
+    if (CT > 1) _tile_loadd(1, c + 16, c_stride);
+    if (RT > 1) _tile_loadd(2, c + 16 * ldc, c_stride);
+    if (RT > 1 && CT > 1) _tile_loadd(3, c + 16 * ldc + 16, c_stride);
+  } else {
+    _tile_loadd(0, part, 64);
+    if (CT > 1) _tile_loadd(1, part + 256, 64);
+    if (RT > 1) _tile_loadd(2, part + 512, 64);
+    if (RT > 1 && CT > 1) _tile_loadd(3, part + 768, 64);
+  }
   const int64_t a_stride = Kp * 2;
-  for (int64_t k = 0; k < Kp; k += kKBlock) {
+  for (int64_t k = k0; k < k1; k += kKBlock) {
+    {
+      const int64_t kn = k + kPrefetch * kKBlock;
+      if (kn < k1) {
+        for (int l = 0; l < 16; ++l) {
+          _mm_prefetch(reinterpret_cast<const char*>(panel + kn * 16 + l * 32), _MM_HINT_T0);
+          if (CT > 1) {
+            _mm_prefetch(reinterpret_cast<const char*>(panel + Kp * 16 + kn * 16 + l * 32),
+                         _MM_HINT_T0);
+          }
+          _mm_prefetch(reinterpret_cast<const char*>(ap + l * Kp + kn), _MM_HINT_T0);
+          if (RT > 1) {
+            _mm_prefetch(reinterpret_cast<const char*>(ap + (16 + l) * Kp + kn), _MM_HINT_T0);
+          }
+        }
+      }
+    }
+    // Each load just before its first product, so loads overlap products on other tiles.
     _tile_loadd(4, ap + k, a_stride);
     _tile_loadd(6, panel + k * 16, 64);
-    if (CT > 1) _tile_loadd(7, panel + Kp * 16 + k * 16, 64);
-    if (RT > 1) _tile_loadd(5, ap + 16 * Kp + k, a_stride);
     _tile_dpbf16ps(0, 4, 6);
-    if (CT > 1) _tile_dpbf16ps(1, 4, 7);
-    if (RT > 1) _tile_dpbf16ps(2, 5, 6);
-    if (RT > 1 && CT > 1) _tile_dpbf16ps(3, 5, 7);
+    if (CT > 1) {
+      _tile_loadd(7, panel + Kp * 16 + k * 16, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (RT > 1) {
+      _tile_loadd(5, ap + 16 * Kp + k, a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if (CT > 1) _tile_dpbf16ps(3, 5, 7);
+    }
   }
-  alignas(64) float sums[4][16 * 16];
-  _tile_stored(0, sums[0], 64);
-  if (CT > 1) _tile_stored(1, sums[1], 64);
-  if (RT > 1) _tile_stored(2, sums[2], 64);
-  if (RT > 1 && CT > 1) _tile_stored(3, sums[3], 64);
+  if (last && direct) {
+    _tile_stored(0, c, c_stride);
+    if (CT > 1) _tile_stored(1, c + 16, c_stride);
+    if (RT > 1) _tile_stored(2, c + 16 * ldc, c_stride);
+    if (RT > 1 && CT > 1) _tile_stored(3, c + 16 * ldc + 16, c_stride);
+    return;
+  }
+  _tile_stored(0, part, 64);
+  if (CT > 1) _tile_stored(1, part + 256, 64);
+  if (RT > 1) _tile_stored(2, part + 512, 64);
+  if (RT > 1 && CT > 1) _tile_stored(3, part + 768, 64);
+  if (!last) return;
   for (int rt = 0; rt < RT; ++rt) {
     for (int64_t r = 0; r < std::min<int64_t>(16, rows - 16 * rt); ++r) {
       for (int ct = 0; ct < CT; ++ct) {
-        StoreSums(_mm512_load_ps(sums[2 * rt + ct] + r * 16), c + (16 * rt + r) * ldc + 16 * ct,
-                  ColMask(valid - 16 * ct), accumulate);
+        StoreSums(_mm512_load_ps(part + (2 * rt + ct) * 256 + r * 16),
+                  c + (16 * rt + r) * ldc + 16 * ct, ColMask(valid - 16 * ct), false);
       }
     }
   }
 }
+
+// Depth blocks of kTileDepth (A's block of rows and B's of columns stay in L1/L2 while they
+// are reused). Within one, each pair of panels meets every row block of A in turn while A fits
+// L2 comfortably; beyond that (the hoisted products' long A) each row block of A meets every
+// pair of panels, B staying in L2.
+constexpr int64_t kTileDepth = 512;
+constexpr int64_t kRowsOuterBytes = 1 << 20;
 
 FUSEDLSTM_AMX void TileGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uint16_t* bp,
                             int64_t q0, int64_t q1, int64_t N, float* c, int64_t ldc,
@@ -373,21 +459,38 @@ FUSEDLSTM_AMX void TileGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uin
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
-  for (int64_t m = 0; m < M; m += 32) {
-    const int64_t rows = std::min<int64_t>(32, M - m);
-    for (int64_t q = q0; q < q1; q += 2) {
-      const uint16_t* a = ap + m * Kp;
+  const int64_t m_blocks = (M + 31) / 32, q_pairs = (q1 - q0 + 1) / 2;
+  const bool rows_outer = M * Kp * 2 > kRowsOuterBytes;
+  // One depth block: each block's sums pass through one buffer that stays in L1.
+  const bool one_pass = Kp <= kTileDepth;
+  alignas(64) float local[1024];
+  thread_local std::vector<float, AlignedAllocator<float>> parts;
+  const int64_t need = one_pass ? 0 : m_blocks * q_pairs * 1024;
+  if (static_cast<int64_t>(parts.size()) < need) parts.resize(need);
+  for (int64_t k0 = 0; k0 < Kp; k0 += kTileDepth) {
+    const int64_t k1 = std::min(Kp, k0 + kTileDepth);
+    const bool first = k0 == 0, last = k1 == Kp;
+    for (int64_t it = 0; it < q_pairs * m_blocks; ++it) {
+      const int64_t pq = rows_outer ? it % q_pairs : it / m_blocks;
+      const int64_t mb = rows_outer ? it / q_pairs : it % m_blocks;
+      const int64_t q = q0 + 2 * pq;
       const uint16_t* b = bp + q * Kp * 16;
-      float* cb = c + m * ldc + q * 16;
       const int64_t valid = N - q * 16;
-      if (rows > 16 && q + 1 < q1) {
-        TileBlock<2, 2>(Kp, a, b, cb, ldc, rows, valid, accumulate);
-      } else if (rows > 16) {
-        TileBlock<2, 1>(Kp, a, b, cb, ldc, rows, valid, accumulate);
-      } else if (q + 1 < q1) {
-        TileBlock<1, 2>(Kp, a, b, cb, ldc, rows, valid, accumulate);
-      } else {
-        TileBlock<1, 1>(Kp, a, b, cb, ldc, rows, valid, accumulate);
+      const bool two_cols = q + 1 < q1;
+      {
+        const int64_t m = 32 * mb, rows = std::min<int64_t>(32, M - m);
+        const uint16_t* a = ap + m * Kp;
+        float* cb = c + m * ldc + q * 16;
+        float* part = one_pass ? local : parts.data() + (mb * q_pairs + pq) * 1024;
+        if (rows > 16 && two_cols) {
+          TileBlock<2, 2>(Kp, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+        } else if (rows > 16) {
+          TileBlock<2, 1>(Kp, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+        } else if (two_cols) {
+          TileBlock<1, 2>(Kp, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+        } else {
+          TileBlock<1, 1>(Kp, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+        }
       }
     }
   }

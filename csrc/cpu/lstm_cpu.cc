@@ -411,14 +411,24 @@ struct Setup {
   Acts acts;
   Steps steps;
   template <typename Args>
-  Setup(const LstmShape& s, const Args& a)
+  Setup(const LstmShape& s, const Args& a, int threads)
       : masked(a.recurrent_masks != nullptr),
         grid(s, masked),
         products(Products::For<S>(a.precision)),
         ld(a.out_ld ? a.out_ld : s.H),
         gate_pack(products.PackSize<S>(s.H, s.H)),
         acts{a.activation, a.recurrent_activation},
-        steps{a.lengths, a.step_mask, s.T, a.reverse} {}
+        steps{a.lengths, a.step_mask, s.T, a.reverse} {
+    if (products.bf16()) Bf16RowBlocks(s, threads, &grid);
+  }
+  // bfloat16 whole-sequence tasks: as few row blocks as keep every thread busy (each streams
+  // the packed R once per step; a row's sums are the same in any block, so results do not
+  // depend on the thread count).
+  static void Bf16RowBlocks(const LstmShape& s, int threads, StepGrid* g) {
+    if (!g->whole_sequence) return;
+    g->row_parts =
+        std::max<int64_t>(1, std::min<int64_t>(s.N, std::max<int64_t>(threads, CeilDiv(s.N, 128))));
+  }
 };
 
 // The LSTM cell on m units, the step's one piece of arithmetic, shared by the training forward
@@ -475,8 +485,11 @@ constexpr int64_t kMinRowsPerTask = 8;                 // the micro-kernel's row
 // Step FLOPs a pipelined unit block must carry to pay for waiting on the previous step.
 constexpr double kMinPipelineBlockFlops = 1.0e5;
 
-inline bool HoistProjection(const LstmShape& s) {
-  return double(s.N) * double(s.T) * 4.0 * double(s.H) <= kHoistElements;
+// With bfloat16 products the hoisted projection pays off up to twice the size: without it every
+// step streams W in full through the tile loads.
+inline bool HoistProjection(const LstmShape& s, Precision precision = Precision::kFloat32) {
+  const double budget = precision == Precision::kBfloat16 ? 2 * kHoistElements : kHoistElements;
+  return double(s.N) * double(s.T) * 4.0 * double(s.H) <= budget;
 }
 
 template <typename S>
@@ -518,10 +531,13 @@ void PrepareInto(const CpuDevice& device, int64_t C, int64_t H, const S* kernel,
 
 struct InferGrid {
   int64_t row_parts = 1, unit_parts = 1;  // unit_parts > 1: pipelined unit blocks, all rows
-  InferGrid(const LstmShape& s, int threads, bool hoisted, int64_t group) {
+  InferGrid(const LstmShape& s, int threads, bool hoisted, int64_t group, bool bf16) {
     if (threads <= 1) return;
     row_parts = CeilDiv(s.N, kWholeSequenceRowBlock);
     if (row_parts > 1) row_parts = CeilDiv(row_parts, 4) * 4;
+    // bfloat16: one row block per thread, each streaming the packed weights once per step
+    // (rows are independent and each one's sums are the same in any block).
+    if (bf16) row_parts = std::min<int64_t>(row_parts, threads);
     row_parts = std::max<int64_t>(row_parts, std::min<int64_t>(threads, s.N / kMinRowsPerTask));
     row_parts = std::max<int64_t>(1, std::min<int64_t>(row_parts, s.N));
     if (row_parts >= threads) return;
@@ -567,7 +583,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   const int64_t NR = PanelWidth<S>(), panels = CeilDiv(G, NR);
   const Products products = Products::For<S>(a.precision);
   const PreparedView<S> pv(a.prepared, C, H, products);
-  const bool hoisted = HoistProjection(s);
+  const bool hoisted = HoistProjection(s, a.precision);
   const int64_t ld = a.out_ld ? a.out_ld : H;
   const Acts acts{a.activation, a.recurrent_activation};
   const Steps steps{a.lengths, a.step_mask, T, a.reverse};
@@ -649,7 +665,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   };
 
   const int64_t n_groups = CeilDiv(H, U);
-  const InferGrid grid(s, device.num_threads, hoisted, U);
+  const InferGrid grid(s, device.num_threads, hoisted, U, products.bf16());
   const double flops = 2.0 * N * T * double(H + (hoisted ? 0 : C)) * G;
   if (grid.unit_parts == 1) {
     ParallelFor(device, grid.row_parts, flops, [&](int64_t task) {
@@ -696,14 +712,13 @@ int64_t PreparedWeightsSize(int64_t C, int64_t H, Precision precision) {
 template <typename S>
 void PrepareWeights(const CpuDevice& device, int64_t C, int64_t H, const S* kernel,
                     const S* recurrent_kernel, const S* bias, S* prepared, Precision precision) {
-  PrepareInto(device, C, H, kernel, recurrent_kernel, bias, prepared,
-              Products::For<S>(precision));
+  PrepareInto(device, C, H, kernel, recurrent_kernel, bias, prepared, Products::For<S>(precision));
 }
 
 template <typename S>
-int64_t InferWorkspaceSize(const LstmShape& s, bool reverse) {
+int64_t InferWorkspaceSize(const LstmShape& s, bool reverse, Precision precision) {
   const int64_t G = 4 * s.H;
-  return (HoistProjection(s) ? s.N * s.T * G : s.N * G) + 2 * s.N * s.H +
+  return (HoistProjection(s, precision) ? s.N * s.T * G : s.N * G) + 2 * s.N * s.H +
          (reverse ? s.N * s.T * s.C : 0);
 }
 
@@ -712,8 +727,7 @@ void LstmInfer(const CpuDevice& device, const LstmShape& s, const InferArgs<S>& 
   LstmInferImpl(device, s, a);
 }
 
-int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse,
-                             Precision precision) {
+int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse, Precision precision) {
   const int64_t G = 4 * s.H;
   const StepGrid grid(s);
   const bool bf16 = precision == Precision::kBfloat16;
@@ -721,11 +735,11 @@ int64_t ForwardWorkspaceSize(const LstmShape& s, bool training, bool reverse,
   // masks), the masked-h rows and, for bfloat16, the packed W; everything else is in the cache.
   // Inference: prepared weights and LstmInfer's scratch (float's sizes bound double's).
   if (training) {
-    return G +
-           std::max(PackedSteps(s, grid, false, s.H, bf16).total(grid), PerGateSize(s, bf16)) +
+    return G + std::max(PackedSteps(s, grid, false, s.H, bf16).total(grid), PerGateSize(s, bf16)) +
            s.N * s.H + (bf16 ? Bf16PackFloats(s.C, G) : 0);
   }
-  return PreparedWeightsSize<float>(s.C, s.H, precision) + InferWorkspaceSize<float>(s, reverse);
+  return PreparedWeightsSize<float>(s.C, s.H, precision) +
+         InferWorkspaceSize<float>(s, reverse, precision);
 }
 
 int64_t CacheSize(const LstmShape& s) {
@@ -776,7 +790,7 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
     CopyOrZero(a.c_n, a.c0, N * H);
     return;  // backward of an empty problem reads nothing from the cache
   }
-  const Setup<S> setup(s, a);
+  const Setup<S> setup(s, a, device.num_threads);
   const bool masked = setup.masked;
   const StepGrid& grid = setup.grid;
   const int64_t ld = setup.ld, gate_pack = setup.gate_pack;
@@ -839,9 +853,8 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
   CMapRM<S> W(w_src, C, G, Eigen::OuterStride<>(G));
   MapRM<S> Z(gates, N * T, G, Eigen::OuterStride<>(G));
   if (bf16 && C > 0) {
-    ParallelFor(device, PackTasks(G), double(C) * G, [&](int64_t task) {
-      products.PackTask<S>(w_src, G, 1, C, G, task, wpack);
-    });
+    ParallelFor(device, PackTasks(G), double(C) * G,
+                [&](int64_t task) { products.PackTask<S>(w_src, G, 1, C, G, task, wpack); });
   }
   ParallelFor(device, n_tiles + n_rpack + n_copies, 2.0 * N * T * C * G + double(C + H) * G,
               [&](int64_t task) {
@@ -852,8 +865,8 @@ void LstmForward(const CpuDevice& device, const LstmShape& s, const ForwardArgs<
                     std::memcpy(x_cache + r.begin * C, a.x + r.begin * C, sizeof(S) * r.size() * C);
                   }
                   if (bf16) {
-                    return products.Product<S>(r.size(), G, C, X.data() + r.begin * C, C, 1,
-                                               wpack, gates + r.begin * G, G);
+                    return products.Product<S>(r.size(), G, C, X.data() + r.begin * C, C, 1, wpack,
+                                               gates + r.begin * G, G);
                   }
                   Z.block(r.begin, c.begin, r.size(), c.size()).noalias() =
                       X.middleRows(r.begin, r.size()) * W.middleCols(c.begin, c.size());
@@ -970,7 +983,7 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     return;
   }
   CacheView<S> cv(a.cache, s);
-  const Setup<S> setup(s, a);
+  const Setup<S> setup(s, a, device.num_threads);
   const bool masked = setup.masked;
   const StepGrid& grid = setup.grid;
   const int64_t ld = setup.ld, gate_pack = setup.gate_pack;
@@ -989,7 +1002,8 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   S* drp = keras_order ? a.d_recurrent_kernel : a.workspace + C * G;
   S* dbp = keras_order ? a.d_bias : a.workspace + (C + H) * G;
   S* rtpack = a.workspace + (C + H + 1) * G;
-  const StepGrid bgrid = BackwardGemmGrid(s, masked);
+  StepGrid bgrid = BackwardGemmGrid(s, masked);
+  if (bf16) Setup<S>::Bf16RowBlocks(s, device.num_threads, &bgrid);
   const PackedSteps packed(s, bgrid, true, 4 * H, bf16);
   const int64_t packs = masked ? PerGateSize(s, bf16) : packed.total(bgrid);
   S* dh_gate = rtpack + (masked ? packs : 0);  // [N, H]: one gate's dZ_t·R_gᵀ
@@ -1269,7 +1283,7 @@ bool RunDirectionsConcurrently(const CpuDevice& device, const LstmShape& s) {
   template int64_t PreparedWeightsSize<S>(int64_t, int64_t, Precision);                      \
   template void PrepareWeights<S>(const CpuDevice&, int64_t, int64_t, const S*, const S*,    \
                                   const S*, S*, Precision);                                  \
-  template int64_t InferWorkspaceSize<S>(const LstmShape&, bool);                            \
+  template int64_t InferWorkspaceSize<S>(const LstmShape&, bool, Precision);                 \
   template void LstmInfer<S>(const CpuDevice&, const LstmShape&, const InferArgs<S>&);
 FUSEDLSTM_INSTANTIATE(float)
 FUSEDLSTM_INSTANTIATE(double)

@@ -142,9 +142,9 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
   }
   // The spare (if any) serves as the cache in training, as the (large) workspace in inference.
   py::array_t<S> workspace =
-      training
-          ? py::array_t<S>(std::vector<int64_t>{ForwardWorkspaceSize(s, true, false, args.precision)})
-          : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false, reverse, args.precision));
+      training ? py::array_t<S>(
+                     std::vector<int64_t>{ForwardWorkspaceSize(s, true, false, args.precision)})
+               : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false, reverse, args.precision));
   py::object cache = py::none();
   args.h_n = MutablePtr(h_n);
   args.c_n = MutablePtr(c_n);
@@ -180,8 +180,8 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
   ReadUpstream<S>(s, d_outputs, d_h_n, d_c_n, &args);
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
-  py::array_t<S> workspace(
-      std::vector<int64_t>{BackwardWorkspaceSize(s, args.recurrent_masks != nullptr, args.precision)});
+  py::array_t<S> workspace(std::vector<int64_t>{
+      BackwardWorkspaceSize(s, args.recurrent_masks != nullptr, args.precision)});
   args.dx = need_dx ? MutablePtr(dx) : nullptr;
   args.d_kernel = MutablePtr(dk);
   args.d_recurrent_kernel = MutablePtr(dr);

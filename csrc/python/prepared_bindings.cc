@@ -83,7 +83,8 @@ class Prepared {
       args.outputs = o.mutable_data();
       outputs = o;
     }
-    py::array_t<S> workspace = ReuseOrAllocate<S>(spare, InferWorkspaceSize<S>(s, reverse));
+    py::array_t<S> workspace =
+        ReuseOrAllocate<S>(spare, InferWorkspaceSize<S>(s, reverse, precision_));
     args.h_n = h_n.mutable_data();
     args.c_n = c_n.mutable_data();
     args.workspace = workspace.mutable_data();
@@ -148,8 +149,7 @@ void RegisterPrepared(py::module_& m) {
            py::arg("recurrent_activation") = 3, py::arg("mask") = py::none());
   m.def(
       "prepare",
-      [](const py::array& kernel, const py::array& rkernel, const py::object& bias,
-         int precision) {
+      [](const py::array& kernel, const py::array& rkernel, const py::object& bias, int precision) {
         if (IsDtype(kernel, py::dtype::of<double>())) {
           return Prepare<double>(kernel, rkernel, bias, precision);
         }

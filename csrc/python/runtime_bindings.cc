@@ -55,11 +55,13 @@ const char* EngineName(Bf16Engine e) {
 using FArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 void RegisterBf16(py::module_& m) {
-  m.def("bf16_engine", []() { return std::string(EngineName(Bf16Active())); },
-        "The bfloat16 engine the kernels use: 'amx', 'avx512_bf16' or 'none'.");
+  m.def(
+      "bf16_engine", []() { return std::string(EngineName(Bf16Active())); },
+      "The bfloat16 engine the kernels use: 'amx', 'avx512_bf16' or 'none'.");
   m.def("bf16_available", []() { return std::string(EngineName(Bf16Available())); });
-  m.def("bf16_missing", []() { return std::string(Bf16Missing()); },
-        "What the CPU lacks for bfloat16 compute ('' when it has it).");
+  m.def(
+      "bf16_missing", []() { return std::string(Bf16Missing()); },
+      "What the CPU lacks for bfloat16 compute ('' when it has it).");
   m.def(
       "set_bf16_engine",
       [](const std::string& name) {
@@ -71,8 +73,10 @@ void RegisterBf16(py::module_& m) {
         } else if (name == "auto") {
           e = Bf16Available();
         } else if (name != "none") {
-          throw py::value_error("set_bf16_engine: engine must be 'amx', 'avx512_bf16', 'none' "
-                                "or 'auto', got '" + name + "'");
+          throw py::value_error(
+              "set_bf16_engine: engine must be 'amx', 'avx512_bf16', 'none' "
+              "or 'auto', got '" +
+              name + "'");
         }
         if (!SetBf16Engine(e)) {
           throw py::value_error("set_bf16_engine: '" + name + "' is not available on this CPU (" +
@@ -124,13 +128,13 @@ void RegisterBf16(py::module_& m) {
         {
           py::gil_scoped_release release;
           PackRhsBf16(b.data(), brs, bcs, K, N, 0, N, packed.data());
-          GemmBf16(Bf16Active(), M, N, K, 0, N, a.data(), ars, acs, packed.data(),
-                   c.mutable_data(), N, true);
+          GemmBf16(Bf16Active(), M, N, K, 0, N, a.data(), ars, acs, packed.data(), c.mutable_data(),
+                   N, true);
         }
         return c;
       },
-      py::arg("a"), py::arg("b"), py::arg("a_transposed") = false,
-      py::arg("b_transposed") = false, "A·B with bfloat16 operands (tests).");
+      py::arg("a"), py::arg("b"), py::arg("a_transposed") = false, py::arg("b_transposed") = false,
+      "A·B with bfloat16 operands (tests).");
 }
 
 }  // namespace
@@ -144,7 +148,9 @@ void RegisterRuntime(py::module_& m) {
   RegisterBf16(m);
   m.def(
       "fma_peak_gflops",
-      [](int threads, double seconds) { return PeakGflops(threads, seconds, FmaPeakFlopsOneThread); },
+      [](int threads, double seconds) {
+        return PeakGflops(threads, seconds, FmaPeakFlopsOneThread);
+      },
       py::arg("threads"), py::arg("seconds") = 0.3,
       "float32 GFLOP/s of a register-only FMA loop on `threads` threads (the machine's ceiling).");
   m.def("set_num_threads", [](int n) {

@@ -135,7 +135,11 @@ def lstm_forward(
         if masks is None:
             z = mm(a.x[:, t], W) + mm(h, R) + b
         else:  # gate k's product reads h ⊙ masks[k]
-            z = mm(a.x[:, t], W) + np.concatenate([mm(h * masks[k], R[:, k * H : (k + 1) * H]) for k in range(4)], 1) + b
+            z = (
+                mm(a.x[:, t], W)
+                + np.concatenate([mm(h * masks[k], R[:, k * H : (k + 1) * H]) for k in range(4)], 1)
+                + b
+            )
         i = rec(z[:, :H])
         f = rec(z[:, H : 2 * H])
         g = act(z[:, 2 * H : 3 * H])

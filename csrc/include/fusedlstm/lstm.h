@@ -130,8 +130,8 @@ struct BackwardArgs {
   int64_t out_ld = 0;    // d_outputs' step stride (0: H), as ForwardArgs::out_ld
   Activation activation = Activation::kTanh;  // as the forward ran
   Activation recurrent_activation = Activation::kSigmoid;
-  const Scalar* recurrent_masks = nullptr;  // the forward's, or nullptr as it had none
-  const uint8_t* step_mask = nullptr;       // the forward's
+  const Scalar* recurrent_masks = nullptr;    // the forward's, or nullptr as it had none
+  const uint8_t* step_mask = nullptr;         // the forward's
   Precision precision = Precision::kFloat32;  // the forward's (workspace sized for it)
 };
 

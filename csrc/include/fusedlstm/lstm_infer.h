@@ -34,7 +34,8 @@ void PrepareWeights(const CpuDevice& device, int64_t C, int64_t H, const Scalar*
 
 // Elements of Scalar LstmInfer needs as scratch.
 template <typename Scalar>
-int64_t InferWorkspaceSize(const LstmShape& s, bool reverse = false);
+int64_t InferWorkspaceSize(const LstmShape& s, bool reverse = false,
+                           Precision precision = Precision::kFloat32);
 
 template <typename Scalar>
 struct InferArgs {
@@ -46,12 +47,12 @@ struct InferArgs {
   Scalar* outputs = nullptr;         // [N, T, H] (zero at padded steps), or nullptr: not written
   Scalar* h_n = nullptr;             // [N, H]
   Scalar* c_n = nullptr;             // [N, H]
-  Scalar* workspace = nullptr;       // InferWorkspaceSize(shape, reverse) elements
+  Scalar* workspace = nullptr;       // InferWorkspaceSize(shape, reverse, precision) elements
   bool reverse = false;              // as ForwardArgs::reverse
   int64_t out_ld = 0;                // as ForwardArgs::out_ld
   Activation activation = Activation::kTanh;  // as ForwardArgs
   Activation recurrent_activation = Activation::kSigmoid;
-  const uint8_t* step_mask = nullptr;  // as ForwardArgs::step_mask
+  const uint8_t* step_mask = nullptr;         // as ForwardArgs::step_mask
   Precision precision = Precision::kFloat32;  // the one the weights were prepared for
 };
 
