@@ -161,7 +161,10 @@ Precision ReadPrecision(int code) {
         "itself); got float64 (use float32 arrays, or precision='float32')");
   }
   if (Bf16Active() == Bf16Engine::kNone) {
-    throw std::runtime_error(std::string("precision='bfloat16' needs ") + Bf16Missing() +
+    const std::string missing = *Bf16Missing() ? Bf16Missing()
+                                               : "AVX512_BF16 (switched off in this process by "
+                                                 "set_bf16_engine('none'))";
+    throw std::runtime_error("precision='bfloat16' needs " + missing +
                              "; use precision='float32' on this machine");
   }
   return Precision::kBfloat16;

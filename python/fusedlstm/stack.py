@@ -82,6 +82,7 @@ def lstm_stack_forward(
     rng: np.random.Generator | None = None,
     training: bool = True,
     return_sequences: bool = True,
+    precision: str = "float32",
 ):
     """Run L stacked LSTM layers (each one or two directions) over x.
 
@@ -97,6 +98,7 @@ def lstm_stack_forward(
         training only (the rest scaled by 1/(1-p)); the multipliers come from ``rng``.
     rng : numpy Generator, required when dropout > 0 and training
     training, return_sequences : as ``lstm_forward`` (return_sequences concerns the last layer)
+    precision : as ``lstm_forward``, for every layer (and their backward)
 
     Returns
     -------
@@ -137,11 +139,18 @@ def lstm_stack_forward(
         keep_seq = return_sequences or not last
         if bidirectional:
             out, h, c, cache = lstm_bidirectional_forward(
-                inp, w[0], w[1], state(h0, layer), state(c0, layer), a.lengths, training, keep_seq
+                inp, w[0], w[1], state(h0, layer), state(c0, layer), a.lengths, training, keep_seq, precision=precision
             )
         else:
             out, h, c, cache = lstm_forward(
-                inp, *w, state(h0, layer), state(c0, layer), a.lengths, training, return_sequences=keep_seq
+                inp,
+                *w,
+                state(h0, layer),
+                state(c0, layer),
+                a.lengths,
+                training,
+                return_sequences=keep_seq,
+                precision=precision,
             )
         h_n[layer * D : (layer + 1) * D] = h.reshape(D, B, -1)
         c_n[layer * D : (layer + 1) * D] = c.reshape(D, B, -1)
