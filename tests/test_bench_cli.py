@@ -23,6 +23,48 @@ def bench(*args, cwd=None):
 HAVE_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
+def test_bench_bfloat16_rows(tmp_path):
+    """--precision float32,bfloat16: every row twice, the bfloat16 rows with fusedlstm's
+    bfloat16 products beside torch under autocast and their share of the bfloat16 peak; a CPU
+    without AVX512_BF16 gets the float32 rows and a note saying why the others are missing."""
+    import fusedlstm
+
+    impls = ["fusedlstm", "fusedlstm.prepared", "numpy"]
+    if importlib.util.find_spec("torch") is not None:
+        impls.append("torch")
+    r = bench(
+        "--quick",
+        "--config",
+        "3,4,5,6",
+        "--modes",
+        "forward,forward+backward",
+        "--threads",
+        "1",
+        "--precision",
+        "float32,bfloat16",
+        "--impls",
+        ",".join(impls),
+        "--out",
+        str(tmp_path / "b.json"),
+    )
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "b.json").read_text())
+    precisions = {x["precision"] for x in rep["results"]}
+    if fusedlstm.bf16_engine() is None:
+        assert precisions == {"float32"} and any("bfloat16" in n for n in rep["left_out"])
+        return
+    assert precisions == {"float32", "bfloat16"}
+    peaks = rep["bf16_peak_gflops"]["1"]
+    assert peaks["engine"] == fusedlstm.bf16_engine() and peaks[peaks["engine"]] > 0
+    for x in rep["results"]:
+        if x["precision"] == "bfloat16":
+            assert "numpy" not in x["impls"] and "fusedlstm" in x["impls"]  # the reference has no bfloat16
+            assert x["impls"]["fusedlstm"]["pct_bf16_peak"] > 0
+        else:
+            assert "numpy" in x["impls"]
+    assert "forward+backward bfloat16" in r.stdout and "bfloat16 peaks" in r.stdout
+
+
 def test_bench_tiny_config(tmp_path):
     from fusedlstm.bench.implementations import IMPL_MODES, MODES
     from fusedlstm.bench.report import markdown_tables

@@ -12,7 +12,12 @@ cache (what a training forward keeps for backward, in total and per step) and th
 one training step. Prints a table; writes JSON only where --out says, and with --plot a PNG of
 the speed-ups over torch.
 
-    fusedlstm bench [--quick] [--config B,T,E,H ...] [--modes ...] [--threads 1,all] [--out FILE] [--plot PNG]
+With --precision float32,bfloat16 every row also runs with bfloat16 products: fusedlstm's
+precision="bfloat16" beside torch.nn.LSTM under torch.autocast(dtype=torch.bfloat16), and the
+bfloat16 peaks (VDPBF16PS and, where present, AMX tiles) are measured beside the FMA peak.
+
+    fusedlstm bench [--quick] [--config B,T,E,H ...] [--modes ...] [--threads 1,all]
+                    [--precision float32,bfloat16] [--out FILE] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -23,9 +28,18 @@ import os
 import sys
 from pathlib import Path
 
-from .implementations import DEFAULT_CONFIGS, IMPLS, MODES, SMALL_BATCH_CONFIGS, Config, available, make_plan
+from .implementations import (
+    DEFAULT_CONFIGS,
+    IMPLS,
+    MODES,
+    PRECISIONS,
+    SMALL_BATCH_CONFIGS,
+    Config,
+    available,
+    make_plan,
+)
 
-__all__ = ["build_parser", "run_args", "main", "parse_config", "parse_threads", "parse_modes"]
+__all__ = ["build_parser", "run_args", "main", "parse_config", "parse_threads", "parse_modes", "parse_precisions"]
 
 
 def parse_config(text: str) -> Config:
@@ -58,6 +72,14 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
+def parse_precisions(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in PRECISIONS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"--precision: unknown {bad}; choose from {list(PRECISIONS)}")
+    return list(dict.fromkeys(out))
+
+
 def _fmt(configs) -> str:
     return " ".join(f"({','.join(map(str, c))})" for c in configs)
 
@@ -83,6 +105,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         type=parse_threads,
         default=None,
         help="comma-separated thread counts or 'all' (default: 1,all; --quick: all)",
+    )
+    p.add_argument(
+        "--precision",
+        type=parse_precisions,
+        default=["float32"],
+        help="comma-separated products' precisions: float32 (default), bfloat16 (fusedlstm's "
+        "precision='bfloat16' beside torch under autocast; needs AVX512_BF16)",
     )
     p.add_argument(
         "--quick",
@@ -125,7 +154,21 @@ def run_args(args: argparse.Namespace) -> int:
         raise SystemExit("error: --impls: none of those asked for can run here (see the notes above)")
     plan = make_plan(args.config, args.modes, args.quick)
     threads = args.threads or parse_threads("all" if args.quick else "1,all")
-    runs = [run_threads(plan, t, args.quick, impls, memory=t == threads[-1]) for t in threads]
+    precisions = list(args.precision)
+    if "bfloat16" in precisions:
+        import fusedlstm
+
+        if fusedlstm.bf16_engine() is None:
+            precisions.remove("bfloat16")
+            notes.append(f"bfloat16: {fusedlstm._core.bf16_missing() or 'switched off'}; its rows are left out")
+            print(f"note: {notes[-1]}", file=sys.stderr)
+    if not precisions:
+        raise SystemExit("error: --precision: nothing this machine can run (see the note above)")
+    runs = [
+        run_threads(plan, t, args.quick, impls, memory=t == threads[-1] and p == precisions[0], precision=p)
+        for t in threads
+        for p in precisions
+    ]
     report = make_report(runs, notes)
     print(format_table(report))
     if args.out:

@@ -18,9 +18,10 @@ Modes:
 fusedlstm.torch is the PyTorch drop-in (fusedlstm.torch.LSTM) timed exactly as torch.nn.LSTM:
 the same padded calls, the same packed bidirectional step.
 
-Inputs carry a dtype (PRECISION, float32 today) that the worker's setup message names, so that a
-precision dimension only needs another value passed through (and, per implementation, a word on
-whether it runs it)."""
+Precisions: inputs are float32 arrays; a row's precision is that of the products. "bfloat16" rows
+run fusedlstm with precision="bfloat16" (plain, prepared, bidirectional) and torch.nn.LSTM under
+torch.autocast("cpu", dtype=torch.bfloat16), its mixed-precision path (oneDNN bf16); the others
+have no bfloat16 path and are left out of those rows (IMPL_PRECISIONS)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ __all__ = [
     "SMALL_BATCH_CONFIGS",
     "BIDIRECTIONAL_CONFIGS",
     "PRECISION",
+    "PRECISIONS",
+    "IMPL_PRECISIONS",
     "Config",
     "PlanRow",
     "QUICK_SMALL_BATCH_IMPLS",
@@ -83,7 +86,12 @@ IMPL_MODES: dict[str, tuple[str, ...]] = {
     "keras": ("forward", "forward+backward"),
     "fusedlstm.keras": ("forward", "forward+backward"),
 }
-PRECISION = "float32"  # the one precision measured today
+PRECISION = "float32"  # the default, and the inputs' dtype in every row
+PRECISIONS = ("float32", "bfloat16")
+IMPL_PRECISIONS: dict[str, tuple[str, ...]] = {
+    name: PRECISIONS if name in ("fusedlstm", "fusedlstm.prepared", "fusedlstm.1dir", "torch") else (PRECISION,)
+    for name in IMPLS
+}
 
 DEFAULT_CONFIGS: list[Config] = [(4, 4, 64, 16), (64, 50, 300, 128), (128, 100, 256, 512)]
 # Serving: one request or a few, inference of the last state only.
@@ -190,21 +198,22 @@ def make_inputs(B: int, T: int, E: int, H: int, seed: int = 0, dtype: str = PREC
 # -- fusedlstm and its NumPy reference (one API) -----------------------------------------------
 
 
-def _lstm_api(mod, inp) -> dict[str, Callable]:
+def _lstm_api(mod, inp, precision: str = PRECISION) -> dict[str, Callable]:
     x, W, R, b, d_out = (inp[k] for k in ("x", "kernel", "recurrent_kernel", "bias", "d_out"))
+    kw = {"precision": precision} if precision != PRECISION else {}
 
     def fwd_bwd():
-        _, _, _, cache = mod.lstm_forward(x, W, R, b)
+        _, _, _, cache = mod.lstm_forward(x, W, R, b, **kw)
         mod.lstm_backward(cache, d_out)
 
     return {
-        "forward": lambda: mod.lstm_forward(x, W, R, b, training=False),
+        "forward": lambda: mod.lstm_forward(x, W, R, b, training=False, **kw),
         "forward+backward": fwd_bwd,
-        "infer-last-state": lambda: mod.lstm_forward(x, W, R, b, training=False, return_sequences=False),
+        "infer-last-state": lambda: mod.lstm_forward(x, W, R, b, training=False, return_sequences=False, **kw),
     }
 
 
-def _bidirectional(inp) -> dict[str, Callable]:
+def _bidirectional(inp, precision: str = PRECISION) -> dict[str, Callable]:
     import fusedlstm
 
     x, L = inp["x"], inp["lengths"]
@@ -212,31 +221,33 @@ def _bidirectional(inp) -> dict[str, Callable]:
     rv = (inp["kernel_reverse"], inp["recurrent_kernel_reverse"], inp["bias_reverse"])
 
     def step():
-        _, _, _, cache = fusedlstm.lstm_bidirectional_forward(x, fw, rv, lengths=L)
+        _, _, _, cache = fusedlstm.lstm_bidirectional_forward(x, fw, rv, lengths=L, precision=precision)
         fusedlstm.lstm_backward(cache, inp["d_out2"])
 
     return {"bidirectional": step}
 
 
-def _one_direction(inp) -> dict[str, Callable]:
+def _one_direction(inp, precision: str = PRECISION) -> dict[str, Callable]:
     import fusedlstm
 
     x, L, H = inp["x"], inp["lengths"], inp["recurrent_kernel"].shape[0]
     d_out = np.ascontiguousarray(inp["d_out2"][..., :H])
 
     def step():
-        _, _, _, cache = fusedlstm.lstm_forward(x, inp["kernel"], inp["recurrent_kernel"], inp["bias"], lengths=L)
+        _, _, _, cache = fusedlstm.lstm_forward(
+            x, inp["kernel"], inp["recurrent_kernel"], inp["bias"], lengths=L, precision=precision
+        )
         fusedlstm.lstm_backward(cache, d_out)
 
     return {"bidirectional": step}
 
 
-def _prepared(inp) -> dict[str, Callable]:
+def _prepared(inp, precision: str = PRECISION) -> dict[str, Callable]:
     """fusedlstm.prepare: the weights packed once, outside the timed call."""
     import fusedlstm
 
     x = inp["x"]
-    p = fusedlstm.prepare(inp["kernel"], inp["recurrent_kernel"], inp["bias"])
+    p = fusedlstm.prepare(inp["kernel"], inp["recurrent_kernel"], inp["bias"], precision=precision)
     return {"forward": lambda: p.infer(x), "infer-last-state": lambda: p.infer(x, return_sequences=False)}
 
 
@@ -315,9 +326,17 @@ def _onnxruntime(inp, modes: Iterable[str], threads: int) -> dict[str, Callable]
 # -- torch and Keras -----------------------------------------------------------------------------
 
 
-def _torch(inp, cls=None) -> dict[str, Callable]:
-    """torch.nn.LSTM, or `cls` (fusedlstm.torch.LSTM) with the same calls."""
+def _torch(inp, cls=None, precision: str = PRECISION) -> dict[str, Callable]:
+    """torch.nn.LSTM, or `cls` (fusedlstm.torch.LSTM) with the same calls; bfloat16: every call
+    under torch.autocast("cpu", dtype=torch.bfloat16)."""
+    import contextlib
+
     import torch
+
+    def autocast():
+        if precision == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     cls = cls or torch.nn.LSTM
     x, W, R, b, d_out = (inp[k] for k in ("x", "kernel", "recurrent_kernel", "bias", "d_out"))
@@ -331,14 +350,15 @@ def _torch(inp, cls=None) -> dict[str, Callable]:
     tx, tdo = torch.from_numpy(x), torch.from_numpy(d_out)
 
     def fwd():  # nn.LSTM computes the sequence either way: the same call serves both inference modes
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             lstm(tx)
 
     def fwd_bwd():
         xg = tx.detach().requires_grad_(True)
-        y, _ = lstm(xg)
+        with autocast():
+            y, _ = lstm(xg)
         lstm.zero_grad(set_to_none=True)
-        y.backward(tdo)
+        y.backward(tdo.to(y.dtype))
 
     bi = cls(E, H, batch_first=True, bidirectional=True)
     with torch.no_grad():
@@ -353,11 +373,12 @@ def _torch(inp, cls=None) -> dict[str, Callable]:
 
     def bidirectional():
         xg = tx.detach().requires_grad_(True)
-        packed = torch.nn.utils.rnn.pack_padded_sequence(xg, lengths, batch_first=True, enforce_sorted=False)
-        y, _ = bi(packed)
-        y, _ = torch.nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=T)
+        with autocast():
+            packed = torch.nn.utils.rnn.pack_padded_sequence(xg, lengths, batch_first=True, enforce_sorted=False)
+            y, _ = bi(packed)
+            y, _ = torch.nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=T)
         bi.zero_grad(set_to_none=True)
-        y.backward(tdo2)
+        y.backward(tdo2.to(y.dtype))
 
     return {"forward": fwd, "forward+backward": fwd_bwd, "infer-last-state": fwd, "bidirectional": bidirectional}
 
@@ -394,25 +415,30 @@ def _keras(layer_cls, inp) -> dict[str, Callable]:
     return {"forward": fwd, "forward+backward": fwd_bwd}
 
 
-def impl_fns(impl: str, inp: dict, modes: Sequence[str], threads: int) -> dict[str, Callable]:
-    """The timed closures of `impl` for `modes` (those it runs: IMPL_MODES)."""
+def impl_fns(
+    impl: str, inp: dict, modes: Sequence[str], threads: int, precision: str = PRECISION
+) -> dict[str, Callable]:
+    """The timed closures of `impl` for `modes` (those it runs: IMPL_MODES) at `precision` (one
+    of IMPL_PRECISIONS[impl])."""
     modes = [m for m in modes if m in IMPL_MODES[impl]]
+    if precision not in IMPL_PRECISIONS[impl]:
+        raise ValueError(f"{impl} has no {precision} path")
     if impl == "fusedlstm":
         import fusedlstm
 
-        fns = _lstm_api(fusedlstm, inp) | _bidirectional(inp)
+        fns = _lstm_api(fusedlstm, inp, precision) | _bidirectional(inp, precision)
     elif impl == "fusedlstm.1dir":
-        fns = _one_direction(inp)
+        fns = _one_direction(inp, precision)
     elif impl == "numpy":
         from fusedlstm import reference
 
         fns = _lstm_api(reference, inp)
     elif impl == "fusedlstm.prepared":
-        fns = _prepared(inp)
+        fns = _prepared(inp, precision)
     elif impl == "onnxruntime":
         fns = _onnxruntime(inp, modes, threads)
     elif impl == "torch":
-        fns = _torch(inp)
+        fns = _torch(inp, precision=precision)
     elif impl == "fusedlstm.torch":
         from fusedlstm.torch import LSTM
 

@@ -123,6 +123,9 @@ def make_report(runs: list[dict], notes: list[str]) -> dict:
         "gemm_peak_source": "NumPy float32 matmul 2048^3 (its BLAS), threadpoolctl-limited",
         "fma_peak_gflops": {str(r["threads"]): r["fma_peak_gflops"] for r in runs},
         "fma_peak_source": "register-only float32 FMA loop, one per thread (fusedlstm._core)",
+        "bf16_peak_gflops": {str(r["threads"]): r["bf16_peak_gflops"] for r in runs if "bf16_peak_gflops" in r},
+        "bf16_peak_source": "register-only VDPBF16PS (avx512_bf16) and AMX TDPBF16PS (amx) loops, one per "
+        "thread; engine: the unit fusedlstm's bfloat16 products run on",
         "onnxruntime_input": "an ONNX graph of one LSTM node, weights as initializers, built in the benchmark; "
         "x goes in time-major [T, B, E], transposed once outside the timed call "
         "(onnxruntime's CPU LSTM refuses layout=1); infer-last-state returns Y_h, "
@@ -139,7 +142,15 @@ def _precisions(report: dict) -> str:
 def _peaks(report: dict) -> str:
     fma = ", ".join(f"{float(v):.0f} GFLOP/s on {k} thread(s)" for k, v in report["fma_peak_gflops"].items())
     sgemm = ", ".join(f"{float(v):.0f}" for v in report["gemm_peak_gflops"].values())
-    return f"register-only FMA peak {fma}; NumPy (BLAS) sgemm 2048³ {sgemm} GFLOP/s"
+    out = f"register-only FMA peak {fma}; NumPy (BLAS) sgemm 2048³ {sgemm} GFLOP/s"
+    if "bfloat16" in _precisions(report):
+        bf = []
+        for k, v in report.get("bf16_peak_gflops", {}).items():
+            units = ", ".join(f"{u} {float(v[u]):.0f}" for u in ("avx512_bf16", "amx") if v.get(u))
+            bf.append(f"{units} GFLOP/s on {k} thread(s)")
+        if bf:
+            out += "; bfloat16 peaks " + "; ".join(bf)
+    return out
 
 
 def _mode(row: dict, report: dict) -> str:
@@ -153,11 +164,12 @@ def _ratio(x: float | None) -> str:
 
 
 def format_table(report: dict) -> str:
-    """The terminal table: one line per (config, threads, mode, implementation)."""
+    """The terminal table: one line per (config, threads, mode, implementation); %peak is of the
+    FMA peak, or in bfloat16 rows of the bfloat16 unit fusedlstm ran on."""
     lines = [f"commit {report['commit']}  {_precisions(report)}  {_peaks(report)}"]
     head = (
         f"{'(B, T, E, H)':>22} {'thr':>3} {'mode':>16} {'impl':>18} {'median ms':>10} "
-        f"{'min ms':>9} {'GFLOP/s':>8} {'%FMA':>6} {'vs torch':>8} {'vs ORT':>7}"
+        f"{'min ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'vs torch':>8} {'vs ORT':>7}"
     )
     lines += [head, "-" * len(head)]
     for r in report["results"]:
@@ -165,7 +177,7 @@ def format_table(report: dict) -> str:
             lines.append(
                 f"{str(tuple(r['config'])):>22} {r['threads']:>3} {_mode(r, report):>16} {name:>18} "
                 f"{st['median_s'] * 1e3:>10.3f} {st['min_s'] * 1e3:>9.3f} "
-                f"{st['gflops']:>8.1f} {st['pct_fma_peak']:>6.1f} "
+                f"{st['gflops']:>8.1f} {st.get('pct_bf16_peak', st['pct_fma_peak']):>6.1f} "
                 f"{_ratio(speedup(r, name, 'torch')):>8} {_ratio(speedup(r, name, 'onnxruntime')):>7}"
             )
     mem = [r for r in report["results"] if "memory" in r]

@@ -117,6 +117,22 @@ def fma_peak(threads: int) -> float:
     return float(_core.fma_peak_gflops(threads))
 
 
+def bf16_peaks(threads: int) -> dict:
+    """bfloat16 GFLOP/s of register-only VDPBF16PS and AMX TDPBF16PS loops, one per thread, for
+    the units this CPU has, and which one fusedlstm's bfloat16 products run on ("engine")."""
+    from .. import _core
+
+    out: dict = {"engine": None}
+    engine = str(_core.bf16_engine())
+    if engine == "none":
+        return out
+    out["engine"] = engine
+    out["avx512_bf16"] = float(_core.bf16_peak_gflops(threads, 0.3, "avx512_bf16"))
+    if engine == "amx":
+        out["amx"] = float(_core.bf16_peak_gflops(threads, 0.3, "amx"))
+    return out
+
+
 def gemm_rate(n: int = 2048, reps: int = 5) -> float:
     """float32 GEMM GFLOP/s of NumPy's BLAS, on as many threads as the caller has limited it to."""
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)

@@ -7,7 +7,8 @@ parent drives them over pipes, one JSON line per request and per answer:
     {"cmd": "setup", "config": [B, T, E, H], "modes": [...], "warmup": n, "precision": "float32"}
                                                        -> {"number": {mode: calls per sample}}
     {"cmd": "sample", "mode": m}                       -> {"seconds": s}  (per call)
-    {"cmd": "peaks"}                                   -> {"fma": GFLOP/s, "gemm": GFLOP/s}
+    {"cmd": "peaks"}                                   -> {"fma": GFLOP/s, "gemm": GFLOP/s,
+                                                           "bf16": {unit: GFLOP/s}}
     {"cmd": "memory", "config": [B, T, E, H]}          -> fusedlstm's memory report
 
 A worker is `python -m fusedlstm.bench.cli --worker IMPL --worker-threads N`; EOF on its stdin
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from . import timing
 from .implementations import (
     IMPL_MODES,
+    IMPL_PRECISIONS,
     PRECISION,
     PlanRow,
     configure,
@@ -50,8 +52,8 @@ def worker(impl: str, threads: int) -> int:
         msg = json.loads(line)
         cmd = msg["cmd"]
         if cmd == "setup":
-            inp = make_inputs(*msg["config"], dtype=msg.get("precision", PRECISION))
-            fns = impl_fns(impl, inp, msg.get("modes", IMPL_MODES[impl]), threads)
+            inp = make_inputs(*msg["config"])
+            fns = impl_fns(impl, inp, msg.get("modes", IMPL_MODES[impl]), threads, msg.get("precision", PRECISION))
             number = {mode: timing.calls_per_sample(f, msg["warmup"]) for mode, f in fns.items()}
             out = {"number": number}
         elif cmd == "sample":
@@ -59,7 +61,7 @@ def worker(impl: str, threads: int) -> int:
         elif cmd == "ready":
             out = {}
         elif cmd == "peaks":
-            out = {"fma": timing.fma_peak(threads), "gemm": timing.gemm_rate()}
+            out = {"fma": timing.fma_peak(threads), "gemm": timing.gemm_rate(), "bf16": timing.bf16_peaks(threads)}
         elif cmd == "memory":
             out = memory_report(tuple(msg["config"]))
         else:
@@ -134,6 +136,7 @@ def run_threads(
     """One thread count: a worker per implementation, every row of the plan, the implementations'
     samples interleaved. With `memory`, fusedlstm's memory report is attached to the last result
     of every config that trains."""
+    impls = [n for n in impls if precision in IMPL_PRECISIONS[n]]
     workers = {n: Worker(n, threads) for n in impls}
     try:
         for w in workers.values():  # every worker idle before anything is measured
@@ -167,6 +170,9 @@ def run_threads(
                     st = timing.summarize(v, number[n][mode])
                     st["gflops"] = flops / st["median_s"] / 1e9
                     st["pct_fma_peak"] = 100.0 * st["gflops"] / peaks["fma"]
+                    unit = peaks["bf16"].get("engine")
+                    if precision == "bfloat16" and unit and peaks["bf16"].get(unit):
+                        st["pct_bf16_peak"] = 100.0 * st["gflops"] / peaks["bf16"][unit]
                     stats[n] = st
                 results.append(
                     {"config": list(cfg), "threads": threads, "mode": mode, "precision": precision, "impls": stats}
@@ -177,4 +183,10 @@ def run_threads(
     finally:
         for w in workers.values():
             w.close()
-    return {"threads": threads, "fma_peak_gflops": peaks["fma"], "gemm_peak_gflops": peaks["gemm"], "results": results}
+    return {
+        "threads": threads,
+        "fma_peak_gflops": peaks["fma"],
+        "gemm_peak_gflops": peaks["gemm"],
+        "bf16_peak_gflops": peaks["bf16"],
+        "results": results,
+    }
