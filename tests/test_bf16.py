@@ -256,3 +256,75 @@ def test_bad_precision_and_dtype(rng):
             fusedlstm.lstm_forward(**p, precision="bfloat16")
     with pytest.raises(ValueError, match="precision"):
         fusedlstm.prepare(p["kernel"], p["recurrent_kernel"], precision=16)
+
+
+# -- the classifier ------------------------------------------------------------------------------
+
+
+def test_classifier_trains_saves_and_predicts_in_bfloat16(engine, tmp_path):
+    from fusedlstm import SentimentClassifier
+    from fusedlstm.sentiment.training import TrainOptions
+    from helpers import tiny_split
+
+    split = tiny_split(80)
+    kw = dict(units=8, embedding_dim=6, seed=1, log=lambda *a: None, layers=2, bidirectional=True)
+    model = SentimentClassifier.create(split, precision="bfloat16", **kw)
+    twin = SentimentClassifier.create(split, **kw)  # the same weights, float32
+    assert model.config.precision == "bfloat16" and twin.config.precision == "float32"
+    p16, p32 = model.predict_proba(split.texts), twin.predict_proba(split.texts)
+    assert 0 < np.abs(p16 - p32).max() < 2e-2  # bfloat16 products, not float32's
+    assert all(d.precision == "bfloat16" for layer in model.prepared_lstm() for d in layer)
+    rows = model.fit(split, split, TrainOptions(epochs=8, batch_size=16, lr=0.02), log=lambda *a: None)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    model.save(tmp_path / "m")
+    again = SentimentClassifier.load(tmp_path / "m")
+    assert again.config.precision == "bfloat16"
+    np.testing.assert_array_equal(again.predict_proba(split.texts), model.predict_proba(split.texts))
+
+
+def test_classifier_without_bf16_predicts_in_float32_and_refuses_to_train(tmp_path):
+    from fusedlstm import SentimentClassifier
+    from fusedlstm.sentiment.training import TrainOptions
+    from helpers import tiny_split
+
+    if not _ENGINES:
+        pytest.skip(NO_BF16)
+    split = tiny_split(20)
+    model = SentimentClassifier.create(split, units=4, embedding_dim=4, log=lambda *a: None, precision="bfloat16")
+    model.save(tmp_path / "m")
+    _core.set_bf16_engine("none")
+    try:
+        loaded = SentimentClassifier.load(tmp_path / "m")
+        with pytest.warns(RuntimeWarning, match="AVX512_BF16"):
+            probs = loaded.predict_proba(split.texts)
+        assert probs.shape == (20, 2) and np.all(np.isfinite(probs))
+        with pytest.raises(RuntimeError, match="AVX512_BF16"):
+            loaded.fit(split, None, TrainOptions(epochs=1), log=lambda *a: None)
+        with pytest.raises(RuntimeError, match="AVX512_BF16"):
+            SentimentClassifier.create(split, units=4, embedding_dim=4, log=lambda *a: None, precision="bfloat16")
+    finally:
+        _core.set_bf16_engine("auto")
+
+
+@pytest.mark.skipif(not _ENGINES, reason=NO_BF16)
+def test_cli_train_precision_flag(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import write_synthetic_glue
+
+    data = write_synthetic_glue(tmp_path / "glue")
+    out = tmp_path / "model"
+    fast = ("--units", "8", "--embedding-dim", "8", "--batch-size", "16", "--epochs", "2", "--quiet")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "fusedlstm", *args], capture_output=True, text=True, timeout=600)
+
+    r = run("train", "--data", str(data), "--out", str(out), "--precision", "bfloat16", *fast)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["precision"] == "bfloat16"
+    r = run("train", "--data", str(data), "--out", str(out), "--resume", "--precision", "float32", *fast)
+    assert r.returncode != 0 and "keeps its precision" in r.stderr
+    r = run("eval", str(out), "--data", str(data), "--json")
+    assert r.returncode == 0 and 0 <= json.loads(r.stdout)["accuracy"] <= 1

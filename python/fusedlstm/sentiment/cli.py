@@ -110,6 +110,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.resume:
         model = SentimentClassifier.load(out)
+        if args.precision is not None and args.precision != model.config.precision:
+            raise SystemExit(
+                f"error: --precision {args.precision}: the run in {out} trains in {model.config.precision}; "
+                "a resumed run keeps its precision"
+            )
     else:
         if (out / "state.npz").exists() and not args.overwrite:
             raise SystemExit(
@@ -130,9 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 bidirectional=args.bidirectional,
                 pooling=args.pooling,
                 embedding_keep_prob=args.embedding_keep_prob,
+                precision=args.precision or "float32",
                 seed=args.seed,
             )
-        except (ValueError, FileNotFoundError, ImportError) as exc:
+        except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
             raise _reword(exc) from None
     opts = TrainOptions(
         epochs=args.epochs,
@@ -342,6 +348,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=arch["pooling"],
         help=f"sentence vector: the last valid output, or the max or mean over the valid steps "
         f"(default {arch['pooling']})",
+    )
+    t.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="the LSTM's products: float32 (default) or bfloat16 (AVX512_BF16 CPUs, AMX where present: "
+        "faster, float32 weights and gradients); saved with the model, predict and eval use it",
     )
     t.add_argument("--max-len", type=int, default=None, help="default: covers 95%% of training sentences")
     t.add_argument("--min-count", type=int, default=1, help="keep words seen at least this often in train (default 1)")

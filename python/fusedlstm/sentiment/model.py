@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, bf16_engine
 from ..lstm import lstm_backward, lstm_forward
 from ..prepared import PreparedLSTM, prepare
 from ..stack import lstm_stack_backward, lstm_stack_forward
@@ -43,6 +43,18 @@ __all__ = [
 # weights per layer and direction (ModelConfig.lstm_names) under torch-like suffixes.
 WEIGHT_NAMES = ("embedding", "kernel", "recurrent_kernel", "bias", "dense_w", "dense_b")
 POOLINGS = ("last", "max", "mean")
+PRECISIONS = ("float32", "bfloat16")  # of the LSTM's products (fusedlstm.lstm_forward's precision)
+
+
+def require_bf16(what: str) -> None:
+    """RuntimeError naming what is missing when this CPU cannot compute in bfloat16."""
+    if bf16_engine() is None:
+        from .. import _core
+
+        missing = _core.bf16_missing() or "AVX512_BF16 (switched off in this process)"
+        raise RuntimeError(f"{what} needs {missing}; train with --precision float32 on this machine")
+
+
 _MAX_LAYERS = 16
 # The architecture `create` and `fusedlstm train` build unless told otherwise, chosen on the
 # SST-2 dev set (docs/classifier.md). ModelConfig's own defaults stay the original model's (one
@@ -82,6 +94,7 @@ class ModelConfig:
     bidirectional: bool = False
     pooling: str = "last"
     embedding_keep_prob: float = 1.0
+    precision: str = "float32"
 
     def validate(self, source: str = "config") -> ModelConfig:
         """Check every field (named, with `source`, in the error); returns self."""
@@ -107,6 +120,8 @@ class ModelConfig:
             raise ValueError(f"{source}: bidirectional must be true or false")
         if self.pooling not in POOLINGS:
             raise ValueError(f"{source}: pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{source}: precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         total = sum(math.prod(s) for s in self.weight_shapes().values())
         if total > _MAX_PARAMS:
             raise ValueError(
@@ -195,6 +210,7 @@ class SentimentClassifier:
         bidirectional: bool = DEFAULT_ARCHITECTURE["bidirectional"],
         pooling: str = DEFAULT_ARCHITECTURE["pooling"],
         embedding_keep_prob: float = DEFAULT_ARCHITECTURE["embedding_keep_prob"],
+        precision: str = "float32",
         seed: int = 0,
         log: Callable[[str], Any] = print,
     ) -> SentimentClassifier:
@@ -204,7 +220,10 @@ class SentimentClassifier:
         train_embeddings=False (the original model's frozen table); a random table is always
         trained. max_len None: the length that covers 95% of the training sentences. The
         architecture defaults to DEFAULT_ARCHITECTURE; **ORIGINAL_ARCHITECTURE gives the original
-        one-layer forward model."""
+        one-layer forward model. precision: the LSTM's products, "float32" or "bfloat16" (needs
+        AVX512_BF16 to train; saved, and used by predict and eval)."""
+        if precision == "bfloat16":
+            require_bf16("training with precision bfloat16")
         rng = np.random.default_rng([seed, 10**6])
         tokenized = [tokenize(t) for t in train.texts]
         vocab = Vocabulary.build(tokenized, min_count=min_count, max_size=max_vocab)
@@ -234,6 +253,7 @@ class SentimentClassifier:
             bidirectional=bool(bidirectional),
             pooling=pooling,
             embedding_keep_prob=embedding_keep_prob,
+            precision=precision,
         ).validate()
         s = 1.0 / math.sqrt(H)
         shapes = cfg.weight_shapes()
@@ -301,14 +321,21 @@ class SentimentClassifier:
         weights = self.lstm_weights()
         seq = cfg.pooling != "last"
         single = cfg.layers == 1 and not cfg.bidirectional
+        prec = self.compute_precision()
         if single:
             out, top, _, cache = lstm_forward(
-                x, *weights[0][0], lengths=lengths, training=need_grads, return_sequences=seq
+                x, *weights[0][0], lengths=lengths, training=need_grads, return_sequences=seq, precision=prec
             )
         else:
             layers = [tuple(d) if cfg.bidirectional else d[0] for d in weights]
             out, h_n, _, cache = lstm_stack_forward(
-                x, layers, lengths=lengths, bidirectional=cfg.bidirectional, training=need_grads, return_sequences=seq
+                x,
+                layers,
+                lengths=lengths,
+                bidirectional=cfg.bidirectional,
+                training=need_grads,
+                return_sequences=seq,
+                precision=prec,
             )
             top = _top_state(h_n, cfg.directions)
         feats, where = _pool(cfg.pooling, out, top, lengths)
@@ -352,11 +379,29 @@ class SentimentClassifier:
             out[sl] = self.probabilities(ids[sl], lengths[sl], lstm)
         return out
 
+    def compute_precision(self) -> str:
+        """The precision the LSTM runs at: the config's; a bfloat16 model on a CPU without
+        AVX512_BF16 predicts in float32 (warned once; its weights are float32 either way)."""
+        if self.config.precision == "bfloat16" and bf16_engine() is None:
+            if not getattr(self, "_warned_bf16", False):
+                import warnings
+
+                warnings.warn(
+                    "this model was trained with bfloat16 products and this CPU lacks AVX512_BF16: "
+                    "it runs in float32 here (results differ at bfloat16's precision)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_bf16 = True
+            return "float32"
+        return self.config.precision
+
     def prepared_lstm(self) -> PreparedLSTM | list[list[PreparedLSTM]]:
         """The LSTM's current weights packed for inference (fusedlstm.prepare): a snapshot, not
         updated by later training. One PreparedLSTM for the original one-layer forward model;
         else one per layer and direction."""
-        prepared = [[prepare(*w) for w in dirs] for dirs in self.lstm_weights()]
+        prec = self.compute_precision()
+        prepared = [[prepare(*w, precision=prec) for w in dirs] for dirs in self.lstm_weights()]
         if self.config.layers == 1 and not self.config.bidirectional:
             return prepared[0][0]
         return prepared
@@ -433,6 +478,8 @@ class SentimentClassifier:
         run checkpointed there. callbacks: objects with on_step_end(step, logs) and/or
         on_epoch_end(epoch, logs) (see fusedlstm.sentiment.training). Returns the metrics, one
         row per epoch."""
+        if self.config.precision == "bfloat16":
+            require_bf16("training with precision bfloat16")
         return _fit(self, train, dev, opts, out_dir=out_dir, resume=resume, log=log, callbacks=callbacks)
 
     # -- persistence -------------------------------------------------------------------
