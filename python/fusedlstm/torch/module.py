@@ -20,6 +20,9 @@ from . import ops
 __all__ = ["LSTM"]
 
 _DTYPES = (torch.float32, torch.float64)
+# What CPU autocast casts to its lower precision (floating, not float64): cast back to float32 for the kernel.
+_AUTOCAST_CAST = (torch.bfloat16, torch.float16, torch.float32)
+_warned_autocast: set[torch.dtype] = set()
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -38,6 +41,14 @@ class LSTM(nn.Module):
     packed input. ``lengths`` (an extension; padded input only) gives each batch row's valid length
     in 0..T (right padding): outputs past it are zero and h_n/c_n are taken at its last step, as a
     packed sequence would give. ``proj_size > 0`` is not supported.
+
+    Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a float32 layer runs the kernel with
+    bfloat16 products (``precision="bfloat16"``: float32 parameters, sums, gates, state and
+    gradients), takes float32, bfloat16 or float16 input and ``hx``, and returns what
+    ``torch.nn.LSTM`` returns there: bfloat16 output, h_n and c_n for a padded input, float32
+    ones for a ``PackedSequence``. Autocast to float16 computes in float32 and returns float32
+    (one warning). On a CPU without AVX512_BF16 the kernel computes in float32 (one warning); the
+    dtypes returned are the same.
     """
 
     def __init__(
@@ -107,9 +118,9 @@ class LSTM(nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
-        # Prepared (packed) inference weights per (layer, direction), for eval-mode calls
-        # that need no gradient; see _prepared_for.
-        self._prepared: dict[int, tuple] = {}
+        # Prepared (packed) inference weights per (layer, direction) and precision, for
+        # eval-mode calls that need no gradient; see _prepared_for.
+        self._prepared: dict[tuple[int, str], tuple] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -144,12 +155,12 @@ class LSTM(nn.Module):
     def _weights(self, index: int) -> list[nn.Parameter]:
         return [getattr(self, name) for name in self._all_weights[index]]
 
-    def _prepared_for(self, index: int, weights: list[torch.Tensor]) -> PreparedLSTM:
-        """The packed inference weights of one (layer, direction), packed again whenever a weight
-        changed: in place (its version counter moves) or replaced (another storage). The entry
-        holds detached aliases of the weights, so their storage cannot be freed and reused at the
-        same address while it is cached."""
-        entry = self._prepared.get(index)
+    def _prepared_for(self, index: int, weights: list[torch.Tensor], precision: str) -> PreparedLSTM:
+        """The packed inference weights of one (layer, direction) for a precision, packed again
+        whenever a weight changed: in place (its version counter moves) or replaced (another
+        storage). The entry holds detached aliases of the weights, so their storage cannot be
+        freed and reused at the same address while it is cached."""
+        entry = self._prepared.get((index, precision))
         if entry is not None:
             aliases, versions, prepared = entry
             if all(
@@ -159,12 +170,14 @@ class LSTM(nn.Module):
                 return prepared
         k, r, b = _keras_weights(weights, self.bias)
         with torch.no_grad():
-            prepared = PreparedLSTM(k.numpy(), r.numpy(), None if b is None else b.numpy())
+            b = None if b is None else b.numpy()
+            prepared = PreparedLSTM(k.numpy(), r.numpy(), b, "tanh", "sigmoid", precision)
         aliases = [w.detach() for w in weights]
-        self._prepared[index] = (aliases, [a._version for a in aliases], prepared)
+        self._prepared[(index, precision)] = (aliases, [a._version for a in aliases], prepared)
         return prepared
 
     def forward(self, input, hx=None, lengths=None):
+        precision, amp_out, amp = self._autocast()
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
@@ -182,11 +195,13 @@ class LSTM(nn.Module):
             else:
                 x = input if self.batch_first else input.transpose(0, 1)
             lens = None
+        if amp and x.dtype in _AUTOCAST_CAST:
+            x = x.float()
         self._check_input(x)
         B = x.shape[0]
         if lengths is not None:
             lens = _as_lengths(lengths, B, batched)
-        h0, c0 = self._initial_state(hx, x, batched)
+        h0, c0 = self._initial_state(hx, x, batched, amp)
         lens32 = None if lens is None else lens.to(torch.int32)
 
         D = 2 if self.bidirectional else 1
@@ -195,7 +210,7 @@ class LSTM(nn.Module):
         for layer in range(self.num_layers):
             if D == 2 and self._fused(layer_in, h0):
                 state = (None, None) if h0 is None else (h0[2 * layer : 2 * layer + 2], c0[2 * layer : 2 * layer + 2])
-                layer_in, h, c = self._both_directions(layer, layer_in, state, lens32)
+                layer_in, h, c = self._both_directions(layer, layer_in, state, lens32, precision)
                 h_n += [h[0], h[1]]
                 c_n += [c[0], c[1]]
                 if self.dropout > 0 and self.training and layer < self.num_layers - 1:
@@ -205,7 +220,7 @@ class LSTM(nn.Module):
             for d in range(D):
                 i = layer * D + d
                 state = (None, None) if h0 is None else (h0[i], c0[i])
-                out, h, c = self._direction(i, layer_in, state, lens32, reverse=d == 1)
+                out, h, c = self._direction(i, layer_in, state, lens32, d == 1, precision)
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -221,18 +236,38 @@ class LSTM(nn.Module):
                 PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
                 (h_n, c_n),
             )
+        if amp_out is not None:
+            out, h_n, c_n = out.to(amp_out), h_n.to(amp_out), c_n.to(amp_out)
         if not batched:
             return out.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
         if not self.batch_first:
             out = out.transpose(0, 1).contiguous()
         return out, (h_n, c_n)
 
+    def _autocast(self) -> tuple[str, torch.dtype | None, bool]:
+        """Under CPU autocast, for float32 parameters: (the kernel's precision, the dtype a padded
+        input's results are returned in, True: cast low-precision inputs to float32). Outside it,
+        or for float64 parameters (which autocast leaves alone): ("float32", None, False)."""
+        if not torch.is_autocast_enabled("cpu") or self.weight_ih_l0.dtype != torch.float32:
+            return "float32", None, False
+        dtype = torch.get_autocast_dtype("cpu")
+        if dtype == torch.bfloat16:
+            return "bfloat16", torch.bfloat16, True
+        if dtype not in _warned_autocast:
+            _warned_autocast.add(dtype)
+            warnings.warn(
+                f"fusedlstm.torch.LSTM: the kernel has no {dtype} compute; under autocast to {dtype} it computes "
+                "in float32 and returns float32 (autocast to torch.bfloat16 runs bfloat16 products)",
+                stacklevel=3,
+            )
+        return "float32", None, True
+
     def _fused(self, x: torch.Tensor, h0) -> bool:
         """Whether a bidirectional layer runs as one two-direction call: always, but for the
         prepared inference path (eval under no_grad, eager), which packs each direction once."""
         return torch.is_grad_enabled() or self.training or torch.compiler.is_compiling()
 
-    def _both_directions(self, layer: int, x: torch.Tensor, state, lens32):
+    def _both_directions(self, layer: int, x: torch.Tensor, state, lens32, precision: str):
         """Both directions of a bidirectional layer in one kernel call (ops.lstm_bidirectional)."""
         kf, rf, bf = _keras_weights(self._weights(2 * layer), self.bias)
         kr, rr, br = _keras_weights(self._weights(2 * layer + 1), self.bias)
@@ -241,22 +276,22 @@ class LSTM(nn.Module):
             h0, c0 = h0.contiguous(), c0.contiguous()
         tensors = (x, kf, rf, bf, kr, rr, br, h0, c0)
         keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        out, h, c, _ = ops.lstm_bidirectional(x, kf, rf, bf, kr, rr, br, h0, c0, lens32, keep)
+        out, h, c, _ = ops.lstm_bidirectional(x, kf, rf, bf, kr, rr, br, h0, c0, lens32, keep, precision)
         return out, h, c
 
-    def _direction(self, index: int, x: torch.Tensor, state, lens32, reverse: bool):
+    def _direction(self, index: int, x: torch.Tensor, state, lens32, reverse: bool, precision: str):
         weights = self._weights(index)
         h0, c0 = state
         grad = torch.is_grad_enabled()
         if not grad and not self.training and not torch.compiler.is_compiling():
-            prepared = self._prepared_for(index, weights)
+            prepared = self._prepared_for(index, weights, ops.kernel_precision(precision))
             return ops.infer(prepared, x, h0, c0, lens32, reverse)
         kernel, recurrent_kernel, bias = _keras_weights(weights, self.bias)
         if h0 is not None:
             h0, c0 = h0.contiguous(), c0.contiguous()
         # Keep the kernel's cache only when a backward can follow (the op cannot see grad mode).
         keep = grad and any(t is not None and t.requires_grad for t in (x, kernel, recurrent_kernel, bias, h0, c0))
-        out, h, c, _ = ops.lstm(x, kernel, recurrent_kernel, bias, h0, c0, lens32, reverse, True, keep)
+        out, h, c, _ = ops.lstm(x, kernel, recurrent_kernel, bias, h0, c0, lens32, reverse, True, keep, precision)
         return out, h, c
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -282,12 +317,14 @@ class LSTM(nn.Module):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}"
             )
 
-    def _initial_state(self, hx, x: torch.Tensor, batched: bool):
+    def _initial_state(self, hx, x: torch.Tensor, batched: bool, amp: bool = False):
         if hx is None:
             return None, None
         if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
             raise TypeError("hx: expected a tuple (h_0, c_0) of two tensors")
         h0, c0 = hx
+        if amp:  # autocast: float32, bfloat16 and float16 states all go to the kernel as float32
+            h0, c0 = (t.float() if t.dtype in _AUTOCAST_CAST else t for t in (h0, c0))
         want = 2 if not batched else 3
         if h0.dim() != want or c0.dim() != want:
             kind = "unbatched 2-D" if not batched else "batched 3-D"

@@ -14,21 +14,36 @@ forward's inputs: it consumes the filed cache when it is there, and otherwise (t
 keep one, a second backward with ``retain_graph``, a handle that did not survive a graph
 transformation) runs the forward again with a cache first. The kernel is deterministic, so both
 give the same gradients; the fallback costs one more forward.
+
+Each op takes a ``precision``, "float32" (default) or "bfloat16": the products' precision of
+``lstm_forward`` (float32 tensors only; the layer passes "bfloat16" under CPU autocast). The
+backward consumes a cache that remembers it, and a forward run again for the backward uses it
+too. On a CPU without AVX512_BF16, "bfloat16" runs as "float32" with one warning per process
+(``kernel_precision``), so a model written for autocast still runs there.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 import weakref
 
 import numpy as np
 import torch
 
+from .. import _core
 from ..lstm import BidirectionalCache, LstmCache, lstm_backward, lstm_bidirectional_forward, lstm_forward
 from ..prepared import PreparedLSTM
 
-__all__ = ["lstm", "lstm_backward_op", "lstm_bidirectional", "lstm_bidirectional_backward_op", "infer"]
+__all__ = [
+    "lstm",
+    "lstm_backward_op",
+    "lstm_bidirectional",
+    "lstm_bidirectional_backward_op",
+    "infer",
+    "kernel_precision",
+]
 
 _ids = itertools.count(1)
 _filed_lock = threading.Lock()
@@ -46,6 +61,33 @@ class _Filed:
 _filed: weakref.WeakValueDictionary[int, _Filed] = weakref.WeakValueDictionary()
 
 
+_PRECISIONS = ("float32", "bfloat16")
+_warned_no_bf16 = False
+
+
+def kernel_precision(precision: str) -> str:
+    """The precision the kernel runs for a requested one: "bfloat16" runs as "float32" on a CPU
+    without AVX512_BF16 (or with bfloat16 switched off by ``_core.set_bf16_engine("none")``),
+    with one warning per process naming what is missing."""
+    global _warned_no_bf16
+    if precision == "float32":
+        return precision
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not supported; choose 'float32' or 'bfloat16'")
+    if str(_core.bf16_engine()) != "none":
+        return precision
+    if not _warned_no_bf16:
+        _warned_no_bf16 = True
+        missing = str(_core.bf16_missing()) or "AVX512_BF16 (switched off by set_bf16_engine('none'))"
+        warnings.warn(
+            f"fusedlstm: bfloat16 compute needs {missing}; the LSTM kernel computes in float32 instead "
+            "(autocast's bfloat16 still applies to the other ops)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "float32"
+
+
 def _array(t: torch.Tensor | None, name: str) -> np.ndarray | None:
     if t is None:
         return None
@@ -61,9 +103,12 @@ def _arrays(*tensors) -> list[np.ndarray | None]:
     return [_array(t, n) for t, n in zip(tensors, _NAMES)]
 
 
-def _forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, training, return_sequences):
+def _forward(
+    x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, training, return_sequences, precision="float32"
+):
     """lstm_forward for one direction: ``reverse`` runs each row's valid steps last to first, the
-    outputs (and, in the backward, dx) in x's layout."""
+    outputs (and, in the backward, dx) in x's layout; ``precision`` as the kernel runs it
+    (``kernel_precision``)."""
     return lstm_forward(
         x,
         kernel,
@@ -75,6 +120,7 @@ def _forward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, traini
         training=training,
         return_sequences=return_sequences,
         reverse=reverse,
+        precision=precision,
     )
 
 
@@ -128,20 +174,28 @@ def lstm(
     reverse: bool,
     return_sequences: bool,
     keep: bool,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LSTM direction over right-padded x [B, T, E] -> (outputs [B, T, H] (or [B, 0, H]
     without return_sequences), h_n [B, H], c_n [B, H], handle). ``lengths`` int32 [B] or None;
     ``reverse`` runs each row's valid prefix backwards (outputs in the input's time order);
-    ``keep`` files the training cache for the backward (see the module docstring)."""
+    ``keep`` files the training cache for the backward (see the module docstring); ``precision``
+    "float32" or "bfloat16" (the products', float32 tensors only)."""
     a = _arrays(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
-    outputs, h_n, c_n, cache = _forward(*a, reverse=reverse, training=keep, return_sequences=return_sequences)
+    outputs, h_n, c_n, cache = _forward(
+        *a,
+        reverse=reverse,
+        training=keep,
+        return_sequences=return_sequences,
+        precision=kernel_precision(precision),
+    )
     out = _empty_outputs(x, h_n.shape[1]) if outputs is None else torch.from_numpy(outputs)
     handle = _file(cache) if cache is not None else torch.zeros((), dtype=torch.int64)
     return out, torch.from_numpy(h_n), torch.from_numpy(c_n), handle
 
 
 @lstm.register_fake
-def _(x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, return_sequences, keep):
+def _(x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, return_sequences, keep, precision="float32"):
     B, T, _ = x.shape
     H = recurrent_kernel.shape[0]
     out = x.new_empty((B, T if return_sequences else 0, H))
@@ -163,14 +217,18 @@ def lstm_backward_op(
     d_h_n: torch.Tensor | None,
     d_c_n: torch.Tensor | None,
     need_dx: bool,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``fusedlstm::lstm``: (dx [B, T, E] (or [0] without need_dx), d_kernel,
     d_recurrent_kernel, d_bias [4H], d_h0 [B, H], d_c0 [B, H]); d_bias is returned even when the
-    forward had no bias. None upstream gradients are zero."""
+    forward had no bias. None upstream gradients are zero. ``precision`` is the forward's: the
+    kept cache carries it, and a forward run again uses it."""
     cache = _take(handle)
     a = _arrays(x, kernel, recurrent_kernel, bias, h0, c0, lengths)
     if cache is None:
-        _, _, _, cache = _forward(*a, reverse=reverse, training=True, return_sequences=False)
+        _, _, _, cache = _forward(
+            *a, reverse=reverse, training=True, return_sequences=False, precision=kernel_precision(precision)
+        )
     d_out = None if d_outputs is None or d_outputs.numel() == 0 else _array(d_outputs.contiguous(), "d_outputs")
     d_h = None if d_h_n is None else _array(d_h_n.contiguous(), "d_h_n")
     d_c = None if d_c_n is None else _array(d_c_n.contiguous(), "d_c_n")
@@ -180,7 +238,22 @@ def lstm_backward_op(
 
 
 @lstm_backward_op.register_fake
-def _(handle, x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, d_outputs, d_h_n, d_c_n, need_dx):
+def _(
+    handle,
+    x,
+    kernel,
+    recurrent_kernel,
+    bias,
+    h0,
+    c0,
+    lengths,
+    reverse,
+    d_outputs,
+    d_h_n,
+    d_c_n,
+    need_dx,
+    precision="float32",
+):
     B = x.shape[0]
     H = recurrent_kernel.shape[0]
     dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
@@ -195,16 +268,30 @@ def _(handle, x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, d_out
 
 
 def _setup_context(ctx, inputs, output):
-    x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, _return_sequences, _keep = inputs
+    x, kernel, recurrent_kernel, bias, h0, c0, lengths, reverse, _return_sequences, _keep, precision = inputs
     ctx.save_for_backward(x, kernel, recurrent_kernel, bias, h0, c0, lengths, output[3])
     ctx.reverse = reverse
+    ctx.precision = precision
 
 
 def _backward_formula(ctx, d_outputs, d_h_n, d_c_n, _d_handle):
     x, kernel, recurrent_kernel, bias, h0, c0, lengths, handle = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dk, drk, db, dh0, dc0 = lstm_backward_op(
-        handle, x, kernel, recurrent_kernel, bias, h0, c0, lengths, ctx.reverse, d_outputs, d_h_n, d_c_n, need[0]
+        handle,
+        x,
+        kernel,
+        recurrent_kernel,
+        bias,
+        h0,
+        c0,
+        lengths,
+        ctx.reverse,
+        d_outputs,
+        d_h_n,
+        d_c_n,
+        need[0],
+        ctx.precision,
     )
     return (
         dx if need[0] else None,
@@ -213,6 +300,7 @@ def _backward_formula(ctx, d_outputs, d_h_n, d_c_n, _d_handle):
         db if bias is not None and need[3] else None,
         dh0 if h0 is not None and need[4] else None,
         dc0 if c0 is not None and need[5] else None,
+        None,
         None,
         None,
         None,
@@ -226,10 +314,13 @@ torch.library.register_autograd("fusedlstm::lstm", _backward_formula, setup_cont
 # -- both directions of a layer in one kernel call (lstm_bidirectional_forward) ----------------
 
 
-def _bi_forward(x, kf, rf, bf, kr, rr, br, h0, c0, lengths, training):
+def _bi_forward(x, kf, rf, bf, kr, rr, br, h0, c0, lengths, precision, training):
+    """lstm_bidirectional_forward on tensors; ``precision`` as the kernel runs it."""
     a = _arrays(x, kf, rf, bf, h0, c0, lengths)
     b = _arrays(x, kr, rr, br, None, None, None)
-    return lstm_bidirectional_forward(a[0], tuple(a[1:4]), tuple(b[1:4]), a[4], a[5], a[6], training=training)
+    return lstm_bidirectional_forward(
+        a[0], tuple(a[1:4]), tuple(b[1:4]), a[4], a[5], a[6], training=training, precision=precision
+    )
 
 
 @torch.library.custom_op("fusedlstm::lstm_bidirectional", mutates_args=())
@@ -245,18 +336,44 @@ def lstm_bidirectional(
     c0: torch.Tensor | None,
     lengths: torch.Tensor | None,
     keep: bool,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both directions of a bidirectional layer in one kernel call (the directions share the
-    cores): (outputs [B, T, 2H], h_n [2, B, H], c_n [2, B, H], handle); h0, c0 [2, B, H] or None."""
+    cores): (outputs [B, T, 2H], h_n [2, B, H], c_n [2, B, H], handle); h0, c0 [2, B, H] or None;
+    ``precision`` as ``fusedlstm::lstm``."""
     outputs, h_n, c_n, cache = _bi_forward(
-        x, kernel, recurrent_kernel, bias, kernel_reverse, recurrent_kernel_reverse, bias_reverse, h0, c0, lengths, keep
+        x,
+        kernel,
+        recurrent_kernel,
+        bias,
+        kernel_reverse,
+        recurrent_kernel_reverse,
+        bias_reverse,
+        h0,
+        c0,
+        lengths,
+        kernel_precision(precision),
+        keep,
     )
     handle = _file(cache) if cache is not None else torch.zeros((), dtype=torch.int64)
     return torch.from_numpy(outputs), torch.from_numpy(h_n), torch.from_numpy(c_n), handle
 
 
 @lstm_bidirectional.register_fake
-def _(x, kernel, recurrent_kernel, bias, kernel_reverse, recurrent_kernel_reverse, bias_reverse, h0, c0, lengths, keep):
+def _(
+    x,
+    kernel,
+    recurrent_kernel,
+    bias,
+    kernel_reverse,
+    recurrent_kernel_reverse,
+    bias_reverse,
+    h0,
+    c0,
+    lengths,
+    keep,
+    precision="float32",
+):
     B, T, _ = x.shape
     H = recurrent_kernel.shape[0]
     return (
@@ -284,6 +401,7 @@ def lstm_bidirectional_backward_op(
     d_h_n: torch.Tensor | None,
     d_c_n: torch.Tensor | None,
     need_dx: bool,
+    precision: str = "float32",
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -311,6 +429,7 @@ def lstm_bidirectional_backward_op(
             h0,
             c0,
             lengths,
+            kernel_precision(precision),
             True,
         )
 
@@ -351,6 +470,7 @@ def _(
     d_h_n,
     d_c_n,
     need_dx,
+    precision="float32",
 ):
     B = x.shape[0]
     H = recurrent_kernel.shape[0]
@@ -369,6 +489,7 @@ def _(
 
 def _bi_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:10], output[3])
+    ctx.precision = inputs[11]
 
 
 def _bi_backward_formula(ctx, d_outputs, d_h_n, d_c_n, _d_handle):
@@ -376,7 +497,7 @@ def _bi_backward_formula(ctx, d_outputs, d_h_n, d_c_n, _d_handle):
     x, kf, rf, bf, kr, rr, br, h0, c0, lengths = saved
     need = ctx.needs_input_grad
     grads = lstm_bidirectional_backward_op(
-        handle, x, kf, rf, bf, kr, rr, br, h0, c0, lengths, d_outputs, d_h_n, d_c_n, need[0]
+        handle, x, kf, rf, bf, kr, rr, br, h0, c0, lengths, d_outputs, d_h_n, d_c_n, need[0], ctx.precision
     )
     dx, dkf, drf, dbf, dkr, drr, dbr, dh0, dc0 = grads
     return (
@@ -389,6 +510,7 @@ def _bi_backward_formula(ctx, d_outputs, d_h_n, d_c_n, _d_handle):
         dbr if br is not None and need[6] else None,
         dh0 if h0 is not None and need[7] else None,
         dc0 if c0 is not None and need[8] else None,
+        None,
         None,
         None,
     )
