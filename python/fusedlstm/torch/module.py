@@ -253,12 +253,12 @@ class LSTM(nn.Module):
         dtype = torch.get_autocast_dtype("cpu")
         if dtype == torch.bfloat16:
             return "bfloat16", torch.bfloat16, True
-        if dtype not in _warned_autocast:
+        if dtype not in _warned_autocast and not torch.compiler.is_compiling():  # Dynamo cannot trace a warning
             _warned_autocast.add(dtype)
             warnings.warn(
                 f"fusedlstm.torch.LSTM: the kernel has no {dtype} compute; under autocast to {dtype} it computes "
                 "in float32 and returns float32 (autocast to torch.bfloat16 runs bfloat16 products)",
-                stacklevel=3,
+                stacklevel=5,  # the caller of the module (through nn.Module's __call__)
             )
         return "float32", None, True
 
