@@ -6,13 +6,17 @@
 // Optional inputs are empty 1-d tensors ([0]): lengths (then every step is valid, unless a step
 // mask says otherwise), step_mask (Keras's [N, T] booleans, masks with holes; given instead of
 // lengths) and recurrent_masks (Keras's recurrent dropout, training only).
+// The attribute `precision` is fusedlstm::Precision's code: 0 float32 products, 1 bfloat16
+// products (float32 tensors only, a CPU with AVX512_BF16); the gradient op takes its forward's.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "../cpu/gemm_bf16.h"
 #include "absl/status/status.h"
 #include "fusedlstm/lstm.h"
 #include "fusedlstm/validate.h"
@@ -52,6 +56,7 @@ REGISTER_OP("FusedLstm")
     .Attr("reverse: bool = false")  // each row's valid steps last to first (fusedlstm/lstm.h)
     .Attr("activation: " ACTIVATIONS " = 'tanh'")  // Keras's names (fusedlstm/lstm.h)
     .Attr("recurrent_activation: " ACTIVATIONS " = 'sigmoid'")
+    .Attr("precision: int = 0")  // of the products: 0 float32, 1 bfloat16 (fusedlstm/lstm.h)
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x, k, r, b, h0, c0, len;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
@@ -92,6 +97,7 @@ REGISTER_OP("FusedLstmGrad")
     .Attr("reverse: bool = false")                 // as the forward that wrote the cache ran
     .Attr("activation: " ACTIVATIONS " = 'tanh'")  // as the forward ran
     .Attr("recurrent_activation: " ACTIVATIONS " = 'sigmoid'")
+    .Attr("precision: int = 0")  // as the forward ran
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x, r;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
@@ -261,6 +267,33 @@ absl::Status ReadActivations(OpKernelConstruction* c, fusedlstm::Activation* act
   return absl::OkStatus();
 }
 
+// The precision attribute of either op, checked against the dtype and this CPU (the op library
+// detects the CPU's bfloat16 engine itself; the Python module's set_bf16_engine does not reach it).
+template <typename S>
+absl::Status ReadPrecision(OpKernelConstruction* c, fusedlstm::Precision* out) {
+  int64_t code = 0;
+  TF_RETURN_IF_ERROR(c->GetAttr("precision", &code));
+  *out = fusedlstm::Precision::kFloat32;
+  if (code == 0) return absl::OkStatus();
+  if (code != 1) {
+    return absl::InvalidArgumentError("precision: 0 (float32) or 1 (bfloat16), got " +
+                                      std::to_string(code));
+  }
+  if (!std::is_same<S, float>::value) {
+    return absl::InvalidArgumentError(
+        "precision=1 (bfloat16) computes on float32 tensors (it rounds the products' operands "
+        "itself); got float64 (use float32, or precision=0)");
+  }
+  if (fusedlstm::Bf16Active() == fusedlstm::Bf16Engine::kNone) {
+    const std::string missing = fusedlstm::Bf16Missing();
+    return absl::FailedPreconditionError("precision=1 (bfloat16) needs " +
+                                         (missing.empty() ? std::string("AVX512_BF16") : missing) +
+                                         "; use precision=0 (float32) on this machine");
+  }
+  *out = fusedlstm::Precision::kBfloat16;
+  return absl::OkStatus();
+}
+
 template <typename S>
 class FusedLstmOp : public OpKernel {
  public:
@@ -269,6 +302,7 @@ class FusedLstmOp : public OpKernel {
     OP_REQUIRES_OK(c, c->GetAttr("return_sequences", &return_sequences_));
     OP_REQUIRES_OK(c, c->GetAttr("reverse", &reverse_));
     OP_REQUIRES_OK(c, ReadActivations(c, &activation_, &recurrent_activation_));
+    OP_REQUIRES_OK(c, ReadPrecision<S>(c, &precision_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -297,10 +331,11 @@ class FusedLstmOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             3, TensorShape({training_ ? fusedlstm::CacheSize(s) : 0}), &cache));
     Tensor workspace;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(
-                            DataTypeToEnum<S>::value,
-                            TensorShape({fusedlstm::ForwardWorkspaceSize(s, training_, reverse_)}),
-                            &workspace));
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_temp(
+                 DataTypeToEnum<S>::value,
+                 TensorShape({fusedlstm::ForwardWorkspaceSize(s, training_, reverse_, precision_)}),
+                 &workspace));
     fusedlstm::ForwardArgs<S> a;
     a.x = x.flat<S>().data();
     a.kernel = k.flat<S>().data();
@@ -319,6 +354,7 @@ class FusedLstmOp : public OpKernel {
     a.activation = activation_;
     a.recurrent_activation = recurrent_activation_;
     a.recurrent_masks = recurrent_masks;
+    a.precision = precision_;
     fusedlstm::LstmForward<S>(MakeDevice(ctx), s, a);
   }
 
@@ -327,6 +363,7 @@ class FusedLstmOp : public OpKernel {
   bool return_sequences_;
   bool reverse_;
   fusedlstm::Activation activation_, recurrent_activation_;
+  fusedlstm::Precision precision_;
 };
 
 template <typename S>
@@ -335,6 +372,7 @@ class FusedLstmGradOp : public OpKernel {
   explicit FusedLstmGradOp(OpKernelConstruction* c) : OpKernel(c) {
     OP_REQUIRES_OK(c, c->GetAttr("reverse", &reverse_));
     OP_REQUIRES_OK(c, ReadActivations(c, &activation_, &recurrent_activation_));
+    OP_REQUIRES_OK(c, ReadPrecision<S>(c, &precision_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -387,11 +425,10 @@ class FusedLstmGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({s.N, s.H}), &dh0));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({s.N, s.H}), &dc0));
     Tensor workspace;
-    OP_REQUIRES_OK(
-        ctx, ctx->allocate_temp(
-                 DataTypeToEnum<S>::value,
-                 TensorShape({fusedlstm::BackwardWorkspaceSize(s, recurrent_masks != nullptr)}),
-                 &workspace));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DataTypeToEnum<S>::value,
+                                           TensorShape({fusedlstm::BackwardWorkspaceSize(
+                                               s, recurrent_masks != nullptr, precision_)}),
+                                           &workspace));
     fusedlstm::BackwardArgs<S> a;
     a.cache = work_cache.flat<S>().data();
     a.lengths = steps.lengths;
@@ -410,12 +447,14 @@ class FusedLstmGradOp : public OpKernel {
     a.activation = activation_;
     a.recurrent_activation = recurrent_activation_;
     a.recurrent_masks = recurrent_masks;
+    a.precision = precision_;
     fusedlstm::LstmBackward<S>(MakeDevice(ctx), s, a);
   }
 
  private:
   bool reverse_;
   fusedlstm::Activation activation_, recurrent_activation_;
+  fusedlstm::Precision precision_;
 };
 
 #define REGISTER(S)                                                                        \

@@ -7,11 +7,17 @@ other, holes included, as a step mask: state carried through masked steps), and 
 put the way Keras has them (the previous output repeated at a masked step, or zeros with
 zero_output_for_mask). go_backwards is the kernel's reverse pass (x is not flipped); stateful=True
 keeps [h, c] variables between calls as Keras does; dropout and recurrent_dropout draw Keras's
-masks from the layer's seed generator in training and the kernel applies them."""
+masks from the layer's seed generator in training and the kernel applies them. Under a
+bfloat16 compute dtype (mixed_bfloat16) the kernel runs with bfloat16 products on the float32
+variables, where the CPU has AVX512_BF16 (float32 products elsewhere, with a warning)."""
 
 from __future__ import annotations
 
+import warnings
+
 import keras
+
+from .. import _core, bf16_engine
 
 __all__ = ["LSTM"]
 
@@ -38,6 +44,32 @@ def _activation_name(arg: str, value) -> str:
         if fn is keras.activations.get(name):
             return name
     raise refused
+
+
+_bf16_fallback_warned = False
+
+
+def _kernel_precision(compute_dtype: str) -> str:
+    """The kernel's product precision for a layer computing in `compute_dtype`: "bfloat16" for
+    a bfloat16 compute dtype (mixed_bfloat16) where the CPU can, else "float32". Where it
+    cannot (no AVX512_BF16), a model written for mixed_bfloat16 still runs, with float32
+    products, and says so once per process."""
+    global _bf16_fallback_warned
+    if compute_dtype != "bfloat16":
+        return "float32"
+    if bf16_engine() is not None:
+        return "bfloat16"
+    if not _bf16_fallback_warned:
+        _bf16_fallback_warned = True
+        # "" when the CPU has it but the engine was switched off (fusedlstm._core.set_bf16_engine).
+        missing = _core.bf16_missing() or "AVX512_BF16 (the bfloat16 engine is switched off)"
+        warnings.warn(
+            f"fusedlstm.keras.LSTM: bfloat16 products need {missing}; the layer runs the fused kernel "
+            "with float32 products instead (its outputs still come back in bfloat16)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return "float32"
 
 
 def _take_steps(x, idx):
@@ -73,7 +105,8 @@ def _run_fused(x, kernel, recurrent_kernel, bias, h0, c0, mask, recurrent_masks,
     """outputs, h_n, c_n of the fused kernel, on the backend's own op: the compiled TensorFlow
     op (tensorflow) or an autograd Function over fusedlstm's NumPy API (torch, which decides
     from grad mode whether to keep a cache, so keep_cache applies to TensorFlow only). mask:
-    [B, T] bool or None; options: return_sequences, reverse, activation, recurrent_activation."""
+    [B, T] bool or None; options: return_sequences, reverse, activation, recurrent_activation,
+    precision."""
     if keras.backend.backend() == "tensorflow":
         from .ops import fused_lstm
 
@@ -119,6 +152,13 @@ class LSTM(keras.layers.Layer):
     seed generator in Keras's order and shapes (so the same seed gives the same masks), fixed
     over the steps; recurrent_dropout (or implementation=1) makes the input dropout one mask per
     gate, as Keras's LSTMCell, which runs the input projection on a [B, T, 4E] input.
+
+    Mixed precision: the variables are float32 and the kernel reads them as they are (not
+    autocast to the compute dtype), so it gets float32 weights and gives them float32 gradients.
+    Under a bfloat16 compute dtype ("mixed_bfloat16") the kernel runs with bfloat16 products
+    (``fusedlstm.lstm_forward(..., precision="bfloat16")``; float32 products, with a one-time
+    RuntimeWarning, on a CPU without AVX512_BF16); under "mixed_float16" with float32 products.
+    Outputs and states come back in the compute dtype, as Keras's LSTM returns them.
 
     Not supported (a clear ValueError at construction): other activations, use_cudnn=True;
     a Keras backend other than TensorFlow or torch (RuntimeError).
@@ -262,6 +302,7 @@ class LSTM(keras.layers.Layer):
             shape=(E, 4 * u),
             name="kernel",
             initializer=self.kernel_initializer,
+            autocast=False,  # the kernel takes float32 weights under a mixed policy (see call)
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
@@ -269,6 +310,7 @@ class LSTM(keras.layers.Layer):
             shape=(u, 4 * u),
             name="recurrent_kernel",
             initializer=self.recurrent_initializer,
+            autocast=False,
             regularizer=self.recurrent_regularizer,
             constraint=self.recurrent_constraint,
         )
@@ -285,6 +327,7 @@ class LSTM(keras.layers.Layer):
                 shape=(4 * u,),
                 name="bias",
                 initializer=bias_init,
+                autocast=False,
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
@@ -359,11 +402,15 @@ class LSTM(keras.layers.Layer):
         # two gathers differ (_run_fused, _take_steps, _last_valid).
         ops = keras.ops
         x = ops.convert_to_tensor(sequences, dtype=self.compute_dtype)
-        # The kernel computes in float32 or float64. Under a mixed-precision policy
-        # (mixed_float16, mixed_bfloat16) it runs in float32 and the results are cast to the
-        # compute dtype, as Keras's layer returns them (a CPU has no faster half-precision path).
+        # The kernel takes float32 or float64 arrays. Under a mixed-precision policy
+        # (mixed_float16, mixed_bfloat16) it gets float32 inputs and the float32 variables (not
+        # autocast: add_weight(autocast=False), so nothing rounds them and their gradients stay
+        # float32), and the results are cast to the compute dtype, as Keras's layer returns them.
+        # A bfloat16 compute dtype runs the kernel's bfloat16 products (it rounds the operands
+        # itself); float16 has no fast path on a CPU: float32 products.
         out_dtype = keras.backend.standardize_dtype(x.dtype)
         dtype = out_dtype if out_dtype in ("float32", "float64") else "float32"
+        precision = _kernel_precision(out_dtype)
         x = ops.cast(x, dtype)
         if len(x.shape) != 3:
             raise ValueError(f"inputs must be 3-d [batch, time, features], got shape {x.shape}")
@@ -425,6 +472,7 @@ class LSTM(keras.layers.Layer):
             options={
                 "return_sequences": self.return_sequences,
                 "reverse": self.go_backwards,
+                "precision": precision,
                 **self._kernel_activations,
             },
         )

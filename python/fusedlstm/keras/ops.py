@@ -1,6 +1,8 @@
 """The compiled TensorFlow ops and their registered gradient: FusedLstm's gradient is the
 FusedLstmGrad op, fed the forward's cache. Optional inputs of the raw ops (lengths, step_mask,
-recurrent_masks) are empty [0] tensors when left out; the wrappers here take None."""
+recurrent_masks) are empty [0] tensors when left out; the wrappers here take None. The ops'
+attribute ``precision`` is an int code (0 float32, 1 bfloat16 products); the wrappers take the
+names, as fusedlstm.lstm_forward does."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import threading
 
 import tensorflow as tf
 
+from .._checks import precision_code
 from .build import build_op
 
 __all__ = ["load_ops", "fused_lstm", "fused_lstm_grad"]
@@ -33,7 +36,9 @@ def _or_empty(t, dtype):
 @tf.RegisterGradient("FusedLstm")
 def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
     x, kernel, recurrent_kernel, bias, h0, c0, lengths, step_mask, recurrent_masks = op.inputs
-    attrs = {k: op.get_attr(k) for k in ("reverse", "activation", "recurrent_activation")}
+    # The backward runs its products in the forward's precision too (precision), walks the steps
+    # and differentiates the activations as the forward did.
+    attrs = {k: op.get_attr(k) for k in ("reverse", "activation", "recurrent_activation", "precision")}
     attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
     if op.get_attr("training"):
         cache = op.outputs[3]
@@ -70,7 +75,7 @@ def _fused_lstm_grad(op, d_outputs, d_h_n, d_c_n, _d_cache):
         zeros_if_none(d_outputs, op.outputs[0]),
         zeros_if_none(d_h_n, h0),
         zeros_if_none(d_c_n, h0),
-        **attrs,  # the backward walks the steps and differentiates the activations as the forward did
+        **attrs,
     )
     return list(grads) + [None, None, None]  # none for lengths, step_mask, recurrent_masks
 
@@ -90,6 +95,7 @@ def fused_lstm(
     recurrent_activation="sigmoid",
     step_mask=None,
     recurrent_masks=None,
+    precision: str = "float32",
 ):
     """outputs [B,T,H], h_n, c_n, cache — the raw op (see fusedlstm.lstm_forward for semantics;
     reverse=True runs each row's valid steps last to first, outputs at their inputs' positions).
@@ -99,7 +105,9 @@ def fused_lstm(
     recurrent_activation: Keras's names ("tanh", "relu", "linear", "sigmoid", "hard_sigmoid").
     training=False keeps no cache (the cache output is empty); its gradient, if one is taken
     anyway, runs the forward again with a cache first. return_sequences=False writes no outputs
-    (they come back as an empty [B, 0, H] tensor)."""
+    (they come back as an empty [B, 0, H] tensor). precision: "float32", or "bfloat16" (float32
+    tensors, a CPU with AVX512_BF16: the products' operands rounded to bfloat16, sums, gates,
+    states and gradients float32; the registered gradient runs its products so too)."""
     return load_ops().fused_lstm(
         x,
         kernel,
@@ -115,6 +123,7 @@ def fused_lstm(
         reverse=reverse,
         activation=activation,
         recurrent_activation=recurrent_activation,
+        precision=precision_code(precision),
     )
 
 
@@ -131,10 +140,11 @@ def fused_lstm_grad(
     reverse=False,
     activation="tanh",
     recurrent_activation="sigmoid",
+    precision: str = "float32",
 ):
     """dx, d_kernel, d_recurrent_kernel, d_bias, d_h0, d_c0 from a training forward's cache (the
-    raw gradient op; lengths, step_mask, recurrent_masks and the attributes as that forward had
-    them; lengths may be None). The cache is consumed in place when nothing else holds it, else
+    raw gradient op; lengths, step_mask, recurrent_masks and the attributes, precision included,
+    as that forward had them; lengths may be None). The cache is consumed in place when nothing else holds it, else
     copied."""
     return load_ops().fused_lstm_grad(
         x,
@@ -149,4 +159,5 @@ def fused_lstm_grad(
         reverse=reverse,
         activation=activation,
         recurrent_activation=recurrent_activation,
+        precision=precision_code(precision),
     )

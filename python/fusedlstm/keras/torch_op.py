@@ -1,6 +1,7 @@
 """The fused LSTM for Keras's torch backend: a torch.autograd.Function over fusedlstm's NumPy API
 (zero-copy views of CPU tensors in, the kernel's arrays wrapped as tensors out). The forward
-keeps the kernel's cache for exactly one backward."""
+keeps the kernel's cache for exactly one backward, which runs its products in the forward's
+precision (the cache remembers it)."""
 
 from __future__ import annotations
 
@@ -85,12 +86,13 @@ def fused_lstm(
     activation="tanh",
     recurrent_activation="sigmoid",
     recurrent_masks=None,
+    precision: str = "float32",
 ):
     """outputs [B, T, H] ([B, 0, H] without return_sequences), h_n, c_n; differentiable in every
     float argument (see fusedlstm.lstm_forward for the semantics: mask [B, T] bool, valid steps
     anywhere, or None; reverse=True runs each row's valid steps last to first, outputs at their
     inputs' positions; recurrent_masks [4, B, H], Keras's recurrent dropout, needs a backward to
-    follow)."""
+    follow; precision: "float32" or "bfloat16", as lstm_forward takes it)."""
     floats = (x, kernel, recurrent_kernel, bias, h0, c0)
     # The kernel keeps a cache only when a backward can follow: grad mode on and something to
     # differentiate (Keras's predict and evaluate run under torch.no_grad: no cache).
@@ -100,5 +102,10 @@ def fused_lstm(
         # The kernel takes recurrent masks in training only; a training call with no graph to
         # differentiate (frozen weights under no_grad) still drops out, as Keras's would.
         training = True
-    opts = {"reverse": reverse, "activation": activation, "recurrent_activation": recurrent_activation}
+    opts = {
+        "reverse": reverse,
+        "activation": activation,
+        "recurrent_activation": recurrent_activation,
+        "precision": precision,
+    }
     return _FusedLstm.apply(*floats, mask, recurrent_masks, return_sequences, training, opts)
