@@ -12,7 +12,12 @@ seconds per epoch, prints a table and, with --out, writes JSON.
         [--seeds 0,1,2] [--epochs 20] [--freeze-embeddings] [--no-torch]
         [--layers N] [--[no-]bidirectional] [--pooling last|max|mean] [--embedding-keep-prob P]
         [--keep-prob P] [--units H]     (the architecture defaults to the classifier's)
-        [--torch-dense-embedding-adam] [--out results.json]
+        [--torch-dense-embedding-adam] [--precision float32,bfloat16] [--out results.json]
+
+--precision bfloat16 trains our model with bfloat16 products (fusedlstm train --precision
+bfloat16) and the PyTorch twin under torch.autocast(dtype=torch.bfloat16); with both, each seed
+trains both ways from the same initial weights (results keyed fusedlstm, torch and
+fusedlstm.bfloat16, torch.bfloat16).
 
 Without a labelled test split (GLUE's test labels are not public), the dev split is the test set
 and a tenth of train is held out as dev.
@@ -46,6 +51,7 @@ def torch_run(
     epochs: int,
     result: dict,
     dense_embedding_adam: bool = False,
+    precision: str = "float32",
 ):
     """The same network in PyTorch, initialised from `init` (our untrained weights), trained on
     the same batches and dropout masks. A generator: it yields after each epoch so the caller
@@ -97,13 +103,20 @@ def torch_run(
         return torch.from_numpy(ids.astype(np.int64)), lengths, torch.from_numpy(lm.encode(split.labels))
 
     tr_ids, tr_len, tr_y = encode(splits["train"])
+    import contextlib
+
+    def autocast():
+        if precision == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def logits_of(ids, lengths, mask=None, emb_mask=None):
         T = int(lengths.max())
         x = emb(ids[:, :T])
         if emb_mask is not None:
             x = x * emb_mask
-        last = sentence_vectors(cfg, lstm, x, lengths)
+        with autocast():
+            last = sentence_vectors(cfg, lstm, x, lengths).float()
         if mask is not None:
             last = last * mask
         return dense(last)
@@ -190,6 +203,49 @@ def load_splits(data: str | None, dataset: str | None) -> dict[str, Split]:
     return splits
 
 
+def train_pair(args, splits, seed: int, precision: str, have_torch: bool) -> tuple[dict, dict]:
+    """One seed at one precision: our model and (have_torch) its PyTorch twin from the same
+    initial weights, their epochs interleaved so the machine's drift hits both alike."""
+    model = SentimentClassifier.create(
+        splits["train"],
+        vectors=args.vectors,
+        seed=seed,
+        train_embeddings=not args.freeze_embeddings,
+        units=args.units,
+        layers=args.layers,
+        bidirectional=args.bidirectional,
+        pooling=args.pooling,
+        embedding_keep_prob=args.embedding_keep_prob,
+        keep_prob=args.keep_prob,
+        precision=precision,
+        log=lambda *a: None,
+    )
+    init = {k: v.copy() for k, v in model.params.items()}
+    # patience=epochs: train every epoch in both, select on dev, like the torch run.
+    opts = TrainOptions(epochs=args.epochs, seed=seed, progress=False, patience=args.epochs)
+    theirs: dict = {}
+    twin = (
+        torch_run(model, init, splits, opts, args.epochs, theirs, args.torch_dense_embedding_adam, precision)
+        if have_torch
+        else iter(())
+    )
+
+    class Interleave(Callback):
+        def on_epoch_end(self, epoch, logs, twin=twin):
+            next(twin, None)
+
+    metrics = model.fit(splits["train"], splits["dev"], opts, log=lambda *a: None, callbacks=[Interleave()])
+    for _ in twin:  # any epochs left (none: both train every epoch)
+        pass
+    ours = {
+        "dev_acc": max(m["dev_acc"] for m in metrics),
+        "test_acc": model.evaluate(splits["test"])["accuracy"],
+        "epoch_s": [m["seconds"] for m in metrics],
+        "best_epoch": int(np.argmax([m["dev_acc"] for m in metrics])) + 1,
+    }
+    return ours, theirs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = ap.add_mutually_exclusive_group(required=True)
@@ -218,8 +274,16 @@ def main(argv=None):
         action="store_true",
         help="PyTorch twin: dense embedding gradient and Adam (default: sparse + SparseAdam, ours)",
     )
+    ap.add_argument(
+        "--precision",
+        default="float32",
+        help="comma-separated: float32 and/or bfloat16 (ours: bfloat16 products; torch: autocast)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here (default: print only)")
     args = ap.parse_args(argv)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not precisions or any(p not in ("float32", "bfloat16") for p in precisions):
+        ap.error(f"--precision: expected float32 and/or bfloat16, got {args.precision!r}")
     splits = load_splits(args.data, args.dataset)
     have_torch = not args.no_torch
     if have_torch:
@@ -231,47 +295,13 @@ def main(argv=None):
             have_torch = False
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        model = SentimentClassifier.create(
-            splits["train"],
-            vectors=args.vectors,
-            seed=seed,
-            train_embeddings=not args.freeze_embeddings,
-            units=args.units,
-            layers=args.layers,
-            bidirectional=args.bidirectional,
-            pooling=args.pooling,
-            embedding_keep_prob=args.embedding_keep_prob,
-            keep_prob=args.keep_prob,
-            log=lambda *a: None,
-        )
-        init = {k: v.copy() for k, v in model.params.items()}
-        # patience=epochs: train every epoch in both, select on dev, like the torch run.
-        opts = TrainOptions(epochs=args.epochs, seed=seed, progress=False, patience=args.epochs)
-        # Epochs alternate, ours then torch's (a callback at the end of each of ours), so the
-        # machine's drift hits both alike.
-        theirs: dict = {}
-        twin = (
-            torch_run(model, init, splits, opts, args.epochs, theirs, args.torch_dense_embedding_adam)
-            if have_torch
-            else iter(())
-        )
-
-        class Interleave(Callback):
-            def on_epoch_end(self, epoch, logs, twin=twin):
-                next(twin, None)
-
-        metrics = model.fit(splits["train"], splits["dev"], opts, log=lambda *a: None, callbacks=[Interleave()])
-        for _ in twin:  # any epochs left (none: both train every epoch)
-            pass
-        ours = {
-            "dev_acc": max(m["dev_acc"] for m in metrics),
-            "test_acc": model.evaluate(splits["test"])["accuracy"],
-            "epoch_s": [m["seconds"] for m in metrics],
-            "best_epoch": int(np.argmax([m["dev_acc"] for m in metrics])) + 1,
-        }
-        row = {"seed": seed, "fusedlstm": ours}
-        if have_torch:
-            row["torch"] = theirs
+        row = {"seed": seed}
+        for precision in precisions:
+            sfx = "" if precision == "float32" else f".{precision}"
+            ours, theirs = train_pair(args, splits, seed, precision, have_torch)
+            row["fusedlstm" + sfx] = ours
+            if have_torch:
+                row["torch" + sfx] = theirs
         rows.append(row)
         print(
             json.dumps(
@@ -291,9 +321,7 @@ def main(argv=None):
             flush=True,
         )
     summary = {}
-    for impl in ("fusedlstm", "torch"):
-        if impl not in rows[0]:
-            continue
+    for impl in [k for k in rows[0] if k != "seed"]:
         accs = [100 * r[impl]["test_acc"] for r in rows]
         devs = [100 * r[impl]["dev_acc"] for r in rows]
         secs = [statistics.median(r[impl]["epoch_s"]) for r in rows]
@@ -315,11 +343,12 @@ def main(argv=None):
             f"  {impl:>10}: test {s['test_acc_mean']:.1f}% ± {s['test_acc_std']:.1f}  "
             f"(dev {s['dev_acc_mean']:.1f} ± {s['dev_acc_std']:.1f})   {s['epoch_s_median']:.2f} s/epoch"
         )
-    if "torch" in summary:
-        print(
-            f"  epoch speed-up vs torch: "
-            f"{summary['torch']['epoch_s_median'] / summary['fusedlstm']['epoch_s_median']:.2f}x"
-        )
+    for sfx in ("", ".bfloat16"):
+        if "torch" + sfx in summary and "fusedlstm" + sfx in summary:
+            print(
+                f"  epoch speed-up vs torch{sfx}: "
+                f"{summary['torch' + sfx]['epoch_s_median'] / summary['fusedlstm' + sfx]['epoch_s_median']:.2f}x"
+            )
     if args.out is None:
         return 0
     out = args.out

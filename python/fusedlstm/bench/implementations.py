@@ -19,8 +19,9 @@ fusedlstm.torch is the PyTorch drop-in (fusedlstm.torch.LSTM) timed exactly as t
 the same padded calls, the same packed bidirectional step.
 
 Precisions: inputs are float32 arrays; a row's precision is that of the products. "bfloat16" rows
-run fusedlstm with precision="bfloat16" (plain, prepared, bidirectional) and torch.nn.LSTM under
-torch.autocast("cpu", dtype=torch.bfloat16), its mixed-precision path (oneDNN bf16); the others
+run fusedlstm with precision="bfloat16" (plain, prepared, bidirectional), and torch.nn.LSTM and
+the drop-in fusedlstm.torch.LSTM under torch.autocast("cpu", dtype=torch.bfloat16), torch's
+mixed-precision path (oneDNN bf16 for nn.LSTM); the others
 have no bfloat16 path and are left out of those rows (IMPL_PRECISIONS)."""
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ IMPL_MODES: dict[str, tuple[str, ...]] = {
 PRECISION = "float32"  # the default, and the inputs' dtype in every row
 PRECISIONS = ("float32", "bfloat16")
 IMPL_PRECISIONS: dict[str, tuple[str, ...]] = {
-    name: PRECISIONS if name in ("fusedlstm", "fusedlstm.prepared", "fusedlstm.1dir", "torch") else (PRECISION,)
+    name: PRECISIONS
+    if name in ("fusedlstm", "fusedlstm.prepared", "fusedlstm.1dir", "fusedlstm.torch", "torch")
+    else (PRECISION,)
     for name in IMPLS
 }
 
@@ -442,7 +445,7 @@ def impl_fns(
     elif impl == "fusedlstm.torch":
         from fusedlstm.torch import LSTM
 
-        fns = _torch(inp, LSTM)
+        fns = _torch(inp, LSTM, precision)
     elif impl == "keras":
         import keras
 
