@@ -96,6 +96,37 @@ py::object NewCache(const LstmShape& s, const py::object& spare, ForwardArgs<S>*
   return py::cast(owner);
 }
 
+// Backward workspaces of 1 MiB or more (bfloat16's packed products: dZ for all steps) kept for
+// the next backward of the same dtype, so a training loop maps and zeroes those pages once
+// rather than every step: slot 0 for a one-direction backward and a bidirectional one's forward
+// direction, slot 1 for its reverse. Taken and given back with the GIL held.
+constexpr int64_t kKeepWorkspaceBytes = 1 << 20;
+template <typename S>
+py::object& SpareWorkspace(int slot) {
+  static py::object* spare = new py::object[2];  // never destroyed: it may outlive the interpreter
+  return spare[slot];
+}
+
+// (the workspace to use, the buffer to give back afterwards)
+template <typename S>
+std::pair<py::array_t<S>, py::object> TakeWorkspace(int64_t size, int slot) {
+  py::object spare = SpareWorkspace<S>(slot);
+  SpareWorkspace<S>(slot) = py::object();
+  if (spare && py::reinterpret_borrow<py::array>(spare).size() >= size) {
+    return {ReuseOrAllocate<S>(spare, size), spare};
+  }
+  py::array_t<S> fresh(std::vector<int64_t>{size});
+  return {fresh, fresh};
+}
+
+template <typename S>
+void GiveWorkspace(const py::object& buffer, int slot) {
+  const py::array a = py::reinterpret_borrow<py::array>(buffer);
+  if (a.nbytes() < kKeepWorkspaceBytes) return;
+  py::object& kept = SpareWorkspace<S>(slot);
+  if (!kept || py::reinterpret_borrow<py::array>(kept).size() <= a.size()) kept = buffer;
+}
+
 // Options of a forward call beyond its arrays.
 struct ForwardOptions {
   bool training = true, return_sequences = true, reverse = false;
@@ -180,8 +211,8 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
   ReadUpstream<S>(s, d_outputs, d_h_n, d_c_n, &args);
   py::array_t<S> dx(need_dx ? std::vector<int64_t>{s.N, s.T, s.C} : std::vector<int64_t>{0}),
       dk({s.C, G}), dr({s.H, G}), db(std::vector<int64_t>{G}), dh0({s.N, s.H}), dc0({s.N, s.H});
-  py::array_t<S> workspace(std::vector<int64_t>{
-      BackwardWorkspaceSize(s, args.recurrent_masks != nullptr, args.precision)});
+  auto [workspace, give_back] = TakeWorkspace<S>(
+      BackwardWorkspaceSize(s, args.recurrent_masks != nullptr, args.precision), 0);
   args.dx = need_dx ? MutablePtr(dx) : nullptr;
   args.d_kernel = MutablePtr(dk);
   args.d_recurrent_kernel = MutablePtr(dr);
@@ -194,6 +225,7 @@ py::tuple Backward(Cache& cache, const py::object& d_outputs, const py::object& 
     py::gil_scoped_release release;
     LstmBackward<S>(OpenMpDevice(NumThreads()), s, args);
   }
+  GiveWorkspace<S>(give_back, 0);
   py::object dx_out = need_dx ? py::object(dx) : py::none();
   return py::make_tuple(dx_out, dk, dr, db, dh0, dc0);
 }
@@ -271,6 +303,7 @@ py::tuple BackwardBidirectional(Cache& forward, Cache& backward, const py::objec
     return MutablePtr(keep.back());
   };
   py::array_t<S> dh0({int64_t(2), s.N, s.H}), dc0({int64_t(2), s.N, s.H});
+  py::object give_back[2];
   for (int d = 0; d < 2; ++d) {
     a[d].cache = caches[d]->Data<S>();
     a[d].lengths = caches[d]->info().lengths();
@@ -288,7 +321,9 @@ py::tuple BackwardBidirectional(Cache& forward, Cache& backward, const py::objec
     a[d].d_bias = array({G});
     a[d].d_h0 = MutablePtr(dh0) + d * s.N * s.H;
     a[d].d_c0 = MutablePtr(dc0) + d * s.N * s.H;
-    a[d].workspace = array({BackwardWorkspaceSize(s, false, a[d].precision)});
+    auto [workspace, owner] = TakeWorkspace<S>(BackwardWorkspaceSize(s, false, a[d].precision), d);
+    a[d].workspace = MutablePtr(workspace);
+    give_back[d] = owner;
   }
   const py::object buffers[2] = {forward.Take(), backward.Take()};  // consumed
   {
@@ -304,8 +339,9 @@ py::tuple BackwardBidirectional(Cache& forward, Cache& backward, const py::objec
       });
     }
   }
+  for (int d = 0; d < 2; ++d) GiveWorkspace<S>(give_back[d], d);
   py::object dx = need_dx ? py::object(keep[0]) : py::none();
-  const size_t per = need_dx ? 5 : 4;  // arrays kept per direction
+  const size_t per = need_dx ? 4 : 3;  // arrays kept per direction
   const size_t g0 = need_dx ? 1 : 0;
   return py::make_tuple(dx, keep[g0], keep[g0 + 1], keep[g0 + 2], keep[per + g0],
                         keep[per + g0 + 1], keep[per + g0 + 2], dh0, dc0);
@@ -376,6 +412,15 @@ void RegisterLstm(py::module_& m) {
       py::arg("d_c_n"), py::arg("need_dx") = true,
       "(dx summed over directions or None, dk, dr, db of each direction, dh0 [2, N, H], "
       "dc0 [2, N, H]); consumes both caches.");
+  m.def(
+      "release_workspaces",
+      []() {
+        for (int slot = 0; slot < 2; ++slot) {
+          SpareWorkspace<float>(slot) = py::object();
+          SpareWorkspace<double>(slot) = py::object();
+        }
+      },
+      "Free the backward workspaces kept for reuse (fusedlstm.empty_cache calls it).");
   py::class_<Cache, std::shared_ptr<Cache>> cache(
       m, "Cache",
       "A training forward's cache: what backward reads, with its shape, dtype and lengths.");

@@ -55,8 +55,9 @@ def _recycle(buf: np.ndarray) -> None:
 
 
 def empty_cache() -> None:
-    """Free the spare scratch buffer kept for reuse between calls (like torch's empty_cache)."""
+    """Free the scratch buffers kept for reuse between calls (like torch's empty_cache)."""
     _spare.clear()
+    _core.release_workspaces()
 
 
 _CUDA_BUILT = bool(_core.build_info()["cuda"])
