@@ -211,9 +211,10 @@ def test_backward_consumes_the_kept_cache_and_a_retained_graph_recomputes(monkey
         m = LSTM(E, H, bidirectional=bidirectional, batch_first=True, dtype=torch.float64)
         x = torch.randn(B, T, E, dtype=torch.float64, requires_grad=True)
         out, _ = m(x, lengths=torch.tensor(LENS))
-        assert calls == [(op, True)] and len(ops._filed) == 1
+        # eager: the kernel's cache is kept on the layer's autograd node (no handle filed)
+        assert calls == [(op, True)] and out.grad_fn.cache is not None and len(ops._filed) == 0
         out.sum().backward(retain_graph=True)
-        assert calls == [(op, True)] and len(ops._filed) == 0  # no forward ran again
+        assert calls == [(op, True)] and out.grad_fn.cache is None  # consumed; no forward ran again
         first = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
         x.grad = None
         m.zero_grad()
@@ -223,8 +224,10 @@ def test_backward_consumes_the_kept_cache_and_a_retained_graph_recomputes(monkey
         with torch.no_grad():
             m(x)
         assert calls[-1] == (op, False)  # no gradient wanted: no cache kept
-        del out
-        assert len(ops._filed) == 0
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            out2, _ = m(x)
+            out2.sum().backward()
+            out2.sum().backward()  # graph freed: torch's own error, no silent recompute
 
 
 def test_bad_input_is_refused_clearly():
@@ -294,3 +297,96 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
         exported = torch.export.export(model, (x, lens))
         assert "fusedlstm.lstm" in exported.graph_module.code  # eval under no_grad: per direction
         assert_match([model(x, lens)], [exported.module()(x, lens)], 1e-6)
+
+
+def _changes():
+    """Ways a training loop changes parameters in place, each applied to (model, grads-ready model)."""
+
+    def sgd(m):
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+
+    def fused_adam(m):  # moves no version counter (torch 2.13)
+        torch.optim.Adam(m.parameters(), lr=0.1, fused=True).step()
+
+    def through_data(m):  # moves no version counter either
+        for p in m.parameters():
+            p.data.mul_(0.5)
+
+    def no_grad_edit(m):
+        with torch.no_grad():
+            m.weight_hh_l0.add_(0.25)
+
+    def load(m):
+        m.load_state_dict({k: v * -1 for k, v in m.state_dict().items()})
+
+    def replace(m):
+        m.weight_ih_l0 = torch.nn.Parameter(m.weight_ih_l0.detach() * 2)
+
+    return [sgd, fused_adam, through_data, no_grad_edit, load, replace]
+
+
+@pytest.mark.parametrize("change", _changes(), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("path", ["train", "eval-no_grad"])
+def test_every_parameter_change_reaches_the_next_forward(change, bidirectional, path):
+    """After a training step changes the parameters (by an optimizer, fused Adam and .data edits
+    included, which move no version counter, load_state_dict, a no_grad edit, a replaced
+    Parameter), the next forward and its gradients are nn.LSTM's with the changed weights, on the
+    training path and on the prepared eval path (which packed the old weights before)."""
+    ref, ours = pair(1, bidirectional, True)
+    x = torch.randn(B, T, E, dtype=torch.float64)
+    for m in (ref, ours):
+        if path == "eval-no_grad":
+            m.eval()
+            with torch.no_grad():
+                m(x)  # packs the weights as they were
+            m.train()
+        m(x)[0].sum().backward()
+        change(m)
+        m.zero_grad()
+        if path == "eval-no_grad":
+            m.eval()
+    before = pair(1, bidirectional, True)[1]
+    assert not all(torch.equal(a, b) for a, b in zip(ours.parameters(), before.parameters()))  # it did change
+    if path == "eval-no_grad":
+        with torch.no_grad():
+            want, got = ref(x), ours(x)
+        assert_match([want[0], *want[1]], [got[0], *got[1]], 1e-10)
+    else:
+        assert_match(run(ref, x, "padded", None, True), run(ours, x, "padded", None, True), 1e-10)
+
+
+def test_eager_path_equals_the_custom_ops():
+    """The eager autograd.Function and the custom ops (what torch.compile sees) give the same
+    outputs and gradients bit for bit (the same kernel calls), both bias gradients their own
+    tensors, and gradients accumulate over two backwards."""
+    torch.manual_seed(0)
+    m = LSTM(E, H, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64)
+    x = torch.randn(B, T, E, dtype=torch.float64)
+    hx = tuple(torch.randn(4, B, H, dtype=torch.float64) for _ in range(2))
+    lens = torch.tensor(LENS)
+
+    def results(eager_path):
+        xg = x.clone().requires_grad_(True)
+        m.zero_grad()
+        with pytest.MonkeyPatch.context() as mp:
+            if not eager_path:
+                mp.setattr("fusedlstm.torch.eager.active", lambda: False)
+            out, (h, c) = m(xg, hx, lengths=lens)
+            (out.sin().sum() + h.sum() + c.cos().sum()).backward()
+        return [out, h, c, xg.grad] + [p.grad for p in m.parameters()]
+
+    eager_results, op_results = results(True), results(False)
+    assert_match(op_results, eager_results, 0)
+    assert m.bias_ih_l0.grad.data_ptr() != m.bias_hh_l0.grad.data_ptr()
+    assert all(p.grad.is_contiguous() for p in m.parameters())
+    m.zero_grad(set_to_none=True)
+    m(x, hx, lengths=lens)[0].sum().backward()
+    first = [p.grad.clone() for p in m.parameters()]
+    m(x, hx, lengths=lens)[0].sum().backward()  # accumulates into the existing .grad
+    assert_match([2 * g for g in first], [p.grad for p in m.parameters()], 1e-12)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        xg = x.clone().requires_grad_(True)
+        y = m(xg)[0]
+        (g,) = torch.autograd.grad((y * y).sum(), xg, create_graph=True)  # no silent wrong 2nd derivative
+        g.sum().backward()

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..prepared import PreparedLSTM
-from . import ops
+from . import eager, ops
 
 __all__ = ["LSTM"]
 
@@ -121,6 +121,8 @@ class LSTM(nn.Module):
         # Prepared (packed) inference weights per (layer, direction) and precision, for
         # eval-mode calls that need no gradient; see _prepared_for.
         self._prepared: dict[tuple[int, str], tuple] = {}
+        # Zero-copy NumPy views of the parameters for the eager path (eager.Views).
+        self._views = eager.Views()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -150,6 +152,7 @@ class LSTM(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_prepared"] = {}  # packed copies of the weights: rebuilt on demand
+        state["_views"] = eager.Views()
         return state
 
     def _weights(self, index: int) -> list[nn.Parameter]:
@@ -176,13 +179,25 @@ class LSTM(nn.Module):
         self._prepared[(index, precision)] = (aliases, [a._version for a in aliases], prepared)
         return prepared
 
+    def train(self, mode: bool = True):
+        # A mode switch drops the prepared inference weights: between an eval phase and the next
+        # one a training phase may have changed the parameters without moving their version
+        # counters (fused optimizers, edits through .data).
+        self._prepared.clear()
+        return super().train(mode)
+
     def forward(self, input, hx=None, lengths=None):
         precision, amp_out, amp = self._autocast()
+        fast = eager.active()  # plain eager tensors: the kernel through eager.Layer, not the custom ops
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
                 raise ValueError("lengths: a PackedSequence carries its own lengths; pass lengths only with a tensor")
-            x, lens, order = _unpack(input)  # rows in the original order
+            if fast and input.data.device.type == "cpu" and eager.plain((input.data,)):
+                x, lens, order = eager.unpack(input)  # rows in the original order, lens int32 NumPy
+            else:
+                fast = False
+                x, lens, order = _unpack(input)
             batched = True
         else:
             if not isinstance(input, torch.Tensor):
@@ -202,8 +217,81 @@ class LSTM(nn.Module):
         if lengths is not None:
             lens = _as_lengths(lengths, B, batched)
         h0, c0 = self._initial_state(hx, x, batched, amp)
-        lens32 = None if lens is None else lens.to(torch.int32)
+        if fast:
+            params = [getattr(self, name) for name in self._flat_weights_names]
+            fast = eager.plain((x, h0, c0)) and eager.plain(params)
+        if fast:
+            if lens is not None and not isinstance(lens, np.ndarray):
+                lens = lens.numpy().astype(np.int32, copy=False)
+            out, h_n, c_n = self._forward_eager(x.contiguous(), h0, c0, lens, params, ops.kernel_precision(precision))
+        else:
+            out, h_n, c_n = self._forward_ops(x, h0, c0, lens, precision)
+        if packed:
+            data = out.reshape(-1, out.shape[2]).index_select(0, order)
+            return (
+                PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
+                (h_n, c_n),
+            )
+        if amp_out is not None:
+            out, h_n, c_n = out.to(amp_out), h_n.to(amp_out), c_n.to(amp_out)
+        if not batched:
+            return out.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
+        if not self.batch_first:
+            out = out.transpose(0, 1).contiguous()
+        return out, (h_n, c_n)
 
+    def _forward_eager(self, x, h0, c0, lens, params, precision: str):
+        """Every layer as one eager.Layer (or, in eval under no_grad, on prepared weights):
+        (outputs [B, T, D·H], h_n, c_n [L·D, B, H]). ``precision`` as the kernel runs it."""
+        D = 2 if self.bidirectional else 1
+        per = len(params) // (self.num_layers * D)
+        views = self._views.get(params)
+        grad = torch.is_grad_enabled()
+        prepared = not grad and not self.training
+        if grad and self._prepared:
+            self._prepared.clear()  # a training step may follow; see train()
+        hs, cs = [], []
+        layer_in = x
+        for layer in range(self.num_layers):
+            rows = slice(layer * D, (layer + 1) * D)
+            h, c = (None, None) if h0 is None else (h0[rows].contiguous(), c0[rows].contiguous())
+            if prepared:
+                out, h, c = self._infer_layer(layer, layer_in, h, c, lens, precision)
+            else:
+                rows = slice(layer * D * per, (layer + 1) * D * per)
+                spec = (D, self.bias, lens, precision, views[rows])
+                out, h, c = eager.run_layer(spec, layer_in, h, c, params[rows])
+            hs.append(h)
+            cs.append(c)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                out = F.dropout(out, self.dropout, training=True)
+            layer_in = out
+        if self.num_layers == 1:
+            return layer_in, hs[0], cs[0]
+        return layer_in, torch.cat(hs), torch.cat(cs)
+
+    def _infer_layer(self, layer: int, x, h0, c0, lens, precision: str):
+        """One layer on prepared weights, each direction one call: (outputs, h_n, c_n [D, B, H])."""
+        D = 2 if self.bidirectional else 1
+        xa = x.numpy()
+        results = []
+        for d in range(D):
+            i = layer * D + d
+            prepared = self._prepared_for(i, self._weights(i), precision)
+            state = (None, None) if h0 is None else (h0[d].numpy(), c0[d].numpy())
+            results.append(prepared.infer(xa, *state, lens, reverse=d == 1))
+        if D == 1:
+            out, h, c = results[0]
+            return torch.from_numpy(out), torch.from_numpy(h[None]), torch.from_numpy(c[None])
+        out = np.concatenate([r[0] for r in results], axis=2)
+        h = np.stack([r[1] for r in results])
+        c = np.stack([r[2] for r in results])
+        return torch.from_numpy(out), torch.from_numpy(h), torch.from_numpy(c)
+
+    def _forward_ops(self, x, h0, c0, lens, precision: str):
+        """Every layer through the custom ops (what torch.compile, torch.export and tracing see):
+        (outputs [B, T, D·H], h_n, c_n [L·D, B, H])."""
+        lens32 = None if lens is None else lens.to(torch.int32)
         D = 2 if self.bidirectional else 1
         layer_in = x.contiguous()
         h_n, c_n = [], []
@@ -227,22 +315,7 @@ class LSTM(nn.Module):
             layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_in = F.dropout(layer_in, self.dropout, training=True)
-        h_n = torch.stack(h_n)
-        c_n = torch.stack(c_n)
-        out = layer_in
-        if packed:
-            data = out.reshape(-1, out.shape[2]).index_select(0, order)
-            return (
-                PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
-                (h_n, c_n),
-            )
-        if amp_out is not None:
-            out, h_n, c_n = out.to(amp_out), h_n.to(amp_out), c_n.to(amp_out)
-        if not batched:
-            return out.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
-        if not self.batch_first:
-            out = out.transpose(0, 1).contiguous()
-        return out, (h_n, c_n)
+        return layer_in, torch.stack(h_n), torch.stack(c_n)
 
     def _autocast(self) -> tuple[str, torch.dtype | None, bool]:
         """Under CPU autocast, for float32 parameters: (the kernel's precision, the dtype a padded

@@ -33,7 +33,17 @@ import numpy as np
 import torch
 
 from .. import _core
-from ..lstm import BidirectionalCache, LstmCache, lstm_backward, lstm_bidirectional_forward, lstm_forward
+from .._checks import LstmGrads, precision_code
+from ..lstm import (
+    BidirectionalCache,
+    BidirectionalGrads,
+    LstmCache,
+    _consume,
+    _recycle,
+    lstm_backward,
+    lstm_bidirectional_forward,
+    lstm_forward,
+)
 from ..prepared import PreparedLSTM
 
 __all__ = [
@@ -314,13 +324,55 @@ torch.library.register_autograd("fusedlstm::lstm", _backward_formula, setup_cont
 # -- both directions of a layer in one kernel call (lstm_bidirectional_forward) ----------------
 
 
-def _bi_forward(x, kf, rf, bf, kr, rr, br, h0, c0, lengths, precision, training):
-    """lstm_bidirectional_forward on tensors; ``precision`` as the kernel runs it."""
+def _bi_arrays(x, kf, rf, bf, kr, rr, br, h0, c0, lengths) -> list[np.ndarray | None]:
     a = _arrays(x, kf, rf, bf, h0, c0, lengths)
-    b = _arrays(x, kr, rr, br, None, None, None)
-    return lstm_bidirectional_forward(
-        a[0], tuple(a[1:4]), tuple(b[1:4]), a[4], a[5], a[6], training=training, precision=precision
-    )
+    b = _arrays(None, kr, rr, br)
+    return [a[0], *a[1:4], *b[1:4], a[4], a[5], a[6]]
+
+
+def _bi_forward(x, kf, rf, bf, kr, rr, br, h0, c0, lengths, precision, training):
+    """lstm_bidirectional_forward on NumPy arrays (h0, c0 [2, B, H] or None, lengths int32 or
+    None); ``precision`` as the kernel runs it. Straight into the compiled module, which checks
+    every array itself; when it refuses, the public function converts what it can and words the
+    error."""
+    try:
+        outputs, h_n, c_n, cf, cr = _core.forward_bidirectional(
+            x, (kf, rf, bf, kr, rr, br), h0, c0, lengths, bool(training), True, 0, 3, precision_code(precision)
+        )
+    except (TypeError, ValueError):
+        return lstm_bidirectional_forward(
+            x, (kf, rf, bf), (kr, rr, br), h0, c0, lengths, training=training, precision=precision
+        )
+    return outputs, h_n, c_n, BidirectionalCache(LstmCache(cf), LstmCache(cr)) if training else None
+
+
+def _backward(cache, d_outputs, d_h_n, d_c_n, need_dx):
+    """lstm_backward with NumPy upstream gradients (or None), straight into the compiled module
+    (which checks every array); the public function words any error."""
+    if isinstance(cache, BidirectionalCache):
+        with cache._lock:
+            bufs = (cache.forward._buf, cache.reverse._buf)
+            grads = None
+            if bufs[0] is not None and bufs[1] is not None:
+                try:
+                    grads = _core.backward_bidirectional(
+                        cache.forward._core, cache.reverse._core, d_outputs, d_h_n, d_c_n, bool(need_dx)
+                    )
+                except (TypeError, ValueError):
+                    pass
+        if grads is not None:
+            for buf in bufs:
+                _recycle(buf)
+            dx, dk0, dr0, db0, dk1, dr1, db1, dh0, dc0 = grads
+            return BidirectionalGrads(
+                dx, LstmGrads(None, dk0, dr0, db0, dh0[0], dc0[0]), LstmGrads(None, dk1, dr1, db1, dh0[1], dc0[1])
+            )
+    elif type(cache) is LstmCache and cache.device == "cpu" and not cache.used:
+        try:
+            return _consume(cache, d_outputs, d_h_n, d_c_n, need_dx)
+        except (TypeError, ValueError):
+            pass
+    return lstm_backward(cache, d_outputs=d_outputs, d_h_n=d_h_n, d_c_n=d_c_n, need_dx=need_dx)
 
 
 @torch.library.custom_op("fusedlstm::lstm_bidirectional", mutates_args=())
@@ -342,16 +394,9 @@ def lstm_bidirectional(
     cores): (outputs [B, T, 2H], h_n [2, B, H], c_n [2, B, H], handle); h0, c0 [2, B, H] or None;
     ``precision`` as ``fusedlstm::lstm``."""
     outputs, h_n, c_n, cache = _bi_forward(
-        x,
-        kernel,
-        recurrent_kernel,
-        bias,
-        kernel_reverse,
-        recurrent_kernel_reverse,
-        bias_reverse,
-        h0,
-        c0,
-        lengths,
+        *_bi_arrays(
+            x, kernel, recurrent_kernel, bias, kernel_reverse, recurrent_kernel_reverse, bias_reverse, h0, c0, lengths
+        ),
         kernel_precision(precision),
         keep,
     )
@@ -419,16 +464,18 @@ def lstm_bidirectional_backward_op(
     cache = _take(handle)
     if cache is None:
         _, _, _, cache = _bi_forward(
-            x,
-            kernel,
-            recurrent_kernel,
-            bias,
-            kernel_reverse,
-            recurrent_kernel_reverse,
-            bias_reverse,
-            h0,
-            c0,
-            lengths,
+            *_bi_arrays(
+                x,
+                kernel,
+                recurrent_kernel,
+                bias,
+                kernel_reverse,
+                recurrent_kernel_reverse,
+                bias_reverse,
+                h0,
+                c0,
+                lengths,
+            ),
             kernel_precision(precision),
             True,
         )
@@ -436,13 +483,7 @@ def lstm_bidirectional_backward_op(
     def arr(t, name):
         return None if t is None or t.numel() == 0 else _array(t.contiguous(), name)
 
-    g = lstm_backward(
-        cache,
-        d_outputs=arr(d_outputs, "d_outputs"),
-        d_h_n=arr(d_h_n, "d_h_n"),
-        d_c_n=arr(d_c_n, "d_c_n"),
-        need_dx=need_dx,
-    )
+    g = _backward(cache, arr(d_outputs, "d_outputs"), arr(d_h_n, "d_h_n"), arr(d_c_n, "d_c_n"), need_dx)
     dx = torch.from_numpy(g.x) if g.x is not None else x.new_empty((0,))
     f, r = g.forward, g.reverse
     return (
