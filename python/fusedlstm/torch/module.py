@@ -1,6 +1,7 @@
 """``fusedlstm.torch.LSTM``: a drop-in for ``torch.nn.LSTM`` (same constructor, attributes, parameter
-names, shapes, order and initialization, so state dicts load both ways) whose directions each run
-as one fused kernel call (``fusedlstm::lstm``, ops.py)."""
+names, shapes, order and initialization, so state dicts load both ways) whose layers each run as one
+fused kernel call: eagerly through ``eager.Layer`` (a ``torch.autograd.Function``), and as the custom
+ops of ops.py (``fusedlstm::lstm``, ``fusedlstm::lstm_bidirectional``) wherever the model is traced."""
 
 from __future__ import annotations
 
