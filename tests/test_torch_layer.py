@@ -390,3 +390,18 @@ def test_eager_path_equals_the_custom_ops():
         y = m(xg)[0]
         (g,) = torch.autograd.grad((y * y).sum(), xg, create_graph=True)  # no silent wrong 2nd derivative
         g.sum().backward()
+
+
+def test_inputs_that_require_grad_under_no_grad():
+    """Under no_grad an input or hx may still require grad: both the training-mode and the
+    prepared eval path read it without a gradient (as nn.LSTM does)."""
+    ref, ours = pair(2, True, True)
+    x = torch.randn(B, T, E, dtype=torch.float64, requires_grad=True)
+    hx = tuple(torch.randn(4, B, H, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    for mode in (True, False):
+        ref.train(mode)
+        ours.train(mode)
+        with torch.no_grad():
+            want, got = ref(x, hx), ours(x, hx)
+        assert not got[0].requires_grad
+        assert_match([want[0], *want[1]], [got[0], *got[1]], 1e-10)

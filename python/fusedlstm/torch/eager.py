@@ -87,25 +87,22 @@ class Views:
     Holding the views keeps the old storages alive, so a replaced one cannot reappear at the same
     address while it is remembered."""
 
-    __slots__ = ("params", "ptrs", "views")
+    __slots__ = ("entry",)
 
     def __init__(self):
-        self.params: list = []
-        self.ptrs: list[int] = []
-        self.views: list[np.ndarray] = []
+        self.entry: tuple[list, list[int], list[np.ndarray]] = ([], [], [])  # replaced whole: thread-safe
 
     def get(self, params: list) -> list[np.ndarray]:
-        old = self.params
+        old, ptrs, views = self.entry
         if len(old) == len(params):
-            for p, q, ptr, v in zip(params, old, self.ptrs, self.views):
+            for p, q, ptr, v in zip(params, old, ptrs, views):
                 if p is not q or p.data_ptr() != ptr or p.shape != v.shape:
                     break
             else:
-                return self.views
-        self.views = [p.detach().numpy() for p in params]
-        self.ptrs = [p.data_ptr() for p in params]
-        self.params = list(params)
-        return self.views
+                return views
+        views = [p.detach().numpy() for p in params]
+        self.entry = (list(params), [p.data_ptr() for p in params], views)
+        return views
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:

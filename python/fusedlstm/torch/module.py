@@ -274,12 +274,12 @@ class LSTM(nn.Module):
     def _infer_layer(self, layer: int, x, h0, c0, lens, precision: str):
         """One layer on prepared weights, each direction one call: (outputs, h_n, c_n [D, B, H])."""
         D = 2 if self.bidirectional else 1
-        xa = x.numpy()
+        xa = x.detach().numpy()  # (an input may require grad even under no_grad)
         results = []
         for d in range(D):
             i = layer * D + d
             prepared = self._prepared_for(i, self._weights(i), precision)
-            state = (None, None) if h0 is None else (h0[d].numpy(), c0[d].numpy())
+            state = (None, None) if h0 is None else (h0[d].detach().numpy(), c0[d].detach().numpy())
             results.append(prepared.infer(xa, *state, lens, reverse=d == 1))
         if D == 1:
             out, h, c = results[0]
