@@ -212,10 +212,25 @@ FUSEDLSTM_AVX512BF16 void PackPanel(const float* b, int64_t rs, int64_t cs, int6
   }
 }
 
-// Rows [0, M) of A (A(m, k) = a[m·ars + k·acs]) as bfloat16 rows of Kp, rows up to Mp zero.
-FUSEDLSTM_AVX512BF16 void PackLhs(int64_t M, int64_t Mp, int64_t K, const float* a, int64_t ars,
-                                  int64_t acs, uint16_t* out) {
-  const int64_t Kp = RoundUp(K, kKBlock);
+// Where A's element (m, k) sits in its pack: rows of Kp (the VDPBF16PS engine), or, tiled for
+// AMX, blocks of 32 rows (16 in a last half block) whose 32-column slices are contiguous, so each
+// A tile is 1 KiB in one piece and a block's tiles follow one another along k (a stream the
+// hardware prefetcher follows; rows Kp apart were 16 separate streams).
+struct ALayout {
+  int64_t Kp, Mp;
+  bool tiled;
+  int64_t Height(int64_t m) const { return std::min<int64_t>(32, Mp - m / 32 * 32); }
+  int64_t Offset(int64_t m, int64_t k) const {
+    if (!tiled) return m * Kp + k;
+    const int64_t b = m / 32 * 32;
+    return b * Kp + (k / 32) * Height(m) * 32 + (m - b) * 32 + k % 32;
+  }
+};
+
+// Rows [0, M) of A (A(m, k) = a[m·ars + k·acs]) as bfloat16 in layout `L`, rows up to L.Mp zero.
+FUSEDLSTM_AVX512BF16 void PackLhs(int64_t M, const ALayout& L, int64_t K, const float* a,
+                                  int64_t ars, int64_t acs, uint16_t* out) {
+  const int64_t Kp = L.Kp;
   int64_t m = 0;
   if (ars == 1 && acs != 1) {  // columns of A contiguous: blocks of 16 rows × 32 k, transposed
     for (; m + 16 <= M; m += 16) {
@@ -227,29 +242,30 @@ FUSEDLSTM_AVX512BF16 void PackLhs(int64_t M, int64_t Mp, int64_t K, const float*
                        _mm512_loadu_ps(a + m + (k + 2 * p + 1) * acs));
         }
         Transpose16(r);  // r[i]: row m + i's 16 pairs
-        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (m + i) * Kp + k, r[i]);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + L.Offset(m + i, k), r[i]);
       }
       for (int i = 0; i < 16; ++i) {
-        uint16_t* row = out + (m + i) * Kp;
         for (int64_t kk = k; kk < Kp; ++kk) {
-          row[kk] = kk < K ? FloatToBf16(a[(m + i) + kk * acs]) : 0;
+          out[L.Offset(m + i, kk)] = kk < K ? FloatToBf16(a[(m + i) + kk * acs]) : 0;
         }
       }
     }
   }
   for (; m < M; ++m) {
-    uint16_t* row = out + m * Kp;
     const float* src = a + m * ars;
     int64_t k = 0;
     if (acs == 1) {
       for (; k + 32 <= K; k += 32) {
-        _mm512_storeu_si512(row + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16),
-                                                                  _mm512_loadu_ps(src + k)));
+        _mm512_storeu_si512(
+            out + L.Offset(m, k),
+            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16), _mm512_loadu_ps(src + k)));
       }
     }
-    for (; k < Kp; ++k) row[k] = k < K ? FloatToBf16(src[k * acs]) : 0;
+    for (; k < Kp; ++k) out[L.Offset(m, k)] = k < K ? FloatToBf16(src[k * acs]) : 0;
   }
-  if (Mp > M) std::memset(out + M * Kp, 0, sizeof(uint16_t) * (Mp - M) * Kp);
+  for (; m < L.Mp; ++m) {  // padding rows (AMX tiles are 16 rows)
+    for (int64_t k = 0; k < Kp; k += 32) std::memset(out + L.Offset(m, k), 0, 64);
+  }
 }
 
 inline __mmask16 ColMask(int64_t valid) {
@@ -357,7 +373,7 @@ constexpr int64_t kPrefetch = 2;
 // between C and the tiles directly; one at the edges (fewer rows or columns) goes through
 // `part`, masked, with the same arithmetic, so how rows are split into calls changes nothing.
 template <int RT, int CT>
-FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t k0, int64_t k1, const uint16_t* ap,
+FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t h, int64_t k0, int64_t k1, const uint16_t* ap,
                              const uint16_t* panel, float* part, bool first, bool last, float* c,
                              int64_t ldc, int64_t rows, int64_t valid, bool accumulate) {
   const bool direct = rows >= 16 * RT && valid >= 16 * CT;
@@ -389,7 +405,6 @@ FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t k0, int64_t k1, const uint16_t*
     if (RT > 1) _tile_loadd(2, part + 512, 64);
     if (RT > 1 && CT > 1) _tile_loadd(3, part + 768, 64);
   }
-  const int64_t a_stride = Kp * 2;
   for (int64_t k = k0; k < k1; k += kKBlock) {
     {
       const int64_t kn = k + kPrefetch * kKBlock;
@@ -400,15 +415,15 @@ FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t k0, int64_t k1, const uint16_t*
             _mm_prefetch(reinterpret_cast<const char*>(panel + Kp * 16 + kn * 16 + l * 32),
                          _MM_HINT_T0);
           }
-          _mm_prefetch(reinterpret_cast<const char*>(ap + l * Kp + kn), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(ap + kn * h + l * 32), _MM_HINT_T0);
           if (RT > 1) {
-            _mm_prefetch(reinterpret_cast<const char*>(ap + (16 + l) * Kp + kn), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(ap + kn * h + 512 + l * 32), _MM_HINT_T0);
           }
         }
       }
     }
     // Each load just before its first product, so loads overlap products on other tiles.
-    _tile_loadd(4, ap + k, a_stride);
+    _tile_loadd(4, ap + k * h, 64);
     _tile_loadd(6, panel + k * 16, 64);
     _tile_dpbf16ps(0, 4, 6);
     if (CT > 1) {
@@ -416,7 +431,7 @@ FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t k0, int64_t k1, const uint16_t*
       _tile_dpbf16ps(1, 4, 7);
     }
     if (RT > 1) {
-      _tile_loadd(5, ap + 16 * Kp + k, a_stride);
+      _tile_loadd(5, ap + k * h + 512, 64);
       _tile_dpbf16ps(2, 5, 6);
       if (CT > 1) _tile_dpbf16ps(3, 5, 7);
     }
@@ -479,17 +494,18 @@ FUSEDLSTM_AMX void TileGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uin
       const bool two_cols = q + 1 < q1;
       {
         const int64_t m = 32 * mb, rows = std::min<int64_t>(32, M - m);
-        const uint16_t* a = ap + m * Kp;
+        const uint16_t* a = ap + m * Kp;  // the block's first tile (ALayout, tiled)
+        const int64_t h = std::min<int64_t>(32, RoundUp(M, 16) - m);
         float* cb = c + m * ldc + q * 16;
         float* part = one_pass ? local : parts.data() + (mb * q_pairs + pq) * 1024;
         if (rows > 16 && two_cols) {
-          TileBlock<2, 2>(Kp, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+          TileBlock<2, 2>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
         } else if (rows > 16) {
-          TileBlock<2, 1>(Kp, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+          TileBlock<2, 1>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
         } else if (two_cols) {
-          TileBlock<1, 2>(Kp, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+          TileBlock<1, 2>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
         } else {
-          TileBlock<1, 1>(Kp, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+          TileBlock<1, 1>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
         }
       }
     }
@@ -534,7 +550,7 @@ void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_be
   const int64_t Mp = amx ? RoundUp(M, 16) : M;
   thread_local std::vector<uint16_t> apack;
   if (static_cast<int64_t>(apack.size()) < Mp * Kp) apack.resize(Mp * Kp);
-  PackLhs(M, Mp, K, a, ars, acs, apack.data());
+  PackLhs(M, ALayout{Kp, Mp, amx}, K, a, ars, acs, apack.data());
   const int64_t q0 = col_begin / kPanel, q1 = (col_end + kPanel - 1) / kPanel;
   if (amx) {
     TileGemm(M, Kp, apack.data(), packed_b, q0, q1, col_end, c, ldc, accumulate);
