@@ -405,3 +405,19 @@ def test_inputs_that_require_grad_under_no_grad():
             want, got = ref(x, hx), ours(x, hx)
         assert not got[0].requires_grad
         assert_match([want[0], *want[1]], [got[0], *got[1]], 1e-10)
+
+
+def test_parametrized_weights_train_as_nn_lstm():
+    """A parametrization (the weight a function of its original) is what the layer reads, and the
+    gradient reaches the original, as with nn.LSTM."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ref, ours = pair(1, True, True)
+    for m in (ref, ours):
+        parametrize.register_parametrization(m, "weight_hh_l0_reverse", Double())
+    x = torch.randn(B, T, E, dtype=torch.float64)
+    assert_match(run(ref, x, "padded", None, True), run(ours, x, "padded", None, True), 1e-10)

@@ -219,7 +219,10 @@ class LSTM(nn.Module):
             lens = _as_lengths(lengths, B, batched)
         h0, c0 = self._initial_state(hx, x, batched, amp)
         if fast:
-            params = [getattr(self, name) for name in self._flat_weights_names]
+            try:  # (what getattr finds, without nn.Module.__getattr__ per name)
+                params = [self._parameters[name] for name in self._flat_weights_names]
+            except KeyError:  # a parametrization (a property of the class) or another replacement
+                params = [getattr(self, name) for name in self._flat_weights_names]
             fast = eager.plain((x, h0, c0)) and eager.plain(params)
         if fast:
             if lens is not None and not isinstance(lens, np.ndarray):
