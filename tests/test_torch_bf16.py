@@ -390,3 +390,26 @@ def test_torch_compile_fullgraph_under_autocast_matches_eager(monkeypatch):
         assert_close(a, b)
     calls.clear()
     assert compiled(x, lens).dtype == torch.float32 and calls == [("float32", True)] * 2
+
+
+@needs_bf16
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_eager_path_equals_the_custom_ops_under_autocast(bidirectional, monkeypatch):
+    """Under autocast the eager autograd.Function and the custom ops (what torch.compile sees) run
+    the same bfloat16 kernel calls: outputs and gradients equal bit for bit."""
+    m = model(2, bidirectional)
+    x = inputs()
+
+    def results():
+        xg = x.clone().requires_grad_(True)
+        m.zero_grad()
+        with BF16:
+            out, (h, c) = m(xg, lengths=torch.tensor(LENS))
+        (out.float().sin().sum() + h.float().sum()).backward()
+        return [out, h, c, xg.grad] + [p.grad for p in m.parameters()]
+
+    eager_results = results()
+    monkeypatch.setattr("fusedlstm.torch.eager.active", lambda: False)
+    op_results = results()
+    for a, b in zip(eager_results, op_results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
