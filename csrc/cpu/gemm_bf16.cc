@@ -212,6 +212,11 @@ FUSEDLSTM_AVX512BF16 void PackPanel(const float* b, int64_t rs, int64_t cs, int6
   }
 }
 
+// The first `valid` of 16 lanes.
+inline __mmask16 ColMask(int64_t valid) {
+  return valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << std::max<int64_t>(valid, 0)) - 1);
+}
+
 // Where A's element (m, k) sits in its pack: rows of Kp (the VDPBF16PS engine), or, tiled for
 // AMX, blocks of 32 rows (16 in a last half block) whose 32-column slices are contiguous, so each
 // A tile is 1 KiB in one piece and a block's tiles follow one another along k (a stream the
@@ -255,10 +260,11 @@ FUSEDLSTM_AVX512BF16 void PackLhs(int64_t M, const ALayout& L, int64_t K, const 
     const float* src = a + m * ars;
     int64_t k = 0;
     if (acs == 1) {
-      for (; k + 32 <= K; k += 32) {
-        _mm512_storeu_si512(
-            out + L.Offset(m, k),
-            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16), _mm512_loadu_ps(src + k)));
+      for (; k < Kp; k += 32) {  // the last slice masked: zeros past K
+        const __mmask16 lo = ColMask(K - k), hi = ColMask(K - k - 16);
+        _mm512_storeu_si512(out + L.Offset(m, k),
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + k + 16),
+                                                         _mm512_maskz_loadu_ps(lo, src + k)));
       }
     }
     for (; k < Kp; ++k) out[L.Offset(m, k)] = k < K ? FloatToBf16(src[k * acs]) : 0;
@@ -266,10 +272,6 @@ FUSEDLSTM_AVX512BF16 void PackLhs(int64_t M, const ALayout& L, int64_t K, const 
   for (; m < L.Mp; ++m) {  // padding rows (AMX tiles are 16 rows)
     for (int64_t k = 0; k < Kp; k += 32) std::memset(out + L.Offset(m, k), 0, 64);
   }
-}
-
-inline __mmask16 ColMask(int64_t valid) {
-  return valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << std::max<int64_t>(valid, 0)) - 1);
 }
 
 FUSEDLSTM_AVX512BF16 inline void StoreSums(__m512 sum, float* c, __mmask16 mask, bool accumulate) {
