@@ -261,7 +261,7 @@ def test_readme_table_renders_the_committed_report():
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("| (B, T, E, H) | threads | mode | fusedlstm ms")
+    assert lines[0].startswith("| (B, T, E, H) | mode | precision | fusedlstm ms (1 / 2 threads)")
     assert any("**" in line and "×" in line for line in lines[2:])
     bad = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "readme_table.py"), str(ROOT / "no-such.json")],

@@ -204,7 +204,8 @@ def format_table(report: dict) -> str:
 
 def _markdown(report: dict, rows: list[dict], baseline: str) -> str:
     """One Markdown table: ms per implementation measured in any row, then fusedlstm's (and the
-    prepared call's) speed-up over `baseline`, then fusedlstm's GFLOP/s."""
+    prepared call's) speed-up over `baseline`, then fusedlstm's GFLOP/s as a share of the FMA
+    peak (in bfloat16 rows: of the bfloat16 unit it ran on)."""
     names = [n for n in IMPLS if any(n in r["impls"] for r in rows)]
     ours = [n for n in ("fusedlstm", "fusedlstm.prepared") if n in names and n != baseline]
     base = LABELS.get(baseline, baseline)
@@ -212,7 +213,7 @@ def _markdown(report: dict, rows: list[dict], baseline: str) -> str:
         "| (B, T, E, H) | threads | mode | "
         + " | ".join(f"{LABELS.get(n, n)} ms" for n in names)
         + "".join(f" | {LABELS[n]} vs {base}" for n in ours)
-        + " | fusedlstm GFLOP/s (% of FMA peak) |",
+        + " | fusedlstm GFLOP/s (% of peak) |",
         "|---|---|---|" + "---|" * (len(names) + len(ours) + 1),
     ]
     for r in rows:
@@ -223,7 +224,7 @@ def _markdown(report: dict, rows: list[dict], baseline: str) -> str:
             x = speedup(r, n, baseline)
             ratios.append(f"**{x:.2f}×**" if x is not None else "–")
         f = im.get("fusedlstm")
-        perf = f"{f['gflops']:.0f} ({f['pct_fma_peak']:.0f}%)" if f else "–"
+        perf = f"{f['gflops']:.0f} ({f.get('pct_bf16_peak', f['pct_fma_peak']):.0f}%)" if f else "–"
         out.append(
             f"| {tuple(r['config'])} | {r['threads']} | {_mode(r, report)} | "
             + " | ".join(ms + ratios)
@@ -233,24 +234,38 @@ def _markdown(report: dict, rows: list[dict], baseline: str) -> str:
 
 
 def compact_table(report: dict) -> str:
-    """The README's table: the training-size and bidirectional rows, fusedlstm's and torch's
-    milliseconds and the speed-ups over torch of fusedlstm and of its PyTorch drop-in (the full
+    """The README's table: the training-size and bidirectional rows, one line per config, mode and
+    precision with the thread counts side by side: fusedlstm's milliseconds and its speed-up over
+    torch (in bfloat16 rows: over torch under autocast), and the PyTorch drop-in's (the full
     tables: markdown_tables)."""
     rows = [r for r in report["results"] if r["mode"] != "infer-last-state" and "torch" in r["impls"]]
+    threads = sorted({r["threads"] for r in rows})
+    keys = list(dict.fromkeys((tuple(r["config"]), r["mode"], r.get("precision", PRECISION)) for r in rows))
+    by = {(tuple(r["config"]), r["mode"], r.get("precision", PRECISION), r["threads"]): r for r in rows}
+    per = " / ".join(str(t) for t in threads)
     out = [
-        "| (B, T, E, H) | threads | mode | fusedlstm ms | torch ms | fusedlstm vs torch "
+        f"| (B, T, E, H) | mode | precision | fusedlstm ms ({per} threads) | fusedlstm vs torch "
         "| fusedlstm.torch.LSTM vs torch |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        im = r["impls"]
-        ours = speedup(r, "fusedlstm", "torch")
-        drop_in = speedup(r, "fusedlstm.torch", "torch")
-        out.append(
-            f"| {tuple(r['config'])} | {r['threads']} | {_mode(r, report)} | "
-            f"{im['fusedlstm']['median_s'] * 1e3:.3g} | {im['torch']['median_s'] * 1e3:.3g} | "
-            f"**{ours:.2f}×** | " + (f"{drop_in:.2f}×" if drop_in is not None else "–") + " |"
-        )
+
+    def cell(key, fmt):
+        vals = []
+        for t in threads:
+            r = by.get(key + (t,))
+            v = fmt(r) if r is not None else None
+            vals.append(v if v is not None else "–")
+        return " / ".join(vals)
+
+    for key in keys:
+        ms = cell(key, lambda r: f"{r['impls']['fusedlstm']['median_s'] * 1e3:.3g}")
+        ours = cell(key, lambda r: f"**{speedup(r, 'fusedlstm', 'torch'):.2f}×**")
+
+        def drop_in(r):
+            x = speedup(r, "fusedlstm.torch", "torch")
+            return f"{x:.2f}×" if x is not None else None
+
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {ms} | {ours} | {cell(key, drop_in)} |")
     return "\n".join(out) + "\n"
 
 
