@@ -104,10 +104,13 @@ inline int64_t Bf16PackFloats(int64_t K, int64_t N) { return (PackedRhsBf16Size(
 // Scalar either way (bfloat16 pairs reinterpreted).
 struct Products {
   Bf16Engine engine = Bf16Engine::kNone;
+  // rows: the batch of the call. Below 4 rows an AMX tile (16 rows) would be mostly padding and
+  // VDPBF16PS is faster; a choice from the shape, so every task of a call uses one engine.
   template <typename S>
-  static Products For(Precision p) {
+  static Products For(Precision p, int64_t rows = 1 << 30) {
     Products r;
     if (std::is_same<S, float>::value && p == Precision::kBfloat16) r.engine = Bf16Active();
+    if (r.engine == Bf16Engine::kAmx && rows < 4) r.engine = Bf16Engine::kAvx512;
     return r;
   }
   bool bf16() const { return engine != Bf16Engine::kNone; }
@@ -414,7 +417,7 @@ struct Setup {
   Setup(const LstmShape& s, const Args& a, int threads)
       : masked(a.recurrent_masks != nullptr),
         grid(s, masked),
-        products(Products::For<S>(a.precision)),
+        products(Products::For<S>(a.precision, s.N)),
         ld(a.out_ld ? a.out_ld : s.H),
         gate_pack(products.PackSize<S>(s.H, s.H)),
         acts{a.activation, a.recurrent_activation},
@@ -581,7 +584,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   }
   constexpr int U = kGateGroupUnits<S>;
   const int64_t NR = PanelWidth<S>(), panels = CeilDiv(G, NR);
-  const Products products = Products::For<S>(a.precision);
+  const Products products = Products::For<S>(a.precision, s.N);
   const PreparedView<S> pv(a.prepared, C, H, products);
   const bool hoisted = HoistProjection(s, a.precision);
   const int64_t ld = a.out_ld ? a.out_ld : H;
