@@ -236,7 +236,7 @@ def test_big_buffers_are_recycled_without_changing_results(rng):
         out, h, c, cache = fusedlstm.lstm_forward(**p)
         buf_id = id(cache._buf)
         g = fusedlstm.lstm_backward(cache, **up)
-        spare = lstm_mod._spare[np.dtype(np.float32)]
+        spare = lstm_mod._spare[np.dtype(np.float32)][0]
         assert id(spare) == buf_id  # kept for the next forward
         runs.append((out, h, c) + tuple(g))
         spare[...] = np.nan  # whatever the recycled memory holds must not leak into results
@@ -245,7 +245,7 @@ def test_big_buffers_are_recycled_without_changing_results(rng):
         got = (o2, h2, c2) + tuple(fusedlstm.lstm_backward(cache2, **up_short))
         for u, v in zip(got, want_short):
             np.testing.assert_array_equal(u, v)
-        assert lstm_mod._spare[np.dtype(np.float32)] is spare  # the whole buffer came back
+        assert lstm_mod._spare[np.dtype(np.float32)][0] is spare  # the whole buffer came back
         inf = fusedlstm.lstm_forward(**p, training=False)  # its workspace is a prefix too
         for u, v in zip(inf[:3], (out, h, c)):
             np.testing.assert_array_equal(u, v)
@@ -254,6 +254,37 @@ def test_big_buffers_are_recycled_without_changing_results(rng):
             np.testing.assert_array_equal(a, b)
     fusedlstm.empty_cache()
     assert not lstm_mod._spare
+
+
+def test_bidirectional_caches_and_workspaces_are_recycled(rng):
+    """A bidirectional step's two caches come back after its backward, and the next step's two
+    directions reuse them (as the inference workspaces do), with unchanged results."""
+    from fusedlstm import lstm as lstm_mod
+
+    B, T, E, H = 8, 40, 64, 96  # caches over 1 MiB each
+    p, _ = make_problem(rng, B, T, E, H, dtype=np.float32, lengths="random", state=False)
+    q, _ = make_problem(rng, B, T, E, H, dtype=np.float32, state=False)
+    fw, rv = (p["kernel"], p["recurrent_kernel"], p["bias"]), (q["kernel"], q["recurrent_kernel"], q["bias"])
+    d = rng.standard_normal((B, T, 2 * H)).astype(np.float32)
+    fusedlstm.empty_cache()
+    runs = []
+    for i in range(3):
+        out, h, c, cache = fusedlstm.lstm_bidirectional_forward(p["x"], fw, rv, lengths=p["lengths"])
+        bufs = {id(cache.forward._buf), id(cache.reverse._buf)}
+        if i:
+            assert {id(b) for b in kept} == bufs  # both directions took a recycled buffer
+        g = fusedlstm.lstm_backward(cache, d)
+        kept = list(lstm_mod._spare[np.dtype(np.float32)])
+        assert {id(b) for b in kept} == bufs and len(kept) == 2
+        for b in kept:
+            b[...] = np.nan  # what the recycled memory holds must not reach results
+        runs.append((out, h, c, g.x, g.forward.kernel, g.reverse.recurrent_kernel))
+        inf = fusedlstm.lstm_bidirectional_forward(p["x"], fw, rv, lengths=p["lengths"], training=False)
+        np.testing.assert_array_equal(inf[0], out)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            np.testing.assert_array_equal(a, b)
+    fusedlstm.empty_cache()
 
 
 @pytest.mark.parametrize("len_dtype", [np.int32, np.int64])

@@ -236,7 +236,7 @@ template <typename S>
 py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, const py::object& h0,
                                const py::object& c0, const py::object& lengths, bool training,
                                bool return_sequences, int activation, int recurrent_activation,
-                               int precision) {
+                               int precision, const py::tuple& spares) {
   if (weights.size() != 6) throw py::value_error("weights: expected 6 arrays (3 per direction)");
   auto part = [](const py::object& a, int d) -> py::object {  // h0[d] of an [2, N, H] array
     return a.is_none() ? py::none() : py::object(a[py::int_(d)]);
@@ -261,6 +261,11 @@ py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, con
   py::array_t<S> h_n({int64_t(2), s.N, s.H}), c_n({int64_t(2), s.N, s.H});
   py::object caches[2] = {py::none(), py::none()};
   std::vector<py::array_t<S>> workspaces;
+  // The caller's spare buffers (up to two): the caches in training, the workspaces in inference
+  // (handed back in the caches' places, for the caller to recycle).
+  auto spare = [&](int d) {
+    return d < py::ssize_t(spares.size()) ? py::object(spares[d]) : py::none();
+  };
   for (int d = 0; d < 2; ++d) {
     a[d].reverse = d == 1;
     a[d].out_ld = 2 * s.H;
@@ -269,10 +274,11 @@ py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, con
     a[d].precision = ReadPrecision<S>(precision);
     a[d].h_n = MutablePtr(h_n) + d * s.N * s.H;
     a[d].c_n = MutablePtr(c_n) + d * s.N * s.H;
-    workspaces.emplace_back(
-        std::vector<int64_t>{ForwardWorkspaceSize(s, training, a[d].reverse, a[d].precision)});
+    const int64_t wsize = ForwardWorkspaceSize(s, training, a[d].reverse, a[d].precision);
+    workspaces.push_back(training ? py::array_t<S>(std::vector<int64_t>{wsize})
+                                  : ReuseOrAllocate<S>(spare(d), wsize));
     a[d].workspace = MutablePtr(workspaces.back());
-    if (training) caches[d] = NewCache<S>(s, py::none(), &a[d]);
+    caches[d] = training ? NewCache<S>(s, spare(d), &a[d]) : py::object(workspaces.back());
   }
   {
     py::gil_scoped_release release;
@@ -382,21 +388,22 @@ void RegisterLstm(py::module_& m) {
       "forward_bidirectional",
       [](const py::array& x, const py::tuple& weights, const py::object& h0, const py::object& c0,
          const py::object& lengths, bool training, bool return_sequences, int activation,
-         int recurrent_activation, int precision) {
+         int recurrent_activation, int precision, const py::tuple& spares) {
         if (IsDtype(x, py::dtype::of<float>()))
           return ForwardBidirectional<float>(x, weights, h0, c0, lengths, training,
                                              return_sequences, activation, recurrent_activation,
-                                             precision);
+                                             precision, spares);
         if (IsDtype(x, py::dtype::of<double>()))
           return ForwardBidirectional<double>(x, weights, h0, c0, lengths, training,
                                               return_sequences, activation, recurrent_activation,
-                                              precision);
+                                              precision, spares);
         throw py::type_error("x: dtype must be float32 or float64, got " +
                              std::string(py::str(x.dtype())));
       },
       py::arg("x"), py::arg("weights"), py::arg("h0"), py::arg("c0"), py::arg("lengths"),
       py::arg("training"), py::arg("return_sequences") = true, py::arg("activation") = 0,
       py::arg("recurrent_activation") = 3, py::arg("precision") = 0,
+      py::arg("spares") = py::tuple(),
       "(outputs [N, T, 2H] or None, h_n [2, N, H], c_n [2, N, H], cache_forward, "
       "cache_reverse); weights: (kernel, recurrent_kernel, bias) of each direction.");
   m.def(

@@ -34,24 +34,33 @@ __all__ = [
     "cuda_available",
 ]
 
-# One spare scratch buffer per dtype: the cache a backward consumed, or an inference call's
-# workspace. The next forward that needs at most that many elements uses a prefix of it instead
-# of mapping (and zeroing) fresh pages: a steady training loop then allocates its big buffers
-# once, whatever length each batch pads to. dict pop/set are atomic under the GIL, so two
-# threads never get the same buffer.
+# Up to two spare scratch buffers per dtype, the largest kept: caches a backward consumed, or
+# inference workspaces. The next forward that needs at most that many elements uses a prefix of
+# one instead of mapping (and zeroing) fresh pages: a steady training loop then allocates its big
+# buffers once, whatever length each batch pads to (two: a bidirectional layer's directions).
+# list.pop is atomic under the GIL, so two threads never get the same buffer.
 _spare: dict = {}
 
 
+def _take(dtype) -> np.ndarray | None:
+    """A spare buffer of `dtype` (the largest), or None."""
+    try:
+        return _spare.get(np.dtype(dtype), []).pop(0)
+    except IndexError:
+        return None
+
+
 def _recycle(buf: np.ndarray) -> None:
-    if buf is None:
+    if buf is None or not isinstance(buf, np.ndarray):
         return
     base = buf.base
     if type(base) is np.ndarray and base.ndim == 1 and base.dtype == buf.dtype:
         buf = base  # a prefix of an earlier spare: keep the whole of it
     if buf.nbytes >= (1 << 20):  # only big ones are worth keeping
-        old = _spare.get(buf.dtype)
-        if old is None or old.size <= buf.size:  # keep the larger
-            _spare[buf.dtype] = buf
+        kept = _spare.setdefault(buf.dtype, [])
+        kept.append(buf)
+        kept.sort(key=lambda a: a.size, reverse=True)
+        del kept[2:]
 
 
 def empty_cache() -> None:
@@ -154,7 +163,7 @@ def _cpu_forward(
     """One compiled CPU forward, reusing the spare scratch buffer; the module checks every
     array itself before it runs (TypeError/ValueError, the spare put back). opts: the
     activation codes and the recurrent masks."""
-    spare = _spare.pop(x.dtype, None)
+    spare = _take(x.dtype)
     try:
         outputs, h_n, c_n, buf = _core.forward(
             x,
@@ -171,8 +180,7 @@ def _cpu_forward(
             *(opts or _DEFAULT_OPTS),
         )
     except (TypeError, ValueError):
-        if spare is not None:
-            _spare[x.dtype] = spare
+        _recycle(spare)
         raise
     if not training:
         _recycle(buf)  # the workspace
@@ -417,7 +425,11 @@ def lstm_bidirectional_forward(
         activation_code("activation", activation),
         activation_code("recurrent_activation", recurrent_activation),
         precision_code(precision),
+        tuple(b for b in (_take(a.x.dtype), _take(a.x.dtype)) if b is not None),
     )
+    if not training:  # the workspaces, for the next call
+        _recycle(cf)
+        _recycle(cr)
     cache = BidirectionalCache(LstmCache(cf), LstmCache(cr)) if training else None
     return outputs, h_n, c_n, cache
 

@@ -20,6 +20,7 @@ from ._checks import (
     check_step_mask,
     precision_code,
 )
+from .lstm import _recycle, _take  # the scratch buffers lstm_forward recycles: workspaces too
 
 __all__ = ["PreparedLSTM", "prepare"]
 
@@ -164,13 +165,16 @@ class PreparedLSTM:
             B, T = np.shape(x)[:2] if np.ndim(x) == 3 else (-1, -1)
             lengths, step_mask = check_step_mask(mask, lengths, B, T)
         if type(x) is np.ndarray and (lengths is None or (type(lengths) is np.ndarray and lengths.dtype == np.int32)):
+            spare = _take(self.dtype)
             try:  # already what the compiled call takes: skip the conversions
-                outputs, h_n, c_n, _ = self._core.infer(
-                    x, h0, c0, lengths, bool(return_sequences), None, reverse, *self._acts, step_mask
+                outputs, h_n, c_n, work = self._core.infer(
+                    x, h0, c0, lengths, bool(return_sequences), spare, reverse, *self._acts, step_mask
                 )
+                _recycle(work)
                 return outputs, h_n, c_n
             except (TypeError, ValueError):
-                pass  # the checks below convert what they can and word the error
+                _recycle(spare)
+                # the checks below convert what they can and word the error
         if isinstance(x, np.ndarray) and x.dtype != self.dtype and x.dtype.kind == "f":
             raise TypeError(
                 f"x: dtype {x.dtype} does not match the prepared weights' dtype "
@@ -183,9 +187,15 @@ class PreparedLSTM:
                 f"with kernel {tuple(self._kernel.shape)}, got {tuple(xa.shape)}"
             )
         a = check_forward(xa, self._kernel, self._recurrent_kernel, self._bias, h0, c0, lengths)
-        outputs, h_n, c_n, _ = self._core.infer(
-            a.x, a.h0, a.c0, a.lengths, bool(return_sequences), None, reverse, *self._acts, step_mask
-        )
+        spare = _take(self.dtype)
+        try:
+            outputs, h_n, c_n, work = self._core.infer(
+                a.x, a.h0, a.c0, a.lengths, bool(return_sequences), spare, reverse, *self._acts, step_mask
+            )
+        except (TypeError, ValueError):
+            _recycle(spare)
+            raise
+        _recycle(work)
         return outputs, h_n, c_n
 
 
