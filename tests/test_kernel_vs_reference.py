@@ -267,11 +267,11 @@ def test_bidirectional_caches_and_workspaces_are_recycled(rng):
     fw, rv = (p["kernel"], p["recurrent_kernel"], p["bias"]), (q["kernel"], q["recurrent_kernel"], q["bias"])
     d = rng.standard_normal((B, T, 2 * H)).astype(np.float32)
     fusedlstm.empty_cache()
-    runs = []
-    for i in range(3):
+    runs, kept = [], []
+    for _ in range(3):
         out, h, c, cache = fusedlstm.lstm_bidirectional_forward(p["x"], fw, rv, lengths=p["lengths"])
         bufs = {id(cache.forward._buf), id(cache.reverse._buf)}
-        if i:
+        if kept:
             assert {id(b) for b in kept} == bufs  # both directions took a recycled buffer
         g = fusedlstm.lstm_backward(cache, d)
         kept = list(lstm_mod._spare[np.dtype(np.float32)])
