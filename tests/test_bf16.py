@@ -328,3 +328,30 @@ def test_cli_train_precision_flag(tmp_path):
     assert r.returncode != 0 and "keeps its precision" in r.stderr
     r = run("eval", str(out), "--data", str(data), "--json")
     assert r.returncode == 0 and 0 <= json.loads(r.stdout)["accuracy"] <= 1
+
+
+def test_a_bfloat16_model_exports_to_onnx_in_float32(engine, tmp_path):
+    """The ONNX graph computes in float32 (ONNX's LSTM): a bfloat16-trained model exports its
+    weights, says so in the metadata, and onnxruntime agrees with its predictions at bfloat16's
+    precision (exactly with the float32 twin's)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the bench extra)")
+    pytest.importorskip("onnx", reason="onnx is not installed (the bench extra)")
+    import onnx
+    import onnxruntime as ort
+
+    from fusedlstm import SentimentClassifier
+    from fusedlstm.sentiment.export import export_onnx
+    from helpers import tiny_split
+
+    split = tiny_split(30)
+    kw = dict(units=6, embedding_dim=5, seed=2, log=lambda *a: None, layers=1, bidirectional=True)
+    model = SentimentClassifier.create(split, precision="bfloat16", **kw)
+    path = export_onnx(model, tmp_path / "m.onnx")
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["trained_precision"] == "bfloat16" and props["compute_precision"] == "float32"
+    ids, lengths = model.encode(split.texts)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"ids": ids.astype(np.int64), "lengths": lengths.astype(np.int32)})[0]
+    twin = SentimentClassifier.create(split, **kw)  # the same weights, float32
+    np.testing.assert_allclose(got, twin.predict_proba(split.texts), atol=1e-5)
+    assert np.abs(got - model.predict_proba(split.texts)).max() < 2e-2

@@ -41,7 +41,9 @@ _PROTOBUF_LIMIT = 2**31 - 2**20  # one serialized ModelProto; headroom for the g
 
 # Config fields the exporter knows: those that shape the graph are checked below, the others
 # (training options and provenance) do not change inference.
-_INFERENCE_NEUTRAL = {"keep_prob", "embedding_keep_prob", "train_embeddings", "vectors"}
+# precision: the graph computes in float32 (ONNX's LSTM); a model trained with bfloat16 products
+# exports the same weights, its results then differing at bfloat16's precision (metadata says so).
+_INFERENCE_NEUTRAL = {"keep_prob", "embedding_keep_prob", "train_embeddings", "vectors", "precision"}
 _SHAPE_FIELDS = {"units", "embedding_dim", "max_len", "num_classes", "vocab_size", "labels", "format_version"}
 _ARCHITECTURE = {"layers": 1, "bidirectional": False, "pooling": "last"}  # field: its default
 _POOLINGS = ("last", "max", "mean")
@@ -257,6 +259,8 @@ def onnx_model(model: SentimentClassifier, opset: int = DEFAULT_OPSET) -> Any:
             "padding_id": "0",
             "unknown_id": "1",
             "tokenizer": "fusedlstm.sentiment.text.tokenize",
+            "trained_precision": str(getattr(cfg, "precision", "float32")),
+            "compute_precision": "float32",
         },
     )
     onnx.checker.check_model(m)
