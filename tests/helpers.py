@@ -116,7 +116,10 @@ def assert_keras_results_match(want, got, tol=2e-5, grad_tol=1e-4):
         assert a.dtype == b.dtype
         np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
     for a, b in zip(ga, gb):
-        np.testing.assert_allclose(b, a, rtol=grad_tol, atol=grad_tol)
+        # float32 sums of terms in the hundreds (unbounded activations) differ by order in the
+        # last bits of the largest terms, so the absolute tolerance scales with the gradient.
+        scale = max(1.0, float(np.abs(a).max())) if a.size else 1.0
+        np.testing.assert_allclose(b, a, rtol=grad_tol, atol=grad_tol * scale)
 
 
 # A synthetic sentiment corpus: sentences of neutral filler around one or two sentiment cues, a
