@@ -170,6 +170,27 @@ Precision ReadPrecision(int code) {
   return Precision::kBfloat16;
 }
 
+// A fresh C-contiguous array whose data starts on a 64-byte boundary. NumPy's allocator only
+// promises 16, and the kernels read packed panels and scratch rows with 64-byte vector loads: at
+// 16 every other load splits a cache line (measured: a B = 1 step took 40% longer).
+template <typename S>
+py::array_t<S> AlignedEmpty(const std::vector<int64_t>& shape) {
+  constexpr int64_t kAlign = 64;
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  py::array_t<S> raw(std::vector<int64_t>{n + kAlign / int64_t(sizeof(S))});
+  S* base = raw.mutable_data();
+  const int64_t skip = ((kAlign - int64_t(reinterpret_cast<uintptr_t>(base) % kAlign)) % kAlign) /
+                       int64_t(sizeof(S));
+  std::vector<int64_t> strides(shape.size());
+  int64_t stride = sizeof(S);
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= shape[i];
+  }
+  return py::array_t<S>(shape, strides, base + skip, raw);
+}
+
 // A caller-provided scratch array when it is big enough (dtype, 1-d, contiguous, writeable):
 // its first `size` elements, else a fresh one. The Python layer recycles big buffers so a
 // steady training loop does not page-fault through a new mmap every call, even when the
@@ -184,7 +205,7 @@ py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
       return py::reinterpret_borrow<py::array_t<S>>(a[py::slice(0, size, 1)]);
     }
   }
-  return py::array_t<S>(std::vector<int64_t>{size});
+  return AlignedEmpty<S>({size});
 }
 
 }  // namespace fusedlstm

@@ -115,7 +115,7 @@ std::pair<py::array_t<S>, py::object> TakeWorkspace(int64_t size, int slot) {
   if (spare && py::reinterpret_borrow<py::array>(spare).size() >= size) {
     return {ReuseOrAllocate<S>(spare, size), spare};
   }
-  py::array_t<S> fresh(std::vector<int64_t>{size});
+  py::array_t<S> fresh = AlignedEmpty<S>({size});
   return {fresh, fresh};
 }
 
@@ -173,8 +173,7 @@ py::tuple Forward(const py::array& x, const py::array& kernel, const py::array& 
   }
   // The spare (if any) serves as the cache in training, as the (large) workspace in inference.
   py::array_t<S> workspace =
-      training ? py::array_t<S>(
-                     std::vector<int64_t>{ForwardWorkspaceSize(s, true, false, args.precision)})
+      training ? AlignedEmpty<S>({ForwardWorkspaceSize(s, true, false, args.precision)})
                : ReuseOrAllocate<S>(spare, ForwardWorkspaceSize(s, false, reverse, args.precision));
   py::object cache = py::none();
   args.h_n = MutablePtr(h_n);
@@ -275,8 +274,7 @@ py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, con
     a[d].h_n = MutablePtr(h_n) + d * s.N * s.H;
     a[d].c_n = MutablePtr(c_n) + d * s.N * s.H;
     const int64_t wsize = ForwardWorkspaceSize(s, training, a[d].reverse, a[d].precision);
-    workspaces.push_back(training ? py::array_t<S>(std::vector<int64_t>{wsize})
-                                  : ReuseOrAllocate<S>(spare(d), wsize));
+    workspaces.push_back(training ? AlignedEmpty<S>({wsize}) : ReuseOrAllocate<S>(spare(d), wsize));
     a[d].workspace = MutablePtr(workspaces.back());
     caches[d] = training ? NewCache<S>(s, spare(d), &a[d]) : py::object(workspaces.back());
   }

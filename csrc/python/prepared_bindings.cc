@@ -124,7 +124,7 @@ Prepared Prepare(const py::array& kernel, const py::array& rkernel, const py::ob
   const S* kp = CheckedPtr<S>(kernel, "kernel", {C, G});
   const S* rp = CheckedPtr<S>(rkernel, "recurrent_kernel", {H, G});
   const S* bp = OptionalPtr<S>(bias, "bias", {G});
-  py::array_t<S> buffer(std::vector<int64_t>{PreparedWeightsSize<S>(C, H, precision)});
+  py::array_t<S> buffer = AlignedEmpty<S>({PreparedWeightsSize<S>(C, H, precision)});
   S* out = buffer.mutable_data();
   {
     py::gil_scoped_release release;
