@@ -170,39 +170,49 @@ Precision ReadPrecision(int code) {
   return Precision::kBfloat16;
 }
 
-// A fresh C-contiguous array whose data starts on a 64-byte boundary. NumPy's allocator only
-// promises 16, and the kernels read packed panels and scratch rows with 64-byte vector loads: at
-// 16 every other load splits a cache line (measured: a B = 1 step took 40% longer).
+constexpr int64_t kBufferAlign = 64;
+
+// Elements of S to skip from p to the next 64-byte boundary.
+template <typename S>
+int64_t AlignSkip(const void* p) {
+  const int64_t rem = int64_t(reinterpret_cast<uintptr_t>(p) % kBufferAlign);
+  return ((kBufferAlign - rem) % kBufferAlign) / int64_t(sizeof(S));
+}
+
+// A fresh C-contiguous array whose data starts on a 64-byte boundary: a view of a 1-d owner a
+// cache line longer. NumPy's allocator only promises 16 bytes, and the kernels read packed
+// panels and scratch rows with 64-byte vector loads: at 16 every other load splits a cache line
+// (measured: a B = 1 step took 40% longer).
 template <typename S>
 py::array_t<S> AlignedEmpty(const std::vector<int64_t>& shape) {
-  constexpr int64_t kAlign = 64;
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
-  py::array_t<S> raw(std::vector<int64_t>{n + kAlign / int64_t(sizeof(S))});
+  py::array_t<S> raw(std::vector<int64_t>{n + kBufferAlign / int64_t(sizeof(S))});
   S* base = raw.mutable_data();
-  const int64_t skip = ((kAlign - int64_t(reinterpret_cast<uintptr_t>(base) % kAlign)) % kAlign) /
-                       int64_t(sizeof(S));
   std::vector<int64_t> strides(shape.size());
   int64_t stride = sizeof(S);
   for (size_t i = shape.size(); i-- > 0;) {
     strides[i] = stride;
     stride *= shape[i];
   }
-  return py::array_t<S>(shape, strides, base + skip, raw);
+  return py::array_t<S>(shape, strides, base + AlignSkip<S>(base), raw);
 }
 
 // A caller-provided scratch array when it is big enough (dtype, 1-d, contiguous, writeable):
-// its first `size` elements, else a fresh one. The Python layer recycles big buffers so a
-// steady training loop does not page-fault through a new mmap every call, even when the
-// sequence length changes from batch to batch (bucketing).
+// `size` elements of it from its first 64-byte boundary, else a fresh one. The Python layer
+// recycles big buffers (the owner of what this returned) so a steady training loop does not
+// page-fault through a new mmap every call, even when the sequence length changes from batch
+// to batch (bucketing).
 template <typename S>
 py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
   if (!spare.is_none() && py::isinstance<py::array_t<S>>(spare)) {
     py::array a = py::reinterpret_borrow<py::array>(spare);
-    if (IsDtype(a, py::dtype::of<S>()) && a.ndim() == 1 && a.shape(0) >= size &&
-        (a.flags() & py::array::c_style) && a.writeable()) {
-      if (a.shape(0) == size) return py::reinterpret_borrow<py::array_t<S>>(spare);
-      return py::reinterpret_borrow<py::array_t<S>>(a[py::slice(0, size, 1)]);
+    if (IsDtype(a, py::dtype::of<S>()) && a.ndim() == 1 && (a.flags() & py::array::c_style) &&
+        a.writeable()) {
+      const int64_t skip = AlignSkip<S>(a.data());
+      if (a.shape(0) >= skip + size) {
+        return py::reinterpret_borrow<py::array_t<S>>(a[py::slice(skip, skip + size, 1)]);
+      }
     }
   }
   return AlignedEmpty<S>({size});
