@@ -49,6 +49,31 @@ def test_prepared_equals_plain_training_and_reference(rng, dtype, shape, lengths
     np.testing.assert_array_equal(last[2], got[2])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 50, 128), (3, 2, 7, 33), (7, 1, 0, 20), (2, 2, 30, 100), (1, 2, 5, 300)])
+@pytest.mark.parametrize("options", ["lengths", "reverse", "mask", "state"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_plain_call_reading_weights_in_place_equals_prepared(rng, restore_threads, dtype, shape, options, threads):
+    """A plain inference call of a step or two on a small batch reads the weights in place (no
+    packing): the same sums in the same order, so bit-identical to prepared weights, on every
+    grid (2 threads split the units of the larger steps)."""
+    fusedlstm.set_num_threads(threads)
+    p, _ = make_problem(rng, *shape, dtype=dtype, lengths="random" if options == "lengths" else "none")
+    if options != "state":
+        p["h0"] = p["c0"] = None
+    kw = {}
+    if options == "reverse":
+        kw["reverse"] = True
+    if options == "mask":
+        kw["mask"] = rng.random(shape[:2]) < 0.6
+    got = fusedlstm.prepare(*weights(p)).infer(p["x"], p["h0"], p["c0"], p["lengths"], **kw)
+    plain = fusedlstm.lstm_forward(**p, training=False, **kw)
+    want = reference.lstm_forward(**as64(p), training=False, **kw)
+    for g, a, w in zip(got, plain[:3], want[:3]):
+        np.testing.assert_array_equal(a, g)
+        assert_close(a, w, dtype)
+
+
 def test_large_batch_projects_inside_the_step(rng):
     """Past the hoisting budget (N·T·4H > 16M elements) x_t·W runs inside each step: same
     results as the reference within float32 rounding."""

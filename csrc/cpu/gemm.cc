@@ -24,9 +24,10 @@ struct Traits {
 
 inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// `panel`: row k of the panel's NR columns at panel + k·ldb (ldb = NR when packed).
 template <typename S, int MR>
-inline void MicroKernel(int64_t kc, const S* a, int64_t lda, const S* panel, S* c, int64_t ldc,
-                        int64_t cols) {
+inline void MicroKernel(int64_t kc, const S* a, int64_t lda, const S* panel, int64_t ldb, S* c,
+                        int64_t ldc, int64_t cols) {
   using T = Traits<S>;
   using V = typename T::Vec;
   constexpr int L = T::kLanes, NR = T::kNr;
@@ -34,8 +35,8 @@ inline void MicroKernel(int64_t kc, const S* a, int64_t lda, const S* panel, S* 
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
   for (int64_t k = 0; k < kc; ++k) {
     V b0, b1;
-    std::memcpy(&b0, panel + k * NR, sizeof(V));
-    std::memcpy(&b1, panel + k * NR + L, sizeof(V));
+    std::memcpy(&b0, panel + k * ldb, sizeof(V));
+    std::memcpy(&b1, panel + k * ldb + L, sizeof(V));
     for (int r = 0; r < MR; ++r) {
       const S x = a[r * lda + k];
       acc[r][0] += x * b0;
@@ -62,23 +63,23 @@ inline void MicroKernel(int64_t kc, const S* a, int64_t lda, const S* panel, S* 
 }
 
 template <typename S>
-void Tail(int rows, int64_t kc, const S* a, int64_t lda, const S* panel, S* c, int64_t ldc,
-          int64_t cols) {
+void Tail(int rows, int64_t kc, const S* a, int64_t lda, const S* panel, int64_t ldb, S* c,
+          int64_t ldc, int64_t cols) {
   switch (rows) {
     case 1:
-      return MicroKernel<S, 1>(kc, a, lda, panel, c, ldc, cols);
+      return MicroKernel<S, 1>(kc, a, lda, panel, ldb, c, ldc, cols);
     case 2:
-      return MicroKernel<S, 2>(kc, a, lda, panel, c, ldc, cols);
+      return MicroKernel<S, 2>(kc, a, lda, panel, ldb, c, ldc, cols);
     case 3:
-      return MicroKernel<S, 3>(kc, a, lda, panel, c, ldc, cols);
+      return MicroKernel<S, 3>(kc, a, lda, panel, ldb, c, ldc, cols);
     case 4:
-      return MicroKernel<S, 4>(kc, a, lda, panel, c, ldc, cols);
+      return MicroKernel<S, 4>(kc, a, lda, panel, ldb, c, ldc, cols);
     case 5:
-      return MicroKernel<S, 5>(kc, a, lda, panel, c, ldc, cols);
+      return MicroKernel<S, 5>(kc, a, lda, panel, ldb, c, ldc, cols);
     case 6:
-      return MicroKernel<S, 6>(kc, a, lda, panel, c, ldc, cols);
+      return MicroKernel<S, 6>(kc, a, lda, panel, ldb, c, ldc, cols);
     case 7:
-      return MicroKernel<S, 7>(kc, a, lda, panel, c, ldc, cols);
+      return MicroKernel<S, 7>(kc, a, lda, panel, ldb, c, ldc, cols);
     default:
       return;
   }
@@ -157,9 +158,10 @@ namespace {
 // accumulators, and each k waits on the previous FMA (latency bound, a quarter of the FMA
 // rate); P panels give 2·P independent chains. Each element's sum runs over k in the same
 // order as in MicroKernel, so results are identical to it.
+// Panel p's row k at panels + p·ps + k·ldb (packed: ps = kc·NR, ldb = NR; row-major B: ps = NR).
 template <typename S, int MR, int P>
-inline void MicroKernelWide(int64_t kc, const S* a, int64_t lda, const S* panels, S* c,
-                            int64_t ldc) {
+inline void MicroKernelWide(int64_t kc, const S* a, int64_t lda, const S* panels, int64_t ldb,
+                            int64_t ps, S* c, int64_t ldc) {
   using T = Traits<S>;
   using V = typename T::Vec;
   constexpr int L = T::kLanes, NR = T::kNr;
@@ -170,8 +172,8 @@ inline void MicroKernelWide(int64_t kc, const S* a, int64_t lda, const S* panels
   for (int64_t k = 0; k < kc; ++k) {
     V b[P][2];
     for (int p = 0; p < P; ++p) {
-      std::memcpy(&b[p][0], panels + p * kc * NR + k * NR, sizeof(V));
-      std::memcpy(&b[p][1], panels + p * kc * NR + k * NR + L, sizeof(V));
+      std::memcpy(&b[p][0], panels + p * ps + k * ldb, sizeof(V));
+      std::memcpy(&b[p][1], panels + p * ps + k * ldb + L, sizeof(V));
     }
     for (int r = 0; r < MR; ++r) {
       const S x = a[r * lda + k];
@@ -197,10 +199,10 @@ inline void MicroKernelWide(int64_t kc, const S* a, int64_t lda, const S* panels
 
 // All M rows (a multiple of MR) against the P whole panels starting at `panels`.
 template <typename S, int MR, int P>
-inline void WideRows(int64_t M, int64_t kc, const S* a, int64_t lda, const S* panels, S* c,
-                     int64_t ldc) {
+inline void WideRows(int64_t M, int64_t kc, const S* a, int64_t lda, const S* panels, int64_t ldb,
+                     int64_t ps, S* c, int64_t ldc) {
   for (int64_t i = 0; i + MR <= M; i += MR) {
-    MicroKernelWide<S, MR, P>(kc, a + i * lda, lda, panels, c + i * ldc, ldc);
+    MicroKernelWide<S, MR, P>(kc, a + i * lda, lda, panels, ldb, ps, c + i * ldc, ldc);
   }
 }
 
@@ -211,13 +213,15 @@ int64_t PanelWidth() {
   return Traits<S>::kNr;
 }
 
+namespace {
+
+// Panel `panel`'s columns of w [K, 4H] in gate groups as runs of one gate of one group:
+// (first column in the panel, source column, length); at most 8 runs. Returns their number.
 template <typename S>
-void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
+int PanelRuns(int64_t H, int64_t panel, int64_t runs[8][3]) {
   constexpr int NR = Traits<S>::kNr, U = kGateGroupUnits<S>;
-  static_assert(NR == 2 * U, "a gate group is two panels wide");
-  const int64_t Np = RoundUp(4 * H, NR), c0 = panel * NR, c1 = std::min(c0 + NR, 4 * H);
-  // The panel's columns as runs of one gate of one group: (first column, source column, n).
-  int64_t runs[8][3], n_runs = 0;
+  const int64_t c0 = panel * NR, c1 = std::min(c0 + NR, 4 * H);
+  int n_runs = 0;
   for (int64_t q = c0 / (4 * U); q * 4 * U < c1; ++q) {
     const int64_t u = std::min<int64_t>(U, H - q * U);
     for (int64_t g = 0; g < 4; ++g) {
@@ -230,32 +234,84 @@ void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
       }
     }
   }
+  return n_runs;
+}
+
+// One source row's runs into one packed row (zero-padded when the panel is narrow).
+template <typename S>
+inline void CopyRuns(const S* src, const int64_t runs[8][3], int n_runs, bool narrow, S* row) {
+  constexpr int NR = Traits<S>::kNr, U = kGateGroupUnits<S>;
+  if (narrow) std::fill(row, row + NR, S(0));
+  for (int r = 0; r < n_runs; ++r) {
+    if (runs[r][2] == U) {  // a whole gate of a whole group: a fixed-size copy, inlined
+      std::memcpy(row + runs[r][0], src + runs[r][1], sizeof(S) * U);
+    } else {
+      std::memcpy(row + runs[r][0], src + runs[r][1], sizeof(S) * runs[r][2]);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename S>
+void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
+  constexpr int NR = Traits<S>::kNr, U = kGateGroupUnits<S>;
+  static_assert(NR == 2 * U, "a gate group is two panels wide");
+  const int64_t Np = RoundUp(4 * H, NR), c0 = panel * NR;
+  int64_t runs[8][3];
+  const int n_runs = PanelRuns<S>(H, panel, runs);
+  const bool narrow = std::min(c0 + NR, 4 * H) - c0 < NR;
   for (int64_t pc = 0; pc < K; pc += kKc) {
     const int64_t kc = std::min(kKc, K - pc);
     S* dst = out + pc * Np + c0 * kc;
-    for (int64_t k = 0; k < kc; ++k) {
-      const S* src = w + (pc + k) * 4 * H;
-      S* row = dst + k * NR;
-      if (c1 - c0 < NR) std::fill(row, row + NR, S(0));
-      for (int64_t r = 0; r < n_runs; ++r) {
-        if (runs[r][2] == U) {  // a whole gate of a whole group: a fixed-size copy, inlined
-          std::memcpy(row + runs[r][0], src + runs[r][1], sizeof(S) * U);
-        } else {
-          std::memcpy(row + runs[r][0], src + runs[r][1], sizeof(S) * runs[r][2]);
-        }
+    for (int64_t k = 0; k < kc; ++k)
+      CopyRuns(w + (pc + k) * 4 * H, runs, n_runs, narrow, dst + k * NR);
+  }
+}
+
+template <typename S>
+void PackGateRows(const S* w, int64_t K, int64_t H, int64_t k0, int64_t k1, S* out) {
+  constexpr int NR = Traits<S>::kNr;
+  constexpr int64_t kTile = 8;  // rows read together, each front to back across the panels
+  const int64_t Np = RoundUp(4 * H, NR), panels = Np / NR;
+  int64_t runs[8][3];
+  for (int64_t t0 = k0; t0 < k1; t0 += kTile) {
+    const int64_t t1 = std::min(k1, t0 + kTile);
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int n_runs = PanelRuns<S>(H, panel, runs);
+      const bool narrow = panel == panels - 1 && 4 * H < Np;
+      for (int64_t k = t0; k < t1; ++k) {
+        const int64_t pc = k / kKc * kKc, kc = std::min(kKc, K - pc);
+        CopyRuns(w + k * 4 * H, runs, n_runs, narrow,
+                 out + pc * Np + panel * NR * kc + (k - pc) * NR);
       }
     }
   }
 }
 
+namespace {
+
+// B as the micro-kernels read it: packed by PackRhs (panels of a depth block contiguous), or
+// row-major in place with leading dimension ld (ld = 0: packed).
 template <typename S>
-void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
-                       const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc) {
+struct RhsView {
+  const S* b;
+  int64_t ld, Np;
+  const S* Panel(int64_t pc, int64_t j, int64_t kc) const {
+    return ld ? b + pc * ld + j : b + pc * Np + j * kc;
+  }
+  int64_t RowStride() const { return ld ? ld : Traits<S>::kNr; }
+  int64_t PanelStride(int64_t kc) const { return ld ? Traits<S>::kNr : kc * Traits<S>::kNr; }
+};
+
+template <typename S>
+void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end, const S* a,
+              int64_t lda, const RhsView<S>& rhs, S* c, int64_t ldc) {
   constexpr int NR = Traits<S>::kNr;
-  const int64_t Np = RoundUp(N, NR);
   col_end = std::min(col_end, N);
+  const int64_t ldb = rhs.RowStride();
   for (int64_t pc = 0; pc < K; pc += kKc) {
-    const int64_t kc = std::min(kKc, K - pc);
+    const int64_t kc = std::min(kKc, K - pc), ps = rhs.PanelStride(kc);
     const S* ak = a + pc;
     int64_t j = col_begin;
     if (M < kMr) {
@@ -263,34 +319,60 @@ void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64
       // M = 1 or 2 rows: 4 panels; 3 or 4 rows: 2 panels; the rows left over go below.
       const int64_t m4 = M <= 2 ? M : 0, m2 = M <= 4 ? M - m4 : 0;
       for (; m4 > 0 && j + 4 * NR <= col_end; j += 4 * NR) {
-        const S* panel = packed_b + pc * Np + j * kc;
+        const S* panel = rhs.Panel(pc, j, kc);
         if (m4 == 2) {
-          WideRows<S, 2, 4>(M, kc, ak, lda, panel, c + j, ldc);
+          WideRows<S, 2, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
         } else {
-          WideRows<S, 1, 4>(M, kc, ak, lda, panel, c + j, ldc);
+          WideRows<S, 1, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
         }
       }
       for (; m2 > 0 && j + 2 * NR <= col_end; j += 2 * NR) {
-        const S* panel = packed_b + pc * Np + j * kc;
+        const S* panel = rhs.Panel(pc, j, kc);
         if (m2 == 4) {
-          WideRows<S, 4, 2>(M, kc, ak, lda, panel, c + j, ldc);
+          WideRows<S, 4, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
         } else if (m2 == 3) {
-          WideRows<S, 3, 2>(M, kc, ak, lda, panel, c + j, ldc);
+          WideRows<S, 3, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
         } else {
-          WideRows<S, 2, 2>(M, kc, ak, lda, panel, c + j, ldc);
+          WideRows<S, 2, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
         }
       }
     }
     for (; j < col_end; j += NR) {
-      const S* panel = packed_b + pc * Np + j * kc;
       const int64_t cols = std::min<int64_t>(NR, col_end - j);
+      const S* panel = rhs.Panel(pc, j, kc);
+      int64_t pld = ldb;
+      alignas(64) S edge[kKc * NR];
+      if (rhs.ld && cols < NR) {  // in place, a narrow last panel: zero-padded copy
+        for (int64_t k = 0; k < kc; ++k) {
+          std::memcpy(edge + k * NR, panel + k * ldb, sizeof(S) * cols);
+          std::fill(edge + k * NR + cols, edge + (k + 1) * NR, S(0));
+        }
+        panel = edge;
+        pld = NR;
+      }
       int64_t i = 0;
       for (; i + kMr <= M; i += kMr) {
-        MicroKernel<S, kMr>(kc, ak + i * lda, lda, panel, c + i * ldc + j, ldc, cols);
+        MicroKernel<S, kMr>(kc, ak + i * lda, lda, panel, pld, c + i * ldc + j, ldc, cols);
       }
-      Tail<S>(static_cast<int>(M - i), kc, ak + i * lda, lda, panel, c + i * ldc + j, ldc, cols);
+      Tail<S>(static_cast<int>(M - i), kc, ak + i * lda, lda, panel, pld, c + i * ldc + j, ldc,
+              cols);
     }
   }
+}
+
+}  // namespace
+
+template <typename S>
+void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
+                       const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc) {
+  GemmCols<S>(M, N, K, col_begin, col_end, a, lda,
+              RhsView<S>{packed_b, 0, RoundUp(N, Traits<S>::kNr)}, c, ldc);
+}
+
+template <typename S>
+void GemmRowMajorRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
+                         const S* a, int64_t lda, const S* b, int64_t ldb, S* c, int64_t ldc) {
+  GemmCols<S>(M, N, K, col_begin, col_end, a, lda, RhsView<S>{b, ldb, 0}, c, ldc);
 }
 
 template <typename S>
@@ -299,15 +381,18 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
   GemmPackedRhsCols<S>(M, N, K, 0, N, a, lda, packed_b, c, ldc);
 }
 
-#define FUSEDLSTM_INSTANTIATE(S)                                                             \
-  template int64_t PackedRhsSize<S>(int64_t, int64_t);                                       \
-  template void PackRhs<S>(const S*, int64_t, int64_t, int64_t, int64_t, S*);                \
-  template void GemmPackedRhs<S>(int64_t, int64_t, int64_t, const S*, int64_t, const S*, S*, \
-                                 int64_t);                                                   \
-  template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*,  \
-                                     int64_t, const S*, S*, int64_t);                        \
-  template int64_t PanelWidth<S>();                                                          \
-  template void PackGatePanel<S>(const S*, int64_t, int64_t, int64_t, S*);
+#define FUSEDLSTM_INSTANTIATE(S)                                                              \
+  template int64_t PackedRhsSize<S>(int64_t, int64_t);                                        \
+  template void PackRhs<S>(const S*, int64_t, int64_t, int64_t, int64_t, S*);                 \
+  template void GemmPackedRhs<S>(int64_t, int64_t, int64_t, const S*, int64_t, const S*, S*,  \
+                                 int64_t);                                                    \
+  template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*,   \
+                                     int64_t, const S*, S*, int64_t);                         \
+  template void GemmRowMajorRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*, \
+                                       int64_t, const S*, int64_t, S*, int64_t);              \
+  template int64_t PanelWidth<S>();                                                           \
+  template void PackGatePanel<S>(const S*, int64_t, int64_t, int64_t, S*);                    \
+  template void PackGateRows<S>(const S*, int64_t, int64_t, int64_t, int64_t, S*);
 FUSEDLSTM_INSTANTIATE(float)
 FUSEDLSTM_INSTANTIATE(double)
 #undef FUSEDLSTM_INSTANTIATE

@@ -32,6 +32,14 @@ template <typename S>
 void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
                        const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc);
 
+// The same columns of C += A·B with B row-major in place (element (k, n) at b[k·ldb + n]), no
+// packing: for a few rows of A that stream B once or a few times, packing costs more than it
+// saves. Each element gets exactly the sum GemmPackedRhsCols gives it (the same depth blocks
+// and micro-kernels), and col_begin may be any column.
+template <typename S>
+void GemmRowMajorRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
+                         const S* a, int64_t lda, const S* b, int64_t ldb, S* c, int64_t ldc);
+
 // LSTM weights in "gate groups": U = kGateGroupUnits<S> units (two panels' width over 4)
 // per group, group q's columns [q·4U, q·4U + 4u) holding the four gates of units [qU, qU + u)
 // as [i(u) f(u) c(u) o(u)] (u = U but for the last group). So a product's gates for a range of
@@ -43,6 +51,10 @@ template <typename S>
 constexpr int kGateGroupUnits = 64 / sizeof(S);  // one 64-byte register per gate of a group
 template <typename S>
 void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out);
+// Rows [k0, k1) of every panel: the same layout, each source row read front to back (packing by
+// panels reads a few values of every row in turn, which the prefetcher cannot follow).
+template <typename S>
+void PackGateRows(const S* w, int64_t K, int64_t H, int64_t k0, int64_t k1, S* out);
 
 // Columns per packed panel (two SIMD registers of S).
 template <typename S>

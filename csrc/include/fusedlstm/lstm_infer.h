@@ -40,16 +40,21 @@ int64_t InferWorkspaceSize(const LstmShape& s, bool reverse = false,
 template <typename Scalar>
 struct InferArgs {
   const Scalar* x = nullptr;         // [N, T, C]
-  const Scalar* prepared = nullptr;  // PrepareWeights's output for this C and H
-  const Scalar* h0 = nullptr;        // [N, H], or nullptr for zeros
-  const Scalar* c0 = nullptr;        // [N, H], or nullptr for zeros
-  const int32_t* lengths = nullptr;  // [N] in [0, T], or nullptr for all T
-  Scalar* outputs = nullptr;         // [N, T, H] (zero at padded steps), or nullptr: not written
-  Scalar* h_n = nullptr;             // [N, H]
-  Scalar* c_n = nullptr;             // [N, H]
-  Scalar* workspace = nullptr;       // InferWorkspaceSize(shape, reverse, precision) elements
-  bool reverse = false;              // as ForwardArgs::reverse
-  int64_t out_ld = 0;                // as ForwardArgs::out_ld
+  const Scalar* prepared = nullptr;  // PrepareWeights's output for this C and H, or nullptr:
+  // float products on the Keras-layout weights read in place (no packing, for calls too small
+  // to repay it), all three given (bias [4H] not null):
+  const Scalar* kernel = nullptr;            // [C, 4H]
+  const Scalar* recurrent_kernel = nullptr;  // [H, 4H]
+  const Scalar* bias = nullptr;              // [4H]
+  const Scalar* h0 = nullptr;                // [N, H], or nullptr for zeros
+  const Scalar* c0 = nullptr;                // [N, H], or nullptr for zeros
+  const int32_t* lengths = nullptr;          // [N] in [0, T], or nullptr for all T
+  Scalar* outputs = nullptr;    // [N, T, H] (zero at padded steps), or nullptr: not written
+  Scalar* h_n = nullptr;        // [N, H]
+  Scalar* c_n = nullptr;        // [N, H]
+  Scalar* workspace = nullptr;  // InferWorkspaceSize(shape, reverse, precision) elements
+  bool reverse = false;         // as ForwardArgs::reverse
+  int64_t out_ld = 0;           // as ForwardArgs::out_ld
   Activation activation = Activation::kTanh;  // as ForwardArgs
   Activation recurrent_activation = Activation::kSigmoid;
   const uint8_t* step_mask = nullptr;         // as ForwardArgs::step_mask
