@@ -24,10 +24,21 @@ struct Traits {
 
 inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// C's vector at row: acc, or row + acc.
+template <typename S, typename V>
+inline void StoreOrAdd(S* row, const V& acc, bool store) {
+  V c = acc;
+  if (!store) {
+    std::memcpy(&c, row, sizeof(V));
+    c += acc;
+  }
+  std::memcpy(row, &c, sizeof(V));
+}
+
 // `panel`: row k of the panel's NR columns at panel + k·ldb (ldb = NR when packed).
 template <typename S, int MR>
 inline void MicroKernel(int64_t kc, const S* a, int64_t lda, const S* panel, int64_t ldb, S* c,
-                        int64_t ldc, int64_t cols) {
+                        int64_t ldc, int64_t cols, bool store) {
   using T = Traits<S>;
   using V = typename T::Vec;
   constexpr int L = T::kLanes, NR = T::kNr;
@@ -46,40 +57,35 @@ inline void MicroKernel(int64_t kc, const S* a, int64_t lda, const S* panel, int
   for (int r = 0; r < MR; ++r) {
     S* row = c + r * ldc;
     if (cols == NR) {
-      V c0, c1;
-      std::memcpy(&c0, row, sizeof(V));
-      std::memcpy(&c1, row + L, sizeof(V));
-      c0 += acc[r][0];
-      c1 += acc[r][1];
-      std::memcpy(row, &c0, sizeof(V));
-      std::memcpy(row + L, &c1, sizeof(V));
+      StoreOrAdd(row, acc[r][0], store);
+      StoreOrAdd(row + L, acc[r][1], store);
     } else {
       S tmp[NR];
       std::memcpy(tmp, &acc[r][0], sizeof(V));
       std::memcpy(tmp + L, &acc[r][1], sizeof(V));
-      for (int64_t q = 0; q < cols; ++q) row[q] += tmp[q];
+      for (int64_t q = 0; q < cols; ++q) row[q] = store ? tmp[q] : row[q] + tmp[q];
     }
   }
 }
 
 template <typename S>
 void Tail(int rows, int64_t kc, const S* a, int64_t lda, const S* panel, int64_t ldb, S* c,
-          int64_t ldc, int64_t cols) {
+          int64_t ldc, int64_t cols, bool store) {
   switch (rows) {
     case 1:
-      return MicroKernel<S, 1>(kc, a, lda, panel, ldb, c, ldc, cols);
+      return MicroKernel<S, 1>(kc, a, lda, panel, ldb, c, ldc, cols, store);
     case 2:
-      return MicroKernel<S, 2>(kc, a, lda, panel, ldb, c, ldc, cols);
+      return MicroKernel<S, 2>(kc, a, lda, panel, ldb, c, ldc, cols, store);
     case 3:
-      return MicroKernel<S, 3>(kc, a, lda, panel, ldb, c, ldc, cols);
+      return MicroKernel<S, 3>(kc, a, lda, panel, ldb, c, ldc, cols, store);
     case 4:
-      return MicroKernel<S, 4>(kc, a, lda, panel, ldb, c, ldc, cols);
+      return MicroKernel<S, 4>(kc, a, lda, panel, ldb, c, ldc, cols, store);
     case 5:
-      return MicroKernel<S, 5>(kc, a, lda, panel, ldb, c, ldc, cols);
+      return MicroKernel<S, 5>(kc, a, lda, panel, ldb, c, ldc, cols, store);
     case 6:
-      return MicroKernel<S, 6>(kc, a, lda, panel, ldb, c, ldc, cols);
+      return MicroKernel<S, 6>(kc, a, lda, panel, ldb, c, ldc, cols, store);
     case 7:
-      return MicroKernel<S, 7>(kc, a, lda, panel, ldb, c, ldc, cols);
+      return MicroKernel<S, 7>(kc, a, lda, panel, ldb, c, ldc, cols, store);
     default:
       return;
   }
@@ -161,7 +167,7 @@ namespace {
 // Panel p's row k at panels + p·ps + k·ldb (packed: ps = kc·NR, ldb = NR; row-major B: ps = NR).
 template <typename S, int MR, int P>
 inline void MicroKernelWide(int64_t kc, const S* a, int64_t lda, const S* panels, int64_t ldb,
-                            int64_t ps, S* c, int64_t ldc) {
+                            int64_t ps, S* c, int64_t ldc, bool store) {
   using T = Traits<S>;
   using V = typename T::Vec;
   constexpr int L = T::kLanes, NR = T::kNr;
@@ -186,13 +192,8 @@ inline void MicroKernelWide(int64_t kc, const S* a, int64_t lda, const S* panels
   for (int r = 0; r < MR; ++r) {
     for (int p = 0; p < P; ++p) {
       S* row = c + r * ldc + p * NR;
-      V c0, c1;
-      std::memcpy(&c0, row, sizeof(V));
-      std::memcpy(&c1, row + L, sizeof(V));
-      c0 += acc[r][p][0];
-      c1 += acc[r][p][1];
-      std::memcpy(row, &c0, sizeof(V));
-      std::memcpy(row + L, &c1, sizeof(V));
+      StoreOrAdd(row, acc[r][p][0], store);
+      StoreOrAdd(row + L, acc[r][p][1], store);
     }
   }
 }
@@ -200,9 +201,9 @@ inline void MicroKernelWide(int64_t kc, const S* a, int64_t lda, const S* panels
 // All M rows (a multiple of MR) against the P whole panels starting at `panels`.
 template <typename S, int MR, int P>
 inline void WideRows(int64_t M, int64_t kc, const S* a, int64_t lda, const S* panels, int64_t ldb,
-                     int64_t ps, S* c, int64_t ldc) {
+                     int64_t ps, S* c, int64_t ldc, bool store) {
   for (int64_t i = 0; i + MR <= M; i += MR) {
-    MicroKernelWide<S, MR, P>(kc, a + i * lda, lda, panels, ldb, ps, c + i * ldc, ldc);
+    MicroKernelWide<S, MR, P>(kc, a + i * lda, lda, panels, ldb, ps, c + i * ldc, ldc, store);
   }
 }
 
@@ -306,13 +307,17 @@ struct RhsView {
 
 template <typename S>
 void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end, const S* a,
-              int64_t lda, const RhsView<S>& rhs, S* c, int64_t ldc) {
+              int64_t lda, const RhsView<S>& rhs, S* c, int64_t ldc, bool accumulate) {
   constexpr int NR = Traits<S>::kNr;
   col_end = std::min(col_end, N);
   const int64_t ldb = rhs.RowStride();
+  if (K == 0 && !accumulate) {
+    for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc + col_begin, c + i * ldc + col_end, S(0));
+  }
   for (int64_t pc = 0; pc < K; pc += kKc) {
     const int64_t kc = std::min(kKc, K - pc), ps = rhs.PanelStride(kc);
     const S* ak = a + pc;
+    const bool store = !accumulate && pc == 0;  // the first depth block writes C
     int64_t j = col_begin;
     if (M < kMr) {
       // Few rows (small-batch inference): several panels per pass, while whole panels remain.
@@ -321,19 +326,19 @@ void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_en
       for (; m4 > 0 && j + 4 * NR <= col_end; j += 4 * NR) {
         const S* panel = rhs.Panel(pc, j, kc);
         if (m4 == 2) {
-          WideRows<S, 2, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
+          WideRows<S, 2, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
         } else {
-          WideRows<S, 1, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
+          WideRows<S, 1, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
         }
       }
       for (; m2 > 0 && j + 2 * NR <= col_end; j += 2 * NR) {
         const S* panel = rhs.Panel(pc, j, kc);
         if (m2 == 4) {
-          WideRows<S, 4, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
+          WideRows<S, 4, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
         } else if (m2 == 3) {
-          WideRows<S, 3, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
+          WideRows<S, 3, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
         } else {
-          WideRows<S, 2, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc);
+          WideRows<S, 2, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
         }
       }
     }
@@ -352,10 +357,10 @@ void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_en
       }
       int64_t i = 0;
       for (; i + kMr <= M; i += kMr) {
-        MicroKernel<S, kMr>(kc, ak + i * lda, lda, panel, pld, c + i * ldc + j, ldc, cols);
+        MicroKernel<S, kMr>(kc, ak + i * lda, lda, panel, pld, c + i * ldc + j, ldc, cols, store);
       }
       Tail<S>(static_cast<int>(M - i), kc, ak + i * lda, lda, panel, pld, c + i * ldc + j, ldc,
-              cols);
+              cols, store);
     }
   }
 }
@@ -364,15 +369,17 @@ void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_en
 
 template <typename S>
 void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
-                       const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc) {
+                       const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc,
+                       bool accumulate) {
   GemmCols<S>(M, N, K, col_begin, col_end, a, lda,
-              RhsView<S>{packed_b, 0, RoundUp(N, Traits<S>::kNr)}, c, ldc);
+              RhsView<S>{packed_b, 0, RoundUp(N, Traits<S>::kNr)}, c, ldc, accumulate);
 }
 
 template <typename S>
 void GemmRowMajorRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
-                         const S* a, int64_t lda, const S* b, int64_t ldb, S* c, int64_t ldc) {
-  GemmCols<S>(M, N, K, col_begin, col_end, a, lda, RhsView<S>{b, ldb, 0}, c, ldc);
+                         const S* a, int64_t lda, const S* b, int64_t ldb, S* c, int64_t ldc,
+                         bool accumulate) {
+  GemmCols<S>(M, N, K, col_begin, col_end, a, lda, RhsView<S>{b, ldb, 0}, c, ldc, accumulate);
 }
 
 template <typename S>
@@ -387,9 +394,9 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
   template void GemmPackedRhs<S>(int64_t, int64_t, int64_t, const S*, int64_t, const S*, S*,  \
                                  int64_t);                                                    \
   template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*,   \
-                                     int64_t, const S*, S*, int64_t);                         \
+                                     int64_t, const S*, S*, int64_t, bool);                   \
   template void GemmRowMajorRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*, \
-                                       int64_t, const S*, int64_t, S*, int64_t);              \
+                                       int64_t, const S*, int64_t, S*, int64_t, bool);        \
   template int64_t PanelWidth<S>();                                                           \
   template void PackGatePanel<S>(const S*, int64_t, int64_t, int64_t, S*);                    \
   template void PackGateRows<S>(const S*, int64_t, int64_t, int64_t, int64_t, S*);

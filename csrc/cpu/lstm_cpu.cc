@@ -131,14 +131,14 @@ struct Products {
   // gate panels; col0 a multiple of the panel width.
   template <typename S>
   void Gemm(int64_t M, int64_t N, int64_t K, int64_t col0, int64_t col1, const S* a, int64_t lda,
-            const S* packed, S* c, int64_t ldc) const {
+            const S* packed, S* c, int64_t ldc, bool accumulate = true) const {
     if constexpr (std::is_same<S, float>::value) {
       if (bf16()) {
         return GemmBf16(engine, M, N, K, col0, col1, a, lda, 1,
-                        reinterpret_cast<const uint16_t*>(packed), c, ldc, true);
+                        reinterpret_cast<const uint16_t*>(packed), c, ldc, accumulate);
       }
     }
-    GemmPackedRhsCols<S>(M, N, K, col0, col1, a, lda, packed, c, ldc);
+    GemmPackedRhsCols<S>(M, N, K, col0, col1, a, lda, packed, c, ldc, accumulate);
   }
   // bfloat16 only, for the hoisted products. Columns [32·task, 32·task + 32) of B packed, a
   // task of a parallel region that packs the whole matrix:
@@ -485,6 +485,7 @@ namespace {
 
 constexpr double kHoistElements = 16.0 * 1024 * 1024;  // Zx for all steps: 64 MiB of float
 constexpr int64_t kMinRowsPerTask = 8;                 // the micro-kernel's row tile
+constexpr int64_t kInferRowBlock = 32;
 // Step FLOPs a pipelined unit block must carry to pay for waiting on the previous step.
 constexpr double kMinPipelineBlockFlops = 1.0e5;
 
@@ -562,8 +563,10 @@ struct InferGrid {
   int64_t row_parts = 1, unit_parts = 1;  // unit_parts > 1: pipelined unit blocks, all rows
   InferGrid(const LstmShape& s, int threads, bool hoisted, int64_t group, bool bf16) {
     if (threads <= 1) return;
-    row_parts = CeilDiv(s.N, kWholeSequenceRowBlock);
-    if (row_parts > 1) row_parts = CeilDiv(row_parts, 4) * 4;
+    // Row blocks of up to kInferRowBlock rows, a multiple of the threads: the more rows a block
+    // has, the more of them share each panel of R a step streams from L2 (rows are independent,
+    // so any partition gives the same results).
+    row_parts = CeilDiv(CeilDiv(s.N, kInferRowBlock), threads) * threads;
     // bfloat16: one row block per thread, each streaming the packed weights once per step
     // (rows are independent and each one's sums are the same in any block).
     if (bf16) row_parts = std::min<int64_t>(row_parts, threads);
@@ -629,15 +632,17 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   S* hbuf = z + (hoisted ? N * T * G : N * G);  // h_{t-1} and h_t, [2, N, H]
   CopyOrZero(hbuf, a.h0, N * H);
   CopyOrZero(a.c_n, a.c0, N * H);
-  // C[M, col0..col1) += A·(W or R): packed, or in place.
+  // C[M, col0..col1) (+)= A·(W or R): packed, or in place.
   auto product = [&](bool recurrent, int64_t M, int64_t col0, int64_t col1, const S* A, int64_t lda,
-                     S* c, int64_t ldc) {
+                     S* c, int64_t ldc, bool accumulate) {
     const int64_t K = recurrent ? H : C;
     if (in_place) {
       return GemmRowMajorRhsCols<S>(M, G, K, col0, col1, A, lda,
-                                    recurrent ? a.recurrent_kernel : a.kernel, G, c, ldc);
+                                    recurrent ? a.recurrent_kernel : a.kernel, G, c, ldc,
+                                    accumulate);
     }
-    products.Gemm<S>(M, G, K, col0, col1, A, lda, recurrent ? pv.rpack : pv.wpack, c, ldc);
+    products.Gemm<S>(M, G, K, col0, col1, A, lda, recurrent ? pv.rpack : pv.wpack, c, ldc,
+                     accumulate);
   };
   // The columns of z a block of unit groups owns: one range in gate groups (or all of z), four
   // (one per gate) in Keras order.
@@ -660,11 +665,12 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
     ParallelFor(device, row_parts * col_parts, flops, [&](int64_t task) {
       const Range r = Part(M, row_parts, task / col_parts);
       const Range c = Part(panels, col_parts, task % col_parts);
-      for (int64_t i = r.begin; i < r.end; ++i) {
-        std::fill(z + i * G + c.begin * NR, z + i * G + std::min(G, c.end * NR), S(0));
-      }
-      if (C > 0) {
-        product(false, r.size(), c.begin * NR, c.end * NR, x + r.begin * C, C, z + r.begin * G, G);
+      const int64_t col0 = c.begin * NR, col1 = std::min(G, c.end * NR);
+      if (C == 0) {
+        for (int64_t i = r.begin; i < r.end; ++i)
+          std::fill(z + i * G + col0, z + i * G + col1, S(0));
+      } else {  // written, not added to zeros: a pass over Zx less
+        product(false, r.size(), col0, col1, x + r.begin * C, C, z + r.begin * G, G, false);
       }
     });
   }
@@ -675,15 +681,12 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
     S* h_out = hbuf + ((t + 1) % 2) * N * H;
     S* zrows = z + rows.begin * z_ld + t * z_t;
     for_columns(groups, [&](int64_t col0, int64_t col1) {
-      if (!hoisted) {
-        for (int64_t n = 0; n < rows.size(); ++n) {
-          std::fill(zrows + n * z_ld + col0, zrows + n * z_ld + col1, S(0));
-        }
-        if (C > 0) {
-          product(false, rows.size(), col0, col1, x + (rows.begin * T + t) * C, T * C, zrows, z_ld);
-        }
+      if (!hoisted && C > 0) {
+        product(false, rows.size(), col0, col1, x + (rows.begin * T + t) * C, T * C, zrows, z_ld,
+                false);
       }
-      product(true, rows.size(), col0, col1, h_in + rows.begin * H, H, zrows, z_ld);
+      product(true, rows.size(), col0, col1, h_in + rows.begin * H, H, zrows, z_ld,
+              hoisted || C > 0);
     });
     for (int64_t n = rows.begin; n < rows.end; ++n) {
       if (!steps.valid(n, t)) {  // padded: carry h (c stays); output zeroed later
