@@ -566,7 +566,8 @@ struct InferGrid {
     // Row blocks of up to kInferRowBlock rows, a multiple of the threads: the more rows a block
     // has, the more of them share each panel of R a step streams from L2 (rows are independent,
     // so any partition gives the same results).
-    row_parts = CeilDiv(CeilDiv(s.N, kInferRowBlock), threads) * threads;
+        row_parts = CeilDiv(s.N, kInferRowBlock);
+    if (row_parts > 1) row_parts = CeilDiv(row_parts, threads) * threads;
     // bfloat16: one row block per thread, each streaming the packed weights once per step
     // (rows are independent and each one's sums are the same in any block).
     if (bf16) row_parts = std::min<int64_t>(row_parts, threads);
