@@ -23,6 +23,7 @@ struct Traits {
 };
 
 inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+inline int64_t CeilDivI(int64_t n, int64_t m) { return (n + m - 1) / m; }
 
 // C's vector at row: acc, or row + acc.
 template <typename S, typename V>
@@ -307,61 +308,71 @@ struct RhsView {
 
 template <typename S>
 void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end, const S* a,
-              int64_t lda, const RhsView<S>& rhs, S* c, int64_t ldc, bool accumulate) {
+              int64_t lda, const RhsView<S>& rhs, S* c, int64_t ldc, bool accumulate,
+              bool backwards) {
   constexpr int NR = Traits<S>::kNr;
   col_end = std::min(col_end, N);
   const int64_t ldb = rhs.RowStride();
   if (K == 0 && !accumulate) {
     for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc + col_begin, c + i * ldc + col_end, S(0));
   }
-  for (int64_t pc = 0; pc < K; pc += kKc) {
+  // Columns in chunks: for few rows (small-batch inference) several panels per pass while whole
+  // ones remain (M = 1 or 2 rows: 4 panels; 3 or 4 rows: 2), then one panel at a time.
+  const int64_t wide = M <= 2 ? 4 * NR : M <= 4 ? 2 * NR : 0;
+  const int64_t n_wide = wide ? (col_end - col_begin) / wide : 0;
+  const int64_t rest = col_begin + n_wide * wide, n_single = CeilDivI(col_end - rest, NR);
+  // Chunk q's columns [j, j + w) against depth block pc.
+  auto chunk = [&](int64_t pc, int64_t q) {
     const int64_t kc = std::min(kKc, K - pc), ps = rhs.PanelStride(kc);
     const S* ak = a + pc;
     const bool store = !accumulate && pc == 0;  // the first depth block writes C
-    int64_t j = col_begin;
-    if (M < kMr) {
-      // Few rows (small-batch inference): several panels per pass, while whole panels remain.
-      // M = 1 or 2 rows: 4 panels; 3 or 4 rows: 2 panels; the rows left over go below.
-      const int64_t m4 = M <= 2 ? M : 0, m2 = M <= 4 ? M - m4 : 0;
-      for (; m4 > 0 && j + 4 * NR <= col_end; j += 4 * NR) {
-        const S* panel = rhs.Panel(pc, j, kc);
-        if (m4 == 2) {
-          WideRows<S, 2, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
-        } else {
-          WideRows<S, 1, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
-        }
-      }
-      for (; m2 > 0 && j + 2 * NR <= col_end; j += 2 * NR) {
-        const S* panel = rhs.Panel(pc, j, kc);
-        if (m2 == 4) {
-          WideRows<S, 4, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
-        } else if (m2 == 3) {
-          WideRows<S, 3, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
-        } else {
-          WideRows<S, 2, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
-        }
-      }
-    }
-    for (; j < col_end; j += NR) {
-      const int64_t cols = std::min<int64_t>(NR, col_end - j);
+    if (q < n_wide) {
+      const int64_t j = col_begin + q * wide;
       const S* panel = rhs.Panel(pc, j, kc);
-      int64_t pld = ldb;
-      alignas(64) S edge[kKc * NR];
-      if (rhs.ld && cols < NR) {  // in place, a narrow last panel: zero-padded copy
-        for (int64_t k = 0; k < kc; ++k) {
-          std::memcpy(edge + k * NR, panel + k * ldb, sizeof(S) * cols);
-          std::fill(edge + k * NR + cols, edge + (k + 1) * NR, S(0));
-        }
-        panel = edge;
-        pld = NR;
+      switch (M) {
+        case 1:
+          return WideRows<S, 1, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
+        case 2:
+          return WideRows<S, 2, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
+        case 3:
+          return WideRows<S, 3, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
+        default:
+          return WideRows<S, 4, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
       }
-      int64_t i = 0;
-      for (; i + kMr <= M; i += kMr) {
-        MicroKernel<S, kMr>(kc, ak + i * lda, lda, panel, pld, c + i * ldc + j, ldc, cols, store);
-      }
-      Tail<S>(static_cast<int>(M - i), kc, ak + i * lda, lda, panel, pld, c + i * ldc + j, ldc,
-              cols, store);
     }
+    const int64_t j = rest + (q - n_wide) * NR, cols = std::min<int64_t>(NR, col_end - j);
+    const S* panel = rhs.Panel(pc, j, kc);
+    int64_t pld = ldb;
+    alignas(64) S edge[kKc * NR];
+    if (rhs.ld && cols < NR) {  // in place, a narrow last panel: zero-padded copy
+      for (int64_t k = 0; k < kc; ++k) {
+        std::memcpy(edge + k * NR, panel + k * ldb, sizeof(S) * cols);
+        std::fill(edge + k * NR + cols, edge + (k + 1) * NR, S(0));
+      }
+      panel = edge;
+      pld = NR;
+    }
+    int64_t i = 0;
+    for (; i + kMr <= M; i += kMr) {
+      MicroKernel<S, kMr>(kc, ak + i * lda, lda, panel, pld, c + i * ldc + j, ldc, cols, store);
+    }
+    Tail<S>(static_cast<int>(M - i), kc, ak + i * lda, lda, panel, pld, c + i * ldc + j, ldc, cols,
+            store);
+  };
+  const int64_t chunks = n_wide + n_single;
+  if (M >= kMr) {  // depth blocks outer: A's block stays in cache across the columns
+    for (int64_t pc = 0; pc < K; pc += kKc) {
+      for (int64_t q = 0; q < chunks; ++q) chunk(pc, q);
+    }
+    return;
+  }
+  // Few rows: B streams once, chunk by chunk (each over all its depth), first to last or last to
+  // first. Alternating the two from one step to the next, a B larger than the cache finds its
+  // most recently read part (a cache's worth) still there at the start of the next step; in
+  // one direction every step would evict each part just before it is needed again.
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t q = backwards ? chunks - 1 - i : i;
+    for (int64_t pc = 0; pc < K; pc += kKc) chunk(pc, q);
   }
 }
 
@@ -370,16 +381,17 @@ void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_en
 template <typename S>
 void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
                        const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc,
-                       bool accumulate) {
+                       bool accumulate, bool backwards) {
   GemmCols<S>(M, N, K, col_begin, col_end, a, lda,
-              RhsView<S>{packed_b, 0, RoundUp(N, Traits<S>::kNr)}, c, ldc, accumulate);
+              RhsView<S>{packed_b, 0, RoundUp(N, Traits<S>::kNr)}, c, ldc, accumulate, backwards);
 }
 
 template <typename S>
 void GemmRowMajorRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
                          const S* a, int64_t lda, const S* b, int64_t ldb, S* c, int64_t ldc,
                          bool accumulate) {
-  GemmCols<S>(M, N, K, col_begin, col_end, a, lda, RhsView<S>{b, ldb, 0}, c, ldc, accumulate);
+  GemmCols<S>(M, N, K, col_begin, col_end, a, lda, RhsView<S>{b, ldb, 0}, c, ldc, accumulate,
+              false);
 }
 
 template <typename S>
@@ -394,7 +406,7 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
   template void GemmPackedRhs<S>(int64_t, int64_t, int64_t, const S*, int64_t, const S*, S*,  \
                                  int64_t);                                                    \
   template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*,   \
-                                     int64_t, const S*, S*, int64_t, bool);                   \
+                                     int64_t, const S*, S*, int64_t, bool, bool);             \
   template void GemmRowMajorRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*, \
                                        int64_t, const S*, int64_t, S*, int64_t, bool);        \
   template int64_t PanelWidth<S>();                                                           \

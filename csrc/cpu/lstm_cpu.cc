@@ -131,14 +131,15 @@ struct Products {
   // gate panels; col0 a multiple of the panel width.
   template <typename S>
   void Gemm(int64_t M, int64_t N, int64_t K, int64_t col0, int64_t col1, const S* a, int64_t lda,
-            const S* packed, S* c, int64_t ldc, bool accumulate = true) const {
+            const S* packed, S* c, int64_t ldc, bool accumulate = true,
+            bool backwards = false) const {
     if constexpr (std::is_same<S, float>::value) {
       if (bf16()) {
         return GemmBf16(engine, M, N, K, col0, col1, a, lda, 1,
                         reinterpret_cast<const uint16_t*>(packed), c, ldc, accumulate);
       }
     }
-    GemmPackedRhsCols<S>(M, N, K, col0, col1, a, lda, packed, c, ldc, accumulate);
+    GemmPackedRhsCols<S>(M, N, K, col0, col1, a, lda, packed, c, ldc, accumulate, backwards);
   }
   // bfloat16 only, for the hoisted products. Columns [32·task, 32·task + 32) of B packed, a
   // task of a parallel region that packs the whole matrix:
@@ -566,7 +567,7 @@ struct InferGrid {
     // Row blocks of up to kInferRowBlock rows, a multiple of the threads: the more rows a block
     // has, the more of them share each panel of R a step streams from L2 (rows are independent,
     // so any partition gives the same results).
-        row_parts = CeilDiv(s.N, kInferRowBlock);
+    row_parts = CeilDiv(s.N, kInferRowBlock);
     if (row_parts > 1) row_parts = CeilDiv(row_parts, threads) * threads;
     // bfloat16: one row block per thread, each streaming the packed weights once per step
     // (rows are independent and each one's sums are the same in any block).
@@ -635,7 +636,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
   CopyOrZero(a.c_n, a.c0, N * H);
   // C[M, col0..col1) (+)= A·(W or R): packed, or in place.
   auto product = [&](bool recurrent, int64_t M, int64_t col0, int64_t col1, const S* A, int64_t lda,
-                     S* c, int64_t ldc, bool accumulate) {
+                     S* c, int64_t ldc, bool accumulate, bool backwards = false) {
     const int64_t K = recurrent ? H : C;
     if (in_place) {
       return GemmRowMajorRhsCols<S>(M, G, K, col0, col1, A, lda,
@@ -643,7 +644,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
                                     accumulate);
     }
     products.Gemm<S>(M, G, K, col0, col1, A, lda, recurrent ? pv.rpack : pv.wpack, c, ldc,
-                     accumulate);
+                     accumulate, backwards);
   };
   // The columns of z a block of unit groups owns: one range in gate groups (or all of z), four
   // (one per gate) in Keras order.
@@ -686,8 +687,10 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
         product(false, rows.size(), col0, col1, x + (rows.begin * T + t) * C, T * C, zrows, z_ld,
                 false);
       }
+      // R's panels in alternate directions from step to step (GemmCols: what a step read last
+      // is what the next one reads first, still in cache when R is not).
       product(true, rows.size(), col0, col1, h_in + rows.begin * H, H, zrows, z_ld,
-              hoisted || C > 0);
+              hoisted || C > 0, t % 2 == 1);
     });
     for (int64_t n = rows.begin; n < rows.end; ++n) {
       if (!steps.valid(n, t)) {  // padded: carry h (c stays); output zeroed later
