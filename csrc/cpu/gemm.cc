@@ -309,7 +309,7 @@ struct RhsView {
 template <typename S>
 void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end, const S* a,
               int64_t lda, const RhsView<S>& rhs, S* c, int64_t ldc, bool accumulate,
-              bool backwards) {
+              bool backwards, bool six_rows) {
   constexpr int NR = Traits<S>::kNr;
   col_end = std::min(col_end, N);
   const int64_t ldb = rhs.RowStride();
@@ -318,7 +318,7 @@ void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_en
   }
   // Columns in chunks: for few rows (small-batch inference) several panels per pass while whole
   // ones remain (M = 1 or 2 rows: 4 panels; 3 or 4 rows: 2), then one panel at a time.
-  const int64_t wide = M <= 2 ? 4 * NR : M <= 4 ? 2 * NR : 0;
+  const int64_t wide = M <= 2 ? 4 * NR : M <= 4 || six_rows ? 2 * NR : 0;
   const int64_t n_wide = wide ? (col_end - col_begin) / wide : 0;
   const int64_t rest = col_begin + n_wide * wide, n_single = CeilDivI(col_end - rest, NR);
   // Chunk q's columns [j, j + w) against depth block pc.
@@ -336,8 +336,19 @@ void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_en
           return WideRows<S, 2, 4>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
         case 3:
           return WideRows<S, 3, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
-        default:
+        case 4:
           return WideRows<S, 4, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
+        default: {
+          // Five rows or more: tiles of 6 rows × 2 panels (24 accumulators for 10 loads per
+          // k, where 8 rows × 1 panel has 16 for 10), the rows left over panel by panel.
+          const int64_t m6 = M / 6 * 6;
+          WideRows<S, 6, 2>(m6, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
+          for (int p = 0; p < 2; ++p) {
+            Tail<S>(static_cast<int>(M - m6), kc, ak + m6 * lda, lda, panel + p * ps, ldb,
+                    c + m6 * ldc + j + p * NR, ldc, NR, store);
+          }
+          return;
+        }
       }
     }
     const int64_t j = rest + (q - n_wide) * NR, cols = std::min<int64_t>(NR, col_end - j);
@@ -381,17 +392,18 @@ void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_en
 template <typename S>
 void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
                        const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc,
-                       bool accumulate, bool backwards) {
+                       bool accumulate, bool backwards, bool six_rows) {
   GemmCols<S>(M, N, K, col_begin, col_end, a, lda,
-              RhsView<S>{packed_b, 0, RoundUp(N, Traits<S>::kNr)}, c, ldc, accumulate, backwards);
+              RhsView<S>{packed_b, 0, RoundUp(N, Traits<S>::kNr)}, c, ldc, accumulate, backwards,
+              six_rows);
 }
 
 template <typename S>
 void GemmRowMajorRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
                          const S* a, int64_t lda, const S* b, int64_t ldb, S* c, int64_t ldc,
                          bool accumulate) {
-  GemmCols<S>(M, N, K, col_begin, col_end, a, lda, RhsView<S>{b, ldb, 0}, c, ldc, accumulate,
-              false);
+  GemmCols<S>(M, N, K, col_begin, col_end, a, lda, RhsView<S>{b, ldb, 0}, c, ldc, accumulate, false,
+              true);
 }
 
 template <typename S>
@@ -406,7 +418,7 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
   template void GemmPackedRhs<S>(int64_t, int64_t, int64_t, const S*, int64_t, const S*, S*,  \
                                  int64_t);                                                    \
   template void GemmPackedRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*,   \
-                                     int64_t, const S*, S*, int64_t, bool, bool);             \
+                                     int64_t, const S*, S*, int64_t, bool, bool, bool);       \
   template void GemmRowMajorRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*, \
                                        int64_t, const S*, int64_t, S*, int64_t, bool);        \
   template int64_t PanelWidth<S>();                                                           \

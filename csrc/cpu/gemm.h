@@ -29,11 +29,13 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
 // a task's share of the columns, reading its panels of a B packed whole. c points at column 0.
 // Each element gets exactly the sum GemmPackedRhs gives it. accumulate = false: C = A·B (C is
 // only written: the value adding to zeros gives, but for the sign of a zero sum). backwards:
-// with few rows, B's panels are read last to first (same results; see GemmCols).
+// with few rows, B's panels are read last to first (same results; see GemmCols). six_rows:
+// 5 rows or more go in tiles of 6 rows × 2 panels, not 8 × 1 (same results; 10-15% faster for
+// inference at 16-32 rows; in training's steps no gain above this machine's noise).
 template <typename S>
 void GemmPackedRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_end,
                        const S* a, int64_t lda, const S* packed_b, S* c, int64_t ldc,
-                       bool accumulate = true, bool backwards = false);
+                       bool accumulate = true, bool backwards = false, bool six_rows = false);
 
 // The same columns of C += A·B with B row-major in place (element (k, n) at b[k·ldb + n]), no
 // packing: for a few rows of A that stream B once or a few times, packing costs more than it

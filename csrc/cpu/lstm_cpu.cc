@@ -131,15 +131,16 @@ struct Products {
   // gate panels; col0 a multiple of the panel width.
   template <typename S>
   void Gemm(int64_t M, int64_t N, int64_t K, int64_t col0, int64_t col1, const S* a, int64_t lda,
-            const S* packed, S* c, int64_t ldc, bool accumulate = true,
-            bool backwards = false) const {
+            const S* packed, S* c, int64_t ldc, bool accumulate = true, bool backwards = false,
+            bool six_rows = false) const {
     if constexpr (std::is_same<S, float>::value) {
       if (bf16()) {
         return GemmBf16(engine, M, N, K, col0, col1, a, lda, 1,
                         reinterpret_cast<const uint16_t*>(packed), c, ldc, accumulate);
       }
     }
-    GemmPackedRhsCols<S>(M, N, K, col0, col1, a, lda, packed, c, ldc, accumulate, backwards);
+    GemmPackedRhsCols<S>(M, N, K, col0, col1, a, lda, packed, c, ldc, accumulate, backwards,
+                         six_rows);
   }
   // bfloat16 only, for the hoisted products. Columns [32·task, 32·task + 32) of B packed, a
   // task of a parallel region that packs the whole matrix:
@@ -644,7 +645,7 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
                                     accumulate);
     }
     products.Gemm<S>(M, G, K, col0, col1, A, lda, recurrent ? pv.rpack : pv.wpack, c, ldc,
-                     accumulate, backwards);
+                     accumulate, backwards, true);
   };
   // The columns of z a block of unit groups owns: one range in gate groups (or all of z), four
   // (one per gate) in Keras order.
