@@ -121,3 +121,44 @@ def test_a_forked_child_runs_parallel_calls(rng, restore_threads):
             pytest.fail("the forked child hung")
         time.sleep(0.05)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def _pool_workers_allowed_cpus():
+    """{tid: allowed CPUs} of this process's kernel pool workers (threads named fusedlstm-pool)."""
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() != "fusedlstm-pool":
+                    continue
+            found[int(tid)] = os.sched_getaffinity(int(tid))
+        except OSError:  # the thread ended meanwhile
+            continue
+    return found
+
+
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux's /proc and at least two allowed CPUs",
+)
+def test_pool_workers_stay_off_the_callers_core(rng, restore_threads):
+    """Wherever the calling thread runs, the pool's workers are kept off its core (re-pinned when
+    the caller moves): sharing it, a step's barrier waits on a time slice. The results stay the
+    ones of one thread."""
+    fusedlstm.set_num_threads(2)
+    p, _ = make_problem(rng, 1, 30, 64, 256, dtype=np.float32)
+    prep = fusedlstm.prepare(p["kernel"], p["recurrent_kernel"], p["bias"])
+    want = prep.infer(p["x"])
+    allowed = os.sched_getaffinity(0)
+    try:
+        for cpu in sorted(allowed)[:2]:
+            os.sched_setaffinity(0, {cpu})  # this thread only
+            got = prep.infer(p["x"])
+            workers = _pool_workers_allowed_cpus()
+            assert workers, "no fusedlstm-pool thread found"
+            for tid, cpus in workers.items():
+                assert cpu not in cpus and cpus, (tid, cpu, cpus)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        os.sched_setaffinity(0, allowed)
