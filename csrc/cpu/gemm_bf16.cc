@@ -344,13 +344,17 @@ DotFn DotKernel(int mr, int np) {
 
 // Panels [q0, q1) for all M rows of the packed A: blocks of 6 rows × 2 panels (12 sums in
 // registers), or, with fewer rows, more panels per pass (independent accumulation chains).
+// backwards: the panel chunks last to first (each column's sum is the same; see gemm.h's
+// GemmPackedRhsCols for why a step alternates).
 FUSEDLSTM_AVX512BF16 void DotGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uint16_t* bp,
                                   int64_t q0, int64_t q1, int64_t N, float* c, int64_t ldc,
-                                  bool accumulate) {
+                                  bool accumulate, bool backwards) {
   for (int64_t m = 0; m < M; m += 6) {
     const int mr = static_cast<int>(std::min<int64_t>(6, M - m));
     const int np_max = mr <= 2 ? 4 : 2;
-    for (int64_t q = q0; q < q1; q += np_max) {
+    const int64_t chunks = (q1 - q0 + np_max - 1) / np_max;
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int64_t q = q0 + (backwards ? chunks - 1 - i : i) * np_max;
       const int np = static_cast<int>(std::min<int64_t>(np_max, q1 - q));
       DotKernel(mr, np)(Kp, ap + m * Kp, bp + q * Kp * 16, c + m * ldc + q * 16, ldc, N - q * 16,
                         accumulate);
@@ -544,7 +548,7 @@ void PackGatePanelBf16(const float* w, int64_t K, int64_t H, int64_t panel, uint
 
 void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_begin,
               int64_t col_end, const float* a, int64_t ars, int64_t acs, const uint16_t* packed_b,
-              float* c, int64_t ldc, bool accumulate) {
+              float* c, int64_t ldc, bool accumulate, bool backwards) {
   col_end = std::min(col_end, N);
   if (M <= 0 || col_end <= col_begin) return;
   const int64_t Kp = RoundUp(K, kKBlock);
@@ -557,7 +561,7 @@ void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_be
   if (amx) {
     TileGemm(M, Kp, apack.data(), packed_b, q0, q1, col_end, c, ldc, accumulate);
   } else {
-    DotGemm(M, Kp, apack.data(), packed_b, q0, q1, col_end, c, ldc, accumulate);
+    DotGemm(M, Kp, apack.data(), packed_b, q0, q1, col_end, c, ldc, accumulate, backwards);
   }
 }
 
@@ -632,7 +636,7 @@ double AmxPeakFlopsOneThread(double seconds) {
 void PackRhsBf16(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
 void PackGatePanelBf16(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void GemmBf16(Bf16Engine, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
-              int64_t, const uint16_t*, float*, int64_t, bool) {}
+              int64_t, const uint16_t*, float*, int64_t, bool, bool) {}
 double Bf16DotPeakFlopsOneThread(double) { return 0.0; }
 double AmxPeakFlopsOneThread(double) { return 0.0; }
 

@@ -43,10 +43,11 @@ void PackGatePanelBf16(const float* w, int64_t K, int64_t H, int64_t panel, uint
 
 // C[M, col_begin..col_end) = (accumulate: +=) A·B, A(m, k) = a[m·ars + k·acs] in float32
 // (rounded here; fast when acs == 1 or ars == 1), B packed by PackRhsBf16 for this K and N;
-// col_begin a multiple of 16; c points at column 0 of row 0.
+// col_begin a multiple of 16; c points at column 0 of row 0. backwards: VDPBF16PS reads the
+// panels last to first (the same sums; AMX ignores it).
 void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_begin,
               int64_t col_end, const float* a, int64_t ars, int64_t acs, const uint16_t* packed_b,
-              float* c, int64_t ldc, bool accumulate);
+              float* c, int64_t ldc, bool accumulate, bool backwards = false);
 
 // Floating-point operations per second of a register-only VDPBF16PS loop on the calling thread
 // (0 where the CPU lacks AVX512_BF16), and of TDPBF16PS tiles (0 without AMX); about `seconds`.

@@ -136,7 +136,7 @@ struct Products {
     if constexpr (std::is_same<S, float>::value) {
       if (bf16()) {
         return GemmBf16(engine, M, N, K, col0, col1, a, lda, 1,
-                        reinterpret_cast<const uint16_t*>(packed), c, ldc, accumulate);
+                        reinterpret_cast<const uint16_t*>(packed), c, ldc, accumulate, backwards);
       }
     }
     GemmPackedRhsCols<S>(M, N, K, col0, col1, a, lda, packed, c, ldc, accumulate, backwards,
