@@ -256,24 +256,9 @@ inline void CopyRuns(const S* src, const int64_t runs[8][3], int n_runs, bool na
 }  // namespace
 
 template <typename S>
-void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
-  constexpr int NR = Traits<S>::kNr, U = kGateGroupUnits<S>;
-  static_assert(NR == 2 * U, "a gate group is two panels wide");
-  const int64_t Np = RoundUp(4 * H, NR), c0 = panel * NR;
-  int64_t runs[8][3];
-  const int n_runs = PanelRuns<S>(H, panel, runs);
-  const bool narrow = std::min(c0 + NR, 4 * H) - c0 < NR;
-  for (int64_t pc = 0; pc < K; pc += kKc) {
-    const int64_t kc = std::min(kKc, K - pc);
-    S* dst = out + pc * Np + c0 * kc;
-    for (int64_t k = 0; k < kc; ++k)
-      CopyRuns(w + (pc + k) * 4 * H, runs, n_runs, narrow, dst + k * NR);
-  }
-}
-
-template <typename S>
 void PackGateRows(const S* w, int64_t K, int64_t H, int64_t k0, int64_t k1, S* out) {
   constexpr int NR = Traits<S>::kNr;
+  static_assert(NR == 2 * kGateGroupUnits<S>, "a gate group is two panels wide");
   constexpr int64_t kTile = 8;  // rows read together, each front to back across the panels
   const int64_t Np = RoundUp(4 * H, NR), panels = Np / NR;
   int64_t runs[8][3];
@@ -422,7 +407,6 @@ void GemmPackedRhs(int64_t M, int64_t N, int64_t K, const S* a, int64_t lda, con
   template void GemmRowMajorRhsCols<S>(int64_t, int64_t, int64_t, int64_t, int64_t, const S*, \
                                        int64_t, const S*, int64_t, S*, int64_t, bool);        \
   template int64_t PanelWidth<S>();                                                           \
-  template void PackGatePanel<S>(const S*, int64_t, int64_t, int64_t, S*);                    \
   template void PackGateRows<S>(const S*, int64_t, int64_t, int64_t, int64_t, S*);
 FUSEDLSTM_INSTANTIATE(float)
 FUSEDLSTM_INSTANTIATE(double)

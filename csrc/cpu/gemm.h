@@ -50,15 +50,13 @@ void GemmRowMajorRhsCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int
 // per group, group q's columns [q·4U, q·4U + 4u) holding the four gates of units [qU, qU + u)
 // as [i(u) f(u) c(u) o(u)] (u = U but for the last group). So a product's gates for a range of
 // whole groups are a range of whole panels, and each gate of a full group is U contiguous
-// values (one SIMD register of S). PackGatePanel packs panel `panel` of w [K, 4H] (Keras gate
+// values (one SIMD register of S). PackGateRows packs rows [k0, k1) of w [K, 4H] (Keras gate
 // blocks i, f, c, o of H columns each) reordered so, as PackRhs(…, K, 4H, …) lays it out;
-// packing every panel gives the whole packed matrix.
+// packing every row gives the whole packed matrix. Each source row is read front to back
+// (packing panel by panel reads a few values of every row in turn, which the prefetcher
+// cannot follow).
 template <typename S>
 constexpr int kGateGroupUnits = 64 / sizeof(S);  // one 64-byte register per gate of a group
-template <typename S>
-void PackGatePanel(const S* w, int64_t K, int64_t H, int64_t panel, S* out);
-// Rows [k0, k1) of every panel: the same layout, each source row read front to back (packing by
-// panels reads a few values of every row in turn, which the prefetcher cannot follow).
 template <typename S>
 void PackGateRows(const S* w, int64_t K, int64_t H, int64_t k0, int64_t k1, S* out);
 

@@ -38,7 +38,7 @@ int64_t PackedRhsBf16Size(int64_t K, int64_t N);
 void PackRhsBf16(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, int64_t n0,
                  int64_t n1, uint16_t* out);
 // Panel `panel` (32 columns) of w [K, 4H] in gemm.h's gate groups of 16 units, as
-// PackGatePanel<float> orders it.
+// PackGateRows<float> orders it.
 void PackGatePanelBf16(const float* w, int64_t K, int64_t H, int64_t panel, uint16_t* out);
 
 // C[M, col_begin..col_end) = (accumulate: +=) A·B, A(m, k) = a[m·ars + k·acs] in float32

@@ -519,13 +519,13 @@ struct PreparedView {
   }
 };
 
-// Panel `panel` of w in gate groups, in the products' precision.
+// Panel `panel` of w in gate groups as bfloat16 (float weights only: bfloat16 packs panel by
+// panel, converting as it copies).
 template <typename S>
-void PackGroups(const Products& p, const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
+void PackGroupsBf16(const S* w, int64_t K, int64_t H, int64_t panel, S* out) {
   if constexpr (std::is_same<S, float>::value) {
-    if (p.bf16()) return PackGatePanelBf16(w, K, H, panel, reinterpret_cast<uint16_t*>(out));
+    PackGatePanelBf16(w, K, H, panel, reinterpret_cast<uint16_t*>(out));
   }
-  PackGatePanel<S>(w, K, H, panel, out);
 }
 
 // Packing tasks: W's and R's panels and the bias (Keras order: the gate pass reads it so).
@@ -554,9 +554,9 @@ void PrepareInto(const CpuDevice& device, int64_t C, int64_t H, const S* kernel,
   }
   const int64_t n_w = C > 0 ? panels : 0;
   ParallelFor(device, panels + n_w + 1, double(C + H) * G, [&](int64_t task) {
-    if (task < panels) return PackGroups<S>(p, recurrent_kernel, H, H, task, rpack);
+    if (task < panels) return PackGroupsBf16<S>(recurrent_kernel, H, H, task, rpack);
     task -= panels;
-    if (task < n_w) return PackGroups<S>(p, kernel, C, H, task, wpack);
+    if (task < n_w) return PackGroupsBf16<S>(kernel, C, H, task, wpack);
     CopyOrZero(const_cast<S*>(pv.b), bias, G);
   });
 }
