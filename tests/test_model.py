@@ -366,3 +366,19 @@ def test_predict_proba_on_prepared_weights_equals_the_training_forward():
     got = model.predict_proba(split.texts, batch_size=3)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1))
+
+
+def test_inference_pooling_equals_the_training_pooling():
+    # The inference path pools by a reduction after masking the padded steps; training keeps
+    # the argmax. Same features, including rows of length 0 and of full length.
+    from fusedlstm.sentiment.model import _pool, _pool_inference
+
+    rng = np.random.default_rng(3)
+    out = rng.standard_normal((6, 5, 4)).astype(np.float32)
+    out[1] -= 10.0  # all negative: a padded zero must not win the max
+    top = rng.standard_normal((6, 4)).astype(np.float32)
+    lengths = np.array([5, 3, 0, 1, 5, 2], np.int32)
+    for pooling in ("max", "mean", "last"):
+        want, _ = _pool(pooling, out.copy(), top, lengths)
+        got = _pool_inference(pooling, out.copy(), top, lengths)
+        np.testing.assert_array_equal(got, want, err_msg=pooling)

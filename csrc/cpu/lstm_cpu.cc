@@ -596,11 +596,14 @@ inline void GroupGates(const S* z, int64_t zs, const S* b, int64_t H, int64_t u,
   const S* const zg[4] = {z, z + zs, z + 2 * zs, z + 3 * zs};
   const S* const bg[4] = {b, b + H, b + 2 * H, b + 3 * H};
   S* const gates[4] = {gate[0], gate[1], gate[2], gate[3]};
-  if (u == U) {
+  if (u == U) {  // copies of a constant size: inlined as register moves, not memcpy calls
     Cell<S, U>(zg, bg, c, U, gates, cell, hid, acts);
-  } else {
-    Cell<S>(zg, bg, c, u, gates, cell, hid, acts);
+    std::memcpy(c, cell, sizeof(cell));
+    std::memcpy(h, hid, sizeof(hid));
+    if (out) std::memcpy(out, hid, sizeof(hid));
+    return;
   }
+  Cell<S>(zg, bg, c, u, gates, cell, hid, acts);
   std::memcpy(c, cell, sizeof(S) * u);
   std::memcpy(h, hid, sizeof(S) * u);
   if (out) std::memcpy(out, hid, sizeof(S) * u);

@@ -425,9 +425,12 @@ class SentimentClassifier:
                 results = [
                     d.infer(out, lengths=lengths, return_sequences=keep, reverse=i == 1) for i, d in enumerate(dirs)
                 ]
-                out = np.concatenate([r[0] for r in results], axis=2) if keep else None
-                top = np.concatenate([r[1] for r in results], axis=1)
-        feats, _ = _pool(cfg.pooling, out, top, lengths)
+                if len(results) == 1:
+                    out, top = results[0][0], results[0][1]
+                else:
+                    out = np.concatenate([r[0] for r in results], axis=2) if keep else None
+                    top = np.concatenate([r[1] for r in results], axis=1)
+        feats = _pool_inference(cfg.pooling, out, top, lengths)
         return softmax(dense_forward(feats, p["dense_w"], p["dense_b"]))
 
     def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -544,6 +547,19 @@ def _pool(pooling: str, out: np.ndarray | None, top: np.ndarray, lengths: np.nda
         return np.where(np.asarray(lengths)[:, None] > 0, feats, 0).astype(out.dtype), where
     n = np.maximum(np.asarray(lengths), 1).astype(out.dtype)[:, None]
     return (out.sum(axis=1) / n).astype(out.dtype), None  # padded outputs are zero
+
+
+def _pool_inference(pooling: str, out: np.ndarray | None, top: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """_pool's features without what a backward needs, overwriting `out` (a buffer of the
+    caller's own): a max over steps is a reduction along T once the padded steps hold -inf,
+    where the argmax _pool keeps is a strided pass several times slower."""
+    if pooling != "max":
+        return _pool(pooling, out, top, lengths)[0]
+    lengths = np.asarray(lengths)
+    np.copyto(out, -np.inf, where=(np.arange(out.shape[1])[None, :] >= lengths[:, None])[:, :, None])
+    feats = out.max(axis=1)
+    feats[lengths == 0] = 0
+    return feats
 
 
 def _pool_backward(pooling: str, d_feats: np.ndarray, out, where, lengths):
