@@ -220,3 +220,54 @@ def test_bad_input_names_the_problem(rng):
     b = prep.infer(np.asfortranarray(p["x"]), lengths=[4, 2])
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 20, 50, 128), (9, 5, 30, 130), (40, 3, 8, 24), (3, 4, 0, 5)])
+@pytest.mark.parametrize("options", ["lengths", "mask", "last-state"])
+def test_bidirectional_call_equals_the_two_directions(rng, restore_threads, dtype, shape, options):
+    """infer_bidirectional = forward.infer and backward.infer(reverse=True), outputs side by
+    side, bit for bit, on 1 and 2 threads (2: the directions run at once, a thread each)."""
+    B, T, E, H = shape
+    p, _ = make_problem(rng, B, T, E, H, dtype=dtype, lengths="random")
+    q, _ = make_problem(rng, B, T, E, H, dtype=dtype)
+    fwd, bwd = fusedlstm.prepare(*weights(p)), fusedlstm.prepare(*weights(q))
+    h0, c0 = np.stack([p["h0"], q["h0"]]), np.stack([p["c0"], q["c0"]])
+    kw = {"lengths": p["lengths"]}
+    if options == "mask":
+        kw = {"mask": rng.random((B, T)) < 0.7}
+    seq = options != "last-state"
+    want_f = fwd.infer(p["x"], h0[0], c0[0], return_sequences=seq, **kw)
+    want_b = bwd.infer(p["x"], h0[1], c0[1], return_sequences=seq, reverse=True, **kw)
+    for threads in (1, 2):
+        fusedlstm.set_num_threads(threads)
+        out, h_n, c_n = fusedlstm.infer_bidirectional(fwd, bwd, p["x"], h0, c0, return_sequences=seq, **kw)
+        if seq:
+            np.testing.assert_array_equal(out, np.concatenate([want_f[0], want_b[0]], axis=2))
+        else:
+            assert out is None
+        np.testing.assert_array_equal(h_n, np.stack([want_f[1], want_b[1]]))
+        np.testing.assert_array_equal(c_n, np.stack([want_f[2], want_b[2]]))
+
+
+def test_bidirectional_call_bad_input_names_the_problem(rng):
+    p, _ = make_problem(rng, 2, 4, 3, 6, dtype=np.float32)
+    fwd = fusedlstm.prepare(*weights(p))
+    bwd = fusedlstm.prepare(*weights(p))
+    with pytest.raises(TypeError, match="backward: expected a PreparedLSTM"):
+        fusedlstm.infer_bidirectional(fwd, weights(p), p["x"])
+    other, _ = make_problem(rng, 2, 4, 3, 7, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"backward: the two directions .* kernels \(3, 24\).*\(3, 28\)"):
+        fusedlstm.infer_bidirectional(fwd, fusedlstm.prepare(*weights(other)), p["x"])
+    with pytest.raises(ValueError, match="backward: activations"):
+        fusedlstm.infer_bidirectional(fwd, fusedlstm.prepare(*weights(p), activation="relu"), p["x"])
+    with pytest.raises(ValueError, match=r"h0: expected a 3-d array, got shape \(2, 6\)"):
+        fusedlstm.infer_bidirectional(fwd, bwd, p["x"], h0=p["h0"])
+    with pytest.raises(ValueError, match=r"c0: expected shape \(2, 2, 6\)"):
+        fusedlstm.infer_bidirectional(fwd, bwd, p["x"], c0=p["c0"][None])
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, T, 3\)"):
+        fusedlstm.infer_bidirectional(fwd, bwd, np.zeros((2, 4, 5), np.float32))
+    with pytest.raises(TypeError, match="float64 does not match"):
+        fusedlstm.infer_bidirectional(fwd, bwd, p["x"].astype(np.float64))
+    with pytest.raises(ValueError, match="lengths"):
+        fusedlstm.infer_bidirectional(fwd, bwd, p["x"], lengths=np.array([5, 1]))

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../cpu/gemm_bf16.h"
+#include "fusedlstm/device.h"
 #include "fusedlstm/lstm.h"
 #include "fusedlstm/validate.h"
 
@@ -216,6 +217,19 @@ py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
     }
   }
   return AlignedEmpty<S>({size});
+}
+
+// Runs f(d, device) for the two directions d = 0, 1: at once, one thread each, or one after the
+// other with every thread (RunDirectionsConcurrently decides; the results are the same).
+template <typename F>
+void RunDirections(const CpuDevice& device, const LstmShape& s, F&& f) {
+  if (!RunDirectionsConcurrently(device, s)) {
+    f(0, device);
+    f(1, device);
+    return;
+  }
+  const CpuDevice one;  // inline: each direction on the thread that claimed it
+  ParallelFor(device, 2, kMinParallelFlops, [&](int64_t d) { f(static_cast<int>(d), one); });
 }
 
 }  // namespace fusedlstm

@@ -59,19 +59,6 @@ class Cache {
   CacheInfo info_;
 };
 
-// Runs f(d, device) for the two directions d = 0, 1: at once, one thread each, or one after the
-// other with every thread (RunDirectionsConcurrently decides; the results are the same).
-template <typename F>
-void RunDirections(const CpuDevice& device, const LstmShape& s, F&& f) {
-  if (!RunDirectionsConcurrently(device, s)) {
-    f(0, device);
-    f(1, device);
-    return;
-  }
-  const CpuDevice one;  // inline: each direction on the thread that claimed it
-  ParallelFor(device, 2, kMinParallelFlops, [&](int64_t d) { f(static_cast<int>(d), one); });
-}
-
 // A cache for a training forward (its buffer reused from `spare` when big enough); the args'
 // lengths then point at the cache's own copy, which the backward will see.
 template <typename S>

@@ -25,7 +25,7 @@ from .lstm import (  # noqa: E402
     lstm_bidirectional_forward,
     lstm_forward,
 )
-from .prepared import PreparedLSTM, prepare  # noqa: E402
+from .prepared import PreparedLSTM, infer_bidirectional, prepare  # noqa: E402
 from .stack import StackCache, StackGrads, lstm_stack_backward, lstm_stack_forward  # noqa: E402
 
 try:  # the one version source is the package metadata (pyproject.toml)
@@ -49,6 +49,7 @@ __all__ = [
     "StackCache",
     "StackGrads",
     "prepare",
+    "infer_bidirectional",
     "PreparedLSTM",
     "reference",
     "convert",

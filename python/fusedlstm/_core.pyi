@@ -43,6 +43,19 @@ class Prepared:
     ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]: ...
 
 def prepare(kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray | None = None) -> Prepared: ...
+def infer_bidirectional(
+    forward: Prepared,
+    backward: Prepared,
+    x: np.ndarray,
+    h0: np.ndarray | None = None,
+    c0: np.ndarray | None = None,
+    lengths: np.ndarray | None = None,
+    return_sequences: bool = True,
+    spares: tuple[np.ndarray, ...] = (),
+    activation: int = 0,
+    recurrent_activation: int = 3,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]: ...
 def forward(
     x: np.ndarray,
     kernel: np.ndarray,

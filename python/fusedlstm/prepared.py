@@ -20,9 +20,9 @@ from ._checks import (
     check_step_mask,
     precision_code,
 )
-from .lstm import _recycle, _take  # the scratch buffers lstm_forward recycles: workspaces too
+from .lstm import _pair, _recycle, _take  # the scratch buffers lstm_forward recycles: workspaces too
 
-__all__ = ["PreparedLSTM", "prepare"]
+__all__ = ["PreparedLSTM", "prepare", "infer_bidirectional"]
 
 
 def _frozen_copy(a: np.ndarray | None) -> np.ndarray | None:
@@ -223,3 +223,73 @@ def prepare(
     returns ``(outputs, h_n, c_n)``.
     """
     return PreparedLSTM(kernel, recurrent_kernel, bias, activation, recurrent_activation, precision)
+
+
+def infer_bidirectional(
+    forward: PreparedLSTM,
+    backward: PreparedLSTM,
+    x,
+    h0=None,
+    c0=None,
+    lengths=None,
+    return_sequences: bool = True,
+    mask=None,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Both directions of a bidirectional layer on prepared weights in one compiled call.
+
+    The result equals ``forward.infer(x, ...)`` and ``backward.infer(x, ..., reverse=True)``
+    bit for bit, with the outputs written side by side into one array (no concatenation) and,
+    when one direction alone would leave threads idle (small batches), the two directions
+    running at once, a thread each.
+
+    Parameters
+    ----------
+    forward, backward : PreparedLSTM of the same input size, units, dtype, precision and
+        activations (``backward`` reads each row's valid steps last to first)
+    x : array [B, T, E] of the prepared dtype
+    h0, c0 : arrays [2, B, H] (forward direction first) or None (zeros)
+    lengths, mask, return_sequences : as ``PreparedLSTM.infer``
+
+    Returns
+    -------
+    outputs [B, T, 2H] (the forward direction's H columns, then the backward's; None without
+    return_sequences), h_n and c_n [2, B, H]
+    """
+    for name, p in (("forward", forward), ("backward", backward)):
+        if not isinstance(p, PreparedLSTM):
+            raise TypeError(f"{name}: expected a PreparedLSTM (fusedlstm.prepare), got {type(p).__name__}")
+    if forward._acts != backward._acts:
+        raise ValueError(f"backward: activations {backward.activations} differ from forward's {forward.activations}")
+    step_mask = None
+    if mask is not None:
+        B, T = np.shape(x)[:2] if np.ndim(x) == 3 else (-1, -1)
+        lengths, step_mask = check_step_mask(mask, lengths, B, T)
+    if not (type(x) is np.ndarray and x.dtype == forward.dtype and x.ndim == 3 and x.flags.c_contiguous):
+        if isinstance(x, np.ndarray) and x.dtype != forward.dtype and x.dtype.kind == "f":
+            raise TypeError(
+                f"x: dtype {x.dtype} does not match the prepared weights' dtype {forward.dtype}; "
+                "convert x or prepare weights of that dtype"
+            )
+        x = as_float_array("x", x, forward.dtype, 3)
+    if x.shape[2] != forward.input_size:
+        raise ValueError(
+            f"x: expected shape (B, T, {forward.input_size}) for weights prepared "
+            f"with kernel {tuple(forward.kernel.shape)}, got {tuple(x.shape)}"
+        )
+    if not (lengths is None or (type(lengths) is np.ndarray and lengths.dtype == np.int32)):
+        lengths = check_forward(x, forward.kernel, forward.recurrent_kernel, forward.bias, None, None, lengths).lengths
+    shape = (2, x.shape[0], forward.units)
+    h0 = _pair("h0", h0, forward.dtype, shape)
+    c0 = _pair("c0", c0, forward.dtype, shape)
+    spares = tuple(b for b in (_take(forward.dtype), _take(forward.dtype)) if b is not None)
+    try:
+        outputs, h_n, c_n, wf, wb = _core.infer_bidirectional(
+            forward._core, backward._core, x, h0, c0, lengths, bool(return_sequences), spares, *forward._acts, step_mask
+        )
+    except (TypeError, ValueError):
+        for b in spares:
+            _recycle(b)
+        raise
+    for b in (wf, wb) if wb is not None else (wf, *spares[1:]):  # one shared, or one each
+        _recycle(b)
+    return outputs, h_n, c_n

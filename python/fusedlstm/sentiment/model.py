@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import __version__, bf16_engine
 from ..lstm import lstm_backward, lstm_forward
-from ..prepared import PreparedLSTM, prepare
+from ..prepared import PreparedLSTM, infer_bidirectional, prepare
 from ..stack import lstm_stack_backward, lstm_stack_forward
 from .checkpoint import MODEL_FILES, atomic_write, load_npz, npz_bytes
 from .data import LabelMap, Split
@@ -422,14 +422,11 @@ class SentimentClassifier:
             out = x
             for layer, dirs in enumerate(lstm):
                 keep = seq or layer < len(lstm) - 1
-                results = [
-                    d.infer(out, lengths=lengths, return_sequences=keep, reverse=i == 1) for i, d in enumerate(dirs)
-                ]
-                if len(results) == 1:
-                    out, top = results[0][0], results[0][1]
+                if len(dirs) == 1:
+                    out, top, _ = dirs[0].infer(out, lengths=lengths, return_sequences=keep)
                 else:
-                    out = np.concatenate([r[0] for r in results], axis=2) if keep else None
-                    top = np.concatenate([r[1] for r in results], axis=1)
+                    out, h_n, _ = infer_bidirectional(*dirs, out, lengths=lengths, return_sequences=keep)
+                    top = np.concatenate([h_n[0], h_n[1]], axis=1)
         feats = _pool_inference(cfg.pooling, out, top, lengths)
         return softmax(dense_forward(feats, p["dense_w"], p["dense_b"]))
 
