@@ -129,6 +129,21 @@ class PreparedLSTM:
         extra = ", precision='bfloat16'" if self.precision == "bfloat16" else ""
         return f"PreparedLSTM(input_size={self.input_size}, units={self.units}, dtype={self.dtype}{extra})"
 
+    def _checked_x(self, x) -> np.ndarray:
+        """x as a [B, T, input_size] array of the prepared dtype, or an error naming both shapes."""
+        if isinstance(x, np.ndarray) and x.dtype != self.dtype and x.dtype.kind == "f":
+            raise TypeError(
+                f"x: dtype {x.dtype} does not match the prepared weights' dtype "
+                f"{self.dtype}; convert x or prepare weights of that dtype"
+            )
+        xa = as_float_array("x", x, self.dtype, 3)
+        if xa.shape[2] != self.input_size:
+            raise ValueError(
+                f"x: expected shape (B, T, {self.input_size}) for weights prepared "
+                f"with kernel {tuple(self._kernel.shape)}, got {tuple(xa.shape)}"
+            )
+        return xa
+
     def infer(
         self,
         x,
@@ -175,17 +190,7 @@ class PreparedLSTM:
             except (TypeError, ValueError):
                 _recycle(spare)
                 # the checks below convert what they can and word the error
-        if isinstance(x, np.ndarray) and x.dtype != self.dtype and x.dtype.kind == "f":
-            raise TypeError(
-                f"x: dtype {x.dtype} does not match the prepared weights' dtype "
-                f"{self.dtype}; convert x or prepare weights of that dtype"
-            )
-        xa = as_float_array("x", x, self.dtype, 3)
-        if xa.shape[2] != self.input_size:
-            raise ValueError(
-                f"x: expected shape (B, T, {self.input_size}) for weights prepared "
-                f"with kernel {tuple(self._kernel.shape)}, got {tuple(xa.shape)}"
-            )
+        xa = self._checked_x(x)
         a = check_forward(xa, self._kernel, self._recurrent_kernel, self._bias, h0, c0, lengths)
         spare = _take(self.dtype)
         try:
@@ -264,18 +269,7 @@ def infer_bidirectional(
     if mask is not None:
         B, T = np.shape(x)[:2] if np.ndim(x) == 3 else (-1, -1)
         lengths, step_mask = check_step_mask(mask, lengths, B, T)
-    if not (type(x) is np.ndarray and x.dtype == forward.dtype and x.ndim == 3 and x.flags.c_contiguous):
-        if isinstance(x, np.ndarray) and x.dtype != forward.dtype and x.dtype.kind == "f":
-            raise TypeError(
-                f"x: dtype {x.dtype} does not match the prepared weights' dtype {forward.dtype}; "
-                "convert x or prepare weights of that dtype"
-            )
-        x = as_float_array("x", x, forward.dtype, 3)
-    if x.shape[2] != forward.input_size:
-        raise ValueError(
-            f"x: expected shape (B, T, {forward.input_size}) for weights prepared "
-            f"with kernel {tuple(forward.kernel.shape)}, got {tuple(x.shape)}"
-        )
+    x = forward._checked_x(x)
     if not (lengths is None or (type(lengths) is np.ndarray and lengths.dtype == np.int32)):
         lengths = check_forward(x, forward.kernel, forward.recurrent_kernel, forward.bias, None, None, lengths).lengths
     shape = (2, x.shape[0], forward.units)
