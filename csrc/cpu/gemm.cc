@@ -324,13 +324,29 @@ void GemmCols(int64_t M, int64_t N, int64_t K, int64_t col_begin, int64_t col_en
         case 4:
           return WideRows<S, 4, 2>(M, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
         default: {
-          // Five rows or more: tiles of 6 rows × 2 panels (24 accumulators for 10 loads per
-          // k, where 8 rows × 1 panel has 16 for 10), the rows left over panel by panel.
-          const int64_t m6 = M / 6 * 6;
-          WideRows<S, 6, 2>(m6, kc, ak, lda, panel, ldb, ps, c + j, ldc, store);
-          for (int p = 0; p < 2; ++p) {
-            Tail<S>(static_cast<int>(M - m6), kc, ak + m6 * lda, lda, panel + p * ps, ldb,
-                    c + m6 * ldc + j + p * NR, ldc, NR, store);
+          // Five rows or more: tiles of up to 6 rows × 2 panels (24 accumulators for 10 loads
+          // per k, where 8 rows × 1 panel has 16 for 10), the rows split as evenly as that
+          // allows (16 = 5 + 5 + 6): a tile of 3 to 6 rows has 12 to 24 independent sums, where
+          // a short last tile (a row or two) would wait on each FMA's latency.
+          const int64_t tiles = CeilDivI(M, 6);
+          for (int64_t t = 0, i = 0; t < tiles; ++t) {
+            const int64_t rows = (M - i) / (tiles - t);
+            const S* ai = ak + i * lda;
+            S* ci = c + i * ldc + j;
+            switch (rows) {
+              case 3:
+                MicroKernelWide<S, 3, 2>(kc, ai, lda, panel, ldb, ps, ci, ldc, store);
+                break;
+              case 4:
+                MicroKernelWide<S, 4, 2>(kc, ai, lda, panel, ldb, ps, ci, ldc, store);
+                break;
+              case 5:
+                MicroKernelWide<S, 5, 2>(kc, ai, lda, panel, ldb, ps, ci, ldc, store);
+                break;
+              default:
+                MicroKernelWide<S, 6, 2>(kc, ai, lda, panel, ldb, ps, ci, ldc, store);
+            }
+            i += rows;
           }
           return;
         }
