@@ -357,3 +357,26 @@ def test_a_bfloat16_model_exports_to_onnx_in_float32(engine, tmp_path):
     twin = SentimentClassifier.create(split, **kw)  # the same weights, float32
     np.testing.assert_allclose(got, twin.predict_proba(split.texts), atol=1e-5)
     assert np.abs(got - model.predict_proba(split.texts)).max() < 2e-2
+
+
+@pytest.mark.parametrize("B", [1, 5, 40])
+def test_prepared_bidirectional_call_equals_the_two_directions(rng, engine, B):
+    """fusedlstm.infer_bidirectional on weights prepared in bfloat16: the two directions' own
+    infer calls bit for bit (one and two threads), and the plain bidirectional inference."""
+    T, E, H = 9, 30, 64
+    p, _ = make_problem(rng, B, T, E, H, dtype=np.float32, lengths="random", state=False)
+    q, _ = make_problem(rng, B, T, E, H, dtype=np.float32, state=False)
+    wf, wb = (p["kernel"], p["recurrent_kernel"], p["bias"]), (q["kernel"], q["recurrent_kernel"], q["bias"])
+    fwd, bwd = fusedlstm.prepare(*wf, precision="bfloat16"), fusedlstm.prepare(*wb, precision="bfloat16")
+    x, lengths = p["x"], p["lengths"]
+
+    def call():
+        return fusedlstm.infer_bidirectional(fwd, bwd, x, lengths=lengths)
+
+    for got in results_across_threads(call):
+        of, hf, _ = fwd.infer(x, lengths=lengths)
+        ob, hb, _ = bwd.infer(x, lengths=lengths, reverse=True)
+        np.testing.assert_array_equal(got[0], np.concatenate([of, ob], axis=2))
+        np.testing.assert_array_equal(got[1], np.stack([hf, hb]))
+    plain = fusedlstm.lstm_bidirectional_forward(x, wf, wb, lengths=lengths, training=False, precision="bfloat16")
+    np.testing.assert_array_equal(call()[0], plain[0])
