@@ -219,6 +219,11 @@ py::array_t<S> ReuseOrAllocate(const py::object& spare, int64_t size) {
   return AlignedEmpty<S>({size});
 }
 
+// Direction d's state h0[d] of a [2, N, H] array, or None.
+inline py::object DirectionState(const py::object& a, int d) {
+  return a.is_none() ? py::none() : py::object(a[py::int_(d)]);
+}
+
 // Runs f(d, device) for the two directions d = 0, 1: at once, one thread each, or one after the
 // other with every thread (RunDirectionsConcurrently decides; the results are the same).
 template <typename F>

@@ -224,14 +224,11 @@ py::tuple ForwardBidirectional(const py::array& x, const py::tuple& weights, con
                                bool return_sequences, int activation, int recurrent_activation,
                                int precision, const py::tuple& spares) {
   if (weights.size() != 6) throw py::value_error("weights: expected 6 arrays (3 per direction)");
-  auto part = [](const py::object& a, int d) -> py::object {  // h0[d] of an [2, N, H] array
-    return a.is_none() ? py::none() : py::object(a[py::int_(d)]);
-  };
   ForwardArgs<S> a[2];
   LstmShape sd[2];
   for (int d = 0; d < 2; ++d) {
-    sd[d] = ReadForward<S>(x, weights[3 * d], weights[3 * d + 1], weights[3 * d + 2], part(h0, d),
-                           part(c0, d), lengths, &a[d]);
+    sd[d] = ReadForward<S>(x, weights[3 * d], weights[3 * d + 1], weights[3 * d + 2],
+                           DirectionState(h0, d), DirectionState(c0, d), lengths, &a[d]);
   }
   if (sd[0].H != sd[1].H) {
     throw py::value_error("recurrent_kernel: the two directions have " + std::to_string(sd[0].H) +

@@ -128,9 +128,6 @@ py::tuple RunBidirectional(const Prepared& forward, const Prepared& backward, co
                            const py::object& h0, const py::object& c0, const py::object& lengths,
                            bool return_sequences, const py::tuple& spares, Acts acts,
                            const py::object& mask) {
-  auto part = [](const py::object& a, int d) -> py::object {
-    return a.is_none() ? py::none() : py::object(a[py::int_(d)]);
-  };
   const Prepared* p[2] = {&forward, &backward};
   InferArgs<S> a[2];
   LstmShape s;
@@ -144,7 +141,8 @@ py::tuple RunBidirectional(const Prepared& forward, const Prepared& backward, co
     }
   }
   for (int d = 0; d < 2; ++d) {
-    s = p[d]->ReadInputs<S>(x, part(h0, d), part(c0, d), lengths, d == 1, acts, mask, &a[d]);
+    s = p[d]->ReadInputs<S>(x, DirectionState(h0, d), DirectionState(c0, d), lengths, d == 1, acts,
+                            mask, &a[d]);
   }
   py::object outputs = py::none();
   if (return_sequences) {
