@@ -59,7 +59,9 @@ def test_rounding_matches_the_kernel_and_ieee_ties():
 
 
 # (40, 5000, 70): AMX sums carried across depth blocks (over 4096), edges in rows and columns.
-@pytest.mark.parametrize("shape", [(1, 5, 7), (3, 33, 17), (16, 128, 512), (37, 300, 100), (100, 70, 33), (40, 5000, 70)])
+@pytest.mark.parametrize(
+    "shape", [(1, 5, 7), (3, 33, 17), (16, 128, 512), (37, 300, 100), (100, 70, 33), (40, 5000, 70)]
+)
 @pytest.mark.parametrize("a_t", [False, True])
 @pytest.mark.parametrize("b_t", [False, True])
 def test_gemm_equals_exact_products_of_rounded_operands(engine, shape, a_t, b_t):
