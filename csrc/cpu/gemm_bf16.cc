@@ -467,9 +467,9 @@ FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t h, int64_t k0, int64_t k1, cons
 // Depth blocks of kTileDepth: a block of A (32 rows) and of B (32 columns) are 256 KiB each,
 // in L2 while they are reused. Each further block sends every sum through memory and back,
 // which costs more than shallower blocks save in L1 misses (a (128,100,256,512) backward, its
-// per-step K = 2048: 197 ms at depth 512, 172 at 4096). Within one, each pair of panels meets every row block of A in turn while A fits
-// L2 comfortably; beyond that (the hoisted products' long A) each row block of A meets every
-// pair of panels, B staying in L2.
+// per-step K = 2048: 197 ms at depth 512, 172 at 4096). Within one, each pair of panels meets every
+// row block of A in turn while A fits L2 comfortably; beyond that (the hoisted products' long A)
+// each row block of A meets every pair of panels, B staying in L2.
 constexpr int64_t kTileDepth = 4096;
 constexpr int64_t kRowsOuterBytes = 1 << 20;
 
