@@ -464,13 +464,16 @@ FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t h, int64_t k0, int64_t k1, cons
   }
 }
 
-// Depth blocks of kTileDepth: a block of A (32 rows) and of B (32 columns) are 256 KiB each,
-// in L2 while they are reused. Each further block sends every sum through memory and back,
-// which costs more than shallower blocks save in L1 misses (a (128,100,256,512) backward, its
-// per-step K = 2048: 197 ms at depth 512, 172 at 4096). Within one, each pair of panels meets every
-// row block of A in turn while A fits L2 comfortably; beyond that (the hoisted products' long A)
-// each row block of A meets every pair of panels, B staying in L2.
+// Depth blocks: as deep as A's share of one (all M rows) fits in half of L2, up to
+// kTileDepth. Each further block sends every sum through memory and back, which costs more than
+// shallower blocks save in L1 misses (a (128,100,256,512) backward's per-step products, K =
+// 2048: 197 ms at depth 512, 172 at 4096). Within a block, while A's share fits, each pair of
+// panels meets every row block of A in turn: B streams from memory once, A is re-read from L2
+// (the gradients' products, K = N·T, read B from memory once per row block otherwise: 24 times
+// for dW and dR at (128,100,256,512)). A longer A (the hoisted projection's) meets every pair
+// of panels one row block at a time, B staying in L2.
 constexpr int64_t kTileDepth = 4096;
+constexpr int64_t kMinTileDepth = 512;
 constexpr int64_t kRowsOuterBytes = 1 << 20;
 
 FUSEDLSTM_AMX void TileGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uint16_t* bp,
@@ -483,15 +486,18 @@ FUSEDLSTM_AMX void TileGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uin
   }
   _tile_loadconfig(&cfg);
   const int64_t m_blocks = (M + 31) / 32, q_pairs = (q1 - q0 + 1) / 2;
-  const bool rows_outer = M * Kp * 2 > kRowsOuterBytes;
+  const int64_t Mp = RoundUp(M, 16);
+  const int64_t depth = std::clamp<int64_t>(kRowsOuterBytes / (Mp * 2) / kKBlock * kKBlock,
+                                            kMinTileDepth, kTileDepth);
+  const bool rows_outer = Mp * std::min(Kp, depth) * 2 > kRowsOuterBytes;
   // One depth block: each block's sums pass through one buffer that stays in L1.
-  const bool one_pass = Kp <= kTileDepth;
+  const bool one_pass = Kp <= depth;
   alignas(64) float local[1024];
   thread_local std::vector<float, AlignedAllocator<float>> parts;
   const int64_t need = one_pass ? 0 : m_blocks * q_pairs * 1024;
   if (static_cast<int64_t>(parts.size()) < need) parts.resize(need);
-  for (int64_t k0 = 0; k0 < Kp; k0 += kTileDepth) {
-    const int64_t k1 = std::min(Kp, k0 + kTileDepth);
+  for (int64_t k0 = 0; k0 < Kp; k0 += depth) {
+    const int64_t k1 = std::min(Kp, k0 + depth);
     const bool first = k0 == 0, last = k1 == Kp;
     for (int64_t it = 0; it < q_pairs * m_blocks; ++it) {
       const int64_t pq = rows_outer ? it % q_pairs : it / m_blocks;
