@@ -385,3 +385,18 @@ def test_prepared_bidirectional_call_equals_the_two_directions(rng, engine, B):
         np.testing.assert_array_equal(got[1], np.stack([hf, hb]))
     plain = fusedlstm.lstm_bidirectional_forward(x, wf, wb, lengths=lengths, training=False, precision="bfloat16")
     np.testing.assert_array_equal(call()[0], plain[0])
+
+
+@pytest.mark.parametrize("B", [5, 40])
+def test_inference_equals_the_training_forward(engine, rng, B):
+    """From 16 rows inference sums each step's two products in one pass (AMX: in the tiles);
+    below, it projects every step at once. Either way its results are the training forward's,
+    which adds the recurrent product to the stored projection, bit for bit."""
+    p, _ = make_problem(rng, B, 6, 30, 70, dtype=np.float32, lengths="random")
+    train = fusedlstm.lstm_forward(**p, precision="bfloat16")
+    infer = fusedlstm.lstm_forward(**p, training=False, precision="bfloat16")
+    prep = fusedlstm.prepare(p["kernel"], p["recurrent_kernel"], p["bias"], precision="bfloat16")
+    prepared = prep.infer(p["x"], p["h0"], p["c0"], p["lengths"])
+    for a, b, c in zip(train[:3], infer[:3], prepared):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)

@@ -372,45 +372,13 @@ struct TileConfig {
 // load waits on its register's previous products (tiles are not renamed), so a miss to L2 is
 // never hidden otherwise.
 constexpr int64_t kPrefetch = 2;
-// AMX: blocks of 32 rows (2 A tiles) × 32 columns (2 B tiles), 4 accumulator tiles, over
-// depth [k0, k1). The first depth block starts from zero or, accumulating, from C itself; a
-// later one from `part`, where the previous block left its sums (stored exactly as float32, so
-// blocking the depth cannot change a result). The last block writes C. A whole block moves
-// between C and the tiles directly; one at the edges (fewer rows or columns) goes through
-// `part`, masked, with the same arithmetic, so how rows are split into calls changes nothing.
+// The products of depth [k0, k1) of one block (TileBlock's), added to tiles 0-3: A's tiles
+// from ap (h rows high), B's from panel (and the next panel, Kp·16 on).
 template <int RT, int CT>
-FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t h, int64_t k0, int64_t k1, const uint16_t* ap,
-                             const uint16_t* panel, float* part, bool first, bool last, float* c,
-                             int64_t ldc, int64_t rows, int64_t valid, bool accumulate) {
-  const bool direct = rows >= 16 * RT && valid >= 16 * CT;
-  const int64_t c_stride = ldc * 4;
-  if (first && accumulate && !direct) {  // C's block into part, zeros past its edges
-    for (int rt = 0; rt < RT; ++rt) {
-      for (int64_t r = 0; r < 16; ++r) {
-        for (int ct = 0; ct < CT; ++ct) {
-          float* dst = part + (2 * rt + ct) * 256 + r * 16;
-          const __mmask16 m = r < rows - 16 * rt ? ColMask(valid - 16 * ct) : __mmask16(0);
-          _mm512_store_ps(dst, _mm512_maskz_loadu_ps(m, c + (16 * rt + r) * ldc + 16 * ct));
-        }
-      }
-    }
-  }
-  if (first && !accumulate) {
-    _tile_zero(0);
-    if (CT > 1) _tile_zero(1);
-    if (RT > 1) _tile_zero(2);
-    if (RT > 1 && CT > 1) _tile_zero(3);
-  } else if (first && direct) {
-    _tile_loadd(0, c, c_stride);
-    if (CT > 1) _tile_loadd(1, c + 16, c_stride);
-    if (RT > 1) _tile_loadd(2, c + 16 * ldc, c_stride);
-    if (RT > 1 && CT > 1) _tile_loadd(3, c + 16 * ldc + 16, c_stride);
-  } else {
-    _tile_loadd(0, part, 64);
-    if (CT > 1) _tile_loadd(1, part + 256, 64);
-    if (RT > 1) _tile_loadd(2, part + 512, 64);
-    if (RT > 1 && CT > 1) _tile_loadd(3, part + 768, 64);
-  }
+FUSEDLSTM_AMX inline __attribute__((always_inline)) void DepthSteps(int64_t Kp, int64_t h,
+                                                                    int64_t k0, int64_t k1,
+                                                                    const uint16_t* ap,
+                                                                    const uint16_t* panel) {
   for (int64_t k = k0; k < k1; k += kKBlock) {
     {
       const int64_t kn = k + kPrefetch * kKBlock;
@@ -442,6 +410,57 @@ FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t h, int64_t k0, int64_t k1, cons
       if (CT > 1) _tile_dpbf16ps(3, 5, 7);
     }
   }
+}
+
+// A second product for the same block: its A (the block's first tile) and its pair of panels,
+// Kp deep. Its sums continue in the tiles the first left them in.
+struct SecondProduct {
+  int64_t Kp;
+  const uint16_t *a, *b;
+};
+
+// AMX: blocks of 32 rows (2 A tiles) × 32 columns (2 B tiles), 4 accumulator tiles, over
+// depth [k0, k1). The first depth block starts from zero or, accumulating, from C itself; a
+// later one from `part`, where the previous block left its sums (stored exactly as float32, so
+// blocking the depth cannot change a result). The last block writes C. A whole block moves
+// between C and the tiles directly; one at the edges (fewer rows or columns) goes through
+// `part`, masked, with the same arithmetic, so how rows are split into calls changes nothing.
+template <int RT, int CT>
+FUSEDLSTM_AMX void TileBlock(int64_t Kp, int64_t h, int64_t k0, int64_t k1, const uint16_t* ap,
+                             const uint16_t* panel, float* part, bool first, bool last, float* c,
+                             int64_t ldc, int64_t rows, int64_t valid, bool accumulate,
+                             const SecondProduct* second = nullptr) {
+  const bool direct = rows >= 16 * RT && valid >= 16 * CT;
+  const int64_t c_stride = ldc * 4;
+  if (first && accumulate && !direct) {  // C's block into part, zeros past its edges
+    for (int rt = 0; rt < RT; ++rt) {
+      for (int64_t r = 0; r < 16; ++r) {
+        for (int ct = 0; ct < CT; ++ct) {
+          float* dst = part + (2 * rt + ct) * 256 + r * 16;
+          const __mmask16 m = r < rows - 16 * rt ? ColMask(valid - 16 * ct) : __mmask16(0);
+          _mm512_store_ps(dst, _mm512_maskz_loadu_ps(m, c + (16 * rt + r) * ldc + 16 * ct));
+        }
+      }
+    }
+  }
+  if (first && !accumulate) {
+    _tile_zero(0);
+    if (CT > 1) _tile_zero(1);
+    if (RT > 1) _tile_zero(2);
+    if (RT > 1 && CT > 1) _tile_zero(3);
+  } else if (first && direct) {
+    _tile_loadd(0, c, c_stride);
+    if (CT > 1) _tile_loadd(1, c + 16, c_stride);
+    if (RT > 1) _tile_loadd(2, c + 16 * ldc, c_stride);
+    if (RT > 1 && CT > 1) _tile_loadd(3, c + 16 * ldc + 16, c_stride);
+  } else {
+    _tile_loadd(0, part, 64);
+    if (CT > 1) _tile_loadd(1, part + 256, 64);
+    if (RT > 1) _tile_loadd(2, part + 512, 64);
+    if (RT > 1 && CT > 1) _tile_loadd(3, part + 768, 64);
+  }
+  DepthSteps<RT, CT>(Kp, h, k0, k1, ap, panel);
+  if (second) DepthSteps<RT, CT>(second->Kp, h, 0, second->Kp, second->a, second->b);
   if (last && direct) {
     _tile_stored(0, c, c_stride);
     if (CT > 1) _tile_stored(1, c + 16, c_stride);
@@ -476,9 +495,20 @@ constexpr int64_t kTileDepth = 4096;
 constexpr int64_t kMinTileDepth = 512;
 constexpr int64_t kRowsOuterBytes = 1 << 20;
 
+// The depth of TileGemm's blocks for M rows.
+inline int64_t TileDepth(int64_t M) {
+  const int64_t Mp = RoundUp(M, 16);
+  return std::clamp<int64_t>(kRowsOuterBytes / (Mp * 2) / kKBlock * kKBlock, kMinTileDepth,
+                             kTileDepth);
+}
+
+// second_a, second_b: a second product (A packed as the first, second_kp deep), its sums added
+// in the tiles (one depth block in all: second_kp + Kp at most TileDepth(M)).
 FUSEDLSTM_AMX void TileGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uint16_t* bp,
                             int64_t q0, int64_t q1, int64_t N, float* c, int64_t ldc,
-                            bool accumulate) {
+                            bool accumulate, int64_t second_kp = 0,
+                            const uint16_t* second_a = nullptr,
+                            const uint16_t* second_b = nullptr) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
@@ -486,10 +516,8 @@ FUSEDLSTM_AMX void TileGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uin
   }
   _tile_loadconfig(&cfg);
   const int64_t m_blocks = (M + 31) / 32, q_pairs = (q1 - q0 + 1) / 2;
-  const int64_t Mp = RoundUp(M, 16);
-  const int64_t depth = std::clamp<int64_t>(kRowsOuterBytes / (Mp * 2) / kKBlock * kKBlock,
-                                            kMinTileDepth, kTileDepth);
-  const bool rows_outer = Mp * std::min(Kp, depth) * 2 > kRowsOuterBytes;
+  const int64_t Mp = RoundUp(M, 16), depth = TileDepth(M);
+  const bool rows_outer = Mp * std::min(Kp + second_kp, depth) * 2 > kRowsOuterBytes;
   // One depth block: each block's sums pass through one buffer that stays in L1.
   const bool one_pass = Kp <= depth;
   alignas(64) float local[1024];
@@ -512,14 +540,20 @@ FUSEDLSTM_AMX void TileGemm(int64_t M, int64_t Kp, const uint16_t* ap, const uin
         const int64_t h = std::min<int64_t>(32, RoundUp(M, 16) - m);
         float* cb = c + m * ldc + q * 16;
         float* part = one_pass ? local : parts.data() + (mb * q_pairs + pq) * 1024;
+        const SecondProduct sp{second_kp, second_a + m * second_kp, second_b + q * second_kp * 16};
+        const SecondProduct* second = second_kp > 0 ? &sp : nullptr;
         if (rows > 16 && two_cols) {
-          TileBlock<2, 2>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+          TileBlock<2, 2>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate,
+                          second);
         } else if (rows > 16) {
-          TileBlock<2, 1>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+          TileBlock<2, 1>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate,
+                          second);
         } else if (two_cols) {
-          TileBlock<1, 2>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+          TileBlock<1, 2>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate,
+                          second);
         } else {
-          TileBlock<1, 1>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate);
+          TileBlock<1, 1>(Kp, h, k0, k1, a, b, part, first, last, cb, ldc, rows, valid, accumulate,
+                          second);
         }
       }
     }
@@ -571,6 +605,27 @@ void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_be
   } else {
     DotGemm(M, Kp, apack.data(), packed_b, q0, q1, col_end, c, ldc, accumulate, backwards);
   }
+}
+
+void GemmBf16Sum(Bf16Engine engine, int64_t M, int64_t N, int64_t K1, int64_t K2, int64_t col_begin,
+                 int64_t col_end, const float* a1, int64_t lda1, const uint16_t* b1,
+                 const float* a2, int64_t lda2, const uint16_t* b2, float* c, int64_t ldc,
+                 bool backwards) {
+  col_end = std::min(col_end, N);
+  if (M <= 0 || col_end <= col_begin) return;
+  const int64_t Kp1 = RoundUp(K1, kKBlock), Kp2 = RoundUp(K2, kKBlock);
+  if (engine != Bf16Engine::kAmx || K1 == 0 || Kp1 + Kp2 > TileDepth(M)) {
+    GemmBf16(engine, M, N, K1, col_begin, col_end, a1, lda1, 1, b1, c, ldc, false, backwards);
+    return GemmBf16(engine, M, N, K2, col_begin, col_end, a2, lda2, 1, b2, c, ldc, true, backwards);
+  }
+  const int64_t Mp = RoundUp(M, 16);
+  thread_local std::vector<uint16_t> apack;
+  if (static_cast<int64_t>(apack.size()) < Mp * (Kp1 + Kp2)) apack.resize(Mp * (Kp1 + Kp2));
+  uint16_t* ap2 = apack.data() + Mp * Kp1;
+  PackLhs(M, ALayout{Kp1, Mp, true}, K1, a1, lda1, 1, apack.data());
+  PackLhs(M, ALayout{Kp2, Mp, true}, K2, a2, lda2, 1, ap2);
+  const int64_t q0 = col_begin / kPanel, q1 = (col_end + kPanel - 1) / kPanel;
+  TileGemm(M, Kp1, apack.data(), b1, q0, q1, col_end, c, ldc, false, Kp2, ap2, b2);
 }
 
 namespace {
@@ -645,6 +700,9 @@ void PackRhsBf16(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int6
 void PackGatePanelBf16(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void GemmBf16(Bf16Engine, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
               int64_t, const uint16_t*, float*, int64_t, bool, bool) {}
+void GemmBf16Sum(Bf16Engine, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
+                 int64_t, const uint16_t*, const float*, int64_t, const uint16_t*, float*, int64_t,
+                 bool) {}
 double Bf16DotPeakFlopsOneThread(double) { return 0.0; }
 double AmxPeakFlopsOneThread(double) { return 0.0; }
 

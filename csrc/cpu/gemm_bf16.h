@@ -49,6 +49,15 @@ void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_be
               int64_t col_end, const float* a, int64_t ars, int64_t acs, const uint16_t* packed_b,
               float* c, int64_t ldc, bool accumulate, bool backwards = false);
 
+// C[M, col_begin..col_end) = A1·B1 + A2·B2 (A row-major, leading dimensions lda1, lda2; B1, B2
+// packed for K1, K2 and N), equal bit for bit to GemmBf16 of the first (written) then of the
+// second (accumulating). With AMX both products' sums stay in the tiles between them (no round
+// trip of C through memory) when both fit one depth block.
+void GemmBf16Sum(Bf16Engine engine, int64_t M, int64_t N, int64_t K1, int64_t K2, int64_t col_begin,
+                 int64_t col_end, const float* a1, int64_t lda1, const uint16_t* b1,
+                 const float* a2, int64_t lda2, const uint16_t* b2, float* c, int64_t ldc,
+                 bool backwards = false);
+
 // Floating-point operations per second of a register-only VDPBF16PS loop on the calling thread
 // (0 where the CPU lacks AVX512_BF16), and of TDPBF16PS tiles (0 without AMX); about `seconds`.
 double Bf16DotPeakFlopsOneThread(double seconds);

@@ -145,6 +145,22 @@ struct Products {
     GemmPackedRhsCols<S>(M, N, K, col0, col1, a, lda, packed, c, ldc, accumulate, backwards,
                          six_rows);
   }
+  // C[M, col0..col1) = A1·B1 + A2·B2, B1 and B2 packed by Pack or by gate panels: the two
+  // products one after the other, or with bfloat16 products in one pass (gemm_bf16.h).
+  template <typename S>
+  void GemmSum(int64_t M, int64_t N, int64_t K1, int64_t K2, int64_t col0, int64_t col1,
+               const S* a1, int64_t lda1, const S* packed1, const S* a2, int64_t lda2,
+               const S* packed2, S* c, int64_t ldc, bool backwards, bool six_rows) const {
+    if constexpr (std::is_same<S, float>::value) {
+      if (bf16()) {
+        return GemmBf16Sum(engine, M, N, K1, K2, col0, col1, a1, lda1,
+                           reinterpret_cast<const uint16_t*>(packed1), a2, lda2,
+                           reinterpret_cast<const uint16_t*>(packed2), c, ldc, backwards);
+      }
+    }
+    Gemm<S>(M, N, K1, col0, col1, a1, lda1, packed1, c, ldc, false, backwards, six_rows);
+    Gemm<S>(M, N, K2, col0, col1, a2, lda2, packed2, c, ldc, true, backwards, six_rows);
+  }
   // bfloat16 only, for the hoisted products. Columns [32·task, 32·task + 32) of B packed, a
   // task of a parallel region that packs the whole matrix:
   template <typename S>
@@ -695,6 +711,11 @@ void LstmInferImpl(const CpuDevice& device, const LstmShape& s, const InferArgs<
     S* h_out = hbuf + ((t + 1) % 2) * N * H;
     S* zrows = z + rows.begin * z_ld + t * z_t;
     for_columns(groups, [&](int64_t col0, int64_t col1) {
+      if (!hoisted && C > 0 && !in_place && products.bf16()) {
+        return products.GemmSum<S>(rows.size(), G, C, H, col0, col1, x + (rows.begin * T + t) * C,
+                                   T * C, pv.wpack, h_in + rows.begin * H, H, pv.rpack, zrows, z_ld,
+                                   t % 2 == 1, true);
+      }
       if (!hoisted && C > 0) {
         product(false, rows.size(), col0, col1, x + (rows.begin * T + t) * C, T * C, zrows, z_ld,
                 false);
