@@ -607,6 +607,26 @@ void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_be
   }
 }
 
+void GemmBf16Shared(Bf16Engine engine, int64_t M, int64_t K, const float* a, int64_t lda,
+                    const Bf16Rhs& first, const Bf16Rhs& second) {
+  if (M <= 0) return;
+  const int64_t Kp = RoundUp(K, kKBlock);
+  const bool amx = engine == Bf16Engine::kAmx;
+  const int64_t Mp = amx ? RoundUp(M, 16) : M;
+  thread_local std::vector<uint16_t> apack;
+  if (static_cast<int64_t>(apack.size()) < Mp * Kp) apack.resize(Mp * Kp);
+  PackLhs(M, ALayout{Kp, Mp, amx}, K, a, lda, 1, apack.data());
+  for (const Bf16Rhs* r : {&first, &second}) {
+    if (r->N <= 0) continue;
+    const int64_t q1 = (r->N + kPanel - 1) / kPanel;
+    if (amx) {
+      TileGemm(M, Kp, apack.data(), r->packed, 0, q1, r->N, r->c, r->ldc, r->accumulate);
+    } else {
+      DotGemm(M, Kp, apack.data(), r->packed, 0, q1, r->N, r->c, r->ldc, r->accumulate, false);
+    }
+  }
+}
+
 void GemmBf16Sum(Bf16Engine engine, int64_t M, int64_t N, int64_t K1, int64_t K2, int64_t col_begin,
                  int64_t col_end, const float* a1, int64_t lda1, const uint16_t* b1,
                  const float* a2, int64_t lda2, const uint16_t* b2, float* c, int64_t ldc,
@@ -700,6 +720,8 @@ void PackRhsBf16(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int6
 void PackGatePanelBf16(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void GemmBf16(Bf16Engine, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
               int64_t, const uint16_t*, float*, int64_t, bool, bool) {}
+void GemmBf16Shared(Bf16Engine, int64_t, int64_t, const float*, int64_t, const Bf16Rhs&,
+                    const Bf16Rhs&) {}
 void GemmBf16Sum(Bf16Engine, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
                  int64_t, const uint16_t*, const float*, int64_t, const uint16_t*, float*, int64_t,
                  bool) {}

@@ -49,6 +49,19 @@ void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_be
               int64_t col_end, const float* a, int64_t ars, int64_t acs, const uint16_t* packed_b,
               float* c, int64_t ldc, bool accumulate, bool backwards = false);
 
+// A packed right-hand side (N columns, packed for the product's K) and where its product goes.
+struct Bf16Rhs {
+  int64_t N;
+  const uint16_t* packed;
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+};
+// Two products of one A (row-major, leading dimension lda) rounded once: C1 (+)= A·B1 and
+// C2 (+)= A·B2, each as GemmBf16 of all its columns would compute it.
+void GemmBf16Shared(Bf16Engine engine, int64_t M, int64_t K, const float* a, int64_t lda,
+                    const Bf16Rhs& first, const Bf16Rhs& second);
+
 // C[M, col_begin..col_end) = A1·B1 + A2·B2 (A row-major, leading dimensions lda1, lda2; B1, B2
 // packed for K1, K2 and N), equal bit for bit to GemmBf16 of the first (written) then of the
 // second (accumulating). With AMX both products' sums stay in the tiles between them (no round

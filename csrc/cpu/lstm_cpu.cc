@@ -161,6 +161,18 @@ struct Products {
     Gemm<S>(M, N, K1, col0, col1, a1, lda1, packed1, c, ldc, false, backwards, six_rows);
     Gemm<S>(M, N, K2, col0, col1, a2, lda2, packed2, c, ldc, true, backwards, six_rows);
   }
+  // bfloat16 only: C1 (+)= A·B1 and C2 (+)= A·B2 (all their N1, N2 columns), A rounded once.
+  template <typename S>
+  void GemmShared(int64_t M, int64_t K, const S* a, int64_t lda, int64_t N1, const S* packed1,
+                  S* c1, int64_t ldc1, bool accumulate1, int64_t N2, const S* packed2, S* c2,
+                  int64_t ldc2, bool accumulate2) const {
+    if constexpr (std::is_same<S, float>::value) {
+      GemmBf16Shared(
+          engine, M, K, a, lda,
+          Bf16Rhs{N1, reinterpret_cast<const uint16_t*>(packed1), c1, ldc1, accumulate1},
+          Bf16Rhs{N2, reinterpret_cast<const uint16_t*>(packed2), c2, ldc2, accumulate2});
+    }
+  }
   // bfloat16 only, for the hoisted products. Columns [32·task, 32·task + 32) of B packed, a
   // task of a parallel region that packs the whole matrix:
   template <typename S>
@@ -1137,6 +1149,14 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
     }
   }
   const bool skip_padded_rows = any_padded && !AllFinite(cv.rkernel, H * G);
+  // bfloat16: dX_t = dZ_t·Wᵀ with each step's dh product, on the same rounded dZ_t (rounding dZ
+  // again for one hoisted dX product cost a pass over all of it).
+  const bool dx_steps =
+      bf16 && a.dx && C > 0 && !masked && !skip_padded_rows && bgrid.unit_parts == 1;
+  if (dx_steps) {
+    ParallelFor(device, PackTasks(C), double(C) * G,
+                [&](int64_t task) { products.PackTask<S>(cv.kernel, 1, G, G, C, task, wtpack); });
+  }
 
   // (a) Fused pass of step t over a task's rows × units: dZ_t from dh = d_out_t + dh_next and
   // dc_next; dc becomes dc_{t-1}.
@@ -1219,6 +1239,11 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
       return;
     }
     const S* rt = rtpack + packed.offset[bgrid.unit_block(task)];
+    if (dx_steps) {
+      return products.GemmShared<S>(rows.size(), G, dz_all + (rows.begin * T + t) * G, T * G, H, rt,
+                                    a.d_h0 + rows.begin * H, H, true, C, wtpack,
+                                    a.dx + (rows.begin * T + t) * C, T * C, false);
+    }
     if (!skip_padded_rows) {
       products.Gemm<S>(rows.size(), units.size(), G, 0, units.size(),
                        dz_all + (rows.begin * T + t) * G, T * G, rt,
@@ -1269,14 +1294,14 @@ void LstmBackward(const CpuDevice& device, const LstmShape& s, const BackwardArg
   // bfloat16: whole-row blocks on dZ and Wᵀ packed first.
   const RowBlocks bx{M}, bw{C}, br{H};
   if (bf16) {
-    const int64_t nz = PackTasks(G), nwt = a.dx ? PackTasks(C) : 0;
+    const int64_t nz = PackTasks(G), nwt = a.dx && !dx_steps ? PackTasks(C) : 0;
     ParallelFor(device, nz + nwt, double(M + C) * G, [&](int64_t task) {
       if (task < nz) return products.PackTask<S>(dz_all, G, 1, M, G, task, dzpack);
       products.PackTask<S>(cv.kernel, 1, G, G, C, task - nz, wtpack);
     });
   }
   // With recurrent masks dR is one product per gate, on h_{t-1} ⊙ mask_g (below).
-  const int64_t nx = a.dx ? (bf16 ? bx.count() : tx.count()) : 0;
+  const int64_t nx = a.dx && !dx_steps ? (bf16 ? bx.count() : tx.count()) : 0;
   const int64_t nw = bf16 ? bw.count() : tw.count();
   const int64_t nr = masked ? 0 : (bf16 ? br.count() : tr.count());
   // The largest tiles (dW, dR: K = N·T) first, so dynamic scheduling balances the rest.
