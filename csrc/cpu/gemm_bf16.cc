@@ -588,6 +588,16 @@ void PackGatePanelBf16(const float* w, int64_t K, int64_t H, int64_t panel, uint
   }
 }
 
+namespace {
+// This thread's buffer for packed left-hand sides, at least `size` elements (the GEMMs below
+// never nest, so they share it).
+uint16_t* LhsBuffer(int64_t size) {
+  thread_local std::vector<uint16_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
+}  // namespace
+
 void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_begin,
               int64_t col_end, const float* a, int64_t ars, int64_t acs, const uint16_t* packed_b,
               float* c, int64_t ldc, bool accumulate, bool backwards) {
@@ -596,14 +606,13 @@ void GemmBf16(Bf16Engine engine, int64_t M, int64_t N, int64_t K, int64_t col_be
   const int64_t Kp = RoundUp(K, kKBlock);
   const bool amx = engine == Bf16Engine::kAmx;
   const int64_t Mp = amx ? RoundUp(M, 16) : M;
-  thread_local std::vector<uint16_t> apack;
-  if (static_cast<int64_t>(apack.size()) < Mp * Kp) apack.resize(Mp * Kp);
-  PackLhs(M, ALayout{Kp, Mp, amx}, K, a, ars, acs, apack.data());
+  uint16_t* apack = LhsBuffer(Mp * Kp);
+  PackLhs(M, ALayout{Kp, Mp, amx}, K, a, ars, acs, apack);
   const int64_t q0 = col_begin / kPanel, q1 = (col_end + kPanel - 1) / kPanel;
   if (amx) {
-    TileGemm(M, Kp, apack.data(), packed_b, q0, q1, col_end, c, ldc, accumulate);
+    TileGemm(M, Kp, apack, packed_b, q0, q1, col_end, c, ldc, accumulate);
   } else {
-    DotGemm(M, Kp, apack.data(), packed_b, q0, q1, col_end, c, ldc, accumulate, backwards);
+    DotGemm(M, Kp, apack, packed_b, q0, q1, col_end, c, ldc, accumulate, backwards);
   }
 }
 
@@ -613,16 +622,15 @@ void GemmBf16Shared(Bf16Engine engine, int64_t M, int64_t K, const float* a, int
   const int64_t Kp = RoundUp(K, kKBlock);
   const bool amx = engine == Bf16Engine::kAmx;
   const int64_t Mp = amx ? RoundUp(M, 16) : M;
-  thread_local std::vector<uint16_t> apack;
-  if (static_cast<int64_t>(apack.size()) < Mp * Kp) apack.resize(Mp * Kp);
-  PackLhs(M, ALayout{Kp, Mp, amx}, K, a, lda, 1, apack.data());
+  uint16_t* apack = LhsBuffer(Mp * Kp);
+  PackLhs(M, ALayout{Kp, Mp, amx}, K, a, lda, 1, apack);
   for (const Bf16Rhs* r : {&first, &second}) {
     if (r->N <= 0) continue;
     const int64_t q1 = (r->N + kPanel - 1) / kPanel;
     if (amx) {
-      TileGemm(M, Kp, apack.data(), r->packed, 0, q1, r->N, r->c, r->ldc, r->accumulate);
+      TileGemm(M, Kp, apack, r->packed, 0, q1, r->N, r->c, r->ldc, r->accumulate);
     } else {
-      DotGemm(M, Kp, apack.data(), r->packed, 0, q1, r->N, r->c, r->ldc, r->accumulate, false);
+      DotGemm(M, Kp, apack, r->packed, 0, q1, r->N, r->c, r->ldc, r->accumulate, false);
     }
   }
 }
@@ -639,13 +647,12 @@ void GemmBf16Sum(Bf16Engine engine, int64_t M, int64_t N, int64_t K1, int64_t K2
     return GemmBf16(engine, M, N, K2, col_begin, col_end, a2, lda2, 1, b2, c, ldc, true, backwards);
   }
   const int64_t Mp = RoundUp(M, 16);
-  thread_local std::vector<uint16_t> apack;
-  if (static_cast<int64_t>(apack.size()) < Mp * (Kp1 + Kp2)) apack.resize(Mp * (Kp1 + Kp2));
-  uint16_t* ap2 = apack.data() + Mp * Kp1;
-  PackLhs(M, ALayout{Kp1, Mp, true}, K1, a1, lda1, 1, apack.data());
+  uint16_t* ap1 = LhsBuffer(Mp * (Kp1 + Kp2));
+  uint16_t* ap2 = ap1 + Mp * Kp1;
+  PackLhs(M, ALayout{Kp1, Mp, true}, K1, a1, lda1, 1, ap1);
   PackLhs(M, ALayout{Kp2, Mp, true}, K2, a2, lda2, 1, ap2);
   const int64_t q0 = col_begin / kPanel, q1 = (col_end + kPanel - 1) / kPanel;
-  TileGemm(M, Kp1, apack.data(), b1, q0, q1, col_end, c, ldc, false, Kp2, ap2, b2);
+  TileGemm(M, Kp1, ap1, b1, q0, q1, col_end, c, ldc, false, Kp2, ap2, b2);
 }
 
 namespace {
