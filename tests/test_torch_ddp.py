@@ -75,6 +75,10 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             tmp = out + ".tmp.npz"
             np.savez(tmp, **weights(ddp.module))
             os.replace(tmp, out)
+        # Both ranks reach the teardown together: a rank that closes its connections while the
+        # other still holds them open can make gloo's threads call std::terminate (seen once in
+        # CI as "terminate called without an active exception" from one worker).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
